@@ -1,0 +1,1159 @@
+#!/usr/bin/env python3
+"""Linear probing of Pi0 inference latents.
+
+Does this layer, of this expert, at this rollout step, still carry the language
+instruction? A linear probe maps the layer's token-pooled hidden state onto the T5
+embedding of the task description; we report how well it does on episodes it never saw.
+
+Pipeline, in the order of this file:
+  configuration -> reading task pickles -> expert/layer/token slicing -> T5 labels ->
+  Flax Dense probe -> jitted training with early stopping -> held-out evaluation ->
+  results pickle + text summary. `--demo` writes synthetic data in the real layout and
+  runs the same pipeline on it.
+
+Design notes: ../shared/spec/linear_probing_guide.md and ../shared/pi0-latents.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# JAX grabs 75% of a GPU at start-up; a probe needs megabytes and GPUs are shared.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+log = logging.getLogger("linear_probing")
+
+# -----------------------------------------------------------------------------
+# Configuration
+# -----------------------------------------------------------------------------
+
+# Token positions in the Pi0 prefix (PaliGemma expert): 3 cameras x 256 SigLIP
+# patches, then 48 prompt tokens. The action expert's own tokens come after the prefix.
+IMAGE_TOKENS = slice(0, 768)
+TEXT_TOKENS = slice(768, 816)
+PREFIX_TOKEN_COUNT = 816
+EXPERTS = ("vlm", "action", "text_only")
+EPSILON = 1e-8  # as in the guide's cosine
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linear_probing"
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to turn it into one feature vector per sample."""
+
+    data_path: str
+    task_range: tuple[int, int]  # end-exclusive, like range()
+    episode_range: tuple[int, int]  # end-exclusive, like range()
+    rollout_step: int  # the N of the key "step_N", never a position
+    expert: str  # "vlm", "action" or "text_only"
+    layer: int
+    feature_type: str = "hidden_states"
+    inference_step: int | None = None  # action expert only; None = every denoising entry
+    pooling: str = "mean"  # over the expert's token positions
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """How the T5 targets are made."""
+
+    t5_model: str = "t5-small"
+    center_labels: bool = True  # subtract the mean training-task embedding
+    cache_dir: str = str(DEFAULT_CACHE_DIR)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Probe optimisation and the held-out split."""
+
+    learning_rate: float = 0.001
+    num_epochs: int = 100
+    batch_size: int = 32
+    seed: int = 42
+    patience: int = 10  # epochs without validation improvement before stopping
+    min_steps_per_epoch: int = 25  # small sample counts: an epoch is at least this many updates
+    test_fraction: float = 0.2  # of each task's episodes, held out for the reported numbers
+    validation_fraction: float = 0.2  # of each task's remaining episodes, for early stopping
+    standardize: bool = True  # features, with training-set statistics
+
+
+class ProbeError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+    exit_code = 1
+
+
+class OptionError(ProbeError):
+    """An option that does not fit the data: printed as one line, exit status 2."""
+
+    exit_code = 2
+
+
+# -----------------------------------------------------------------------------
+# Reading task files
+# -----------------------------------------------------------------------------
+
+TASK_FILE_PATTERN = re.compile(r"^task_(\d+)_.*\.pkl$")
+
+# Globals a latent pickle may name. Anything else (os.system, builtins.eval, ...) is
+# refused before it can run: data files never execute code.
+SAFE_GLOBALS = {
+    ("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex", "slice")
+} | {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # protocol 2 writes bytes as latin-1 text
+} | {("ml_dtypes", name) for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "int4", "uint4")}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only allow-listed globals."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (not in the allow-list of data types)")
+        return super().find_class(module, name)
+
+
+def read_task_file(path: Path) -> dict:
+    """Read one task pickle, refusing any global outside numpy/builtins."""
+    try:
+        with open(path, "rb") as file:
+            data = RestrictedUnpickler(file).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+        raise ProbeError(f"{path}: not a readable latent pickle: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("episodes"), dict):
+        raise ProbeError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
+    return data
+
+
+def find_task_files(data_path: Path, task_range: tuple[int, int]) -> tuple[dict[int, Path], list[int]]:
+    """Map each task id in the range to its file; also return the ids with no file."""
+    if not data_path.is_dir():
+        raise ProbeError(f"--data_path {data_path}: not a directory")
+    files_by_task: dict[int, list[Path]] = {}
+    for path in sorted(data_path.iterdir()):
+        match = TASK_FILE_PATTERN.match(path.name)
+        if match and path.is_file():
+            files_by_task.setdefault(int(match.group(1)), []).append(path)
+    found, missing = {}, []
+    for task_id in range(*task_range):
+        paths = files_by_task.get(task_id, [])
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            raise ProbeError(f"{data_path}: task {task_id} has {len(paths)} files ({names}); keep one file per task id")
+        if paths:
+            found[task_id] = paths[0]
+        else:
+            missing.append(task_id)
+    return found, missing
+
+
+def step_number(key: str) -> int | None:
+    """The N of a rollout-step key "step_N", or None for other keys."""
+    match = re.fullmatch(r"step_(\d+)", key)
+    return int(match.group(1)) if match else None
+
+
+# -----------------------------------------------------------------------------
+# Features: expert entry -> layer -> token positions -> pooled vector
+# -----------------------------------------------------------------------------
+
+
+def denoising_time(key: str) -> float:
+    """Flow-matching time written at the end of an action-expert key."""
+    match = re.search(r"(\d+(?:\.\d+)?)$", key)
+    if not match:
+        raise ProbeError(f"action-expert key {key!r} does not end with its denoising time")
+    return float(match.group(1))
+
+
+def action_expert_keys(step_data: dict) -> list[str]:
+    """Action-expert entries of a step, in denoising order (time descending: t=1.0 first)."""
+    keys = [key for key, value in step_data.items() if key.startswith("action_expert") and isinstance(value, dict)]
+    return sorted(keys, key=denoising_time, reverse=True)
+
+
+def token_positions(expert: str, token_count: int) -> slice:
+    """Token positions pooled for an expert, given the length of the entry's token axis."""
+    if expert == "vlm":
+        return slice(0, PREFIX_TOKEN_COUNT)
+    if expert == "text_only":
+        return TEXT_TOKENS
+    # An action entry holding the whole sequence has its own tokens after the prefix.
+    return slice(PREFIX_TOKEN_COUNT, None) if token_count > PREFIX_TOKEN_COUNT else slice(0, None)
+
+
+def pool_tokens(tokens: np.ndarray, pooling: str) -> np.ndarray:
+    """Pool a (tokens, width) array to (width,) float32."""
+    values = np.asarray(tokens, dtype=np.float32)
+    if pooling == "mean":
+        pooled = values.mean(axis=0, dtype=np.float64)
+    elif pooling == "max":
+        pooled = values.max(axis=0)
+    elif pooling == "last":
+        pooled = values[-1]
+    else:
+        raise OptionError(f"unknown pooling {pooling!r}")
+    return np.asarray(pooled, dtype=np.float32)
+
+
+def layer_feature(entry: dict, config: DataConfig) -> np.ndarray:
+    """One layer of one expert entry, sliced to the expert's tokens and pooled to a vector.
+
+    Works on any array view (e.g. np.memmap): only the indexed region is touched.
+    """
+    if config.feature_type not in entry:
+        available = ", ".join(sorted(entry)) or "none"
+        raise OptionError(f"--feature_type {config.feature_type!r} is not in the expert entry (it has: {available})")
+    array = entry[config.feature_type]
+    if not hasattr(array, "ndim") or array.ndim < 2:
+        raise ProbeError(f"feature {config.feature_type!r} is not a (layer, ...) array")
+    if not 0 <= config.layer < array.shape[0]:
+        raise OptionError(f"--layer {config.layer} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})")
+    layer_array = array[config.layer]
+    if layer_array.ndim == 3:  # (batch, token, width): the batch axis is optional in the files
+        layer_array = layer_array[0]
+    if layer_array.ndim == 1:  # a per-layer vector (e.g. norm scales): no tokens to choose
+        if config.expert == "text_only":
+            raise OptionError(f"--expert text_only needs a token axis; feature {config.feature_type!r} has none")
+        return np.asarray(layer_array, dtype=np.float32)
+    if layer_array.ndim != 2:
+        raise ProbeError(f"feature {config.feature_type!r} has shape {array.shape}; expected (layer, [batch,] token, width)")
+    positions = token_positions(config.expert, layer_array.shape[0])
+    if config.expert != "action" and layer_array.shape[0] < positions.stop:
+        raise ProbeError(
+            f"feature {config.feature_type!r} has {layer_array.shape[0]} tokens; "
+            f"--expert {config.expert} needs the {PREFIX_TOKEN_COUNT}-token VLM prefix"
+        )
+    return pool_tokens(layer_array[positions], config.pooling)
+
+
+def expert_entries(step_data: dict, config: DataConfig) -> list[tuple[float, dict]]:
+    """(denoising time, entry) pairs a step contributes; time is NaN for the VLM expert."""
+    if config.expert in ("vlm", "text_only"):
+        entry = step_data.get("vlm_layer_output")
+        if not isinstance(entry, dict):
+            raise ProbeError("step has no 'vlm_layer_output' dict")
+        return [(math.nan, entry)]
+    keys = action_expert_keys(step_data)
+    if not keys:
+        raise ProbeError("step has no action-expert entries (keys starting with 'action_expert')")
+    if config.inference_step is not None:
+        if config.inference_step >= len(keys):
+            raise OptionError(
+                f"--inference_step {config.inference_step} is out of range: the step has {len(keys)} denoising entries (0-{len(keys) - 1})"
+            )
+        keys = [keys[config.inference_step]]
+    return [(denoising_time(key), step_data[key]) for key in keys]
+
+
+@dataclasses.dataclass
+class Samples:
+    """Pooled features with the identity of each sample."""
+
+    features: np.ndarray  # (samples, width) float32
+    task_id: np.ndarray  # (samples,) int
+    episode: np.ndarray  # (samples,) int, the i of "episode_i"
+    step: np.ndarray  # (samples,) int, the rollout step N
+    inference_time: np.ndarray  # (samples,) float, NaN for the VLM expert
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """What the reader found, skipped and missed: written to the summary."""
+
+    files: dict[int, str]
+    descriptions: dict[int, str]
+    missing_tasks: list[int]
+    missing_episodes: list[tuple[int, int]]  # (task, episode) with no "episode_i" key
+    episodes_without_step: list[tuple[int, int]]  # (task, episode) lacking the rollout step
+    steps_seen: list[int]  # every rollout step present in the episodes read
+
+
+def collect_samples(config: DataConfig) -> tuple[Samples, ReadReport]:
+    """Read the task files of the range and extract one feature vector per sample."""
+    files, missing_tasks = find_task_files(Path(config.data_path), config.task_range)
+    for task_id in missing_tasks:
+        log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, config.data_path)
+    if not files:
+        raise ProbeError(f"--data_path {config.data_path}: no task_*.pkl files for tasks {config.task_range[0]}-{config.task_range[1] - 1}")
+    wanted_step = f"step_{config.rollout_step}"
+    rows: list[tuple[int, int, float, np.ndarray]] = []
+    report = ReadReport({t: str(p) for t, p in files.items()}, {}, missing_tasks, [], [], [])
+    steps_seen: set[int] = set()
+    for task_id, path in files.items():
+        task_data = read_task_file(path)
+        description = task_data.get("task_description")
+        if not isinstance(description, str) or not description.strip():
+            raise ProbeError(f"{path}: no 'task_description' string")
+        report.descriptions[task_id] = description
+        for episode in range(*config.episode_range):
+            episode_data = task_data["episodes"].get(f"episode_{episode}")
+            if episode_data is None:
+                report.missing_episodes.append((task_id, episode))
+                continue
+            steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
+            if not isinstance(steps, dict):
+                raise ProbeError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
+            steps_seen.update(n for n in map(step_number, steps) if n is not None)
+            if wanted_step not in steps:
+                report.episodes_without_step.append((task_id, episode))
+                continue
+            step_data = steps[wanted_step]
+            if not isinstance(step_data, dict):
+                raise ProbeError(f"{path}: episode_{episode}/{wanted_step} is not a dict")
+            try:
+                for inference_time, entry in expert_entries(step_data, config):
+                    rows.append((task_id, episode, inference_time, layer_feature(entry, config)))
+            except OptionError:
+                raise
+            except ProbeError as error:
+                raise ProbeError(f"{path}: episode_{episode}/{wanted_step}: {error}") from None
+    report.steps_seen = sorted(steps_seen)
+    if report.missing_episodes:
+        log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
+    if report.episodes_without_step:
+        log.warning("%d episode(s) have no %s and were skipped", len(report.episodes_without_step), wanted_step)
+    if not rows:
+        existing = ", ".join(map(str, report.steps_seen)) or "none"
+        raise ProbeError(f"no samples: no episode in the ranges has {wanted_step}; rollout steps present: {existing}")
+    widths = {row[3].shape for row in rows}
+    if len(widths) > 1:
+        raise ProbeError(f"feature widths differ between files: {sorted(widths)}")
+    samples = Samples(
+        features=np.stack([row[3] for row in rows]),
+        task_id=np.array([row[0] for row in rows], dtype=np.int64),
+        episode=np.array([row[1] for row in rows], dtype=np.int64),
+        step=np.full(len(rows), config.rollout_step, dtype=np.int64),
+        inference_time=np.array([row[2] for row in rows], dtype=np.float64),
+    )
+    return samples, report
+
+
+# -----------------------------------------------------------------------------
+# Labels: T5 encoder, mean over the real tokens, cached on disk
+# -----------------------------------------------------------------------------
+
+
+def model_identity(model_name: str) -> str:
+    """A string that changes when the model changes: local files' sizes and times, or the hub name."""
+    path = Path(model_name)
+    if path.is_dir():
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+        return json.dumps({"directory": str(path.resolve()), "files": files})
+    return json.dumps({"hub": model_name})
+
+
+def encode_descriptions(descriptions: list[str], model_name: str) -> np.ndarray:
+    """T5 encoder last hidden state, mean over real tokens (EOS in, padding out): (n, d) float32."""
+    import torch  # imported only when the label cache misses: it costs seconds
+    import transformers
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    transformers.utils.logging.disable_progress_bar()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        model = T5EncoderModel.from_pretrained(model_name)
+    except Exception as error:  # transformers raises OSError, ValueError, HTTP errors...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ProbeError(
+            f"cannot load T5 model {model_name!r} ({reason}). Point --t5_model at a local directory holding a "
+            "T5 checkpoint and its tokenizer (saved with save_pretrained), or set HF_HUB_OFFLINE=1 to use a copy "
+            "already in the Hugging Face cache"
+        ) from None
+    model.eval()
+    with torch.no_grad():
+        inputs = tokenizer(descriptions, return_tensors="pt", padding=True, truncation=True, max_length=512)
+        hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+    return pooled.numpy().astype(np.float32)
+
+
+def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
+    """T5 embedding per description, from the on-disk cache when this model and text were seen."""
+    key_source = json.dumps({"model": model_identity(config.t5_model), "descriptions": descriptions, "pooling": "mean-real-tokens-v1"})
+    cache_file = Path(config.cache_dir) / "t5_labels" / f"{hashlib.sha256(key_source.encode()).hexdigest()}.npz"
+    if cache_file.is_file():
+        with np.load(cache_file, allow_pickle=False) as cached:
+            if list(cached["descriptions"]) == descriptions:
+                log.info("T5 labels from cache %s", cache_file)
+                return cached["embeddings"]
+    log.info("encoding %d task descriptions with T5 %s", len(descriptions), config.t5_model)
+    embeddings = encode_descriptions(descriptions, config.t5_model)
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=embeddings, descriptions=np.array(descriptions))
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(cache_file, buffer.getvalue())
+    except OSError as error:  # a read-only cache costs time, not correctness
+        log.warning("could not write the label cache %s: %s", cache_file, error)
+    return embeddings
+
+
+# -----------------------------------------------------------------------------
+# Probe
+# -----------------------------------------------------------------------------
+
+
+class LinearProbe(nn.Module):
+    """One Dense layer: pooled hidden state -> label space."""
+
+    output_dim: int
+
+    @nn.compact
+    def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+        return nn.Dense(features=self.output_dim)(features)
+
+
+def cosine_similarity(predictions: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """Row-wise cosine, with the guide's epsilon."""
+    predictions = predictions / (jnp.linalg.norm(predictions, axis=-1, keepdims=True) + EPSILON)
+    targets = targets / (jnp.linalg.norm(targets, axis=-1, keepdims=True) + EPSILON)
+    return jnp.sum(predictions * targets, axis=-1)
+
+
+# -----------------------------------------------------------------------------
+# Training: one jitted program runs every epoch, with early stopping inside
+# -----------------------------------------------------------------------------
+
+
+def split_episodes(task_id: np.ndarray, episode: np.ndarray, config: TrainingConfig) -> np.ndarray:
+    """Assign each sample "train", "validation" or "test" by episode, within each task.
+
+    Every sample of one episode lands on one side; every task has episodes in train and test.
+    """
+    rng = np.random.default_rng(config.seed)
+    side_of_episode: dict[tuple[int, int], str] = {}
+    for task in np.unique(task_id):
+        episodes = np.unique(episode[task_id == task])
+        if len(episodes) < 2:
+            raise ProbeError(
+                f"task {task} has {len(episodes)} episode(s) with samples; every task needs at least 2 so that it is "
+                "both trained on and held out: widen --episode_range"
+            )
+        episodes = rng.permutation(episodes)
+        test_count = min(max(1, round(len(episodes) * config.test_fraction)), len(episodes) - 1)
+        remaining = len(episodes) - test_count
+        validation_count = min(max(1, round(remaining * config.validation_fraction)), remaining - 1) if remaining >= 2 else 0
+        for position, one_episode in enumerate(episodes):
+            side = "test" if position < test_count else "validation" if position < test_count + validation_count else "train"
+            side_of_episode[(int(task), int(one_episode))] = side
+    return np.array([side_of_episode[(int(t), int(e))] for t, e in zip(task_id, episode)])
+
+
+@functools.partial(jax.jit, static_argnames=("output_dim", "learning_rate", "num_epochs", "batch_size", "patience", "steps_per_epoch"))
+def fit_probe(
+    train_x: jnp.ndarray,
+    train_y: jnp.ndarray,
+    validation_x: jnp.ndarray,
+    validation_y: jnp.ndarray,
+    key: jax.Array,
+    *,
+    output_dim: int,
+    learning_rate: float,
+    num_epochs: int,
+    batch_size: int,
+    patience: int,
+    steps_per_epoch: int,
+) -> tuple[dict, dict]:
+    """Train the probe with Adam on 1 - cosine; return the best-validation parameters and the history.
+
+    The epoch loop is a `while_loop`, so one compilation covers the whole run.
+    """
+    model = LinearProbe(output_dim)
+    init_key, shuffle_key = jax.random.split(key)
+    params = model.init(init_key, train_x[:1])["params"]
+    optimizer = optax.adam(learning_rate)
+    sample_count = train_x.shape[0]
+    has_validation = validation_x.shape[0] > 0
+
+    def loss(params, x, y):
+        return 1.0 - jnp.mean(cosine_similarity(model.apply({"params": params}, x), y))
+
+    def epoch_order(epoch_key):
+        # Shuffled minibatches: a fresh permutation per epoch, cut into batches; when the
+        # training set is smaller than steps_per_epoch * batch_size, several permutations.
+        permutations = -(-steps_per_epoch * batch_size // sample_count)
+        keys = jax.random.split(epoch_key, permutations)
+        order = jnp.concatenate([jax.random.permutation(k, sample_count) for k in keys])
+        return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+
+    def run_epoch(state):
+        epoch_key = jax.random.fold_in(shuffle_key, state["epoch"])
+
+        def step(carry, batch):
+            params, optimizer_state = carry
+            value, grads = jax.value_and_grad(loss)(params, train_x[batch], train_y[batch])
+            updates, optimizer_state = optimizer.update(grads, optimizer_state, params)
+            return (optax.apply_updates(params, updates), optimizer_state), value
+
+        (params, optimizer_state), _ = jax.lax.scan(step, (state["params"], state["optimizer_state"]), epoch_order(epoch_key))
+        train_loss = loss(params, train_x, train_y)
+        validation_loss = loss(params, validation_x, validation_y) if has_validation else train_loss
+        improved = validation_loss < state["best_loss"]
+        epoch = state["epoch"]
+        return {
+            "epoch": epoch + 1,
+            "params": params,
+            "optimizer_state": optimizer_state,
+            "best_params": jax.tree_util.tree_map(lambda new, old: jnp.where(improved, new, old), params, state["best_params"]),
+            "best_loss": jnp.where(improved, validation_loss, state["best_loss"]),
+            "best_epoch": jnp.where(improved, epoch, state["best_epoch"]),
+            "train_loss": state["train_loss"].at[epoch].set(train_loss),
+            "validation_loss": state["validation_loss"].at[epoch].set(validation_loss if has_validation else jnp.nan),
+        }
+
+    def keep_going(state):
+        patience_left = (state["epoch"] - 1 - state["best_epoch"]) < patience
+        return (state["epoch"] < num_epochs) & (patience_left | (not has_validation))
+
+    history = jnp.full((num_epochs,), jnp.nan, dtype=jnp.float32)
+    state = {
+        "epoch": jnp.array(0),
+        "params": params,
+        "optimizer_state": optimizer.init(params),
+        "best_params": params,
+        "best_loss": jnp.array(jnp.inf, dtype=jnp.float32),
+        "best_epoch": jnp.array(-1),
+        "train_loss": history,
+        "validation_loss": history,
+    }
+    state = jax.lax.while_loop(keep_going, run_epoch, state)
+    history = {key: state[key] for key in ("epoch", "best_epoch", "train_loss", "validation_loss")}
+    return state["best_params"], history
+
+
+def train_probe(
+    train_x: np.ndarray, train_y: np.ndarray, validation_x: np.ndarray, validation_y: np.ndarray, config: TrainingConfig
+) -> tuple[dict, dict]:
+    """Fit the probe; return numpy parameters and the per-epoch history."""
+    batch_size = min(config.batch_size, len(train_x))
+    # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
+    # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
+    steps_per_epoch = max(-(-len(train_x) // batch_size), config.min_steps_per_epoch)
+    params, history = fit_probe(
+        jnp.asarray(train_x),
+        jnp.asarray(train_y),
+        jnp.asarray(validation_x),
+        jnp.asarray(validation_y),
+        jax.random.PRNGKey(config.seed),
+        output_dim=train_y.shape[1],
+        learning_rate=config.learning_rate,
+        num_epochs=config.num_epochs,
+        batch_size=batch_size,
+        patience=config.patience,
+        steps_per_epoch=steps_per_epoch,
+    )
+    params = jax.tree_util.tree_map(np.asarray, params)
+    epochs_run = int(history["epoch"])
+    return params, {
+        "epochs_run": epochs_run,
+        "best_epoch": int(history["best_epoch"]) + 1,  # 1-based, as people count epochs
+        "train_loss": np.asarray(history["train_loss"])[:epochs_run],
+        "validation_loss": np.asarray(history["validation_loss"])[:epochs_run],
+        "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch,
+    }
+
+
+def apply_probe(params: dict, features: np.ndarray) -> np.ndarray:
+    """Probe predictions in numpy (the Dense layer is x @ kernel + bias)."""
+    return features @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: held-out episodes, retrieval among the analyzed tasks' embeddings
+# -----------------------------------------------------------------------------
+
+
+def unit_rows(values: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (the guide's epsilon keeps zero rows finite)."""
+    return values / (np.linalg.norm(values, axis=-1, keepdims=True) + EPSILON)
+
+
+def nearest_class(predictions: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
+    """Index of the class embedding with the highest cosine to each prediction."""
+    return np.argmax(unit_rows(predictions) @ unit_rows(class_embeddings).T, axis=1)
+
+
+def row_cosine(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Cosine between matching rows."""
+    return np.sum(unit_rows(predictions) * unit_rows(targets), axis=-1)
+
+
+def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: LabelConfig, training: TrainingConfig) -> dict:
+    """Split, label, standardize, train and evaluate; return everything the results file holds."""
+    # Classes are unique descriptions: two task ids with one instruction share one target.
+    task_ids = sorted(report.descriptions)
+    descriptions = list(dict.fromkeys(report.descriptions[t] for t in task_ids))
+    class_of_task = {t: descriptions.index(report.descriptions[t]) for t in task_ids}
+    sample_class = np.array([class_of_task[t] for t in samples.task_id], dtype=np.int64)
+
+    split = split_episodes(samples.task_id, samples.episode, training)
+    train, validation, test = (split == "train"), (split == "validation"), (split == "test")
+
+    raw_embeddings = t5_labels(descriptions, labels)
+    label_mean = raw_embeddings[np.unique(sample_class[train])].mean(axis=0)
+    class_embeddings = raw_embeddings - label_mean if labels.center_labels else raw_embeddings
+    targets = class_embeddings[sample_class]
+
+    if training.standardize:
+        feature_mean = samples.features[train].mean(axis=0)
+        feature_std = samples.features[train].std(axis=0)
+        feature_std = np.where(feature_std > 1e-6, feature_std, 1.0).astype(np.float32)  # constant features stay 0
+    else:
+        feature_mean = np.zeros(samples.features.shape[1], dtype=np.float32)
+        feature_std = np.ones(samples.features.shape[1], dtype=np.float32)
+    features = ((samples.features - feature_mean) / feature_std).astype(np.float32)
+
+    params, history = train_probe(features[train], targets[train], features[validation], targets[validation], training)
+    predictions = apply_probe(params, features).astype(np.float32)
+    predicted_class = nearest_class(predictions, class_embeddings)
+    correct = predicted_class == sample_class
+    cosine = row_cosine(predictions, targets)
+
+    # The guide's cosine lives in the raw T5 space. A cosine-trained probe fixes only a
+    # direction, so a centered prediction goes back as mean + unit(prediction) * typical norm.
+    if labels.center_labels:
+        scale = float(np.linalg.norm(class_embeddings[np.unique(sample_class[train])], axis=1).mean())
+        raw_predictions = label_mean + unit_rows(predictions) * scale
+    else:
+        scale, raw_predictions = 1.0, predictions
+    raw_targets = raw_embeddings[sample_class]
+    raw_cosine = row_cosine(raw_predictions, raw_targets)
+    constant_cosine = row_cosine(np.broadcast_to(label_mean, raw_targets.shape), raw_targets)
+
+    per_task = {
+        int(t): {"accuracy": float(correct[test & (samples.task_id == t)].mean()), "samples": int((test & (samples.task_id == t)).sum())}
+        for t in task_ids
+    }
+    episodes = {side: len({(t, e) for t, e in zip(samples.task_id[mask], samples.episode[mask])}) for side, mask in (("train", train), ("validation", validation), ("test", test))}
+    metrics = {
+        "accuracy": float(correct[test].mean()),
+        "cosine_similarity": float(raw_cosine[test].mean()),
+        "cosine_similarity_centered": float(cosine[test].mean()),
+        "constant_predictor_cosine": float(constant_cosine[test].mean()),
+        "chance_accuracy": 1.0 / len(descriptions),
+        "training_accuracy": float(correct[train].mean()),
+        "validation_accuracy": float(correct[validation].mean()) if validation.any() else math.nan,
+        "per_task_accuracy": per_task,
+        "num_samples": int(len(split)),
+        "num_heldout_samples": int(test.sum()),
+        "num_train_samples": int(train.sum()),
+        "num_validation_samples": int(validation.sum()),
+        "num_tasks": len(task_ids),
+        "num_classes": len(descriptions),
+        "num_episodes": sum(episodes.values()),
+        "num_heldout_episodes": episodes["test"],
+        "num_train_episodes": episodes["train"],
+        "num_validation_episodes": episodes["validation"],
+    }
+    return {
+        "format_version": 1,
+        "config": {
+            "data": dataclasses.asdict(data),
+            "labels": dataclasses.asdict(labels),
+            "training": dataclasses.asdict(training),
+            "split": "by episode within each task (test, then validation, drawn with the seed)",
+            "token_positions": describe_token_positions(data),
+            "label_space": "T5 mean over real tokens" + (", minus the mean training-task embedding" if labels.center_labels else " (raw)"),
+            "accuracy_definition": "held-out prediction's nearest (cosine) analyzed-task embedding is its own task's",
+            "raw_prediction_scale": scale,
+        },
+        "metrics": metrics,
+        "tasks": {
+            "task_ids": np.array(task_ids),
+            "descriptions": [report.descriptions[t] for t in task_ids],
+            "class_of_task": np.array([class_of_task[t] for t in task_ids]),
+            "class_descriptions": descriptions,
+            "t5_embeddings": raw_embeddings,
+            "label_mean": label_mean,
+        },
+        "samples": {
+            "task_id": samples.task_id,
+            "episode": samples.episode,
+            "step": samples.step,
+            "inference_time": samples.inference_time,
+            "split": split,
+        },
+        "heldout": {
+            "task_id": samples.task_id[test],
+            "episode": samples.episode[test],
+            "step": samples.step[test],
+            "inference_time": samples.inference_time[test],
+            "prediction": predictions[test],
+            "target": targets[test],
+            "predicted_class": predicted_class[test],
+            "true_class": sample_class[test],
+            "cosine": cosine[test],
+        },
+        "history": history,
+        "probe": {
+            "kernel": params["Dense_0"]["kernel"],
+            "bias": params["Dense_0"]["bias"],
+            "feature_mean": feature_mean,
+            "feature_std": feature_std,
+        },
+        "data_report": {
+            "files": report.files,
+            "missing_tasks": report.missing_tasks,
+            "missing_episodes": report.missing_episodes,
+            "episodes_without_step": report.episodes_without_step,
+            "steps_seen": report.steps_seen,
+        },
+        "versions": package_versions(),
+    }
+
+
+def describe_token_positions(config: DataConfig) -> str:
+    """Human-readable token positions pooled for the expert."""
+    if config.expert == "vlm":
+        return f"VLM prefix tokens {0}-{PREFIX_TOKEN_COUNT - 1} (images 0-767, text 768-815), {config.pooling}-pooled"
+    if config.expert == "text_only":
+        return f"VLM text tokens {TEXT_TOKENS.start}-{TEXT_TOKENS.stop - 1}, {config.pooling}-pooled"
+    return f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence), {config.pooling}-pooled"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers (read from metadata: imports nothing)."""
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "jax", "jaxlib", "flax", "optax", "torch", "transformers", "sentencepiece", "ml_dtypes"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# -----------------------------------------------------------------------------
+# Output: results pickle and text summary, each written atomically
+# -----------------------------------------------------------------------------
+
+
+def result_stem(data: DataConfig, inference_time: float | None) -> str:
+    """The guide's file stem: {expert}_layer{L}_step{S}, plus _t{time} for one denoising step."""
+    stem = f"{data.expert}_layer{data.layer}_step{data.rollout_step}"
+    return stem if inference_time is None else f"{stem}_t{inference_time:g}"
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def format_summary(results: dict) -> str:
+    """The guide's summary block, then the held-out details, data report and configuration."""
+    data, labels, training = (results["config"][k] for k in ("data", "labels", "training"))
+    metrics, tasks, report, history = results["metrics"], results["tasks"], results["data_report"], results["history"]
+    inference = data["inference_step"]
+    lines = [
+        "Linear Probing Results",
+        "=====================",
+        "",
+        f"Expert: {data['expert']}",
+        f"Layer: {data['layer']}",
+        f"Rollout Step: {data['rollout_step']}",
+        f"Feature Type: {data['feature_type']}",
+        "",
+        f"Accuracy: {metrics['accuracy']:.4f}",
+        f"Cosine Similarity: {metrics['cosine_similarity']:.4f}",
+        f"Number of Samples: {metrics['num_samples']}",
+        f"Number of Tasks: {metrics['num_tasks']}",
+        "",
+        "Task Descriptions:",
+        *(f"  {t}: {d}" for t, d in zip(tasks["task_ids"], tasks["descriptions"])),
+        "",
+        "Held-out Evaluation",
+        "-------------------",
+        f"Held-out Samples: {metrics['num_heldout_samples']} ({metrics['num_heldout_episodes']} episodes never trained on)",
+        f"Training Samples: {metrics['num_train_samples']} ({metrics['num_train_episodes']} episodes)",
+        f"Validation Samples: {metrics['num_validation_samples']} ({metrics['num_validation_episodes']} episodes, for early stopping)",
+        f"Chance Accuracy: {metrics['chance_accuracy']:.4f} (1 / {metrics['num_classes']} task embeddings)",
+        f"Training Accuracy: {metrics['training_accuracy']:.4f}",
+        f"Validation Accuracy: {metrics['validation_accuracy']:.4f}",
+        f"Cosine Similarity (centered labels): {metrics['cosine_similarity_centered']:.4f}"
+        if labels["center_labels"]
+        else "Cosine Similarity (centered labels): not used (--no_center_labels)",
+        f"Cosine of Constant Predictor (mean embedding): {metrics['constant_predictor_cosine']:.4f}",
+        "Accuracy: share of held-out samples whose prediction is closer (cosine) to its own task's embedding than to any other analyzed task's",
+        "Per-task Accuracy (held-out):",
+        *(f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()),
+        "",
+        "What Was Measured",
+        "-----------------",
+        f"Token Positions: {results['config']['token_positions']}",
+        f"Inference Step: {'all denoising entries, each its own sample' if inference is None else inference}"
+        if data["expert"] == "action"
+        else "Inference Step: n/a (VLM expert)",
+        f"Labels: {results['config']['label_space']}; T5 model {labels['t5_model']}",
+        f"Features: {'standardized with training-set mean and std' if training['standardize'] else 'raw'}",
+        f"Split: {results['config']['split']}; seed {training['seed']}",
+        f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
+        f"Missing Task Files: {', '.join(map(str, report['missing_tasks'])) or 'none'}",
+        f"Episodes Missing From Files: {len(report['missing_episodes'])}",
+        f"Episodes Without step_{data['rollout_step']}: {len(report['episodes_without_step'])}"
+        + (f" ({', '.join(f'task {t} episode {e}' for t, e in report['episodes_without_step'])})" if report["episodes_without_step"] else ""),
+        f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, {history['steps_per_epoch']} updates/epoch, "
+        f"{history['epochs_run']} of at most {training['num_epochs']} epochs, best epoch {history['best_epoch']}, patience {training['patience']}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(results: dict, output_dir: Path) -> tuple[Path, Path]:
+    """Write results_{stem}.pkl and summary_{stem}.txt; return their paths."""
+    data = results["config"]["data"]
+    times = np.unique(results["samples"]["inference_time"])
+    one_time = float(times[0]) if data["inference_step"] is not None and len(times) == 1 else None
+    stem = result_stem(DataConfig(**data), one_time)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results_path, summary_path = output_dir / f"results_{stem}.pkl", output_dir / f"summary_{stem}.txt"
+    write_atomically(results_path, pickle.dumps(results, protocol=4))
+    write_atomically(summary_path, format_summary(results).encode())
+    return results_path, summary_path
+
+
+# -----------------------------------------------------------------------------
+# Demo data: the real layout at small widths, with a planted task signal
+# -----------------------------------------------------------------------------
+
+DEMO_DESCRIPTIONS = [
+    "pick up the alphabet soup and place it in the basket",
+    "pick up the cream cheese and place it in the basket",
+    "pick up the salad dressing and place it in the basket",
+    "pick up the bbq sauce and place it in the basket",
+    "pick up the ketchup and place it in the basket",
+    "pick up the tomato sauce and place it in the basket",
+    "pick up the butter and place it in the basket",
+    "pick up the milk and place it in the basket",
+    "pick up the chocolate pudding and place it in the basket",
+    "pick up the orange juice and place it in the basket",
+]
+# Task signal added to every token of a region, in units of the per-episode noise
+# (std 1, shared by all tokens of an episode, so pooling cannot average it away).
+DEMO_SIGNAL = {"text": 2.0, "image": 1.0, "action": 0.5}
+DEMO_SILENT_LAYER = 3  # no task signal anywhere in this layer
+DEMO_TIMES = [round(1.0 - 0.1 * k, 1) for k in range(10)]  # denoising order: 1.0 ... 0.1
+
+
+def demo_expert_entry(rng: np.random.Generator, signature: np.ndarray, signal_by_token: np.ndarray, num_layers: int) -> dict:
+    """One expert entry: (layer, 1, token, width) hidden states = episode noise + token noise + signal."""
+    width, token_count = signature.shape[0], signal_by_token.shape[0]
+    layer_gain = np.ones(num_layers, dtype=np.float32)
+    layer_gain[DEMO_SILENT_LAYER] = 0.0
+    hidden = rng.standard_normal((num_layers, 1, token_count, width), dtype=np.float32)
+    hidden += rng.standard_normal((num_layers, 1, 1, width), dtype=np.float32)
+    hidden += layer_gain[:, None, None, None] * signal_by_token[None, None, :, None] * signature[None, None, None, :]
+    return {
+        "hidden_states": hidden,
+        "pre_attn_norm_scales": rng.standard_normal((num_layers, width), dtype=np.float32),
+    }
+
+
+def write_demo_dataset(
+    directory: Path,
+    *,
+    num_tasks: int = 10,
+    num_episodes: int = 6,
+    steps: tuple[int, ...] = (10, 20),
+    vlm_width: int = 16,
+    action_width: int = 16,
+    num_layers: int = 18,
+    image_size: int = 32,
+    action_key_format: str = "action_expert_state_time{:.1f}",
+    protocol: int = pickle.DEFAULT_PROTOCOL,
+    seed: int = 0,
+) -> list[str]:
+    """Write task_{id}_{name}.pkl files in the Pi0 layout; return the task descriptions.
+
+    Planted: text tokens carry the task strongly, image tokens and the action expert
+    weakly (DEMO_SIGNAL), layer DEMO_SILENT_LAYER not at all. The last episode of task 1
+    ends before the last step, as short episodes do.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    descriptions = [DEMO_DESCRIPTIONS[i % len(DEMO_DESCRIPTIONS)] for i in range(num_tasks)]
+    vlm_signal = np.zeros(PREFIX_TOKEN_COUNT, dtype=np.float32)
+    vlm_signal[IMAGE_TOKENS] = DEMO_SIGNAL["image"]
+    vlm_signal[TEXT_TOKENS] = DEMO_SIGNAL["text"]
+    action_signal = np.full(51, DEMO_SIGNAL["action"], dtype=np.float32)
+    for task_id, description in enumerate(descriptions):
+        vlm_signature = rng.standard_normal(vlm_width, dtype=np.float32)
+        action_signature = rng.standard_normal(action_width, dtype=np.float32)
+        episodes = {}
+        for episode in range(num_episodes):
+            episode_steps = steps[:-1] if (task_id == 1 and episode == num_episodes - 1 and len(steps) > 1) else steps
+            rollout_steps = {}
+            for step in episode_steps:
+                step_data = {"timestep": step, "action": rng.standard_normal(7).tolist(), "prompt": description}
+                for time_value in DEMO_TIMES:
+                    step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, action_signature, action_signal, num_layers)
+                step_data["vlm_layer_output"] = demo_expert_entry(rng, vlm_signature, vlm_signal, num_layers)
+                step_data["observation"] = {
+                    "agentview_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+                    "wrist_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+                    "robot_state": rng.standard_normal(3).tolist(),
+                }
+                rollout_steps[f"step_{step}"] = step_data
+            episodes[f"episode_{episode}"] = {
+                "rollout_steps": rollout_steps,
+                "metadata": {"success": bool(episode % 2), "total_steps": episode_steps[-1] + 5, "episode_idx": episode},
+            }
+        task_data = {"task_name": description.replace(" ", "_"), "task_id": task_id, "task_description": description, "episodes": episodes}
+        path = directory / f"task_{task_id}_{task_data['task_name']}.pkl"
+        write_atomically(path, pickle.dumps(task_data, protocol=protocol))
+    return descriptions
+
+
+def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0) -> None:
+    """Save a small random-weight T5 encoder with its own sentencepiece vocabulary (offline stand-in for t5-small)."""
+    import sentencepiece
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    model_proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(descriptions),
+        model_writer=model_proto,
+        vocab_size=80,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto.getvalue())
+    # transformers 5 ignores T5Tokenizer(vocab_file=...); the (piece, score) list is what it reads.
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    directory.mkdir(parents=True, exist_ok=True)
+    T5EncoderModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def prepare_demo(directory: Path) -> None:
+    """Write the demo dataset and tiny T5 once; later runs reuse them."""
+    marker = directory / "demo.json"
+    settings = {"version": 2, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return
+    log.warning("writing the demo dataset and a tiny random-weight T5 to %s", directory)
+    descriptions = write_demo_dataset(directory)
+    build_tiny_t5(directory / "t5_tiny", descriptions)
+    write_atomically(marker, json.dumps(settings).encode())
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+DEMO_DEFAULTS = {"rollout_step": 10, "expert": "text_only", "layer": 5, "task_range": [0, 10], "episode_range": [0, 6]}
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in (0, 1)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def inference_step_value(text: str) -> int | None:
+    """argparse type: 'all' (None) or a denoising index >= 0."""
+    return None if text == "all" else non_negative_int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface: the guide's options plus ours."""
+    parser = argparse.ArgumentParser(
+        description="Linear probe from one layer of a Pi0 expert to the T5 embedding of the task instruction, evaluated on held-out episodes.",
+    )
+    what = parser.add_argument_group("what to probe (required unless --demo)")
+    what.add_argument("--rollout_step", type=non_negative_int, help="environment step N of the key 'step_N' (not a position)")
+    what.add_argument("--expert", choices=EXPERTS, help="vlm: VLM tokens 0-815; text_only: tokens 768-815; action: the action expert's own tokens")
+    what.add_argument("--layer", type=non_negative_int, help="layer index (0-17 for Pi0; index 0 is the input embeddings), checked against the data")
+    what.add_argument("--data_path", help="directory of task_{id}_{name}.pkl files")
+    what.add_argument("--task_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="task ids START..END-1 (end-exclusive: '0 10' is ten tasks)")
+    what.add_argument("--episode_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="episodes START..END-1 of each task (end-exclusive)")
+    what.add_argument("--feature_type", default="hidden_states", help="key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: %(default)s)")
+    what.add_argument("--inference_step", type=inference_step_value, default=None, metavar="{all,K}", help="action expert only: K-th denoising entry (0 = t 1.0, 9 = t 0.1); all = each entry its own sample (default)")
+    labels = parser.add_argument_group("labels")
+    labels.add_argument("--t5_model", default="t5-small", help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)")
+    labels.add_argument("--no_center_labels", action="store_true", help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task embedding")
+    labels.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="where T5 labels and compiled JAX programs are cached (default: %(default)s)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--learning_rate", type=positive_float, default=0.001, help="Adam learning rate (default: %(default)s)")
+    training.add_argument("--num_epochs", type=positive_int, default=100, help="at most this many epochs; early stopping usually ends sooner (default: %(default)s)")
+    training.add_argument("--batch_size", type=positive_int, default=32, help="minibatch size (default: %(default)s)")
+    training.add_argument("--seed", type=int, default=42, help="seeds the split, initialisation and shuffling (default: %(default)s)")
+    training.add_argument("--patience", type=positive_int, default=10, help="epochs without validation improvement before stopping (default: %(default)s)")
+    training.add_argument("--test_fraction", type=fraction, default=0.2, help="share of each task's episodes held out for evaluation, at least one (default: %(default)s)")
+    training.add_argument("--validation_fraction", type=fraction, default=0.2, help="share of each task's remaining episodes used for early stopping (default: %(default)s)")
+    training.add_argument("--no_standardize", action="store_true", help="do not standardize features with training-set statistics")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="results/linear_probing", help="created if missing (default: %(default)s)")
+    output.add_argument("--demo", action="store_true", help=f"write demo data and a tiny T5 under {DEMO_DIR} (once), then probe it; other options override the demo's")
+    verbosity = output.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    verbosity.add_argument("--quiet", action="store_true", help="print only warnings and errors, not the summary")
+    return parser
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and check options; exit 2 with a one-line message on a bad combination."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        for name, value in DEMO_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        args.data_path = args.data_path or str(DEMO_DIR)
+        if args.t5_model == parser.get_default("t5_model"):
+            args.t5_model = str(Path(args.data_path) / "t5_tiny")
+    missing = [f"--{name}" for name in ("rollout_step", "expert", "layer", "data_path", "task_range", "episode_range") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    for name in ("task_range", "episode_range"):
+        start, end = getattr(args, name)
+        if start >= end:
+            parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
+    if args.inference_step is not None and args.expert != "action":
+        parser.error(f"--inference_step applies to --expert action only, not {args.expert}")
+    return args
+
+
+def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelConfig, TrainingConfig]:
+    """Turn parsed options into the three configurations."""
+    data = DataConfig(
+        data_path=args.data_path,
+        task_range=tuple(args.task_range),
+        episode_range=tuple(args.episode_range),
+        rollout_step=args.rollout_step,
+        expert=args.expert,
+        layer=args.layer,
+        feature_type=args.feature_type,
+        inference_step=args.inference_step,
+    )
+    labels = LabelConfig(t5_model=args.t5_model, center_labels=not args.no_center_labels, cache_dir=args.cache_dir)
+    training = TrainingConfig(
+        learning_rate=args.learning_rate,
+        num_epochs=args.num_epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        patience=args.patience,
+        test_fraction=args.test_fraction,
+        validation_fraction=args.validation_fraction,
+        standardize=not args.no_standardize,
+    )
+    return data, labels, training
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the pipeline once; return the exit status."""
+    args = parse_arguments(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # repeated runs in a bash loop reuse the compiled probe
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir) / "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    started = time.perf_counter()
+    try:
+        if args.demo:
+            prepare_demo(Path(args.data_path))
+        data, labels, training = configs_from_arguments(args)
+        samples, report = collect_samples(data)
+        log.info("%d samples of width %d from %d task files", len(samples.features), samples.features.shape[1], len(report.files))
+        results = run_probe(samples, report, data, labels, training)
+        results["wall_time_seconds"] = time.perf_counter() - started
+        results["command"] = list(sys.argv if argv is None else argv)
+        results_path, summary_path = write_results(results, Path(args.output_dir))
+    except ProbeError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    if not args.quiet:
+        print(format_summary(results))
+        if args.demo:
+            print(
+                f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
+                f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
+                "Compare --expert vlm, --expert action, --layer 3."
+            )
+    log.info("wrote %s and %s in %.1f s", results_path, summary_path, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
