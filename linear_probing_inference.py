@@ -16,6 +16,7 @@ Design notes: ../shared/spec/linear_probing_guide.md and ../shared/pi0-latents.m
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import dataclasses
 import functools
@@ -25,10 +26,12 @@ import io
 import json
 import logging
 import math
+import mmap
 import os
 import pickle
 import platform
 import re
+import struct
 import sys
 import tempfile
 import time
@@ -42,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 log = logging.getLogger("linear_probing")
 
@@ -74,6 +78,8 @@ class DataConfig:
     feature_type: str = "hidden_states"
     inference_step: int | None = None  # action expert only; None = every denoising entry
     pooling: str = "mean"  # over the expert's token positions
+    trust_pickle: bool = False  # allow any global in the task files (unsafe)
+    strict: bool = False  # an unreadable task file stops the run instead of being skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +127,7 @@ TASK_FILE_PATTERN = re.compile(r"^task_(\d+)_.*\.pkl$")
 # Globals a latent pickle may name. Anything else (os.system, builtins.eval, ...) is
 # refused before it can run: data files never execute code.
 SAFE_GLOBALS = {
-    ("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex", "slice")
+    ("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "bytes", "complex", "slice")
 } | {
     ("collections", "OrderedDict"),
     ("numpy", "ndarray"),
@@ -132,28 +138,188 @@ SAFE_GLOBALS = {
     ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # protocol 2 writes bytes as latin-1 text
-} | {("ml_dtypes", name) for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "int4", "uint4")}
+    ("_codecs", "encode"),  # protocols 0-2 write bytes as latin-1 text
+} | {("ml_dtypes", name) for name in ("bfloat16", "float8_e4m3fn", "float8_e4m3b11fnuz", "float8_e5m2", "int4", "uint4")}
+
+MAPPED_PAYLOAD_BYTES = 4096  # payloads from one page up are mapped, not read
+
+
+class BadFileError(ProbeError):
+    """A task file that cannot be used: skipped with a warning, fatal under --strict."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRegion:
+    """A byte payload left in the file: where it starts and how long it is."""
+
+    offset: int
+    length: int
+
+
+class PendingArray:
+    """What numpy's `_reconstruct` returns; the following BUILD turns it into an array."""
+
+    array: np.ndarray | None = None
+
+
+def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust: bool):
+    """Resolve an allow-listed global (or any, when trusted); refuse the rest before it runs."""
+    # Protocols 0-2 name Python 2 modules (__builtin__.bytes); check what they map to.
+    checked = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+    if not trust and checked not in SAFE_GLOBALS:
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: not a data type (--trust_pickle lifts this, unsafely)")
+    return super(type(unpickler), unpickler).find_class(module, name)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allow-listed globals."""
+    """The C unpickler with the allow-list: reads every byte (used for protocols 0-2)."""
+
+    def __init__(self, file, trust: bool = False):
+        super().__init__(file)
+        self.trust = trust
 
     def find_class(self, module: str, name: str):
-        if (module, name) not in SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refused global {module}.{name} (not in the allow-list of data types)")
-        return super().find_class(module, name)
+        return refuse_or_import(self, module, name, self.trust)
 
 
-def read_task_file(path: Path) -> dict:
-    """Read one task pickle, refusing any global outside numpy/builtins."""
+class MappingUnpickler(pickle._Unpickler):
+    """Walks the opcode stream, seeking past large byte payloads and mapping arrays onto them.
+
+    The small object graph (dicts, lists, strings, numbers) is built as pickle.load would;
+    every array whose bytes lie outside a protocol-4/5 frame becomes a read-only view of
+    the file's memory map, so indexing it reads only the pages touched.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, mapped: mmap.mmap, trust: bool = False):
+        super().__init__(file)
+        self.file, self.mapped, self.trust = file, mapped, trust
+        self.file_size = len(mapped)
+
+    def find_class(self, module: str, name: str):
+        found = refuse_or_import(self, module, name, self.trust)
+        if name == "_reconstruct" and module.endswith("multiarray"):
+            return lambda cls, shape, typecode: PendingArray()
+        if name == "_frombuffer" and module.endswith("numeric"):
+            return lambda buffer, dtype, shape, order: (
+                self.mapped_array(buffer, dtype, shape, order) if isinstance(buffer, FileRegion) else found(buffer, dtype, shape, order)
+            )
+        return found
+
+    def payload(self, length: int) -> bytes | FileRegion:
+        """Read a byte payload, or note where it lies and seek past it."""
+        frame = self._unframer.current_frame
+        in_frame = frame is not None and frame.tell() < len(frame.getbuffer())
+        if in_frame or length < MAPPED_PAYLOAD_BYTES:
+            data = self.read(length)
+            if len(data) < length:
+                raise pickle.UnpicklingError(f"truncated: a {length}-byte payload ends early")
+            return data
+        offset = self.file.tell()
+        if offset + length > self.file_size:
+            raise pickle.UnpicklingError(f"truncated: a {length}-byte payload at byte {offset} runs past the end of the file ({self.file_size} bytes)")
+        self.file.seek(length, io.SEEK_CUR)
+        return FileRegion(offset, length)
+
+    def load_binbytes(self):
+        (length,) = struct.unpack("<I", self.read_exactly(4))
+        self.append(self.payload(length))
+
+    def load_binbytes8(self):
+        (length,) = struct.unpack("<Q", self.read_exactly(8))
+        self.append(self.payload(length))
+
+    def load_bytearray8(self):
+        (length,) = struct.unpack("<Q", self.read_exactly(8))
+        data = self.payload(length)
+        self.append(bytearray(data) if isinstance(data, bytes) else data)
+
+    def read_exactly(self, count: int) -> bytes:
+        data = self.read(count)
+        if len(data) < count:
+            raise pickle.UnpicklingError("truncated: the file ends inside an opcode")
+        return data
+
+    def load_build(self):
+        state, instance = self.stack[-1], self.stack[-2]
+        if not isinstance(instance, PendingArray):
+            return super().load_build()
+        self.stack.pop()
+        _version, shape, dtype, fortran_order, data = state
+        if isinstance(data, FileRegion):
+            instance.array = self.mapped_array(data, dtype, shape, "F" if fortran_order else "C")
+        else:  # small payload or object array: numpy's own reconstruction, as pickle.load does
+            instance.array = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+            instance.array.__setstate__(state)
+        self.stack[-1] = instance.array
+
+    def mapped_array(self, region: FileRegion, dtype, shape, order: str) -> np.ndarray:
+        """A read-only array over a payload's bytes in the memory map."""
+        dtype = np.dtype(dtype)
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize != region.length:
+            raise pickle.UnpicklingError(f"array of shape {tuple(shape)} and dtype {dtype} does not fit its {region.length}-byte payload")
+        return np.ndarray(shape, dtype=dtype, buffer=self.mapped, offset=region.offset, order=order)
+
+    dispatch[pickle.BINBYTES[0]] = load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def resolve_pending(value, mapped: mmap.mmap):
+    """Replace placeholders left in the graph (shared references, raw payloads) by their values."""
+    if isinstance(value, PendingArray):
+        if value.array is None:
+            raise pickle.UnpicklingError("an array was never filled in")
+        return value.array
+    if isinstance(value, FileRegion):
+        return bytes(mapped[value.offset : value.offset + value.length])
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list, tuple, PendingArray, FileRegion)):
+                value[key] = resolve_pending(item, mapped)
+        return value
+    if isinstance(value, list):
+        value[:] = [resolve_pending(item, mapped) for item in value]
+        return value
+    if isinstance(value, tuple):
+        return tuple(resolve_pending(item, mapped) for item in value)
+    return value
+
+
+def read_task_file(path: Path, trust: bool = False) -> dict:
+    """Read a task pickle's structure; arrays are read-only views that load only what is indexed.
+
+    Protocols 3-5 are mapped. Protocols 0-2 store bytes as text, so such a file is read
+    whole (still restricted) with a warning.
+    """
     try:
-        with open(path, "rb") as file:
-            data = RestrictedUnpickler(file).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
-        raise ProbeError(f"{path}: not a readable latent pickle: {error}") from None
+        with open(path, "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                raise BadFileError(f"{path}: empty file")
+            header = file.read(2)
+            if header[:1] != pickle.PROTO or header[1] < 3:
+                log.warning("%s: pickle protocol %s stores bytes as text and cannot be mapped; reading the whole file",
+                            path, header[1] if header[:1] == pickle.PROTO else "0/1")
+                with open(path, "rb") as whole:
+                    data = RestrictedUnpickler(whole, trust).load()
+            else:
+                file.seek(0)
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead between headers
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+                data = resolve_pending(MappingUnpickler(file, mapped, trust).load(), mapped)
+    except BadFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, KeyError, IndexError,
+            struct.error, RecursionError, OSError) as error:
+        reason = str(error) or type(error).__name__
+        if isinstance(error, EOFError):
+            reason = "truncated: the file ends before the pickle's STOP"
+        raise BadFileError(f"{path}: not a readable latent pickle: {reason}") from None
     if not isinstance(data, dict) or not isinstance(data.get("episodes"), dict):
-        raise ProbeError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
+        raise BadFileError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
     return data
 
 
@@ -293,12 +459,51 @@ class Samples:
 class ReadReport:
     """What the reader found, skipped and missed: written to the summary."""
 
-    files: dict[int, str]
-    descriptions: dict[int, str]
-    missing_tasks: list[int]
-    missing_episodes: list[tuple[int, int]]  # (task, episode) with no "episode_i" key
-    episodes_without_step: list[tuple[int, int]]  # (task, episode) lacking the rollout step
-    steps_seen: list[int]  # every rollout step present in the episodes read
+    files: dict[int, str] = dataclasses.field(default_factory=dict)
+    descriptions: dict[int, str] = dataclasses.field(default_factory=dict)
+    missing_tasks: list[int] = dataclasses.field(default_factory=list)
+    skipped_files: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why
+    missing_episodes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) not in the file
+    episodes_without_step: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) lacking the step
+    steps_seen: set[int] = dataclasses.field(default_factory=set)  # rollout steps present in the episodes read
+
+
+def samples_from_file(path: Path, task_id: int, config: DataConfig, report: ReadReport) -> list[tuple[int, int, float, np.ndarray]]:
+    """(task, episode, denoising time, feature) rows of one task file; records what it lacks in `report`."""
+    task_data = read_task_file(path, config.trust_pickle)
+    description = task_data.get("task_description")
+    if not isinstance(description, str) or not description.strip():
+        raise BadFileError(f"{path}: no 'task_description' string")
+    wanted_step = f"step_{config.rollout_step}"
+    rows, missing, without_step, steps_seen = [], [], [], set()
+    for episode in range(*config.episode_range):
+        episode_data = task_data["episodes"].get(f"episode_{episode}")
+        if episode_data is None:
+            missing.append((task_id, episode))
+            continue
+        steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
+        if not isinstance(steps, dict):
+            raise BadFileError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
+        steps_seen.update(n for n in map(step_number, steps) if n is not None)
+        if wanted_step not in steps:
+            without_step.append((task_id, episode))
+            continue
+        step_data = steps[wanted_step]
+        if not isinstance(step_data, dict):
+            raise BadFileError(f"{path}: episode_{episode}/{wanted_step} is a {type(step_data).__name__}, not a dict")
+        try:
+            for inference_time, entry in expert_entries(step_data, config):
+                rows.append((task_id, episode, inference_time, layer_feature(entry, config)))
+        except OptionError:
+            raise
+        except ProbeError as error:
+            raise BadFileError(f"{path}: episode_{episode}/{wanted_step}: {error}") from None
+    # Recorded only once the whole file has been read: a skipped file leaves no trace but its skip.
+    report.descriptions[task_id] = description
+    report.missing_episodes += missing
+    report.episodes_without_step += without_step
+    report.steps_seen |= steps_seen
+    return rows
 
 
 def collect_samples(config: DataConfig) -> tuple[Samples, ReadReport]:
@@ -308,45 +513,25 @@ def collect_samples(config: DataConfig) -> tuple[Samples, ReadReport]:
         log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, config.data_path)
     if not files:
         raise ProbeError(f"--data_path {config.data_path}: no task_*.pkl files for tasks {config.task_range[0]}-{config.task_range[1] - 1}")
-    wanted_step = f"step_{config.rollout_step}"
+    report = ReadReport(files={t: str(p) for t, p in files.items()}, missing_tasks=missing_tasks)
     rows: list[tuple[int, int, float, np.ndarray]] = []
-    report = ReadReport({t: str(p) for t, p in files.items()}, {}, missing_tasks, [], [], [])
-    steps_seen: set[int] = set()
-    for task_id, path in files.items():
-        task_data = read_task_file(path)
-        description = task_data.get("task_description")
-        if not isinstance(description, str) or not description.strip():
-            raise ProbeError(f"{path}: no 'task_description' string")
-        report.descriptions[task_id] = description
-        for episode in range(*config.episode_range):
-            episode_data = task_data["episodes"].get(f"episode_{episode}")
-            if episode_data is None:
-                report.missing_episodes.append((task_id, episode))
-                continue
-            steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
-            if not isinstance(steps, dict):
-                raise ProbeError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
-            steps_seen.update(n for n in map(step_number, steps) if n is not None)
-            if wanted_step not in steps:
-                report.episodes_without_step.append((task_id, episode))
-                continue
-            step_data = steps[wanted_step]
-            if not isinstance(step_data, dict):
-                raise ProbeError(f"{path}: episode_{episode}/{wanted_step} is not a dict")
-            try:
-                for inference_time, entry in expert_entries(step_data, config):
-                    rows.append((task_id, episode, inference_time, layer_feature(entry, config)))
-            except OptionError:
+    for task_id, path in tqdm(files.items(), desc="task files", unit="file", disable=None if log.isEnabledFor(logging.INFO) else True):
+        try:
+            rows += samples_from_file(path, task_id, config, report)
+        except BadFileError as error:
+            if config.strict:
                 raise
-            except ProbeError as error:
-                raise ProbeError(f"{path}: episode_{episode}/{wanted_step}: {error}") from None
-    report.steps_seen = sorted(steps_seen)
+            log.warning("skipping %s (--strict makes this fatal)", error)
+            report.skipped_files[str(path)] = str(error)
+    wanted_step = f"step_{config.rollout_step}"
     if report.missing_episodes:
         log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
     if report.episodes_without_step:
         log.warning("%d episode(s) have no %s and were skipped", len(report.episodes_without_step), wanted_step)
     if not rows:
-        existing = ", ".join(map(str, report.steps_seen)) or "none"
+        if len(report.skipped_files) == len(files):
+            raise ProbeError(f"no samples: all {len(files)} task file(s) were skipped as unreadable")
+        existing = ", ".join(map(str, sorted(report.steps_seen))) or "none"
         raise ProbeError(f"no samples: no episode in the ranges has {wanted_step}; rollout steps present: {existing}")
     widths = {row[3].shape for row in rows}
     if len(widths) > 1:
@@ -732,7 +917,8 @@ def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: La
             "missing_tasks": report.missing_tasks,
             "missing_episodes": report.missing_episodes,
             "episodes_without_step": report.episodes_without_step,
-            "steps_seen": report.steps_seen,
+            "steps_seen": sorted(report.steps_seen),
+            "skipped_files": report.skipped_files,
         },
         "versions": package_versions(),
     }
@@ -830,6 +1016,8 @@ def format_summary(results: dict) -> str:
         f"Split: {results['config']['split']}; seed {training['seed']}",
         f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
         f"Missing Task Files: {', '.join(map(str, report['missing_tasks'])) or 'none'}",
+        f"Skipped Files: {len(report['skipped_files']) or 'none'}",
+        *(f"  {reason}" for reason in report["skipped_files"].values()),
         f"Episodes Missing From Files: {len(report['missing_episodes'])}",
         f"Episodes Without step_{data['rollout_step']}: {len(report['episodes_without_step'])}"
         + (f" ({', '.join(f'task {t} episode {e}' for t, e in report['episodes_without_step'])})" if report["episodes_without_step"] else ""),
@@ -1044,6 +1232,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--task_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="task ids START..END-1 (end-exclusive: '0 10' is ten tasks)")
     what.add_argument("--episode_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="episodes START..END-1 of each task (end-exclusive)")
     what.add_argument("--feature_type", default="hidden_states", help="key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: %(default)s)")
+    what.add_argument("--strict", action="store_true", help="stop at the first unreadable or malformed task file instead of skipping it with a warning")
+    what.add_argument("--trust_pickle", action="store_true", help="UNSAFE: let task files name any Python global, which runs code from the file; only for files you made, with custom classes")
     what.add_argument("--inference_step", type=inference_step_value, default=None, metavar="{all,K}", help="action expert only: K-th denoising entry (0 = t 1.0, 9 = t 0.1); all = each entry its own sample (default)")
     labels = parser.add_argument_group("labels")
     labels.add_argument("--t5_model", default="t5-small", help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)")
@@ -1101,6 +1291,8 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
         layer=args.layer,
         feature_type=args.feature_type,
         inference_step=args.inference_step,
+        trust_pickle=args.trust_pickle,
+        strict=args.strict,
     )
     labels = LabelConfig(t5_model=args.t5_model, center_labels=not args.no_center_labels, cache_dir=args.cache_dir)
     training = TrainingConfig(
