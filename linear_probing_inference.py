@@ -80,6 +80,7 @@ class DataConfig:
     pooling: str = "mean"  # over the expert's token positions
     trust_pickle: bool = False  # allow any global in the task files (unsafe)
     strict: bool = False  # an unreadable task file stops the run instead of being skipped
+    index_dir: str | None = None  # where each task file's structure is cached (None: no cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,7 @@ class MappingUnpickler(pickle._Unpickler):
         super().__init__(file)
         self.file, self.mapped, self.trust = file, mapped, trust
         self.file_size = len(mapped)
+        self.mapped_specs: dict[int, tuple] = {}  # id(array) -> its index entry
 
     def find_class(self, module: str, name: str):
         found = refuse_or_import(self, module, name, self.trust)
@@ -259,7 +261,9 @@ class MappingUnpickler(pickle._Unpickler):
         dtype = np.dtype(dtype)
         if dtype.hasobject or math.prod(shape) * dtype.itemsize != region.length:
             raise pickle.UnpicklingError(f"array of shape {tuple(shape)} and dtype {dtype} does not fit its {region.length}-byte payload")
-        return np.ndarray(shape, dtype=dtype, buffer=self.mapped, offset=region.offset, order=order)
+        array = np.ndarray(shape, dtype=dtype, buffer=self.mapped, offset=region.offset, order=order)
+        self.mapped_specs[id(array)] = (MAPPED_ARRAY, region.offset, dtype, tuple(shape), order)
+        return array
 
     dispatch[pickle.BINBYTES[0]] = load_binbytes
     dispatch[pickle.BINBYTES8[0]] = load_binbytes8
@@ -288,11 +292,34 @@ def resolve_pending(value, mapped: mmap.mmap):
     return value
 
 
-def read_task_file(path: Path, trust: bool = False) -> dict:
+MAPPED_ARRAY = "\x00mapped array"  # marks (MAPPED_ARRAY, offset, dtype, shape, order) in a file index
+INDEX_FORMAT = 1
+
+
+def replace_arrays(value, replace):
+    """Copy of a small object graph with each array passed through `replace` (dict/list/tuple walked)."""
+    if isinstance(value, dict):
+        return {key: replace_arrays(item, replace) for key, item in value.items()}
+    if isinstance(value, list):
+        return [replace_arrays(item, replace) for item in value]
+    if isinstance(value, tuple) and not (value and value[0] == MAPPED_ARRAY):
+        return tuple(replace_arrays(item, replace) for item in value)
+    return replace(value)
+
+
+def index_file_for(path: Path, index_dir: str) -> Path:
+    """Where the index of this exact file version lives: keyed by path, size, mtime and inode."""
+    stat = path.stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, INDEX_FORMAT])
+    return Path(index_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
+
+
+def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None) -> dict:
     """Read a task pickle's structure; arrays are read-only views that load only what is indexed.
 
-    Protocols 3-5 are mapped. Protocols 0-2 store bytes as text, so such a file is read
-    whole (still restricted) with a warning.
+    Protocols 3-5 are mapped, and the structure (where each array lies) is saved in
+    `index_dir`, so the next run reads none of the file but the slices it indexes.
+    Protocols 0-2 store bytes as text, so such a file is read whole (still restricted).
     """
     try:
         with open(path, "rb", buffering=0) as file:
@@ -309,7 +336,15 @@ def read_task_file(path: Path, trust: bool = False) -> dict:
                 file.seek(0)
                 os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead between headers
                 mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-                data = resolve_pending(MappingUnpickler(file, mapped, trust).load(), mapped)
+                if hasattr(mapped, "madvise"):  # fault in only the pages indexed: read-ahead read 20x more here
+                    mapped.madvise(mmap.MADV_RANDOM)
+                index_file = index_file_for(path, index_dir) if index_dir else None
+                data = read_index(index_file, mapped, trust) if index_file else None
+                if data is None:
+                    unpickler = MappingUnpickler(file, mapped, trust)
+                    data = resolve_pending(unpickler.load(), mapped)
+                    if index_file:
+                        write_index(index_file, replace_arrays(data, lambda v: unpickler.mapped_specs.get(id(v), v)))
     except BadFileError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, KeyError, IndexError,
@@ -321,6 +356,48 @@ def read_task_file(path: Path, trust: bool = False) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("episodes"), dict):
         raise BadFileError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
     return data
+
+
+def read_index(index_file: Path, mapped: mmap.mmap, trust: bool) -> dict | None:
+    """The file's structure from its index, arrays mapped again; None when there is no usable index."""
+    try:
+        with open(index_file, "rb") as file:
+            skeleton = RestrictedUnpickler(file, trust).load()
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # a damaged index costs a re-read, never a wrong number
+        log.debug("ignoring index %s: %s", index_file, error)
+        return None
+
+    def mapped_view(value):
+        if isinstance(value, tuple) and value and value[0] == MAPPED_ARRAY:
+            _, offset, dtype, shape, order = value
+            return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset, order=order)
+        return value
+
+    return replace_arrays(skeleton, mapped_view)
+
+
+def write_index(index_file: Path, skeleton: dict) -> None:
+    """Save a file's structure; a cache that cannot be written costs time only."""
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(index_file, pickle.dumps(skeleton, protocol=4))
+    except OSError as error:
+        log.warning("could not write the file index %s: %s", index_file, error)
+
+
+def advise_will_need(view: np.ndarray) -> None:
+    """Ask the kernel to read a mapped view's bytes in large requests (cold, page-by-page faults are slow)."""
+    root = view
+    while isinstance(root, np.ndarray):
+        root = root.base
+    if not isinstance(root, mmap.mmap) or not hasattr(root, "madvise") or view.size == 0:
+        return
+    start, end = np.lib.array_utils.byte_bounds(view)
+    base = np.frombuffer(root, dtype=np.uint8).ctypes.data
+    offset = start - base - (start - base) % mmap.PAGESIZE
+    root.madvise(mmap.MADV_WILLNEED, offset, end - base - offset)
 
 
 def find_task_files(data_path: Path, task_range: tuple[int, int]) -> tuple[dict[int, Path], list[int]]:
@@ -381,8 +458,10 @@ def token_positions(expert: str, token_count: int) -> slice:
 
 
 def pool_tokens(tokens: np.ndarray, pooling: str) -> np.ndarray:
-    """Pool a (tokens, width) array to (width,) float32."""
+    """Pool a (tokens, width) view to (width,) float32; a (width,) vector is returned as it is."""
     values = np.asarray(tokens, dtype=np.float32)
+    if values.ndim == 1:
+        return values
     if pooling == "mean":
         pooled = values.mean(axis=0, dtype=np.float64)
     elif pooling == "max":
@@ -394,10 +473,9 @@ def pool_tokens(tokens: np.ndarray, pooling: str) -> np.ndarray:
     return np.asarray(pooled, dtype=np.float32)
 
 
-def layer_feature(entry: dict, config: DataConfig) -> np.ndarray:
-    """One layer of one expert entry, sliced to the expert's tokens and pooled to a vector.
-
-    Works on any array view (e.g. np.memmap): only the indexed region is touched.
+def token_view(entry: dict, config: DataConfig) -> np.ndarray:
+    """One layer of one expert entry, cut to the expert's token positions: (tokens, width), or (width,)
+    for per-layer vectors. Indexing only: on a mapped array nothing is read yet.
     """
     if config.feature_type not in entry:
         available = ", ".join(sorted(entry)) or "none"
@@ -413,7 +491,7 @@ def layer_feature(entry: dict, config: DataConfig) -> np.ndarray:
     if layer_array.ndim == 1:  # a per-layer vector (e.g. norm scales): no tokens to choose
         if config.expert == "text_only":
             raise OptionError(f"--expert text_only needs a token axis; feature {config.feature_type!r} has none")
-        return np.asarray(layer_array, dtype=np.float32)
+        return layer_array
     if layer_array.ndim != 2:
         raise ProbeError(f"feature {config.feature_type!r} has shape {array.shape}; expected (layer, [batch,] token, width)")
     positions = token_positions(config.expert, layer_array.shape[0])
@@ -422,7 +500,7 @@ def layer_feature(entry: dict, config: DataConfig) -> np.ndarray:
             f"feature {config.feature_type!r} has {layer_array.shape[0]} tokens; "
             f"--expert {config.expert} needs the {PREFIX_TOKEN_COUNT}-token VLM prefix"
         )
-    return pool_tokens(layer_array[positions], config.pooling)
+    return layer_array[positions]
 
 
 def expert_entries(step_data: dict, config: DataConfig) -> list[tuple[float, dict]]:
@@ -470,12 +548,12 @@ class ReadReport:
 
 def samples_from_file(path: Path, task_id: int, config: DataConfig, report: ReadReport) -> list[tuple[int, int, float, np.ndarray]]:
     """(task, episode, denoising time, feature) rows of one task file; records what it lacks in `report`."""
-    task_data = read_task_file(path, config.trust_pickle)
+    task_data = read_task_file(path, config.trust_pickle, config.index_dir)
     description = task_data.get("task_description")
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
     wanted_step = f"step_{config.rollout_step}"
-    rows, missing, without_step, steps_seen = [], [], [], set()
+    views, missing, without_step, steps_seen = [], [], [], set()
     for episode in range(*config.episode_range):
         episode_data = task_data["episodes"].get(f"episode_{episode}")
         if episode_data is None:
@@ -493,11 +571,14 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, report: Read
             raise BadFileError(f"{path}: episode_{episode}/{wanted_step} is a {type(step_data).__name__}, not a dict")
         try:
             for inference_time, entry in expert_entries(step_data, config):
-                rows.append((task_id, episode, inference_time, layer_feature(entry, config)))
+                views.append((task_id, episode, inference_time, token_view(entry, config)))
         except OptionError:
             raise
         except ProbeError as error:
             raise BadFileError(f"{path}: episode_{episode}/{wanted_step}: {error}") from None
+    for *_, view in views:  # ask for every slice first, so cold reads overlap instead of queueing
+        advise_will_need(view)
+    rows = [(task, episode, time, pool_tokens(view, config.pooling)) for task, episode, time, view in views]
     # Recorded only once the whole file has been read: a skipped file leaves no trace but its skip.
     report.descriptions[task_id] = description
     report.missing_episodes += missing
@@ -1238,7 +1319,7 @@ def build_parser() -> argparse.ArgumentParser:
     labels = parser.add_argument_group("labels")
     labels.add_argument("--t5_model", default="t5-small", help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)")
     labels.add_argument("--no_center_labels", action="store_true", help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task embedding")
-    labels.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="where T5 labels and compiled JAX programs are cached (default: %(default)s)")
+    labels.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="where T5 labels, task-file indexes and compiled JAX programs are cached (default: %(default)s)")
     training = parser.add_argument_group("training")
     training.add_argument("--learning_rate", type=positive_float, default=0.001, help="Adam learning rate (default: %(default)s)")
     training.add_argument("--num_epochs", type=positive_int, default=100, help="at most this many epochs; early stopping usually ends sooner (default: %(default)s)")
@@ -1293,6 +1374,7 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
         inference_step=args.inference_step,
         trust_pickle=args.trust_pickle,
         strict=args.strict,
+        index_dir=str(Path(args.cache_dir) / "file_index"),
     )
     labels = LabelConfig(t5_model=args.t5_model, center_labels=not args.no_center_labels, cache_dir=args.cache_dir)
     training = TrainingConfig(

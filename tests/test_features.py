@@ -17,6 +17,11 @@ def token_index_array(layers: int, tokens: int, width: int, batch_axis: bool = T
     return values.astype(np.float32)
 
 
+def layer_feature(entry: dict, cfg: lpi.DataConfig) -> np.ndarray:
+    """What the reader does per entry: cut the view, then pool it."""
+    return lpi.pool_tokens(lpi.token_view(entry, cfg), cfg.pooling)
+
+
 def config(expert: str, layer: int = 2, **kwargs) -> lpi.DataConfig:
     return lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, 1), rollout_step=10, expert=expert, layer=layer, **kwargs)
 
@@ -28,7 +33,7 @@ def config(expert: str, layer: int = 2, **kwargs) -> lpi.DataConfig:
 )
 def test_token_slicing_pools_the_documented_positions(expert, tokens, first, last, batch_axis):
     entry = {"hidden_states": token_index_array(4, tokens, 3, batch_axis)}
-    feature = lpi.layer_feature(entry, config(expert, layer=2))
+    feature = layer_feature(entry, config(expert, layer=2))
     assert feature.dtype == np.float32 and feature.shape == (3,)
     np.testing.assert_allclose(feature, 2000 + (first + last) / 2)
 
@@ -38,29 +43,29 @@ def test_slicing_works_on_a_memmap_and_on_bfloat16(tmp_path):
     path = tmp_path / "array.bin"
     array.tofile(path)
     view = np.memmap(path, dtype=np.float32, mode="r", shape=array.shape)
-    np.testing.assert_array_equal(lpi.layer_feature({"hidden_states": view}, config("text_only", 1)), lpi.layer_feature({"hidden_states": array}, config("text_only", 1)))
+    np.testing.assert_array_equal(layer_feature({"hidden_states": view}, config("text_only", 1)), layer_feature({"hidden_states": array}, config("text_only", 1)))
     small = (np.arange(816, dtype=np.float32)[None, None, :, None] % 4 + np.zeros((2, 1, 816, 2), np.float32)).astype(ml_dtypes.bfloat16)
-    np.testing.assert_allclose(lpi.layer_feature({"hidden_states": small}, config("vlm", 1)), 1.5)
+    np.testing.assert_allclose(layer_feature({"hidden_states": small}, config("vlm", 1)), 1.5)
 
 
 def test_per_layer_vector_features_need_no_tokens_but_text_only_refuses_them():
     entry = {"pre_attn_norm_scales": np.arange(12, dtype=np.float32).reshape(3, 4)}
-    np.testing.assert_array_equal(lpi.layer_feature(entry, config("vlm", 1, feature_type="pre_attn_norm_scales")), [4, 5, 6, 7])
+    np.testing.assert_array_equal(layer_feature(entry, config("vlm", 1, feature_type="pre_attn_norm_scales")), [4, 5, 6, 7])
     with pytest.raises(lpi.OptionError, match="token axis"):
-        lpi.layer_feature(entry, config("text_only", 1, feature_type="pre_attn_norm_scales"))
+        layer_feature(entry, config("text_only", 1, feature_type="pre_attn_norm_scales"))
 
 
 def test_bad_layer_and_feature_type_name_what_exists():
     entry = {"hidden_states": token_index_array(3, 816, 2)}
     with pytest.raises(lpi.OptionError, match=r"--layer 7 is out of range: the data has 3 layers \(0-2\)"):
-        lpi.layer_feature(entry, config("vlm", 7))
+        layer_feature(entry, config("vlm", 7))
     with pytest.raises(lpi.OptionError, match="it has: hidden_states"):
-        lpi.layer_feature(entry, config("vlm", 0, feature_type="mlp_activation"))
+        layer_feature(entry, config("vlm", 0, feature_type="mlp_activation"))
 
 
 def test_short_prefix_is_an_error_for_vlm_experts():
     with pytest.raises(lpi.ProbeError, match="816-token VLM prefix"):
-        lpi.layer_feature({"hidden_states": token_index_array(3, 700, 2)}, config("text_only", 0))
+        layer_feature({"hidden_states": token_index_array(3, 700, 2)}, config("text_only", 0))
 
 
 @pytest.mark.parametrize("style", ["action_expert_state_time{:.1f}", "action_expert_hidden_state_t{:.1f}", "action_expert_hidden_states_t{:.1f}"])
