@@ -168,7 +168,7 @@ def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust:
     # Protocols 0-2 name Python 2 modules (__builtin__.bytes); check what they map to.
     checked = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
     if not trust and checked not in SAFE_GLOBALS:
-        raise pickle.UnpicklingError(f"refused global {module}.{name}: not a data type (--trust_pickle lifts this, unsafely)")
+        raise pickle.UnpicklingError(f"refused global {'.'.join(checked)}: not a data type (--trust_pickle lifts this, unsafely)")
     return super(type(unpickler), unpickler).find_class(module, name)
 
 
@@ -296,13 +296,18 @@ MAPPED_ARRAY = "\x00mapped array"  # marks (MAPPED_ARRAY, offset, dtype, shape, 
 INDEX_FORMAT = 1
 
 
+def is_mapped_spec(value) -> bool:
+    """Whether an index entry stands for a mapped array."""
+    return isinstance(value, tuple) and len(value) == 5 and isinstance(value[0], str) and value[0] == MAPPED_ARRAY
+
+
 def replace_arrays(value, replace):
     """Copy of a small object graph with each array passed through `replace` (dict/list/tuple walked)."""
     if isinstance(value, dict):
-        return {key: replace_arrays(item, replace) for key, item in value.items()}
+        return type(value)((key, replace_arrays(item, replace)) for key, item in value.items())  # OrderedDict stays one
     if isinstance(value, list):
         return [replace_arrays(item, replace) for item in value]
-    if isinstance(value, tuple) and not (value and value[0] == MAPPED_ARRAY):
+    if isinstance(value, tuple) and not is_mapped_spec(value):
         return tuple(replace_arrays(item, replace) for item in value)
     return replace(value)
 
@@ -370,7 +375,7 @@ def read_index(index_file: Path, mapped: mmap.mmap, trust: bool) -> dict | None:
         return None
 
     def mapped_view(value):
-        if isinstance(value, tuple) and value and value[0] == MAPPED_ARRAY:
+        if is_mapped_spec(value):
             _, offset, dtype, shape, order = value
             return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset, order=order)
         return value

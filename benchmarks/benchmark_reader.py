@@ -72,7 +72,7 @@ def write_task_file(path: Path, episodes: int, steps=(10, 20)) -> None:
 
 
 CHILD = r"""
-import json, pickle, resource, sys, time
+import json, pickle, sys, time
 import numpy as np
 import linear_probing_inference as lpi
 
@@ -80,8 +80,8 @@ def storage_bytes_read():
     fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
     return int(fields["read_bytes"])
 
-def peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss():  # VmHWM belongs to this process image; ru_maxrss would inherit the parent's peak
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 
 mode, path, expert, out, index_dir = sys.argv[1:6]
 config = lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, EPISODES), rollout_step=STEP, expert=expert, layer=LAYER, index_dir=index_dir)
