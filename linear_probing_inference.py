@@ -89,12 +89,13 @@ class LabelConfig:
 
     t5_model: str = "t5-small"
     center_labels: bool = True  # subtract the mean training-task embedding
+    label_dim: int | None = None  # project onto the training tasks' top principal directions
     cache_dir: str = str(DEFAULT_CACHE_DIR)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
-    """Probe optimisation and the held-out split."""
+    """Probe optimisation and how samples are held out."""
 
     learning_rate: float = 0.001
     num_epochs: int = 100
@@ -102,9 +103,14 @@ class TrainingConfig:
     seed: int = 42
     patience: int = 10  # epochs without validation improvement before stopping
     min_steps_per_epoch: int = 25  # small sample counts: an epoch is at least this many updates
-    test_fraction: float = 0.2  # of each task's episodes, held out for the reported numbers
-    validation_fraction: float = 0.2  # of each task's remaining episodes, for early stopping
-    standardize: bool = True  # features, with training-set statistics
+    cv_folds: int = 5  # fewer when the tasks have fewer episodes (or, split "task", fewer tasks)
+    split: str = "episode"  # "episode": held-out episodes of seen tasks; "task": held-out tasks
+    validation_fraction: float = 0.2  # of each fold's training episodes (or tasks), for early stopping
+    standardize: bool = True  # features, with each fold's training-set statistics
+    control: bool = True  # also train on labels permuted across tasks (Hewitt & Liang)
+    bootstrap: int = 1000  # resamples of episodes for 95% intervals (0: none)
+    probe: str = "linear"  # "linear": trained Dense layer; "ridge": closed form
+    loss: str = "cosine"  # "cosine" (the guide's), "mse" or "contrastive"
 
 
 class ProbeError(Exception):
@@ -698,6 +704,8 @@ def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
 # Probe
 # -----------------------------------------------------------------------------
 
+CONTRASTIVE_TEMPERATURE = 0.1  # InfoNCE over cosine similarities to the tasks' embeddings
+
 
 class LinearProbe(nn.Module):
     """One Dense layer: pooled hidden state -> label space."""
@@ -710,163 +718,270 @@ class LinearProbe(nn.Module):
 
 
 def cosine_similarity(predictions: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    """Row-wise cosine, with the guide's epsilon."""
+    """Cosine along the last axis, with the guide's epsilon (broadcasts like `*`)."""
     predictions = predictions / (jnp.linalg.norm(predictions, axis=-1, keepdims=True) + EPSILON)
     targets = targets / (jnp.linalg.norm(targets, axis=-1, keepdims=True) + EPSILON)
     return jnp.sum(predictions * targets, axis=-1)
 
 
+def sample_losses(predictions: jnp.ndarray, own_class: jnp.ndarray, classes: jnp.ndarray, known_classes: jnp.ndarray, loss: str) -> jnp.ndarray:
+    """Per-sample loss: `cosine` 1 - cos (the guide's), `mse`, or `contrastive` (InfoNCE over the known tasks)."""
+    targets = classes[own_class]
+    if loss == "cosine":
+        return 1.0 - cosine_similarity(predictions, targets)
+    if loss == "mse":
+        return jnp.mean((predictions - targets) ** 2, axis=-1)
+    logits = cosine_similarity(predictions[:, None, :], classes[None, :, :]) / CONTRASTIVE_TEMPERATURE
+    logits = jnp.where(known_classes[None, :], logits, -jnp.inf)  # a held-out task's embedding is never seen
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), own_class[:, None], axis=-1)[:, 0]
+
+
 # -----------------------------------------------------------------------------
-# Training: one jitted program runs every epoch, with early stopping inside
+# Folds: whole episodes (or whole tasks) on one side
 # -----------------------------------------------------------------------------
 
 
-def split_episodes(task_id: np.ndarray, episode: np.ndarray, config: TrainingConfig) -> np.ndarray:
-    """Assign each sample "train", "validation" or "test" by episode, within each task.
+def assign_folds(task_id: np.ndarray, episode: np.ndarray, config: TrainingConfig) -> tuple[np.ndarray, int]:
+    """Test fold of every sample, and the number of folds.
 
-    Every sample of one episode lands on one side; every task has episodes in train and test.
+    split "episode": each task's episodes are dealt round the folds, so every fold trains on
+    every task. split "task": whole tasks are dealt round the folds.
     """
     rng = np.random.default_rng(config.seed)
-    side_of_episode: dict[tuple[int, int], str] = {}
-    for task in np.unique(task_id):
-        episodes = np.unique(episode[task_id == task])
+    tasks = np.unique(task_id)
+    if config.split == "task":
+        if len(tasks) < 3:
+            raise ProbeError(f"--split task needs at least 3 tasks (it holds out whole tasks); the range has {len(tasks)}")
+        folds = min(config.cv_folds, len(tasks))
+        fold_of_task = dict(zip(rng.permutation(tasks), np.arange(len(tasks)) % folds))
+        return np.array([fold_of_task[t] for t in task_id]), folds
+    episodes_of_task = {t: np.unique(episode[task_id == t]) for t in tasks}
+    for task, episodes in episodes_of_task.items():
         if len(episodes) < 2:
             raise ProbeError(
                 f"task {task} has {len(episodes)} episode(s) with samples; every task needs at least 2 so that it is "
                 "both trained on and held out: widen --episode_range"
             )
-        episodes = rng.permutation(episodes)
-        test_count = min(max(1, round(len(episodes) * config.test_fraction)), len(episodes) - 1)
-        remaining = len(episodes) - test_count
-        validation_count = min(max(1, round(remaining * config.validation_fraction)), remaining - 1) if remaining >= 2 else 0
-        for position, one_episode in enumerate(episodes):
-            side = "test" if position < test_count else "validation" if position < test_count + validation_count else "train"
-            side_of_episode[(int(task), int(one_episode))] = side
-    return np.array([side_of_episode[(int(t), int(e))] for t, e in zip(task_id, episode)])
+    folds = min(config.cv_folds, max(len(e) for e in episodes_of_task.values()))
+    fold_of_episode, next_fold = {}, 0
+    for task, episodes in episodes_of_task.items():
+        for position, one_episode in enumerate(rng.permutation(episodes)):
+            fold_of_episode[(task, one_episode)] = (next_fold + position) % folds
+        next_fold = (next_fold + len(episodes)) % folds  # balance fold sizes across tasks
+    return np.array([fold_of_episode[(t, e)] for t, e in zip(task_id, episode)]), folds
 
 
-@functools.partial(jax.jit, static_argnames=("output_dim", "learning_rate", "num_epochs", "batch_size", "patience", "steps_per_epoch"))
-def fit_probe(
-    train_x: jnp.ndarray,
-    train_y: jnp.ndarray,
-    validation_x: jnp.ndarray,
-    validation_y: jnp.ndarray,
-    key: jax.Array,
+def validation_masks(task_id: np.ndarray, episode: np.ndarray, fold: np.ndarray, folds: int, config: TrainingConfig) -> np.ndarray:
+    """(folds, samples) mask of the early-stopping samples, carved from each fold's training side only."""
+    rng = np.random.default_rng([config.seed, 1])
+    masks = np.zeros((folds, len(fold)), dtype=bool)
+    for f in range(folds):
+        training = fold != f
+        if config.split == "task":  # validate on whole training tasks: early stopping then rewards transfer
+            tasks = rng.permutation(np.unique(task_id[training]))
+            count = max(1, round(len(tasks) * config.validation_fraction)) if len(tasks) >= 3 else 0
+            masks[f] = training & np.isin(task_id, tasks[:count])
+            continue
+        for task in np.unique(task_id[training]):
+            episodes = rng.permutation(np.unique(episode[training & (task_id == task)]))
+            count = max(1, round(len(episodes) * config.validation_fraction)) if len(episodes) >= 2 else 0
+            masks[f] |= training & (task_id == task) & np.isin(episode, episodes[:count])
+    return masks
+
+
+def derangement(count: int, seed: int) -> np.ndarray:
+    """A seeded permutation of range(count) that keeps no element in place (the control task's labels)."""
+    rng = np.random.default_rng([seed, 2])
+    while True:
+        permutation = rng.permutation(count)
+        if count < 2 or not np.any(permutation == np.arange(count)):
+            return permutation
+
+
+# -----------------------------------------------------------------------------
+# Training: every probe of a run (folds x probe/control) in one jitted program
+# -----------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit, static_argnames=("loss", "learning_rate", "num_epochs", "batch_size", "patience", "steps_per_epoch", "standardize")
+)
+def fit_probes(
+    features: jnp.ndarray,
+    sample_class: jnp.ndarray,
+    class_embeddings: jnp.ndarray,
+    known_classes: jnp.ndarray,
+    train_mask: jnp.ndarray,
+    validation_mask: jnp.ndarray,
+    keys: jax.Array,
     *,
-    output_dim: int,
+    loss: str,
     learning_rate: float,
     num_epochs: int,
     batch_size: int,
     patience: int,
     steps_per_epoch: int,
-) -> tuple[dict, dict]:
-    """Train the probe with Adam on 1 - cosine; return the best-validation parameters and the history.
+    standardize: bool,
+) -> dict:
+    """Train one probe per copy (vmapped): Adam, shuffled minibatches, early stopping on validation loss.
 
-    The epoch loop is a `while_loop`, so one compilation covers the whole run.
+    Shapes: features (n, d_in), sample_class (n,), and per copy: class_embeddings (C, d),
+    known_classes (C,), train/validation masks (n,), keys. The epoch loop is a `while_loop`;
+    each copy keeps the parameters of its best validation epoch.
     """
-    model = LinearProbe(output_dim)
-    init_key, shuffle_key = jax.random.split(key)
-    params = model.init(init_key, train_x[:1])["params"]
+    model = LinearProbe(class_embeddings.shape[-1])
     optimizer = optax.adam(learning_rate)
-    sample_count = train_x.shape[0]
-    has_validation = validation_x.shape[0] > 0
+    sample_count = features.shape[0]
 
-    def loss(params, x, y):
-        return 1.0 - jnp.mean(cosine_similarity(model.apply({"params": params}, x), y))
+    def fit_one(classes, known, train, validation, key):
+        train_weight = train.astype(jnp.float32)
+        train_count = train_weight.sum()
+        if standardize:  # training-set statistics only
+            mean = (train_weight[:, None] * features).sum(0) / train_count
+            std = jnp.sqrt((train_weight[:, None] * (features - mean) ** 2).sum(0) / train_count)
+            std = jnp.where(std > 1e-6, std, 1.0)
+        else:
+            mean, std = jnp.zeros(features.shape[1]), jnp.ones(features.shape[1])
+        x = (features - mean) / std
 
-    def epoch_order(epoch_key):
-        # Shuffled minibatches: a fresh permutation per epoch, cut into batches; when the
-        # training set is smaller than steps_per_epoch * batch_size, several permutations.
-        permutations = -(-steps_per_epoch * batch_size // sample_count)
-        keys = jax.random.split(epoch_key, permutations)
-        order = jnp.concatenate([jax.random.permutation(k, sample_count) for k in keys])
-        return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+        def mean_loss(params, rows, weight):
+            per_sample = sample_losses(model.apply({"params": params}, x[rows]), sample_class[rows], classes, known, loss)
+            return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
-    def run_epoch(state):
-        epoch_key = jax.random.fold_in(shuffle_key, state["epoch"])
-
-        def step(carry, batch):
+        def step(carry, rows):
             params, optimizer_state = carry
-            value, grads = jax.value_and_grad(loss)(params, train_x[batch], train_y[batch])
+            value, grads = jax.value_and_grad(mean_loss)(params, rows, jnp.ones(batch_size))
             updates, optimizer_state = optimizer.update(grads, optimizer_state, params)
             return (optax.apply_updates(params, updates), optimizer_state), value
 
-        (params, optimizer_state), _ = jax.lax.scan(step, (state["params"], state["optimizer_state"]), epoch_order(epoch_key))
-        train_loss = loss(params, train_x, train_y)
-        validation_loss = loss(params, validation_x, validation_y) if has_validation else train_loss
-        improved = validation_loss < state["best_loss"]
-        epoch = state["epoch"]
+        init_key, shuffle_key = jax.random.split(key)
+        params = model.init(init_key, x[:1])["params"]
+        every_row = jnp.arange(sample_count)
+        validation_weight = validation.astype(jnp.float32)
+        has_validation = validation_weight.sum() > 0
+
+        def run_epoch(state):
+            epoch = state["epoch"]
+            # A fresh random order of the training rows (the rest sort last), cut into minibatches.
+            order = jnp.argsort(jnp.where(train, jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (sample_count,)), 2.0))
+            rows = order[jnp.arange(steps_per_epoch * batch_size) % train_count.astype(jnp.int32)].reshape(steps_per_epoch, batch_size)
+            (params, optimizer_state), _ = jax.lax.scan(step, (state["params"], state["optimizer_state"]), rows)
+            train_loss = mean_loss(params, every_row, train_weight)
+            validation_loss = mean_loss(params, every_row, validation_weight)
+            monitored = jnp.where(has_validation, validation_loss, train_loss)
+            improved = monitored < state["best_loss"]
+            return {
+                "epoch": epoch + 1,
+                "params": params,
+                "optimizer_state": optimizer_state,
+                "best_params": jax.tree_util.tree_map(lambda new, old: jnp.where(improved, new, old), params, state["best_params"]),
+                "best_loss": jnp.where(improved, monitored, state["best_loss"]),
+                "best_epoch": jnp.where(improved, epoch, state["best_epoch"]),
+                "train_loss": state["train_loss"].at[epoch].set(train_loss),
+                "validation_loss": state["validation_loss"].at[epoch].set(jnp.where(has_validation, validation_loss, jnp.nan)),
+            }
+
+        def keep_going(state):
+            patient = (state["epoch"] - 1 - state["best_epoch"]) < patience
+            return (state["epoch"] < num_epochs) & (patient | ~has_validation)
+
+        empty_history = jnp.full((num_epochs,), jnp.nan, dtype=jnp.float32)
+        state = jax.lax.while_loop(
+            keep_going,
+            run_epoch,
+            {
+                "epoch": jnp.array(0),
+                "params": params,
+                "optimizer_state": optimizer.init(params),
+                "best_params": params,
+                "best_loss": jnp.array(jnp.inf, dtype=jnp.float32),
+                "best_epoch": jnp.array(-1),
+                "train_loss": empty_history,
+                "validation_loss": empty_history,
+            },
+        )
+        dense = state["best_params"]["Dense_0"]
         return {
-            "epoch": epoch + 1,
-            "params": params,
-            "optimizer_state": optimizer_state,
-            "best_params": jax.tree_util.tree_map(lambda new, old: jnp.where(improved, new, old), params, state["best_params"]),
-            "best_loss": jnp.where(improved, validation_loss, state["best_loss"]),
-            "best_epoch": jnp.where(improved, epoch, state["best_epoch"]),
-            "train_loss": state["train_loss"].at[epoch].set(train_loss),
-            "validation_loss": state["validation_loss"].at[epoch].set(validation_loss if has_validation else jnp.nan),
+            "kernel": dense["kernel"],
+            "bias": dense["bias"],
+            "feature_mean": mean,
+            "feature_std": std,
+            "epochs_run": state["epoch"],
+            "best_epoch": state["best_epoch"] + 1,  # 1-based, as people count epochs
+            "train_loss": state["train_loss"],
+            "validation_loss": state["validation_loss"],
         }
 
-    def keep_going(state):
-        patience_left = (state["epoch"] - 1 - state["best_epoch"]) < patience
-        return (state["epoch"] < num_epochs) & (patience_left | (not has_validation))
-
-    history = jnp.full((num_epochs,), jnp.nan, dtype=jnp.float32)
-    state = {
-        "epoch": jnp.array(0),
-        "params": params,
-        "optimizer_state": optimizer.init(params),
-        "best_params": params,
-        "best_loss": jnp.array(jnp.inf, dtype=jnp.float32),
-        "best_epoch": jnp.array(-1),
-        "train_loss": history,
-        "validation_loss": history,
-    }
-    state = jax.lax.while_loop(keep_going, run_epoch, state)
-    history = {key: state[key] for key in ("epoch", "best_epoch", "train_loss", "validation_loss")}
-    return state["best_params"], history
+    return jax.vmap(fit_one)(class_embeddings, known_classes, train_mask, validation_mask, keys)
 
 
-def train_probe(
-    train_x: np.ndarray, train_y: np.ndarray, validation_x: np.ndarray, validation_y: np.ndarray, config: TrainingConfig
-) -> tuple[dict, dict]:
-    """Fit the probe; return numpy parameters and the per-epoch history."""
-    batch_size = min(config.batch_size, len(train_x))
+def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, class_embeddings: np.ndarray, known_classes: np.ndarray,
+                        train_mask: np.ndarray, validation_mask: np.ndarray, config: TrainingConfig) -> dict:
+    """Fit every copy's Dense probe; numpy results, with the batch and epoch sizes used."""
+    smallest, largest = int(train_mask.sum(1).min()), int(train_mask.sum(1).max())
+    batch_size = min(config.batch_size, smallest)
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
-    steps_per_epoch = max(-(-len(train_x) // batch_size), config.min_steps_per_epoch)
-    params, history = fit_probe(
-        jnp.asarray(train_x),
-        jnp.asarray(train_y),
-        jnp.asarray(validation_x),
-        jnp.asarray(validation_y),
-        jax.random.PRNGKey(config.seed),
-        output_dim=train_y.shape[1],
-        learning_rate=config.learning_rate,
-        num_epochs=config.num_epochs,
-        batch_size=batch_size,
-        patience=config.patience,
-        steps_per_epoch=steps_per_epoch,
+    steps_per_epoch = max(-(-largest // batch_size), config.min_steps_per_epoch)
+    keys = jax.random.split(jax.random.PRNGKey(config.seed), len(train_mask))
+    fitted = fit_probes(
+        jnp.asarray(features), jnp.asarray(sample_class), jnp.asarray(class_embeddings), jnp.asarray(known_classes),
+        jnp.asarray(train_mask), jnp.asarray(validation_mask), keys,
+        loss=config.loss, learning_rate=config.learning_rate, num_epochs=config.num_epochs, batch_size=batch_size,
+        patience=config.patience, steps_per_epoch=steps_per_epoch, standardize=config.standardize,
     )
-    params = jax.tree_util.tree_map(np.asarray, params)
-    epochs_run = int(history["epoch"])
-    return params, {
-        "epochs_run": epochs_run,
-        "best_epoch": int(history["best_epoch"]) + 1,  # 1-based, as people count epochs
-        "train_loss": np.asarray(history["train_loss"])[:epochs_run],
-        "validation_loss": np.asarray(history["validation_loss"])[:epochs_run],
-        "batch_size": batch_size,
-        "steps_per_epoch": steps_per_epoch,
-    }
+    fitted = {key: np.asarray(value) for key, value in fitted.items()}
+    fitted.update(batch_size=batch_size, steps_per_epoch=steps_per_epoch)
+    return fitted
 
 
-def apply_probe(params: dict, features: np.ndarray) -> np.ndarray:
-    """Probe predictions in numpy (the Dense layer is x @ kernel + bias)."""
-    return features @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+RIDGE_PENALTIES = 10.0 ** np.arange(-3, 4)  # times the number of training samples
+RIDGE_INNER_FOLDS = 3
+
+
+def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
+    """Exact ridge weights for each penalty, from one eigendecomposition (of the Gram matrix when samples < features)."""
+    if x.shape[0] < x.shape[1]:  # dual: W = X^T (X X^T + l I)^-1 Y
+        values, vectors = np.linalg.eigh(x @ x.T)
+        projected = vectors.T @ y
+        return [x.T @ (vectors @ (projected / (values + penalty)[:, None])) for penalty in penalties]
+    values, vectors = np.linalg.eigh(x.T @ x)
+    projected = vectors.T @ (x.T @ y)
+    return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
+
+
+def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, class_embeddings: np.ndarray, train_mask: np.ndarray,
+                       validation_mask: np.ndarray, groups: np.ndarray, config: TrainingConfig) -> dict:
+    """Fit every copy's linear map in closed form; the penalty is chosen by inner cross-validation (mean cosine)."""
+    fitted = {name: [] for name in ("kernel", "bias", "feature_mean", "feature_std", "penalty")}
+    for classes, train in zip(class_embeddings, train_mask | validation_mask):  # no early stopping: validation trains too
+        x_train = features[train].astype(np.float64)
+        mean = x_train.mean(0) if config.standardize else np.zeros(x_train.shape[1])
+        std = np.where(x_train.std(0) > 1e-6, x_train.std(0), 1.0) if config.standardize else np.ones(x_train.shape[1])
+        x, y = (x_train - mean) / std, classes[sample_class[train]].astype(np.float64)
+        penalties = RIDGE_PENALTIES * len(x)
+        inner = np.unique(groups[train], return_inverse=True)[1] % RIDGE_INNER_FOLDS  # whole episodes per inner fold
+        scores = np.zeros(len(penalties))
+        for f in range(RIDGE_INNER_FOLDS):
+            fit, held = inner != f, inner == f
+            if fit.sum() == 0 or held.sum() == 0:
+                continue
+            x_mean, y_mean = x[fit].mean(0), y[fit].mean(0)
+            for index, weights in enumerate(ridge_solution(x[fit] - x_mean, y[fit] - y_mean, penalties)):
+                scores[index] += row_cosine((x[held] - x_mean) @ weights + y_mean, y[held]).sum()
+        best = penalties[int(np.argmax(scores))]
+        x_mean, y_mean = x.mean(0), y.mean(0)
+        weights = ridge_solution(x - x_mean, y - y_mean, np.array([best]))[0]
+        fitted["kernel"].append(weights.astype(np.float32))
+        fitted["bias"].append((y_mean - x_mean @ weights).astype(np.float32))
+        fitted["feature_mean"].append(mean.astype(np.float32))
+        fitted["feature_std"].append(std.astype(np.float32))
+        fitted["penalty"].append(best)
+    return {key: np.asarray(value) for key, value in fitted.items()}
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: held-out episodes, retrieval among the analyzed tasks' embeddings
+# Evaluation: held-out predictions, retrieval among the analyzed tasks' embeddings
 # -----------------------------------------------------------------------------
 
 
@@ -885,84 +1000,157 @@ def row_cosine(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.sum(unit_rows(predictions) * unit_rows(targets), axis=-1)
 
 
+def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample retrieval results from (samples, classes) cosine similarities."""
+    own = similarities[np.arange(len(own_class)), own_class]
+    others = np.where(np.arange(similarities.shape[1])[None, :] == own_class[:, None], -np.inf, similarities)
+    rank = 1 + np.sum(others >= own[:, None], axis=1)  # ties count against the prediction
+    return {"rank": rank, "correct": rank == 1, "predicted": np.argmax(similarities, axis=1), "margin": own - others.max(axis=1)}
+
+
+def bootstrap_intervals(values: dict[str, np.ndarray], groups: np.ndarray, resamples: int, seed: int) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of per-sample means, resampling whole episodes with replacement."""
+    if resamples == 0:
+        return {}
+    group_index, group_count = np.unique(groups, return_inverse=True)[1], len(np.unique(groups))
+    rng = np.random.default_rng([seed, 3])
+    counts = np.stack([np.bincount(rng.integers(0, group_count, group_count), minlength=group_count) for _ in range(resamples)])
+    weights = counts[:, group_index].astype(np.float64)  # (resamples, samples)
+    totals = weights.sum(axis=1)
+    intervals = {}
+    for name, per_sample in values.items():
+        estimates = weights @ per_sample.astype(np.float64) / totals
+        low, high = np.percentile(estimates, [2.5, 97.5])
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> dict[str, np.ndarray]:
+    """Per fold: the label mean, the projection basis and the classes' embeddings in the probe's label space."""
+    means, bases, spaces = [], [], []
+    for known in train_classes:
+        mean = raw[known].mean(axis=0)
+        centered = raw - mean if labels.center_labels else raw
+        if labels.label_dim:  # principal directions of the training tasks only
+            components = np.linalg.svd(raw[known] - mean, full_matrices=False)[2]
+            basis = components[: min(labels.label_dim, len(known) - 1)]
+            if len(basis) < labels.label_dim:
+                raise OptionError(f"--label_dim {labels.label_dim}: only {len(known)} training tasks, so at most {len(known) - 1} directions")
+        else:
+            basis = np.eye(raw.shape[1], dtype=raw.dtype)
+        means.append(mean)
+        bases.append(basis)
+        spaces.append(centered @ basis.T)
+    return {"mean": np.stack(means), "basis": np.stack(bases), "classes": np.stack(spaces).astype(np.float32)}
+
+
 def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: LabelConfig, training: TrainingConfig) -> dict:
-    """Split, label, standardize, train and evaluate; return everything the results file holds."""
+    """Cross-validate the probe and its control; return everything the results file holds."""
     # Classes are unique descriptions: two task ids with one instruction share one target.
     task_ids = sorted(report.descriptions)
     descriptions = list(dict.fromkeys(report.descriptions[t] for t in task_ids))
     class_of_task = {t: descriptions.index(report.descriptions[t]) for t in task_ids}
     sample_class = np.array([class_of_task[t] for t in samples.task_id], dtype=np.int64)
+    episode_group = samples.task_id * 1_000_000 + samples.episode  # one id per (task, episode)
 
-    split = split_episodes(samples.task_id, samples.episode, training)
-    train, validation, test = (split == "train"), (split == "validation"), (split == "test")
+    fold, folds = assign_folds(samples.task_id, samples.episode, training)
+    validation = validation_masks(samples.task_id, samples.episode, fold, folds, training)
+    test = np.stack([fold == f for f in range(folds)])
+    train = ~test & ~validation
+    raw = t5_labels(descriptions, labels)
+    known_classes = np.stack([np.isin(np.arange(len(descriptions)), sample_class[~test[f]]) for f in range(folds)])
+    space = label_spaces(raw, [np.flatnonzero(k) for k in known_classes], labels)
 
-    raw_embeddings = t5_labels(descriptions, labels)
-    label_mean = raw_embeddings[np.unique(sample_class[train])].mean(axis=0)
-    class_embeddings = raw_embeddings - label_mean if labels.center_labels else raw_embeddings
-    targets = class_embeddings[sample_class]
-
-    if training.standardize:
-        feature_mean = samples.features[train].mean(axis=0)
-        feature_std = samples.features[train].std(axis=0)
-        feature_std = np.where(feature_std > 1e-6, feature_std, 1.0).astype(np.float32)  # constant features stay 0
+    # Copies: the probe for each fold, then (control task) the same on permuted labels.
+    control_permutation = derangement(len(descriptions), training.seed)
+    copies = {"classes": [space["classes"]], "known": [known_classes]}
+    if training.control:
+        copies["classes"].append(space["classes"][:, control_permutation])
+        copies["known"].append(known_classes)  # row j is still the target of class j's samples
+    copy_classes, copy_known = np.concatenate(copies["classes"]), np.concatenate(copies["known"])
+    copy_train, copy_validation = np.tile(train, (len(copies["classes"]), 1)), np.tile(validation, (len(copies["classes"]), 1))
+    if training.probe == "ridge":
+        fitted = train_ridge_probes(samples.features, sample_class, copy_classes, copy_train, copy_validation, episode_group, training)
     else:
-        feature_mean = np.zeros(samples.features.shape[1], dtype=np.float32)
-        feature_std = np.ones(samples.features.shape[1], dtype=np.float32)
-    features = ((samples.features - feature_mean) / feature_std).astype(np.float32)
+        fitted = train_linear_probes(samples.features, sample_class, copy_classes, copy_known, copy_train, copy_validation, training)
 
-    params, history = train_probe(features[train], targets[train], features[validation], targets[validation], training)
-    predictions = apply_probe(params, features).astype(np.float32)
-    predicted_class = nearest_class(predictions, class_embeddings)
-    correct = predicted_class == sample_class
-    cosine = row_cosine(predictions, targets)
+    def predict(copy: np.ndarray) -> np.ndarray:
+        """Each sample's prediction by the given copy (per sample)."""
+        x = (samples.features - fitted["feature_mean"][copy]) / fitted["feature_std"][copy]
+        return (np.einsum("nd,nde->ne", x, fitted["kernel"][copy]) + fitted["bias"][copy]).astype(np.float32)
 
-    # The guide's cosine lives in the raw T5 space. A cosine-trained probe fixes only a
-    # direction, so a centered prediction goes back as mean + unit(prediction) * typical norm.
-    if labels.center_labels:
-        scale = float(np.linalg.norm(class_embeddings[np.unique(sample_class[train])], axis=1).mean())
-        raw_predictions = label_mean + unit_rows(predictions) * scale
-    else:
-        scale, raw_predictions = 1.0, predictions
-    raw_targets = raw_embeddings[sample_class]
-    raw_cosine = row_cosine(raw_predictions, raw_targets)
-    constant_cosine = row_cosine(np.broadcast_to(label_mean, raw_targets.shape), raw_targets)
+    prediction = predict(fold)  # every sample predicted by the probe that never saw its fold
+    fold_classes = space["classes"][fold]  # (n, C, d): each sample's fold's label space
+    similarity = np.einsum("nd,ncd->nc", unit_rows(prediction), unit_rows(fold_classes))
+    heldout = retrieval(similarity, sample_class)
+    target = fold_classes[np.arange(len(fold)), sample_class]
+    cosine = row_cosine(prediction, target)
+    # The guide's cosine lives in the raw T5 space: mean + unit(prediction) x typical norm, back-projected.
+    scale = np.array([np.linalg.norm(space["classes"][f][known_classes[f]], axis=1).mean() for f in range(folds)])
+    back = np.einsum("nd,nde->ne", unit_rows(prediction) * scale[fold][:, None], space["basis"][fold])
+    raw_prediction = back + space["mean"][fold] if labels.center_labels else back
+    raw_cosine = row_cosine(raw_prediction, raw[sample_class])
+    constant_cosine = row_cosine(space["mean"][fold], raw[sample_class])
 
-    per_task = {
-        int(t): {"accuracy": float(correct[test & (samples.task_id == t)].mean()), "samples": int((test & (samples.task_id == t)).sum())}
-        for t in task_ids
-    }
-    episodes = {side: len({(t, e) for t, e in zip(samples.task_id[mask], samples.episode[mask])}) for side, mask in (("train", train), ("validation", validation), ("test", test))}
+    if training.control:
+        control_prediction = predict(fold + folds)
+        control_similarity = np.einsum("nd,ncd->nc", unit_rows(control_prediction), unit_rows(fold_classes))
+        control = retrieval(control_similarity, control_permutation[sample_class])
+    training_correct = np.concatenate([
+        retrieval(np.einsum("nd,cd->nc", unit_rows(predict(np.full(len(fold), f))[train[f]]), unit_rows(space["classes"][f])), sample_class[train[f]])["correct"]
+        for f in range(folds)
+    ])
+
+    per_sample = {"accuracy": heldout["correct"], "cosine_similarity": raw_cosine, "cosine_similarity_centered": cosine}
+    if training.control:
+        per_sample["control_accuracy"] = control["correct"]
+        per_sample["selectivity"] = heldout["correct"].astype(float) - control["correct"]
+    intervals = bootstrap_intervals(per_sample, episode_group, training.bootstrap, training.seed)
+    fold_accuracy = np.array([heldout["correct"][fold == f].mean() for f in range(folds)])
+    top_k = {k: float(np.mean(heldout["rank"] <= k)) for k in (1, 3, 5) if k <= len(descriptions)}
+    confusion = np.zeros((len(descriptions), len(descriptions)), dtype=np.int64)
+    np.add.at(confusion, (sample_class, heldout["predicted"]), 1)
+    per_task = {int(t): {"accuracy": float(heldout["correct"][samples.task_id == t].mean()), "samples": int((samples.task_id == t).sum())} for t in task_ids}
     metrics = {
-        "accuracy": float(correct[test].mean()),
-        "cosine_similarity": float(raw_cosine[test].mean()),
-        "cosine_similarity_centered": float(cosine[test].mean()),
-        "constant_predictor_cosine": float(constant_cosine[test].mean()),
+        "accuracy": float(heldout["correct"].mean()),
+        "cosine_similarity": float(raw_cosine.mean()),
+        "cosine_similarity_centered": float(cosine.mean()),
+        "constant_predictor_cosine": float(constant_cosine.mean()),
         "chance_accuracy": 1.0 / len(descriptions),
-        "training_accuracy": float(correct[train].mean()),
-        "validation_accuracy": float(correct[validation].mean()) if validation.any() else math.nan,
+        "training_accuracy": float(training_correct.mean()),
+        "top_k_accuracy": top_k,
+        "mean_reciprocal_rank": float(np.mean(1.0 / heldout["rank"])),
+        "cosine_margin": float(heldout["margin"].mean()),
+        "fold_accuracy": fold_accuracy,
+        "fold_accuracy_mean": float(fold_accuracy.mean()),
+        "fold_accuracy_std": float(fold_accuracy.std()),
+        "confidence_intervals": intervals,
         "per_task_accuracy": per_task,
-        "num_samples": int(len(split)),
-        "num_heldout_samples": int(test.sum()),
-        "num_train_samples": int(train.sum()),
-        "num_validation_samples": int(validation.sum()),
+        "confusion_matrix": confusion,
+        "num_samples": int(len(fold)),
+        "num_heldout_samples": int(len(fold)),  # cross-validation: every sample is held out once
         "num_tasks": len(task_ids),
         "num_classes": len(descriptions),
-        "num_episodes": sum(episodes.values()),
-        "num_heldout_episodes": episodes["test"],
-        "num_train_episodes": episodes["train"],
-        "num_validation_episodes": episodes["validation"],
+        "num_episodes": len(np.unique(episode_group)),
+        "num_folds": folds,
     }
+    if training.control:
+        metrics["control_accuracy"] = float(control["correct"].mean())
+        metrics["selectivity"] = metrics["accuracy"] - metrics["control_accuracy"]
+    history = {key: fitted[key] for key in ("epochs_run", "best_epoch", "train_loss", "validation_loss", "batch_size", "steps_per_epoch", "penalty") if key in fitted}
     return {
-        "format_version": 1,
+        "format_version": 2,
         "config": {
             "data": dataclasses.asdict(data),
             "labels": dataclasses.asdict(labels),
             "training": dataclasses.asdict(training),
-            "split": "by episode within each task (test, then validation, drawn with the seed)",
+            "split": describe_split(training, folds),
             "token_positions": describe_token_positions(data),
-            "label_space": "T5 mean over real tokens" + (", minus the mean training-task embedding" if labels.center_labels else " (raw)"),
-            "accuracy_definition": "held-out prediction's nearest (cosine) analyzed-task embedding is its own task's",
-            "raw_prediction_scale": scale,
+            "label_space": describe_label_space(labels),
+            "accuracy_definition": "a held-out prediction's nearest (cosine) analyzed-task embedding is its own task's",
+            "control_task": "same probe, data and budget, labels permuted across tasks with no task kept in place",
+            "control_permutation": control_permutation,
+            "contrastive_temperature": CONTRASTIVE_TEMPERATURE,
         },
         "metrics": metrics,
         "tasks": {
@@ -970,34 +1158,29 @@ def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: La
             "descriptions": [report.descriptions[t] for t in task_ids],
             "class_of_task": np.array([class_of_task[t] for t in task_ids]),
             "class_descriptions": descriptions,
-            "t5_embeddings": raw_embeddings,
-            "label_mean": label_mean,
+            "t5_embeddings": raw,
+            "label_mean": space["mean"],
+            "label_basis": space["basis"] if labels.label_dim else None,
         },
         "samples": {
             "task_id": samples.task_id,
             "episode": samples.episode,
             "step": samples.step,
             "inference_time": samples.inference_time,
-            "split": split,
+            "fold": fold,
+            "validation": validation,  # (folds, samples): early-stopping samples of each fold
         },
         "heldout": {
-            "task_id": samples.task_id[test],
-            "episode": samples.episode[test],
-            "step": samples.step[test],
-            "inference_time": samples.inference_time[test],
-            "prediction": predictions[test],
-            "target": targets[test],
-            "predicted_class": predicted_class[test],
-            "true_class": sample_class[test],
-            "cosine": cosine[test],
+            "prediction": prediction,
+            "target": target,
+            "true_class": sample_class,
+            "predicted_class": heldout["predicted"],
+            "rank": heldout["rank"],
+            "cosine": cosine,
+            "control_predicted_class": control["predicted"] if training.control else None,
         },
         "history": history,
-        "probe": {
-            "kernel": params["Dense_0"]["kernel"],
-            "bias": params["Dense_0"]["bias"],
-            "feature_mean": feature_mean,
-            "feature_std": feature_std,
-        },
+        "probe": {key: fitted[key] for key in ("kernel", "bias", "feature_mean", "feature_std")},  # (copies, ...): folds, then controls
         "data_report": {
             "files": report.files,
             "missing_tasks": report.missing_tasks,
@@ -1008,6 +1191,18 @@ def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: La
         },
         "versions": package_versions(),
     }
+
+
+def describe_split(training: TrainingConfig, folds: int) -> str:
+    """How samples were held out, in words."""
+    unit = "whole tasks (retrieval of unseen tasks' embeddings)" if training.split == "task" else "whole episodes, every task on every training side"
+    return f"{folds}-fold cross-validation over {unit}; early stopping on {training.validation_fraction:g} of each fold's training {'tasks' if training.split == 'task' else 'episodes'}"
+
+
+def describe_label_space(labels: LabelConfig) -> str:
+    """What the probe's targets are, in words."""
+    text = "T5 mean over real tokens" + (", minus the mean training-task embedding" if labels.center_labels else " (raw)")
+    return text + (f", projected on the training tasks' top {labels.label_dim} principal directions" if labels.label_dim else "")
 
 
 def describe_token_positions(config: DataConfig) -> str:
@@ -1053,8 +1248,15 @@ def write_atomically(path: Path, content: bytes) -> None:
         raise
 
 
+def with_interval(metrics: dict, name: str) -> str:
+    """A metric with its bootstrap interval, when there is one."""
+    interval = metrics["confidence_intervals"].get(name)
+    value = f"{metrics[name]:.4f}"
+    return f"{value} [95% CI {interval[0]:.4f}, {interval[1]:.4f}]" if interval else value
+
+
 def format_summary(results: dict) -> str:
-    """The guide's summary block, then the held-out details, data report and configuration."""
+    """The guide's summary block, then the evidence behind it, what was measured and how."""
     data, labels, training = (results["config"][k] for k in ("data", "labels", "training"))
     metrics, tasks, report, history = results["metrics"], results["tasks"], results["data_report"], results["history"]
     inference = data["inference_step"]
@@ -1075,20 +1277,30 @@ def format_summary(results: dict) -> str:
         "Task Descriptions:",
         *(f"  {t}: {d}" for t, d in zip(tasks["task_ids"], tasks["descriptions"])),
         "",
-        "Held-out Evaluation",
-        "-------------------",
-        f"Held-out Samples: {metrics['num_heldout_samples']} ({metrics['num_heldout_episodes']} episodes never trained on)",
-        f"Training Samples: {metrics['num_train_samples']} ({metrics['num_train_episodes']} episodes)",
-        f"Validation Samples: {metrics['num_validation_samples']} ({metrics['num_validation_episodes']} episodes, for early stopping)",
+        "Held-out Evidence",
+        "-----------------",
+        f"Held out: {results['config']['split']}; every one of the {metrics['num_samples']} samples "
+        f"({metrics['num_episodes']} episodes) predicted by a probe that never saw it",
+        f"Accuracy: {with_interval(metrics, 'accuracy')}; per fold {metrics['fold_accuracy_mean']:.4f} +/- {metrics['fold_accuracy_std']:.4f}",
         f"Chance Accuracy: {metrics['chance_accuracy']:.4f} (1 / {metrics['num_classes']} task embeddings)",
+    ]
+    if "control_accuracy" in metrics:
+        lines += [
+            f"Control Accuracy (labels permuted across tasks): {with_interval(metrics, 'control_accuracy')}",
+            f"Selectivity (accuracy - control): {with_interval(metrics, 'selectivity')}",
+        ]
+    else:
+        lines.append("Control Task: off (--no_control)")
+    lines += [
+        "Top-k Accuracy: " + ", ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items()),
+        f"Mean Reciprocal Rank: {metrics['mean_reciprocal_rank']:.4f}",
+        f"Cosine Margin (own task - nearest other): {metrics['cosine_margin']:.4f}",
         f"Training Accuracy: {metrics['training_accuracy']:.4f}",
-        f"Validation Accuracy: {metrics['validation_accuracy']:.4f}",
-        f"Cosine Similarity (centered labels): {metrics['cosine_similarity_centered']:.4f}"
-        if labels["center_labels"]
-        else "Cosine Similarity (centered labels): not used (--no_center_labels)",
-        f"Cosine of Constant Predictor (mean embedding): {metrics['constant_predictor_cosine']:.4f}",
+        f"Cosine Similarity (probe's label space): {with_interval(metrics, 'cosine_similarity_centered')}",
+        f"Cosine Similarity (raw T5, the guide's): {with_interval(metrics, 'cosine_similarity')}; "
+        f"constant predictor (mean embedding): {metrics['constant_predictor_cosine']:.4f}",
         "Accuracy: share of held-out samples whose prediction is closer (cosine) to its own task's embedding than to any other analyzed task's",
-        "Per-task Accuracy (held-out):",
+        "Per-task Accuracy:",
         *(f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()),
         "",
         "What Was Measured",
@@ -1098,8 +1310,10 @@ def format_summary(results: dict) -> str:
         if data["expert"] == "action"
         else "Inference Step: n/a (VLM expert)",
         f"Labels: {results['config']['label_space']}; T5 model {labels['t5_model']}",
-        f"Features: {'standardized with training-set mean and std' if training['standardize'] else 'raw'}",
-        f"Split: {results['config']['split']}; seed {training['seed']}",
+        f"Features: {'standardized with each fold' + chr(39) + 's training mean and std' if training['standardize'] else 'raw'}",
+        f"Probe: {training['probe']}"
+        + (f", loss {training['loss']}" if training["probe"] == "linear" else ", closed-form ridge, penalty by inner cross-validation"),
+        f"Seed: {training['seed']}; bootstrap resamples of episodes: {training['bootstrap']}",
         f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
         f"Missing Task Files: {', '.join(map(str, report['missing_tasks'])) or 'none'}",
         f"Skipped Files: {len(report['skipped_files']) or 'none'}",
@@ -1107,10 +1321,14 @@ def format_summary(results: dict) -> str:
         f"Episodes Missing From Files: {len(report['missing_episodes'])}",
         f"Episodes Without step_{data['rollout_step']}: {len(report['episodes_without_step'])}"
         + (f" ({', '.join(f'task {t} episode {e}' for t, e in report['episodes_without_step'])})" if report["episodes_without_step"] else ""),
-        f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, {history['steps_per_epoch']} updates/epoch, "
-        f"{history['epochs_run']} of at most {training['num_epochs']} epochs, best epoch {history['best_epoch']}, patience {training['patience']}",
-        "",
     ]
+    if training["probe"] == "linear":
+        epochs = history["epochs_run"][: metrics["num_folds"]]
+        lines.append(
+            f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, {history['steps_per_epoch']} updates/epoch, "
+            f"{epochs.min()}-{epochs.max()} of at most {training['num_epochs']} epochs per fold (early stopping, patience {training['patience']})"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -1145,7 +1363,7 @@ DEMO_DESCRIPTIONS = [
 ]
 # Task signal added to every token of a region, in units of the per-episode noise
 # (std 1, shared by all tokens of an episode, so pooling cannot average it away).
-DEMO_SIGNAL = {"text": 2.0, "image": 1.0, "action": 0.5}
+DEMO_SIGNAL = {"text": 3.0, "image": 1.0, "action": 0.5}
 DEMO_SILENT_LAYER = 3  # no task signal anywhere in this layer
 DEMO_TIMES = [round(1.0 - 0.1 * k, 1) for k in range(10)]  # denoising order: 1.0 ... 0.1
 
@@ -1252,7 +1470,7 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0) -> No
 def prepare_demo(directory: Path) -> None:
     """Write the demo dataset and tiny T5 once; later runs reuse them."""
     marker = directory / "demo.json"
-    settings = {"version": 2, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
+    settings = {"version": 3, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return
     log.warning("writing the demo dataset and a tiny random-weight T5 to %s", directory)
@@ -1324,6 +1542,7 @@ def build_parser() -> argparse.ArgumentParser:
     labels = parser.add_argument_group("labels")
     labels.add_argument("--t5_model", default="t5-small", help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)")
     labels.add_argument("--no_center_labels", action="store_true", help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task embedding")
+    labels.add_argument("--label_dim", type=positive_int, default=None, help="project the T5 embeddings on the training tasks' top K principal directions (default: off)")
     labels.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="where T5 labels, task-file indexes and compiled JAX programs are cached (default: %(default)s)")
     training = parser.add_argument_group("training")
     training.add_argument("--learning_rate", type=positive_float, default=0.001, help="Adam learning rate (default: %(default)s)")
@@ -1331,8 +1550,14 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch_size", type=positive_int, default=32, help="minibatch size (default: %(default)s)")
     training.add_argument("--seed", type=int, default=42, help="seeds the split, initialisation and shuffling (default: %(default)s)")
     training.add_argument("--patience", type=positive_int, default=10, help="epochs without validation improvement before stopping (default: %(default)s)")
-    training.add_argument("--test_fraction", type=fraction, default=0.2, help="share of each task's episodes held out for evaluation, at least one (default: %(default)s)")
-    training.add_argument("--validation_fraction", type=fraction, default=0.2, help="share of each task's remaining episodes used for early stopping (default: %(default)s)")
+    training.add_argument("--validation_fraction", type=fraction, default=0.2, help="share of each fold's training episodes (tasks, with --split task) used for early stopping (default: %(default)s)")
+    training.add_argument("--probe", choices=("linear", "ridge"), default="linear", help="linear: trained Dense layer; ridge: the same map in closed form, penalty by inner cross-validation (default: %(default)s)")
+    training.add_argument("--loss", choices=("cosine", "mse", "contrastive"), default="cosine", help="cosine: 1 - cos (the guide's); contrastive: InfoNCE over the analyzed tasks' embeddings (default: %(default)s)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--cv_folds", type=positive_int, default=5, help="cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: %(default)s)")
+    evaluation.add_argument("--split", choices=("episode", "task"), default="episode", help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe never sees (default: %(default)s)")
+    evaluation.add_argument("--no_control", action="store_true", help="skip the control task (the same probe on labels permuted across tasks)")
+    evaluation.add_argument("--bootstrap", type=non_negative_int, default=1000, help="resamples of episodes for 95%% confidence intervals; 0 for none (default: %(default)s)")
     training.add_argument("--no_standardize", action="store_true", help="do not standardize features with training-set statistics")
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="results/linear_probing", help="created if missing (default: %(default)s)")
@@ -1361,6 +1586,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         start, end = getattr(args, name)
         if start >= end:
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
+    if args.cv_folds < 2:
+        parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
+    if args.probe == "ridge" and args.loss != "cosine":
+        parser.error("--loss applies to --probe linear; ridge fits squared error in closed form")
     if args.inference_step is not None and args.expert != "action":
         parser.error(f"--inference_step applies to --expert action only, not {args.expert}")
     return args
@@ -1381,16 +1610,21 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
         strict=args.strict,
         index_dir=str(Path(args.cache_dir) / "file_index"),
     )
-    labels = LabelConfig(t5_model=args.t5_model, center_labels=not args.no_center_labels, cache_dir=args.cache_dir)
+    labels = LabelConfig(t5_model=args.t5_model, center_labels=not args.no_center_labels, label_dim=args.label_dim, cache_dir=args.cache_dir)
     training = TrainingConfig(
         learning_rate=args.learning_rate,
         num_epochs=args.num_epochs,
         batch_size=args.batch_size,
         seed=args.seed,
         patience=args.patience,
-        test_fraction=args.test_fraction,
+        cv_folds=args.cv_folds,
+        split=args.split,
         validation_fraction=args.validation_fraction,
         standardize=not args.no_standardize,
+        control=not args.no_control,
+        bootstrap=args.bootstrap,
+        probe=args.probe,
+        loss=args.loss,
     )
     return data, labels, training
 

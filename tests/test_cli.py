@@ -34,13 +34,16 @@ def test_strong_planted_signal_is_found_on_held_out_episodes(run_cli):
     results = load_results(output, "text_only_layer5_step10")
     metrics = results["metrics"]
     assert metrics["accuracy"] >= 0.9
-    assert metrics["num_samples"] == 60 and metrics["num_tasks"] == 10
-    assert metrics["num_heldout_samples"] == 10 and metrics["num_heldout_episodes"] == 10
-    # Held-out really means held out: no (task, episode) with a test sample was trained on.
+    assert metrics["num_samples"] == 60 and metrics["num_tasks"] == 10 and metrics["num_folds"] == 5
+    # Held out really means held out: no (task, episode) lies in two folds, and each fold's
+    # validation episodes come from its training side.
     samples = results["samples"]
-    test_episodes = {(t, e) for t, e, s in zip(samples["task_id"], samples["episode"], samples["split"]) if s == "test"}
-    other_episodes = {(t, e) for t, e, s in zip(samples["task_id"], samples["episode"], samples["split"]) if s != "test"}
-    assert test_episodes and not test_episodes & other_episodes
+    episodes = {}
+    for t, e, f in zip(samples["task_id"], samples["episode"], samples["fold"]):
+        episodes.setdefault((t, e), set()).add(f)
+    assert all(len(f) == 1 for f in episodes.values())
+    for f in range(5):
+        assert not (samples["validation"][f] & (samples["fold"] == f)).any()
     assert results["metrics"]["cosine_similarity"] > results["metrics"]["constant_predictor_cosine"]
 
 
@@ -83,24 +86,27 @@ def test_output_files_hold_the_guide_block_and_everything_needed(run_cli):
                  "Task Descriptions:", "  0: pick up the alphabet soup and place it in the basket", "Missing Task Files: 10, 11"):
         assert line in summary
     assert any(line.startswith("Accuracy: ") for line in summary)
+    assert any(line.startswith("Selectivity (accuracy - control): ") for line in summary)
     results = load_results(output, "text_only_layer5_step10")
     assert results["config"]["data"]["expert"] == "text_only" and results["config"]["labels"]["center_labels"] is True
-    assert results["probe"]["kernel"].shape == (16, 32)
+    assert results["probe"]["kernel"].shape == (10, 16, 32)  # 5 folds, then 5 controls
     heldout = results["heldout"]
-    assert heldout["prediction"].shape == (10, 32) and heldout["target"].shape == (10, 32)
-    assert len(heldout["task_id"]) == len(heldout["episode"]) == len(heldout["inference_time"]) == 10
-    assert results["history"]["epochs_run"] == len(results["history"]["train_loss"])
+    assert heldout["prediction"].shape == (60, 32) and heldout["target"].shape == (60, 32)
+    assert len(results["samples"]["task_id"]) == len(results["samples"]["inference_time"]) == 60
+    assert results["history"]["train_loss"].shape == (10, 100)
     assert results["versions"]["jax"] and results["data_report"]["missing_tasks"] == [10, 11]
     assert sorted(p.name for p in output.iterdir()) == ["results_text_only_layer5_step10.pkl", "summary_text_only_layer5_step10.txt"]
 
 
-def test_same_seed_same_numbers_other_seed_other_split(run_cli, tmp_path):
+def test_same_seed_same_results_file_other_seed_other_folds(run_cli, tmp_path):
     first = load_results(run_cli("--expert", "vlm", "--layer", "5", output_dir=tmp_path / "a")[1], "vlm_layer5_step10")
     again = load_results(run_cli("--expert", "vlm", "--layer", "5", output_dir=tmp_path / "b")[1], "vlm_layer5_step10")
     other = load_results(run_cli("--expert", "vlm", "--layer", "5", "--seed", "7", output_dir=tmp_path / "c")[1], "vlm_layer5_step10")
-    assert first["metrics"] == again["metrics"]
-    np.testing.assert_array_equal(first["probe"]["kernel"], again["probe"]["kernel"])
-    assert list(first["samples"]["split"]) != list(other["samples"]["split"])
+    for results in (first, again, other):
+        results.pop("wall_time_seconds")
+        results["command"] = [a for a in results["command"] if "results" not in a and not a.endswith(("/a", "/b", "/c"))]
+    assert pickle.dumps(first) == pickle.dumps(again)
+    assert list(first["samples"]["fold"]) != list(other["samples"]["fold"])
 
 
 def test_raw_labels_are_available_and_recorded(run_cli):

@@ -55,30 +55,52 @@ def test_accuracy_compares_against_unique_task_embeddings():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_keeps_episodes_whole_and_every_task_on_both_sides(seed):
+def test_folds_keep_episodes_whole_and_every_task_on_every_training_side(seed):
     rng = np.random.default_rng(seed)
     task_id = np.repeat(np.arange(7), 40)
     episode = rng.integers(0, 5 + seed, size=task_id.size)
-    split = lpi.split_episodes(task_id, episode, lpi.TrainingConfig(seed=seed))
+    config = lpi.TrainingConfig(seed=seed)
+    fold, folds = lpi.assign_folds(task_id, episode, config)
+    assert folds == 5 and set(fold) == set(range(5))
     for key in set(zip(task_id, episode)):
-        sides = set(split[(task_id == key[0]) & (episode == key[1])])
-        assert len(sides) == 1, key
-    for task in range(7):
-        assert {"train", "test"} <= set(split[task_id == task])
+        assert len(set(fold[(task_id == key[0]) & (episode == key[1])])) == 1, key
+    validation = lpi.validation_masks(task_id, episode, fold, folds, config)
+    for f in range(folds):
+        train = (fold != f) & ~validation[f]
+        assert not (validation[f] & (fold == f)).any()
+        assert set(task_id[train]) == set(range(7))
+        for key in set(zip(task_id[validation[f]], episode[validation[f]])):  # validation takes whole episodes
+            assert not (train & (task_id == key[0]) & (episode == key[1])).any()
 
 
-def test_split_needs_two_episodes_per_task():
+def test_fewer_folds_when_episodes_are_few_and_task_split_holds_out_whole_tasks():
+    task_id, episode = np.repeat(np.arange(6), 3), np.tile(np.arange(3), 6)
+    fold, folds = lpi.assign_folds(task_id, episode, lpi.TrainingConfig(cv_folds=5))
+    assert folds == 3
+    fold, folds = lpi.assign_folds(task_id, episode, lpi.TrainingConfig(cv_folds=4, split="task"))
+    assert folds == 4
+    for task in range(6):
+        assert len(set(fold[task_id == task])) == 1
+
+
+def test_folds_need_two_episodes_per_task():
     with pytest.raises(lpi.ProbeError, match="task 1 has 1 episode.*widen --episode_range"):
-        lpi.split_episodes(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 0]), lpi.TrainingConfig())
+        lpi.assign_folds(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 0]), lpi.TrainingConfig())
 
 
-def test_fit_probe_recovers_a_linear_map_and_stops_early():
+def test_fit_probes_recovers_a_linear_map_and_stops_early():
     rng = np.random.default_rng(0)
-    weights = rng.standard_normal((8, 4)).astype(np.float32)
-    x = rng.standard_normal((200, 8)).astype(np.float32)
-    y = x @ weights
-    params, history = lpi.train_probe(x[:150], y[:150], x[150:], y[150:], lpi.TrainingConfig(num_epochs=400, learning_rate=0.01))
-    cosine = lpi.row_cosine(lpi.apply_probe(params, x[150:]), y[150:])
-    assert cosine.mean() > 0.99
-    assert len(history["train_loss"]) == history["epochs_run"] <= 400
-    assert history["validation_loss"][history["best_epoch"] - 1] == np.nanmin(history["validation_loss"])
+    classes = rng.standard_normal((6, 4)).astype(np.float32)
+    sample_class = np.repeat(np.arange(6), 30)
+    mixing = rng.standard_normal((4, 8)).astype(np.float32)
+    features = classes[sample_class] @ mixing + 0.05 * rng.standard_normal((180, 8)).astype(np.float32)
+    train = np.arange(180) % 3 != 0
+    validation = np.arange(180) % 3 == 0
+    config = lpi.TrainingConfig(num_epochs=400, learning_rate=0.01)
+    fitted = lpi.train_linear_probes(features, sample_class, classes[None], np.ones((1, 6), bool), train[None], validation[None], config)
+    prediction = ((features - fitted["feature_mean"][0]) / fitted["feature_std"][0]) @ fitted["kernel"][0] + fitted["bias"][0]
+    assert lpi.row_cosine(prediction, classes[sample_class]).mean() > 0.99
+    epochs = int(fitted["epochs_run"][0])
+    assert epochs < 400
+    history = fitted["validation_loss"][0][:epochs]
+    assert history[fitted["best_epoch"][0] - 1] == np.nanmin(history)
