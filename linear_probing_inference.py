@@ -1395,22 +1395,27 @@ def write_demo_dataset(
     action_key_format: str = "action_expert_state_time{:.1f}",
     protocol: int = pickle.DEFAULT_PROTOCOL,
     seed: int = 0,
+    vlm_signatures: np.ndarray | None = None,
+    descriptions: list[str] | None = None,
 ) -> list[str]:
     """Write task_{id}_{name}.pkl files in the Pi0 layout; return the task descriptions.
 
     Planted: text tokens carry the task strongly, image tokens and the action expert
-    weakly (DEMO_SIGNAL), layer DEMO_SILENT_LAYER not at all. The last episode of task 1
-    ends before the last step, as short episodes do.
+    weakly (DEMO_SIGNAL), layer DEMO_SILENT_LAYER not at all. Each task's signal is a random
+    direction unless `vlm_signatures` (tasks x vlm_width) gives them, e.g. a linear image of the
+    tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. The last episode of task 1 ends before the last step, as short episodes do.
     """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    descriptions = [DEMO_DESCRIPTIONS[i % len(DEMO_DESCRIPTIONS)] for i in range(num_tasks)]
+    descriptions = descriptions or [DEMO_DESCRIPTIONS[i % len(DEMO_DESCRIPTIONS)] for i in range(num_tasks)]
     vlm_signal = np.zeros(PREFIX_TOKEN_COUNT, dtype=np.float32)
     vlm_signal[IMAGE_TOKENS] = DEMO_SIGNAL["image"]
     vlm_signal[TEXT_TOKENS] = DEMO_SIGNAL["text"]
     action_signal = np.full(51, DEMO_SIGNAL["action"], dtype=np.float32)
     for task_id, description in enumerate(descriptions):
         vlm_signature = rng.standard_normal(vlm_width, dtype=np.float32)
+        if vlm_signatures is not None:
+            vlm_signature = np.asarray(vlm_signatures[task_id], dtype=np.float32)
         action_signature = rng.standard_normal(action_width, dtype=np.float32)
         episodes = {}
         for episode in range(num_episodes):
