@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
+import csv
 import dataclasses
 import functools
 import hashlib
@@ -53,12 +54,12 @@ log = logging.getLogger("linear_probing")
 # Configuration
 # -----------------------------------------------------------------------------
 
-# Token positions in the Pi0 prefix (PaliGemma expert): 3 cameras x 256 SigLIP
-# patches, then 48 prompt tokens. The action expert's own tokens come after the prefix.
-IMAGE_TOKENS = slice(0, 768)
-TEXT_TOKENS = slice(768, 816)
+# Token positions in the Pi0 prefix (PaliGemma expert): 3 cameras x 256 SigLIP patches
+# (base, left wrist, right wrist), then 48 prompt tokens. The action expert's own tokens come
+# after the prefix; "visual" is SigLIP's own output per camera (vision_latents), 256 patches.
 PREFIX_TOKEN_COUNT = 816
-EXPERTS = ("vlm", "action", "text_only")
+EXPERT_TOKENS = {"vlm": slice(0, PREFIX_TOKEN_COUNT), "text_only": slice(768, 816), "image": slice(0, 768)}
+EXPERTS = ("vlm", "text_only", "image", "action", "visual")
 EPSILON = 1e-8  # as in the guide's cosine
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linear_probing"
@@ -67,17 +68,19 @@ DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What to read and how to turn it into one feature vector per sample."""
+    """What one result is about: which samples, and how each becomes one feature vector."""
 
     data_path: str
     task_range: tuple[int, int]  # end-exclusive, like range()
     episode_range: tuple[int, int]  # end-exclusive, like range()
     rollout_step: int  # the N of the key "step_N", never a position
-    expert: str  # "vlm", "action" or "text_only"
-    layer: int
-    feature_type: str = "hidden_states"
-    inference_step: int | None = None  # action expert only; None = every denoising entry
-    pooling: str = "mean"  # over the expert's token positions
+    expert: str  # one of EXPERTS
+    layer: int | None  # None for "visual" (SigLIP output has no layer axis)
+    feature_type: str = "hidden_states"  # "pre_logits" for "visual"
+    inference_step: int | None = None  # action expert: position in denoising order; None = every entry, pooled
+    token_range: tuple[int, int] | None = None  # overrides the expert's token positions (end-exclusive)
+    pooling: str = "mean"  # over the token positions: "mean", "max" or "last"
+    camera: str = "base_0_rgb"  # "visual" only: which vision_latents camera
     trust_pickle: bool = False  # allow any global in the task files (unsafe)
     strict: bool = False  # an unreadable task file stops the run instead of being skipped
     index_dir: str | None = None  # where each task file's structure is cached (None: no cache)
@@ -458,14 +461,21 @@ def action_expert_keys(step_data: dict) -> list[str]:
     return sorted(keys, key=denoising_time, reverse=True)
 
 
-def token_positions(expert: str, token_count: int) -> slice:
-    """Token positions pooled for an expert, given the length of the entry's token axis."""
-    if expert == "vlm":
-        return slice(0, PREFIX_TOKEN_COUNT)
-    if expert == "text_only":
-        return TEXT_TOKENS
-    # An action entry holding the whole sequence has its own tokens after the prefix.
-    return slice(PREFIX_TOKEN_COUNT, None) if token_count > PREFIX_TOKEN_COUNT else slice(0, None)
+def token_positions(config: DataConfig, token_count: int) -> slice:
+    """Token positions pooled for the expert (or --token_range), given the length of the token axis."""
+    if config.token_range is not None:
+        start, end = config.token_range
+        if end > token_count:
+            raise OptionError(f"--token_range {start} {end} is past the {token_count} tokens of feature {config.feature_type!r}")
+        return slice(start, end)
+    if config.expert in EXPERT_TOKENS:
+        positions = EXPERT_TOKENS[config.expert]
+        if token_count < positions.stop:
+            raise ProbeError(f"feature {config.feature_type!r} has {token_count} tokens; --expert {config.expert} needs the {PREFIX_TOKEN_COUNT}-token VLM prefix")
+        return positions
+    if config.expert == "action" and token_count > PREFIX_TOKEN_COUNT:  # an entry holding the whole sequence
+        return slice(PREFIX_TOKEN_COUNT, None)
+    return slice(0, None)
 
 
 def pool_tokens(tokens: np.ndarray, pooling: str) -> np.ndarray:
@@ -484,39 +494,58 @@ def pool_tokens(tokens: np.ndarray, pooling: str) -> np.ndarray:
     return np.asarray(pooled, dtype=np.float32)
 
 
-def token_view(entry: dict, config: DataConfig) -> np.ndarray:
-    """One layer of one expert entry, cut to the expert's token positions: (tokens, width), or (width,)
-    for per-layer vectors. Indexing only: on a mapped array nothing is read yet.
-    """
+def feature_array(entry: dict, config: DataConfig) -> np.ndarray:
+    """The entry's array for --feature_type, checked to be an array."""
     if config.feature_type not in entry:
         available = ", ".join(sorted(entry)) or "none"
         raise OptionError(f"--feature_type {config.feature_type!r} is not in the expert entry (it has: {available})")
     array = entry[config.feature_type]
-    if not hasattr(array, "ndim") or array.ndim < 2:
-        raise ProbeError(f"feature {config.feature_type!r} is not a (layer, ...) array")
-    if not 0 <= config.layer < array.shape[0]:
-        raise OptionError(f"--layer {config.layer} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})")
-    layer_array = array[config.layer]
+    if not hasattr(array, "ndim") or array.ndim < 1:
+        raise ProbeError(f"feature {config.feature_type!r} is not an array")
+    return array
+
+
+def layer_count(entry: dict, config: DataConfig) -> int:
+    """How many layers the entry's feature has (1 for SigLIP's per-camera arrays, which have no layer axis)."""
+    array = feature_array(entry, config)
+    return 1 if config.expert == "visual" else array.shape[0]
+
+
+def token_view(entry: dict, config: DataConfig, layer: int) -> np.ndarray:
+    """One layer of one expert entry, cut to the token positions: (tokens, width), or (width,) for
+    per-layer vectors. Indexing only: on a mapped array nothing is read yet.
+    """
+    array = feature_array(entry, config)
+    if config.expert == "visual":  # vision_latents[camera][feature]: ([batch,] patch, width), no layers
+        layer_array = array
+    else:
+        if array.ndim < 2:
+            raise ProbeError(f"feature {config.feature_type!r} is not a (layer, ...) array")
+        if not 0 <= layer < array.shape[0]:
+            raise OptionError(f"--layer {layer} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})")
+        layer_array = array[layer]
     if layer_array.ndim == 3:  # (batch, token, width): the batch axis is optional in the files
         layer_array = layer_array[0]
     if layer_array.ndim == 1:  # a per-layer vector (e.g. norm scales): no tokens to choose
-        if config.expert == "text_only":
-            raise OptionError(f"--expert text_only needs a token axis; feature {config.feature_type!r} has none")
+        if config.expert in ("text_only", "image") or config.token_range is not None:  # a part of the tokens was asked for
+            raise OptionError(f"--expert {config.expert} needs a token axis; feature {config.feature_type!r} has none")
         return layer_array
     if layer_array.ndim != 2:
-        raise ProbeError(f"feature {config.feature_type!r} has shape {array.shape}; expected (layer, [batch,] token, width)")
-    positions = token_positions(config.expert, layer_array.shape[0])
-    if config.expert != "action" and layer_array.shape[0] < positions.stop:
-        raise ProbeError(
-            f"feature {config.feature_type!r} has {layer_array.shape[0]} tokens; "
-            f"--expert {config.expert} needs the {PREFIX_TOKEN_COUNT}-token VLM prefix"
-        )
-    return layer_array[positions]
+        raise ProbeError(f"feature {config.feature_type!r} has shape {array.shape}; expected ([layer,] [batch,] token, width)")
+    return layer_array[token_positions(config, layer_array.shape[0])]
 
 
 def expert_entries(step_data: dict, config: DataConfig) -> list[tuple[float, dict]]:
-    """(denoising time, entry) pairs a step contributes; time is NaN for the VLM expert."""
-    if config.expert in ("vlm", "text_only"):
+    """(denoising time, entry) pairs a step contributes, every denoising entry for the action
+    expert (in denoising order); time is NaN for the others."""
+    if config.expert == "visual":
+        cameras = step_data.get("vision_latents")
+        if not isinstance(cameras, dict):
+            raise ProbeError("step has no 'vision_latents' dict (written by newer collectors only)")
+        if not isinstance(cameras.get(config.camera), dict):
+            raise OptionError(f"--camera {config.camera!r} is not in vision_latents (it has: {', '.join(sorted(cameras)) or 'none'})")
+        return [(math.nan, cameras[config.camera])]
+    if config.expert != "action":
         entry = step_data.get("vlm_layer_output")
         if not isinstance(entry, dict):
             raise ProbeError("step has no 'vlm_layer_output' dict")
@@ -524,24 +553,24 @@ def expert_entries(step_data: dict, config: DataConfig) -> list[tuple[float, dic
     keys = action_expert_keys(step_data)
     if not keys:
         raise ProbeError("step has no action-expert entries (keys starting with 'action_expert')")
-    if config.inference_step is not None:
-        if config.inference_step >= len(keys):
-            raise OptionError(
-                f"--inference_step {config.inference_step} is out of range: the step has {len(keys)} denoising entries (0-{len(keys) - 1})"
-            )
-        keys = [keys[config.inference_step]]
     return [(denoising_time(key), step_data[key]) for key in keys]
 
 
 @dataclasses.dataclass
 class Samples:
-    """Pooled features with the identity of each sample."""
+    """Pooled features of one rollout step, every requested layer, with the identity of each sample."""
 
-    features: np.ndarray  # (samples, width) float32
+    features: np.ndarray  # (layers, samples, width) float32, layers as requested
     task_id: np.ndarray  # (samples,) int
     episode: np.ndarray  # (samples,) int, the i of "episode_i"
     step: np.ndarray  # (samples,) int, the rollout step N
-    inference_time: np.ndarray  # (samples,) float, NaN for the VLM expert
+    inference_time: np.ndarray  # (samples,) float, NaN but for the action expert
+    inference_index: np.ndarray  # (samples,) int: position in denoising order (0 = t 1.0); 0 but for the action expert
+
+    def select(self, rows: np.ndarray, layer_position: int) -> Samples:
+        """The given rows of one layer, as a one-layer Samples."""
+        return Samples(self.features[layer_position : layer_position + 1, rows], self.task_id[rows], self.episode[rows],
+                       self.step[rows], self.inference_time[rows], self.inference_index[rows])
 
 
 @dataclasses.dataclass
@@ -553,89 +582,129 @@ class ReadReport:
     missing_tasks: list[int] = dataclasses.field(default_factory=list)
     skipped_files: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why
     missing_episodes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) not in the file
-    episodes_without_step: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) lacking the step
+    episodes_without_step: dict[int, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)  # step -> (task, episode)
     steps_seen: set[int] = dataclasses.field(default_factory=set)  # rollout steps present in the episodes read
+    layer_count: int = 0  # layers of the feature (from the first entry read)
+    inference_count: int = 0  # denoising entries per step (action expert; fewest seen)
+    inference_times: list[float] = dataclasses.field(default_factory=list)  # their times, in denoising order (first step read)
 
 
-def samples_from_file(path: Path, task_id: int, config: DataConfig, report: ReadReport) -> list[tuple[int, int, float, np.ndarray]]:
-    """(task, episode, denoising time, feature) rows of one task file; records what it lacks in `report`."""
-    task_data = read_task_file(path, config.trust_pickle, config.index_dir)
-    description = task_data.get("task_description")
-    if not isinstance(description, str) or not description.strip():
-        raise BadFileError(f"{path}: no 'task_description' string")
-    wanted_step = f"step_{config.rollout_step}"
-    views, missing, without_step, steps_seen = [], [], [], set()
+def episodes_of(task_data: dict, path: Path, config: DataConfig) -> list[tuple[int, dict | None]]:
+    """(episode, rollout_steps or None when the episode is missing) for the episode range."""
+    episodes = []
     for episode in range(*config.episode_range):
         episode_data = task_data["episodes"].get(f"episode_{episode}")
         if episode_data is None:
-            missing.append((task_id, episode))
+            episodes.append((episode, None))
             continue
         steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
         if not isinstance(steps, dict):
             raise BadFileError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
-        steps_seen.update(n for n in map(step_number, steps) if n is not None)
-        if wanted_step not in steps:
-            without_step.append((task_id, episode))
+        episodes.append((episode, steps))
+    return episodes
+
+
+def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list[int] | None, steps: list[int] | None,
+                      report: ReadReport) -> list[tuple[int, int, int, float, int, np.ndarray]]:
+    """(step, task, episode, denoising time, denoising index, (layers, width) features) rows of one task
+    file, for the given steps (None: every step) and layers (None: only record the structure)."""
+    task_data = read_task_file(path, config.trust_pickle, config.index_dir)
+    description = task_data.get("task_description")
+    if not isinstance(description, str) or not description.strip():
+        raise BadFileError(f"{path}: no 'task_description' string")
+    views, missing, without_step, steps_seen, counts = [], [], {}, set(), {"layers": 0, "inference": math.inf}
+    for episode, episode_steps in episodes_of(task_data, path, config):
+        if episode_steps is None:
+            missing.append((task_id, episode))
             continue
-        step_data = steps[wanted_step]
-        if not isinstance(step_data, dict):
-            raise BadFileError(f"{path}: episode_{episode}/{wanted_step} is a {type(step_data).__name__}, not a dict")
-        try:
-            for inference_time, entry in expert_entries(step_data, config):
-                views.append((task_id, episode, inference_time, token_view(entry, config)))
-        except OptionError:
-            raise
-        except ProbeError as error:
-            raise BadFileError(f"{path}: episode_{episode}/{wanted_step}: {error}") from None
-    for *_, view in views:  # ask for every slice first, so cold reads overlap instead of queueing
-        advise_will_need(view)
-    rows = [(task, episode, time, pool_tokens(view, config.pooling)) for task, episode, time, view in views]
+        present = {n: key for key, n in ((key, step_number(key)) for key in episode_steps) if n is not None}
+        steps_seen |= set(present)
+        for step in sorted(present) if steps is None else steps:
+            if step not in present:
+                without_step.setdefault(step, []).append((task_id, episode))
+                continue
+            step_data = episode_steps[present[step]]
+            if not isinstance(step_data, dict):
+                raise BadFileError(f"{path}: episode_{episode}/{present[step]} is a {type(step_data).__name__}, not a dict")
+            try:
+                entries = expert_entries(step_data, config)
+                counts["layers"] = counts["layers"] or layer_count(entries[0][1], config)
+                counts["inference"] = min(counts["inference"], len(entries))
+                report.inference_times = report.inference_times or [time for time, _ in entries]
+                for index, (inference_time, entry) in enumerate(entries if layers is not None else []):
+                    views.append((step, task_id, episode, inference_time, index, [token_view(entry, config, layer) for layer in layers]))
+            except OptionError:
+                raise
+            except ProbeError as error:
+                raise BadFileError(f"{path}: episode_{episode}/{present[step]}: {error}") from None
+    for *_, layer_views in views:  # ask for every slice first, so cold reads overlap instead of queueing
+        for view in layer_views:
+            advise_will_need(view)
+    rows = [(*ids, np.stack([pool_tokens(view, config.pooling) for view in layer_views])) for *ids, layer_views in views]
     # Recorded only once the whole file has been read: a skipped file leaves no trace but its skip.
     report.descriptions[task_id] = description
     report.missing_episodes += missing
-    report.episodes_without_step += without_step
+    for step, pairs in without_step.items():
+        report.episodes_without_step.setdefault(step, []).extend(pairs)
     report.steps_seen |= steps_seen
+    report.layer_count = report.layer_count or counts["layers"]
+    if counts["inference"] != math.inf:
+        report.inference_count = min(report.inference_count or counts["inference"], counts["inference"])
     return rows
 
 
-def collect_samples(config: DataConfig) -> tuple[Samples, ReadReport]:
-    """Read the task files of the range and extract one feature vector per sample."""
+def read_files(config: DataConfig, layers: list[int] | None, steps: list[int] | None) -> tuple[list[tuple], ReadReport]:
+    """Rows of every task file of the range (see samples_from_file); unreadable files are skipped unless --strict."""
     files, missing_tasks = find_task_files(Path(config.data_path), config.task_range)
     for task_id in missing_tasks:
         log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, config.data_path)
     if not files:
         raise ProbeError(f"--data_path {config.data_path}: no task_*.pkl files for tasks {config.task_range[0]}-{config.task_range[1] - 1}")
     report = ReadReport(files={t: str(p) for t, p in files.items()}, missing_tasks=missing_tasks)
-    rows: list[tuple[int, int, float, np.ndarray]] = []
-    for task_id, path in tqdm(files.items(), desc="task files", unit="file", disable=None if log.isEnabledFor(logging.INFO) else True):
+    rows: list[tuple] = []
+    for task_id, path in tqdm(files.items(), desc="task files", unit="file", disable=progress_disabled(), leave=False):
         try:
-            rows += samples_from_file(path, task_id, config, report)
+            rows += samples_from_file(path, task_id, config, layers, steps, report)
         except BadFileError as error:
             if config.strict:
                 raise
             log.warning("skipping %s (--strict makes this fatal)", error)
             report.skipped_files[str(path)] = str(error)
-    wanted_step = f"step_{config.rollout_step}"
+    if len(report.skipped_files) == len(files):
+        raise ProbeError(f"no samples: all {len(files)} task file(s) were skipped as unreadable")
+    return rows, report
+
+
+def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> tuple[dict[int, Samples], ReadReport]:
+    """Read the task files once and extract, per rollout step, one feature vector per sample and layer."""
+    rows, report = read_files(config, layers, steps)
     if report.missing_episodes:
         log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
-    if report.episodes_without_step:
-        log.warning("%d episode(s) have no %s and were skipped", len(report.episodes_without_step), wanted_step)
-    if not rows:
-        if len(report.skipped_files) == len(files):
-            raise ProbeError(f"no samples: all {len(files)} task file(s) were skipped as unreadable")
-        existing = ", ".join(map(str, sorted(report.steps_seen))) or "none"
-        raise ProbeError(f"no samples: no episode in the ranges has {wanted_step}; rollout steps present: {existing}")
-    widths = {row[3].shape for row in rows}
-    if len(widths) > 1:
-        raise ProbeError(f"feature widths differ between files: {sorted(widths)}")
-    samples = Samples(
-        features=np.stack([row[3] for row in rows]),
-        task_id=np.array([row[0] for row in rows], dtype=np.int64),
-        episode=np.array([row[1] for row in rows], dtype=np.int64),
-        step=np.full(len(rows), config.rollout_step, dtype=np.int64),
-        inference_time=np.array([row[2] for row in rows], dtype=np.float64),
-    )
-    return samples, report
+    for step, pairs in report.episodes_without_step.items():
+        log.warning("%d episode(s) have no step_%d and were skipped for it", len(pairs), step)
+    by_step = {}
+    for step in steps:
+        step_rows = [row for row in rows if row[0] == step]
+        if not step_rows:
+            existing = ", ".join(map(str, sorted(report.steps_seen))) or "none"
+            raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+        widths = {row[5].shape for row in step_rows}
+        if len(widths) > 1:
+            raise ProbeError(f"feature widths differ between files: {sorted(widths)}")
+        by_step[step] = Samples(
+            features=np.stack([row[5] for row in step_rows], axis=1),
+            task_id=np.array([row[1] for row in step_rows], dtype=np.int64),
+            episode=np.array([row[2] for row in step_rows], dtype=np.int64),
+            step=np.full(len(step_rows), step, dtype=np.int64),
+            inference_time=np.array([row[3] for row in step_rows], dtype=np.float64),
+            inference_index=np.array([row[4] for row in step_rows], dtype=np.int64),
+        )
+    return by_step, report
+
+
+def progress_disabled() -> bool | None:
+    """tqdm's `disable`: off under --quiet; None lets tqdm switch itself off when stderr is not a terminal."""
+    return None if log.isEnabledFor(logging.INFO) else True
 
 
 # -----------------------------------------------------------------------------
@@ -823,39 +892,47 @@ def fit_probes(
     steps_per_epoch: int,
     standardize: bool,
 ) -> dict:
-    """Train one probe per copy (vmapped): Adam, shuffled minibatches, early stopping on validation loss.
+    """Train one probe per item and copy (vmapped twice): Adam, shuffled minibatches, early stopping.
 
-    Shapes: features (n, d_in), sample_class (n,), and per copy: class_embeddings (C, d),
-    known_classes (C,), train/validation masks (n,), keys. The epoch loop is a `while_loop`;
-    each copy keeps the parameters of its best validation epoch.
+    Shapes: features (items, n, d_in) — the layers (or denoising steps) of a sweep; sample_class (n,);
+    per copy (folds, then controls): class_embeddings (C, d), known_classes (C,), train and
+    validation masks (n,), keys. The epoch loop is a `while_loop`; each probe keeps the
+    parameters of its best validation epoch.
     """
     model = LinearProbe(class_embeddings.shape[-1])
     optimizer = optax.adam(learning_rate)
-    sample_count = features.shape[0]
+    sample_count = features.shape[1]
 
-    def fit_one(classes, known, train, validation, key):
+    def fit_one(item_features, classes, known, train, validation, key):
         train_weight = train.astype(jnp.float32)
         train_count = train_weight.sum()
         if standardize:  # training-set statistics only
-            mean = (train_weight[:, None] * features).sum(0) / train_count
-            std = jnp.sqrt((train_weight[:, None] * (features - mean) ** 2).sum(0) / train_count)
+            mean = (train_weight[:, None] * item_features).sum(0) / train_count
+            std = jnp.sqrt((train_weight[:, None] * (item_features - mean) ** 2).sum(0) / train_count)
             std = jnp.where(std > 1e-6, std, 1.0)
         else:
-            mean, std = jnp.zeros(features.shape[1]), jnp.ones(features.shape[1])
-        x = (features - mean) / std
+            mean, std = jnp.zeros(item_features.shape[1]), jnp.ones(item_features.shape[1])
 
-        def mean_loss(params, rows, weight):
-            per_sample = sample_losses(model.apply({"params": params}, x[rows]), sample_class[rows], classes, known, loss)
+        def predict(params, rows):
+            return model.apply({"params": params}, (item_features[rows] - mean) / std)
+
+        def predict_all(params):  # the standardization folded into the weights: no per-probe copy of the data
+            dense = params["Dense_0"]
+            kernel = dense["kernel"] / std[:, None]
+            return item_features @ kernel + (dense["bias"] - mean @ kernel)
+
+        def mean_loss(predictions, rows, weight):
+            per_sample = sample_losses(predictions, sample_class[rows], classes, known, loss)
             return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
         def step(carry, rows):
             params, optimizer_state = carry
-            value, grads = jax.value_and_grad(mean_loss)(params, rows, jnp.ones(batch_size))
+            value, grads = jax.value_and_grad(lambda p: mean_loss(predict(p, rows), rows, jnp.ones(batch_size)))(params)
             updates, optimizer_state = optimizer.update(grads, optimizer_state, params)
             return (optax.apply_updates(params, updates), optimizer_state), value
 
         init_key, shuffle_key = jax.random.split(key)
-        params = model.init(init_key, x[:1])["params"]
+        params = model.init(init_key, item_features[:1])["params"]
         every_row = jnp.arange(sample_count)
         validation_weight = validation.astype(jnp.float32)
         has_validation = validation_weight.sum() > 0
@@ -866,8 +943,9 @@ def fit_probes(
             order = jnp.argsort(jnp.where(train, jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (sample_count,)), 2.0))
             rows = order[jnp.arange(steps_per_epoch * batch_size) % train_count.astype(jnp.int32)].reshape(steps_per_epoch, batch_size)
             (params, optimizer_state), _ = jax.lax.scan(step, (state["params"], state["optimizer_state"]), rows)
-            train_loss = mean_loss(params, every_row, train_weight)
-            validation_loss = mean_loss(params, every_row, validation_weight)
+            predictions = predict_all(params)
+            train_loss = mean_loss(predictions, every_row, train_weight)
+            validation_loss = mean_loss(predictions, every_row, validation_weight)
             monitored = jnp.where(has_validation, validation_loss, train_loss)
             improved = monitored < state["best_loss"]
             return {
@@ -912,26 +990,35 @@ def fit_probes(
             "validation_loss": state["validation_loss"],
         }
 
-    return jax.vmap(fit_one)(class_embeddings, known_classes, train_mask, validation_mask, keys)
+    fit_copies = jax.vmap(fit_one, in_axes=(None, 0, 0, 0, 0, 0))
+    return jax.vmap(fit_copies, in_axes=(0, None, None, None, None, None))(features, class_embeddings, known_classes, train_mask, validation_mask, keys)
 
 
 def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, class_embeddings: np.ndarray, known_classes: np.ndarray,
                         train_mask: np.ndarray, validation_mask: np.ndarray, config: TrainingConfig) -> dict:
-    """Fit every copy's Dense probe; numpy results, with the batch and epoch sizes used."""
+    """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes.
+
+    With several local devices the items are spread over them (JAX sharding of the items axis).
+    """
     smallest, largest = int(train_mask.sum(1).min()), int(train_mask.sum(1).max())
     batch_size = min(config.batch_size, smallest)
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
     steps_per_epoch = max(-(-largest // batch_size), config.min_steps_per_epoch)
-    keys = jax.random.split(jax.random.PRNGKey(config.seed), len(train_mask))
+    keys = jax.random.split(jax.random.PRNGKey(config.seed), len(train_mask))  # the same per copy in every item
+    items, devices = len(features), jax.local_devices()
+    stacked = jnp.asarray(np.concatenate([features, np.repeat(features[-1:], -items % len(devices), axis=0)]))
+    if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.array(devices), ("items",))
+        stacked = jax.device_put(stacked, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("items")))
     fitted = fit_probes(
-        jnp.asarray(features), jnp.asarray(sample_class), jnp.asarray(class_embeddings), jnp.asarray(known_classes),
+        stacked, jnp.asarray(sample_class), jnp.asarray(class_embeddings), jnp.asarray(known_classes),
         jnp.asarray(train_mask), jnp.asarray(validation_mask), keys,
         loss=config.loss, learning_rate=config.learning_rate, num_epochs=config.num_epochs, batch_size=batch_size,
         patience=config.patience, steps_per_epoch=steps_per_epoch, standardize=config.standardize,
     )
-    fitted = {key: np.asarray(value) for key, value in fitted.items()}
-    fitted.update(batch_size=batch_size, steps_per_epoch=steps_per_epoch)
+    fitted = {key: np.asarray(value)[:items] for key, value in fitted.items()}
+    fitted.update(batch_size=np.full(items, batch_size), steps_per_epoch=np.full(items, steps_per_epoch))
     return fitted
 
 
@@ -952,31 +1039,33 @@ def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[
 
 def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, class_embeddings: np.ndarray, train_mask: np.ndarray,
                        validation_mask: np.ndarray, groups: np.ndarray, config: TrainingConfig) -> dict:
-    """Fit every copy's linear map in closed form; the penalty is chosen by inner cross-validation (mean cosine)."""
+    """Fit every item's and copy's linear map in closed form; the penalty is chosen by inner
+    cross-validation over whole episodes (mean cosine). Results (items, copies, ...)."""
     fitted = {name: [] for name in ("kernel", "bias", "feature_mean", "feature_std", "penalty")}
-    for classes, train in zip(class_embeddings, train_mask | validation_mask):  # no early stopping: validation trains too
-        x_train = features[train].astype(np.float64)
-        mean = x_train.mean(0) if config.standardize else np.zeros(x_train.shape[1])
-        std = np.where(x_train.std(0) > 1e-6, x_train.std(0), 1.0) if config.standardize else np.ones(x_train.shape[1])
-        x, y = (x_train - mean) / std, classes[sample_class[train]].astype(np.float64)
-        penalties = RIDGE_PENALTIES * len(x)
-        inner = np.unique(groups[train], return_inverse=True)[1] % RIDGE_INNER_FOLDS  # whole episodes per inner fold
-        scores = np.zeros(len(penalties))
-        for f in range(RIDGE_INNER_FOLDS):
-            fit, held = inner != f, inner == f
-            if fit.sum() == 0 or held.sum() == 0:
-                continue
-            x_mean, y_mean = x[fit].mean(0), y[fit].mean(0)
-            for index, weights in enumerate(ridge_solution(x[fit] - x_mean, y[fit] - y_mean, penalties)):
-                scores[index] += row_cosine((x[held] - x_mean) @ weights + y_mean, y[held]).sum()
-        best = penalties[int(np.argmax(scores))]
-        x_mean, y_mean = x.mean(0), y.mean(0)
-        weights = ridge_solution(x - x_mean, y - y_mean, np.array([best]))[0]
-        fitted["kernel"].append(weights.astype(np.float32))
-        fitted["bias"].append((y_mean - x_mean @ weights).astype(np.float32))
-        fitted["feature_mean"].append(mean.astype(np.float32))
-        fitted["feature_std"].append(std.astype(np.float32))
-        fitted["penalty"].append(best)
+    for item_features in features:
+        per_copy = {name: [] for name in fitted}
+        for classes, train in zip(class_embeddings, train_mask | validation_mask):  # no early stopping: validation trains too
+            x_train = item_features[train].astype(np.float64)
+            mean = x_train.mean(0) if config.standardize else np.zeros(x_train.shape[1])
+            std = np.where(x_train.std(0) > 1e-6, x_train.std(0), 1.0) if config.standardize else np.ones(x_train.shape[1])
+            x, y = (x_train - mean) / std, classes[sample_class[train]].astype(np.float64)
+            penalties = RIDGE_PENALTIES * len(x)
+            inner = np.unique(groups[train], return_inverse=True)[1] % RIDGE_INNER_FOLDS  # whole episodes per inner fold
+            scores = np.zeros(len(penalties))
+            for f in range(RIDGE_INNER_FOLDS):
+                fit, held = inner != f, inner == f
+                if fit.sum() == 0 or held.sum() == 0:
+                    continue
+                x_mean, y_mean = x[fit].mean(0), y[fit].mean(0)
+                for index, weights in enumerate(ridge_solution(x[fit] - x_mean, y[fit] - y_mean, penalties)):
+                    scores[index] += row_cosine((x[held] - x_mean) @ weights + y_mean, y[held]).sum()
+            best = penalties[int(np.argmax(scores))]
+            x_mean, y_mean = x.mean(0), y.mean(0)
+            weights = ridge_solution(x - x_mean, y - y_mean, np.array([best]))[0]
+            for name, value in (("kernel", weights), ("bias", y_mean - x_mean @ weights), ("feature_mean", mean), ("feature_std", std), ("penalty", best)):
+                per_copy[name].append(np.asarray(value, dtype=np.float32) if name != "penalty" else value)
+        for name in fitted:
+            fitted[name].append(np.asarray(per_copy[name]))
     return {key: np.asarray(value) for key, value in fitted.items()}
 
 
@@ -1044,39 +1133,56 @@ def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: Label
     return {"mean": np.stack(means), "basis": np.stack(bases), "classes": np.stack(spaces).astype(np.float32)}
 
 
-def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: LabelConfig, training: TrainingConfig) -> dict:
-    """Cross-validate the probe and its control; return everything the results file holds."""
+def prepare_folds(samples: Samples, report: ReadReport, labels: LabelConfig, training: TrainingConfig) -> dict:
+    """Classes, folds, label spaces and probe copies for a set of samples (shared by every layer of a sweep)."""
     # Classes are unique descriptions: two task ids with one instruction share one target.
-    task_ids = sorted(report.descriptions)
+    task_ids = sorted(set(samples.task_id.tolist()))
     descriptions = list(dict.fromkeys(report.descriptions[t] for t in task_ids))
     class_of_task = {t: descriptions.index(report.descriptions[t]) for t in task_ids}
     sample_class = np.array([class_of_task[t] for t in samples.task_id], dtype=np.int64)
-    episode_group = samples.task_id * 1_000_000 + samples.episode  # one id per (task, episode)
-
     fold, folds = assign_folds(samples.task_id, samples.episode, training)
     validation = validation_masks(samples.task_id, samples.episode, fold, folds, training)
     test = np.stack([fold == f for f in range(folds)])
-    train = ~test & ~validation
     raw = t5_labels(descriptions, labels)
     known_classes = np.stack([np.isin(np.arange(len(descriptions)), sample_class[~test[f]]) for f in range(folds)])
     space = label_spaces(raw, [np.flatnonzero(k) for k in known_classes], labels)
-
     # Copies: the probe for each fold, then (control task) the same on permuted labels.
     control_permutation = derangement(len(descriptions), training.seed)
     copies = {"classes": [space["classes"]], "known": [known_classes]}
     if training.control:
         copies["classes"].append(space["classes"][:, control_permutation])
         copies["known"].append(known_classes)  # row j is still the target of class j's samples
-    copy_classes, copy_known = np.concatenate(copies["classes"]), np.concatenate(copies["known"])
-    copy_train, copy_validation = np.tile(train, (len(copies["classes"]), 1)), np.tile(validation, (len(copies["classes"]), 1))
+    repeat = len(copies["classes"])
+    return {
+        "task_ids": task_ids, "descriptions": descriptions, "class_of_task": class_of_task, "sample_class": sample_class,
+        "episode_group": samples.task_id * 1_000_000 + samples.episode,  # one id per (task, episode)
+        "fold": fold, "folds": folds, "validation": validation, "train": ~test & ~validation, "raw": raw,
+        "known_classes": known_classes, "space": space, "control_permutation": control_permutation,
+        "copy_classes": np.concatenate(copies["classes"]), "copy_known": np.concatenate(copies["known"]),
+        "copy_train": np.tile(~test & ~validation, (repeat, 1)), "copy_validation": np.tile(validation, (repeat, 1)),
+    }
+
+
+def fit_items(features: np.ndarray, prepared: dict, training: TrainingConfig) -> dict:
+    """Fit the probes of every item (features (items, n, d)) and copy; results (items, copies, ...)."""
+    args = (features, prepared["sample_class"], prepared["copy_classes"])
     if training.probe == "ridge":
-        fitted = train_ridge_probes(samples.features, sample_class, copy_classes, copy_train, copy_validation, episode_group, training)
-    else:
-        fitted = train_linear_probes(samples.features, sample_class, copy_classes, copy_known, copy_train, copy_validation, training)
+        return train_ridge_probes(*args, prepared["copy_train"], prepared["copy_validation"], prepared["episode_group"], training)
+    return train_linear_probes(*args, prepared["copy_known"], prepared["copy_train"], prepared["copy_validation"], training)
+
+
+def evaluate_item(samples: Samples, fitted: dict, prepared: dict, report: ReadReport, data: DataConfig, labels: LabelConfig,
+                  training: TrainingConfig) -> dict:
+    """Held-out metrics of one item (one layer's samples, its fitted copies); everything the results file holds."""
+    task_ids, descriptions, class_of_task = prepared["task_ids"], prepared["descriptions"], prepared["class_of_task"]
+    sample_class, episode_group, fold, folds = prepared["sample_class"], prepared["episode_group"], prepared["fold"], prepared["folds"]
+    validation, train, raw, known_classes = prepared["validation"], prepared["train"], prepared["raw"], prepared["known_classes"]
+    space, control_permutation = prepared["space"], prepared["control_permutation"]
+    features = samples.features[0]
 
     def predict(copy: np.ndarray) -> np.ndarray:
         """Each sample's prediction by the given copy (per sample)."""
-        x = (samples.features - fitted["feature_mean"][copy]) / fitted["feature_std"][copy]
+        x = (features - fitted["feature_mean"][copy]) / fitted["feature_std"][copy]
         return (np.einsum("nd,nde->ne", x, fitted["kernel"][copy]) + fitted["bias"][copy]).astype(np.float32)
 
     prediction = predict(fold)  # every sample predicted by the probe that never saw its fold
@@ -1177,6 +1283,7 @@ def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: La
             "predicted_class": heldout["predicted"],
             "rank": heldout["rank"],
             "cosine": cosine,
+            "similarity": similarity,  # (samples, tasks): cosine of each prediction to each task's embedding
             "control_predicted_class": control["predicted"] if training.control else None,
         },
         "history": history,
@@ -1185,7 +1292,7 @@ def run_probe(samples: Samples, report: ReadReport, data: DataConfig, labels: La
             "files": report.files,
             "missing_tasks": report.missing_tasks,
             "missing_episodes": report.missing_episodes,
-            "episodes_without_step": report.episodes_without_step,
+            "episodes_without_step": report.episodes_without_step.get(data.rollout_step, []),
             "steps_seen": sorted(report.steps_seen),
             "skipped_files": report.skipped_files,
         },
@@ -1207,11 +1314,17 @@ def describe_label_space(labels: LabelConfig) -> str:
 
 def describe_token_positions(config: DataConfig) -> str:
     """Human-readable token positions pooled for the expert."""
-    if config.expert == "vlm":
-        return f"VLM prefix tokens {0}-{PREFIX_TOKEN_COUNT - 1} (images 0-767, text 768-815), {config.pooling}-pooled"
-    if config.expert == "text_only":
-        return f"VLM text tokens {TEXT_TOKENS.start}-{TEXT_TOKENS.stop - 1}, {config.pooling}-pooled"
-    return f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence), {config.pooling}-pooled"
+    if config.token_range is not None:
+        where = f"tokens {config.token_range[0]}-{config.token_range[1] - 1} (--token_range)"
+    elif config.expert in EXPERT_TOKENS:
+        positions = EXPERT_TOKENS[config.expert]
+        part = {"vlm": "images 0-767 and text 768-815", "text_only": "prompt text", "image": "3 cameras x 256 SigLIP patches"}[config.expert]
+        where = f"VLM prefix tokens {positions.start}-{positions.stop - 1} ({part})"
+    elif config.expert == "action":
+        where = f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence)"
+    else:
+        where = f"SigLIP patches of camera {config.camera} (vision_latents)"
+    return f"{where}, {config.pooling}-pooled"
 
 
 def package_versions() -> dict[str, str]:
@@ -1230,10 +1343,16 @@ def package_versions() -> dict[str, str]:
 # -----------------------------------------------------------------------------
 
 
-def result_stem(data: DataConfig, inference_time: float | None) -> str:
-    """The guide's file stem: {expert}_layer{L}_step{S}, plus _t{time} for one denoising step."""
-    stem = f"{data.expert}_layer{data.layer}_step{data.rollout_step}"
-    return stem if inference_time is None else f"{stem}_t{inference_time:g}"
+def result_stem(data: DataConfig, inference_times: list[float]) -> str:
+    """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
+    ({camera} in place of the layer for SigLIP's output)."""
+    where = f"_{data.camera}" if data.expert == "visual" else f"_layer{data.layer}"
+    stem = f"{data.expert}{where}_step{data.rollout_step}"
+    if data.inference_step is None:
+        return stem
+    if data.inference_step >= len(inference_times):
+        raise OptionError(f"--inference_step {data.inference_step} is out of range: the steps have {len(inference_times)} denoising entries (0-{len(inference_times) - 1})")
+    return f"{stem}_t{inference_times[data.inference_step]:g}"
 
 
 def write_atomically(path: Path, content: bytes) -> None:
@@ -1332,17 +1451,224 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict, output_dir: Path) -> tuple[Path, Path]:
+def write_results(results: dict, output_dir: Path, stem: str) -> tuple[Path, Path]:
     """Write results_{stem}.pkl and summary_{stem}.txt; return their paths."""
-    data = results["config"]["data"]
-    times = np.unique(results["samples"]["inference_time"])
-    one_time = float(times[0]) if data["inference_step"] is not None and len(times) == 1 else None
-    stem = result_stem(DataConfig(**data), one_time)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path, summary_path = output_dir / f"results_{stem}.pkl", output_dir / f"summary_{stem}.txt"
     write_atomically(results_path, pickle.dumps(results, protocol=4))
     write_atomically(summary_path, format_summary(results).encode())
     return results_path, summary_path
+
+
+def sweep_items(base: DataConfig, layers, steps, inference, report: ReadReport) -> list[DataConfig]:
+    """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all"/"each" resolved from the data."""
+    layers = [None] if base.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
+    steps = sorted(report.steps_seen) if steps == "all" else steps
+    inference = [None] if inference == "all" else list(range(report.inference_count)) if inference == "each" else inference
+    return [dataclasses.replace(base, rollout_step=s, inference_step=k, layer=layer) for s in steps for k in inference for layer in layers]
+
+
+def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict[int, Samples], layers: list, labels: LabelConfig,
+              training: TrainingConfig, output_dir: Path, plot: bool, started: float, command: list[str]) -> list[tuple[dict, Path, Path]]:
+    """Train and evaluate every item; items that share their samples are trained together in one program."""
+    groups: dict[tuple, list] = {}
+    for item in items:
+        samples = samples_by_step[item.rollout_step]
+        rows = np.ones(len(samples.task_id), bool) if item.inference_step is None else samples.inference_index == item.inference_step
+        key = (item.rollout_step, samples.task_id[rows].tobytes(), samples.episode[rows].tobytes())
+        groups.setdefault(key, []).append((item, samples.select(np.flatnonzero(rows), layers.index(item.layer))))
+    written = []
+    with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
+        for members in groups.values():
+            prepared = prepare_folds(members[0][1], report, labels, training)
+            fitted = fit_items(np.stack([selected.features[0] for _, selected in members]), prepared, training)
+            for position, (item, selected) in enumerate(members):
+                results = evaluate_item(selected, {k: v[position] for k, v in fitted.items()}, prepared, report, item, labels, training)
+                results["wall_time_seconds"] = time.perf_counter() - started
+                results["command"] = command
+                stem = result_stem(item, report.inference_times)
+                paths = write_results(results, output_dir, stem)
+                if plot:
+                    write_run_plots(results, selected.features[0], output_dir, stem)
+                written.append((results, *paths))
+                progress.update()
+    return written
+
+
+# -----------------------------------------------------------------------------
+# Report and plots: a results directory as a table, curves and heatmaps (PNG, Agg)
+# -----------------------------------------------------------------------------
+
+REPORT_COLUMNS = [
+    "expert", "layer", "rollout_step", "inference_step", "inference_time", "feature_type", "token_positions", "probe", "loss",
+    "split", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "selectivity", "selectivity_ci_low",
+    "selectivity_ci_high", "cosine_similarity", "cosine_similarity_centered", "constant_predictor_cosine", "chance_accuracy",
+    "top_3_accuracy", "mean_reciprocal_rank", "num_samples", "num_tasks", "num_episodes", "num_folds", "file",
+]
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported only when a plot is asked for."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: Path) -> None:
+    """Write a figure as PNG atomically, then close it."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    pyplot().close(figure)
+    write_atomically(path, buffer.getvalue())
+
+
+def report_row(results: dict, path: Path) -> dict:
+    """One CSV row: what was probed and how well."""
+    data, training, metrics = results["config"]["data"], results["config"]["training"], results["metrics"]
+    intervals = metrics["confidence_intervals"]
+    times = np.unique(results["samples"]["inference_time"])
+    return {
+        "expert": data["expert"], "layer": data["layer"], "rollout_step": data["rollout_step"],
+        "inference_step": "all" if data["inference_step"] is None else data["inference_step"],
+        "inference_time": float(times[0]) if len(times) == 1 and not np.isnan(times[0]) else "",
+        "feature_type": data["feature_type"], "token_positions": results["config"]["token_positions"], "probe": training["probe"],
+        "loss": training["loss"] if training["probe"] == "linear" else "", "split": training["split"],
+        "accuracy": metrics["accuracy"], "accuracy_ci_low": intervals.get("accuracy", ("", ""))[0], "accuracy_ci_high": intervals.get("accuracy", ("", ""))[1],
+        "control_accuracy": metrics.get("control_accuracy", ""), "selectivity": metrics.get("selectivity", ""),
+        "selectivity_ci_low": intervals.get("selectivity", ("", ""))[0], "selectivity_ci_high": intervals.get("selectivity", ("", ""))[1],
+        "cosine_similarity": metrics["cosine_similarity"], "cosine_similarity_centered": metrics["cosine_similarity_centered"],
+        "constant_predictor_cosine": metrics["constant_predictor_cosine"], "chance_accuracy": metrics["chance_accuracy"],
+        "top_3_accuracy": metrics["top_k_accuracy"].get(3, ""), "mean_reciprocal_rank": metrics["mean_reciprocal_rank"],
+        "num_samples": metrics["num_samples"], "num_tasks": metrics["num_tasks"], "num_episodes": metrics["num_episodes"],
+        "num_folds": metrics["num_folds"], "file": path.name,
+    }
+
+
+def series_label(row: dict, varying: list[str]) -> str:
+    """Legend text: the expert plus whatever else varies between the report's lines."""
+    parts = [row["expert"]] + [f"{name.replace('_', ' ')} {row[name]}" for name in varying]
+    return ", ".join(parts)
+
+
+def write_report(directory: Path) -> str:
+    """sweep.csv and by-layer plots from every results file in `directory`; return the printed table."""
+    paths = sorted(directory.glob("results_*.pkl")) if directory.is_dir() else []
+    if not paths:
+        raise ProbeError(f"--report {directory}: no results_*.pkl files there")
+    rows = []
+    for path in paths:
+        with open(path, "rb") as file:
+            try:
+                rows.append(report_row(RestrictedUnpickler(file).load(), path))
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+                log.warning("skipping %s: not a results file of this program (%s)", path, error)
+    if not rows:
+        raise ProbeError(f"--report {directory}: no readable results files")
+    order = lambda row: (row["expert"], row["rollout_step"], str(row["inference_step"]), str(row["feature_type"]), -1 if row["layer"] is None else row["layer"])
+    rows.sort(key=order)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS)
+    writer.writeheader()
+    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    write_atomically(directory / "sweep.csv", buffer.getvalue().encode())
+    layered = [row for row in rows if row["layer"] is not None]
+    if layered:
+        plot_by_layer(layered, directory)
+    header = f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'control':>7} {'select.':>7} {'cosine':>7} {'centered':>8} {'chance':>6} {'samples':>7}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        interval = f"[{row['accuracy_ci_low']:.2f}, {row['accuracy_ci_high']:.2f}]" if row["accuracy_ci_low"] != "" else ""
+        number = lambda value, width: f"{value:{width}.4f}" if value != "" else " " * width
+        lines.append(
+            f"{row['expert']:9} {'-' if row['layer'] is None else row['layer']:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} "
+            f"{row['accuracy']:8.4f} {interval:>15} {number(row['control_accuracy'], 7)} {number(row['selectivity'], 7)} "
+            f"{row['cosine_similarity']:7.4f} {row['cosine_similarity_centered']:8.4f} {row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
+        )
+    lines.append(f"wrote {directory / 'sweep.csv'} and {directory / 'accuracy_by_layer.png'}, {directory / 'cosine_by_layer.png'}" if layered else f"wrote {directory / 'sweep.csv'}")
+    return "\n".join(lines)
+
+
+def plot_by_layer(rows: list[dict], directory: Path) -> None:
+    """Accuracy (with interval, control and chance) and cosine against layer, one line per series."""
+    plt = pyplot()
+    keys = ("rollout_step", "inference_step", "feature_type", "token_positions", "probe", "loss", "split")
+    varying = [key for key in keys if len({row[key] for row in rows}) > 1]
+    series: dict[tuple, list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["expert"], *(row[key] for key in varying)), []).append(row)
+    layers = sorted({row["layer"] for row in rows})
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for members in series.values():
+        x = [row["layer"] for row in members]
+        line = axis.plot(x, [row["accuracy"] for row in members], marker="o", label=series_label(members[0], varying))[0]
+        if all(row["accuracy_ci_low"] != "" for row in members):
+            axis.fill_between(x, [row["accuracy_ci_low"] for row in members], [row["accuracy_ci_high"] for row in members], color=line.get_color(), alpha=0.15)
+        if all(row["control_accuracy"] != "" for row in members):
+            axis.plot(x, [row["control_accuracy"] for row in members], linestyle=":", color=line.get_color(), label=f"{series_label(members[0], varying)} (control)")
+    chance = sorted({row["chance_accuracy"] for row in rows})
+    for value in chance:
+        axis.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"chance {value:.3f}")
+    axis.set(xlabel="layer", ylabel="held-out accuracy", ylim=(-0.02, 1.02), xticks=layers, title="Task retrieval from each layer (95% bootstrap interval shaded)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    save_figure(figure, directory / "accuracy_by_layer.png")
+    figure, (centered, raw) = plt.subplots(1, 2, figsize=(13, 5))
+    for members in series.values():
+        x = [row["layer"] for row in members]
+        line = centered.plot(x, [row["cosine_similarity_centered"] for row in members], marker="o", label=series_label(members[0], varying))[0]
+        raw.plot(x, [row["cosine_similarity"] for row in members], marker="o", color=line.get_color(), label=series_label(members[0], varying))
+        raw.plot(x, [row["constant_predictor_cosine"] for row in members], linestyle="--", color=line.get_color(), label="constant predictor")
+    centered.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Probe's label space (centered T5)")
+    raw.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Raw T5 space (the guide's), with the constant predictor")
+    for axis in (centered, raw):
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    save_figure(figure, directory / "cosine_by_layer.png")
+
+
+def write_run_plots(results: dict, features: np.ndarray, output_dir: Path, stem: str) -> None:
+    """Training curves, confusion matrix, held-out similarity heatmap and a PCA of the features."""
+    plt = pyplot()
+    history, metrics, heldout = results["history"], results["metrics"], results["heldout"]
+    folds, task_ids = metrics["num_folds"], results["tasks"]["task_ids"]
+    if "train_loss" in history:
+        figure, axis = plt.subplots(figsize=(8, 4.5))
+        for f in range(folds):
+            epochs = int(history["epochs_run"][f])
+            line = axis.plot(range(1, epochs + 1), history["train_loss"][f][:epochs], label=f"fold {f} train")[0]
+            axis.plot(range(1, epochs + 1), history["validation_loss"][f][:epochs], linestyle="--", color=line.get_color(), label=f"fold {f} validation")
+            axis.axvline(int(history["best_epoch"][f]), color=line.get_color(), linewidth=0.5)
+        axis.set(xlabel="epoch", ylabel=f"{results['config']['training']['loss']} loss", title=f"Training curves, {stem} (vertical: kept epoch)")
+        axis.legend(fontsize=7, ncol=2)
+        axis.grid(alpha=0.3)
+        save_figure(figure, output_dir / f"curves_{stem}.png")
+    labels = [str(t) for t in task_ids]
+    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    image = axis.imshow(metrics["confusion_matrix"], cmap="Blues")
+    axis.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels, xlabel="predicted task", ylabel="true task",
+             title=f"Held-out confusion, {stem}\naccuracy {metrics['accuracy']:.3f} (chance {metrics['chance_accuracy']:.3f})")
+    figure.colorbar(image, ax=axis, label="samples")
+    save_figure(figure, output_dir / f"confusion_{stem}.png")
+    order = np.argsort(heldout["true_class"], kind="stable")
+    figure, axis = plt.subplots(figsize=(6.5, 6))
+    image = axis.imshow(heldout["similarity"][order], aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    axis.set(xticks=range(len(labels)), xticklabels=labels, xlabel="task embedding", ylabel="held-out sample (grouped by true task)",
+             title=f"Prediction-to-task-embedding cosine, {stem}")
+    figure.colorbar(image, ax=axis, label="cosine")
+    save_figure(figure, output_dir / f"similarity_{stem}.png")
+    centered = (features - features.mean(0)) / np.where(features.std(0) > 1e-6, features.std(0), 1.0)
+    projected = centered @ np.linalg.svd(centered, full_matrices=False)[2][:2].T
+    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    colors = plt.get_cmap("tab20")
+    for position, task in enumerate(task_ids):
+        chosen = results["samples"]["task_id"] == task
+        axis.scatter(projected[chosen, 0], projected[chosen, 1], s=14, color=colors(position % 20), label=str(task))
+    axis.set(xlabel="PC 1", ylabel="PC 2", title=f"Pooled features (standardized), {stem}")
+    axis.legend(title="task", fontsize=7, ncol=2)
+    save_figure(figure, output_dir / f"pca_{stem}.png")
 
 
 # -----------------------------------------------------------------------------
@@ -1365,6 +1691,7 @@ DEMO_DESCRIPTIONS = [
 # (std 1, shared by all tokens of an episode, so pooling cannot average it away).
 DEMO_SIGNAL = {"text": 3.0, "image": 1.0, "action": 0.5}
 DEMO_SILENT_LAYER = 3  # no task signal anywhere in this layer
+DEMO_CAMERA_SIGNAL = {"base_0_rgb": 1.0, "left_wrist_0_rgb": 0.5, "right_wrist_0_rgb": 0.0}  # SigLIP output (vision_latents)
 DEMO_TIMES = [round(1.0 - 0.1 * k, 1) for k in range(10)]  # denoising order: 1.0 ... 0.1
 
 
@@ -1409,8 +1736,8 @@ def write_demo_dataset(
     rng = np.random.default_rng(seed)
     descriptions = descriptions or [DEMO_DESCRIPTIONS[i % len(DEMO_DESCRIPTIONS)] for i in range(num_tasks)]
     vlm_signal = np.zeros(PREFIX_TOKEN_COUNT, dtype=np.float32)
-    vlm_signal[IMAGE_TOKENS] = DEMO_SIGNAL["image"]
-    vlm_signal[TEXT_TOKENS] = DEMO_SIGNAL["text"]
+    vlm_signal[EXPERT_TOKENS["image"]] = DEMO_SIGNAL["image"]
+    vlm_signal[EXPERT_TOKENS["text_only"]] = DEMO_SIGNAL["text"]
     action_signal = np.full(51, DEMO_SIGNAL["action"], dtype=np.float32)
     for task_id, description in enumerate(descriptions):
         vlm_signature = rng.standard_normal(vlm_width, dtype=np.float32)
@@ -1426,6 +1753,10 @@ def write_demo_dataset(
                 for time_value in DEMO_TIMES:
                     step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, action_signature, action_signal, num_layers)
                 step_data["vlm_layer_output"] = demo_expert_entry(rng, vlm_signature, vlm_signal, num_layers)
+                step_data["vision_latents"] = {  # SigLIP output per camera; LIBERO's right wrist image is all zeros
+                    camera: {"pre_logits": (rng.standard_normal((256, vlm_width), dtype=np.float32) + strength * vlm_signature).astype(np.float32)}
+                    for camera, strength in DEMO_CAMERA_SIGNAL.items()
+                }
                 step_data["observation"] = {
                     "agentview_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
                     "wrist_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
@@ -1475,7 +1806,7 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0) -> No
 def prepare_demo(directory: Path) -> None:
     """Write the demo dataset and tiny T5 once; later runs reuse them."""
     marker = directory / "demo.json"
-    settings = {"version": 3, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
+    settings = {"version": 4, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return
     log.warning("writing the demo dataset and a tiny random-weight T5 to %s", directory)
@@ -1488,7 +1819,7 @@ def prepare_demo(directory: Path) -> None:
 # Command line
 # -----------------------------------------------------------------------------
 
-DEMO_DEFAULTS = {"rollout_step": 10, "expert": "text_only", "layer": 5, "task_range": [0, 10], "episode_range": [0, 6]}
+DEMO_DEFAULTS = {"rollout_step": [10], "expert": "text_only", "layer": [5], "task_range": [0, 10], "episode_range": [0, 6]}
 
 
 def non_negative_int(text: str) -> int:
@@ -1523,27 +1854,55 @@ def fraction(text: str) -> float:
     return value
 
 
-def inference_step_value(text: str) -> int | None:
-    """argparse type: 'all' (None) or a denoising index >= 0."""
-    return None if text == "all" else non_negative_int(text)
+def index_list(words: tuple[str, ...]):
+    """argparse type factory: '5', '0,5,10', '0-17' (inclusive) or one of `words` ('all', 'each')."""
+
+    def parse(text: str) -> list[int] | str:
+        if text in words:
+            return text
+        values: list[int] = []
+        for part in text.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not match:
+                raise argparse.ArgumentTypeError(f"expected N, N,M,..., N-M or {' or '.join(words)}; got {text!r}")
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            if last < first:
+                raise argparse.ArgumentTypeError(f"range {part.strip()} runs backwards")
+            values += [v for v in range(first, last + 1) if v not in values]
+        return values
+
+    return parse
+
+
+def shard_value(text: str) -> tuple[int, int]:
+    """argparse type: INDEX/COUNT with 0 <= INDEX < COUNT."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"expected INDEX/COUNT with 0 <= INDEX < COUNT, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface: the guide's options plus ours."""
     parser = argparse.ArgumentParser(
-        description="Linear probe from one layer of a Pi0 expert to the T5 embedding of the task instruction, evaluated on held-out episodes.",
+        description="Linear probe from one layer of a Pi0 expert to the T5 embedding of the task instruction, evaluated on held-out episodes. "
+        "Several layers, rollout steps or denoising steps make a sweep: one result pair per combination, trained together.",
     )
-    what = parser.add_argument_group("what to probe (required unless --demo)")
-    what.add_argument("--rollout_step", type=non_negative_int, help="environment step N of the key 'step_N' (not a position)")
-    what.add_argument("--expert", choices=EXPERTS, help="vlm: VLM tokens 0-815; text_only: tokens 768-815; action: the action expert's own tokens")
-    what.add_argument("--layer", type=non_negative_int, help="layer index (0-17 for Pi0; index 0 is the input embeddings), checked against the data")
+    what = parser.add_argument_group("what to probe (required unless --demo or --report)")
+    what.add_argument("--rollout_step", type=index_list(("all",)), help="environment step N of the key 'step_N' (not a position); several: 10,20 or all (every step present)")
+    what.add_argument("--expert", choices=EXPERTS, help="vlm: VLM tokens 0-815; text_only: 768-815; image: 0-767; action: the action expert's own tokens; visual: SigLIP output of --camera")
+    what.add_argument("--layer", type=index_list(("all",)), help="layer index (0-17 for Pi0; 0 is the input embeddings), checked against the data; several: 0,5,10, 0-17 or all")
     what.add_argument("--data_path", help="directory of task_{id}_{name}.pkl files")
     what.add_argument("--task_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="task ids START..END-1 (end-exclusive: '0 10' is ten tasks)")
     what.add_argument("--episode_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="episodes START..END-1 of each task (end-exclusive)")
-    what.add_argument("--feature_type", default="hidden_states", help="key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: %(default)s)")
+    what.add_argument("--feature_type", default=None, help="key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: hidden_states; pre_logits for visual)")
+    what.add_argument("--inference_step", type=index_list(("all", "each")), default="all", metavar="{all,each,K,K-L,...}",
+                      help="action expert: all = every denoising entry as its own sample, pooled in one result (default); each = one result per denoising step; K = the K-th (0 = t 1.0, 9 = t 0.1); several: 0,9 or 0-4")
+    what.add_argument("--token_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="pool token positions START..END-1 instead of the expert's")
+    what.add_argument("--pooling", choices=("mean", "max", "last"), default="mean", help="over the token positions (default: %(default)s)")
+    what.add_argument("--camera", default="base_0_rgb", help="--expert visual: which vision_latents camera (default: %(default)s)")
     what.add_argument("--strict", action="store_true", help="stop at the first unreadable or malformed task file instead of skipping it with a warning")
     what.add_argument("--trust_pickle", action="store_true", help="UNSAFE: let task files name any Python global, which runs code from the file; only for files you made, with custom classes")
-    what.add_argument("--inference_step", type=inference_step_value, default=None, metavar="{all,K}", help="action expert only: K-th denoising entry (0 = t 1.0, 9 = t 0.1); all = each entry its own sample (default)")
     labels = parser.add_argument_group("labels")
     labels.add_argument("--t5_model", default="t5-small", help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)")
     labels.add_argument("--no_center_labels", action="store_true", help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task embedding")
@@ -1553,23 +1912,27 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--learning_rate", type=positive_float, default=0.001, help="Adam learning rate (default: %(default)s)")
     training.add_argument("--num_epochs", type=positive_int, default=100, help="at most this many epochs; early stopping usually ends sooner (default: %(default)s)")
     training.add_argument("--batch_size", type=positive_int, default=32, help="minibatch size (default: %(default)s)")
-    training.add_argument("--seed", type=int, default=42, help="seeds the split, initialisation and shuffling (default: %(default)s)")
+    training.add_argument("--seed", type=int, default=42, help="seeds the folds, initialisation, shuffling, control labels and bootstrap (default: %(default)s)")
     training.add_argument("--patience", type=positive_int, default=10, help="epochs without validation improvement before stopping (default: %(default)s)")
     training.add_argument("--validation_fraction", type=fraction, default=0.2, help="share of each fold's training episodes (tasks, with --split task) used for early stopping (default: %(default)s)")
     training.add_argument("--probe", choices=("linear", "ridge"), default="linear", help="linear: trained Dense layer; ridge: the same map in closed form, penalty by inner cross-validation (default: %(default)s)")
     training.add_argument("--loss", choices=("cosine", "mse", "contrastive"), default="cosine", help="cosine: 1 - cos (the guide's); contrastive: InfoNCE over the analyzed tasks' embeddings (default: %(default)s)")
+    training.add_argument("--no_standardize", action="store_true", help="do not standardize features with training-set statistics")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--cv_folds", type=positive_int, default=5, help="cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: %(default)s)")
     evaluation.add_argument("--split", choices=("episode", "task"), default="episode", help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe never sees (default: %(default)s)")
     evaluation.add_argument("--no_control", action="store_true", help="skip the control task (the same probe on labels permuted across tasks)")
     evaluation.add_argument("--bootstrap", type=non_negative_int, default=1000, help="resamples of episodes for 95%% confidence intervals; 0 for none (default: %(default)s)")
-    training.add_argument("--no_standardize", action="store_true", help="do not standardize features with training-set statistics")
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="results/linear_probing", help="created if missing (default: %(default)s)")
+    output.add_argument("--skip_existing", action="store_true", help="leave combinations whose two result files exist (resume a killed sweep)")
+    output.add_argument("--shard", type=shard_value, default=None, metavar="INDEX/COUNT", help="run only every COUNT-th combination, starting at INDEX (0-based), e.g. from a job array")
+    output.add_argument("--plot", action="store_true", help="also write each run's training curves, confusion matrix, similarity heatmap and feature PCA (PNG)")
+    output.add_argument("--report", metavar="DIR", help="read every results_*.pkl in DIR, write DIR/sweep.csv and accuracy/cosine-by-layer plots, print the table; nothing else runs")
     output.add_argument("--demo", action="store_true", help=f"write demo data and a tiny T5 under {DEMO_DIR} (once), then probe it; other options override the demo's")
     verbosity = output.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    verbosity.add_argument("--quiet", action="store_true", help="print only warnings and errors, not the summary")
+    verbosity.add_argument("--quiet", action="store_true", help="print only warnings and errors: no summary, no progress bars")
     return parser
 
 
@@ -1577,6 +1940,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """Parse and check options; exit 2 with a one-line message on a bad combination."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.report:
+        return args
     if args.demo:
         for name, value in DEMO_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -1584,33 +1949,42 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         args.data_path = args.data_path or str(DEMO_DIR)
         if args.t5_model == parser.get_default("t5_model"):
             args.t5_model = str(Path(args.data_path) / "t5_tiny")
+    if args.expert == "visual" and args.layer is None:
+        args.layer = [None]  # SigLIP's output has no layers
     missing = [f"--{name}" for name in ("rollout_step", "expert", "layer", "data_path", "task_range", "episode_range") if getattr(args, name) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
-    for name in ("task_range", "episode_range"):
-        start, end = getattr(args, name)
-        if start >= end:
+    for name in ("task_range", "episode_range", "token_range"):
+        if getattr(args, name) is not None and args.__dict__[name][0] >= args.__dict__[name][1]:
+            start, end = getattr(args, name)
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
     if args.cv_folds < 2:
         parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
     if args.probe == "ridge" and args.loss != "cosine":
         parser.error("--loss applies to --probe linear; ridge fits squared error in closed form")
-    if args.inference_step is not None and args.expert != "action":
+    if args.inference_step != "all" and args.expert != "action":
         parser.error(f"--inference_step applies to --expert action only, not {args.expert}")
+    if args.expert == "visual" and args.layer != [None]:
+        parser.error("--layer does not apply to --expert visual: SigLIP's output (vision_latents) has no layer axis")
+    if args.expert != "visual" and args.camera != parser.get_default("camera"):
+        parser.error("--camera applies to --expert visual only")
     return args
 
 
 def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelConfig, TrainingConfig]:
-    """Turn parsed options into the three configurations."""
+    """Turn parsed options into the three configurations (the data one for the first combination)."""
     data = DataConfig(
         data_path=args.data_path,
         task_range=tuple(args.task_range),
         episode_range=tuple(args.episode_range),
-        rollout_step=args.rollout_step,
+        rollout_step=args.rollout_step[0] if isinstance(args.rollout_step, list) else 0,
         expert=args.expert,
-        layer=args.layer,
-        feature_type=args.feature_type,
-        inference_step=args.inference_step,
+        layer=args.layer[0] if isinstance(args.layer, list) else 0,
+        feature_type=args.feature_type or ("pre_logits" if args.expert == "visual" else "hidden_states"),
+        inference_step=None,
+        token_range=tuple(args.token_range) if args.token_range else None,
+        pooling=args.pooling,
+        camera=args.camera,
         trust_pickle=args.trust_pickle,
         strict=args.strict,
         index_dir=str(Path(args.cache_dir) / "file_index"),
@@ -1639,8 +2013,39 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
 # -----------------------------------------------------------------------------
 
 
+def run(args: argparse.Namespace, command: list[str], started: float) -> list[tuple[dict, Path, Path]]:
+    """Resolve the sweep, read what it needs once, train, evaluate and write; return what was written."""
+    if args.demo:
+        prepare_demo(Path(args.data_path))
+    base, labels, training = configs_from_arguments(args)
+    # "all" layers or steps and "each" denoising step come from the data; so do the denoising times in file names.
+    if "all" in (args.layer, args.rollout_step) or args.inference_step != "all":
+        structure = read_files(base, None, None if args.rollout_step == "all" else args.rollout_step)[1]
+    else:
+        structure = ReadReport()
+    items = sweep_items(base, args.layer, args.rollout_step, args.inference_step, structure)
+    output_dir = Path(args.output_dir)
+    stems = {item: result_stem(item, structure.inference_times) for item in items}
+    if args.shard:
+        index, count = args.shard
+        items = items[index::count]
+    if args.skip_existing:
+        done = [item for item in items if all((output_dir / f"{kind}_{stems[item]}{ext}").is_file() for kind, ext in (("results", ".pkl"), ("summary", ".txt")))]
+        if done:
+            log.info("skipping %d combination(s) already written in %s", len(done), output_dir)
+        items = [item for item in items if item not in done]
+    if not items:
+        log.warning("nothing to do: every combination asked for is already written")
+        return []
+    layers = sorted({item.layer for item in items}, key=lambda layer: -1 if layer is None else layer)
+    samples_by_step, report = collect_samples(base, layers, sorted({item.rollout_step for item in items}))
+    report.inference_times = report.inference_times or structure.inference_times
+    log.info("%d combination(s), %d task files, feature width %d", len(items), len(report.files), next(iter(samples_by_step.values())).features.shape[2])
+    return run_sweep(items, report, samples_by_step, layers, labels, training, output_dir, args.plot, started, command)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the pipeline once; return the exit status."""
+    """Run the program; return the exit status."""
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
@@ -1649,27 +2054,28 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     started = time.perf_counter()
     try:
-        if args.demo:
-            prepare_demo(Path(args.data_path))
-        data, labels, training = configs_from_arguments(args)
-        samples, report = collect_samples(data)
-        log.info("%d samples of width %d from %d task files", len(samples.features), samples.features.shape[1], len(report.files))
-        results = run_probe(samples, report, data, labels, training)
-        results["wall_time_seconds"] = time.perf_counter() - started
-        results["command"] = list(sys.argv if argv is None else argv)
-        results_path, summary_path = write_results(results, Path(args.output_dir))
+        if args.report:
+            table = write_report(Path(args.report))
+            if not args.quiet:
+                print(table)
+            return 0
+        written = run(args, list(sys.argv if argv is None else argv), started)
     except ProbeError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return error.exit_code
     if not args.quiet:
-        print(format_summary(results))
+        if len(written) == 1:
+            print(format_summary(written[0][0]))
+        for results, results_path, _ in written if len(written) > 1 else []:
+            data, metrics = results["config"]["data"], results["metrics"]
+            print(f"{results_path.name}: accuracy {metrics['accuracy']:.4f}, selectivity {metrics.get('selectivity', math.nan):.4f}, chance {metrics['chance_accuracy']:.4f}")
         if args.demo:
             print(
                 f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
                 f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
                 "Compare --expert vlm, --expert action, --layer 3."
             )
-    log.info("wrote %s and %s in %.1f s", results_path, summary_path, time.perf_counter() - started)
+        print(f"done in {time.perf_counter() - started:.1f} s: {len(written)} result pair(s) in {args.output_dir}", file=sys.stderr)
     return 0
 
 

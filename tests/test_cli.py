@@ -123,7 +123,9 @@ def test_raw_labels_are_available_and_recorded(run_cli):
         (["--task_range", "5", "5"], "--task_range 5 5: END must be greater than START"),
         (["--expert", "vlm", "--inference_step", "2"], "--inference_step applies to --expert action only"),
         (["--expert", "brain"], "invalid choice: 'brain'"),
-        (["--layer", "-1"], "must be >= 0"),
+        (["--layer", "-1"], "argument --layer: expected N, N,M,..., N-M or all"),
+        (["--layer", "5-2"], "range 5-2 runs backwards"),
+        (["--shard", "2/2"], "expected INDEX/COUNT with 0 <= INDEX < COUNT"),
         (["--learning_rate", "0"], "must be a positive number"),
     ],
 )

@@ -125,16 +125,16 @@ def test_control_permutation_keeps_no_task_in_place(count):
 
 
 def test_label_projection_and_loss_choice_are_applied_and_recorded(run_cli, tmp_path):
-    status, output = run_cli("--expert", "text_only", "--layer", "5", "--label_dim", "4", "--loss", "contrastive", "--no_control")
+    status, output = run_cli("--expert", "text_only", "--layer", "5", "--label_dim", "8", "--loss", "contrastive", "--no_control")
     assert status == 0
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         results = pickle.load(file)
-    assert results["config"]["labels"]["label_dim"] == 4 and results["config"]["training"]["loss"] == "contrastive"
-    assert results["probe"]["kernel"].shape == (5, 16, 4) and results["tasks"]["label_basis"].shape == (5, 4, 32)
+    assert results["config"]["labels"]["label_dim"] == 8 and results["config"]["training"]["loss"] == "contrastive"
+    assert results["probe"]["kernel"].shape == (5, 16, 8) and results["tasks"]["label_basis"].shape == (5, 8, 32)
     assert "control_accuracy" not in results["metrics"]
     assert results["metrics"]["accuracy"] >= 0.8
     summary = (output / "summary_text_only_layer5_step10.txt").read_text()
-    assert "top 4 principal directions" in summary and "loss contrastive" in summary and "Control Task: off" in summary
+    assert "top 8 principal directions" in summary and "loss contrastive" in summary and "Control Task: off" in summary
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ def token_index_array(layers: int, tokens: int, width: int, batch_axis: bool = T
 
 def layer_feature(entry: dict, cfg: lpi.DataConfig) -> np.ndarray:
     """What the reader does per entry: cut the view, then pool it."""
-    return lpi.pool_tokens(lpi.token_view(entry, cfg), cfg.pooling)
+    return lpi.pool_tokens(lpi.token_view(entry, cfg, cfg.layer), cfg.pooling)
 
 
 def config(expert: str, layer: int = 2, **kwargs) -> lpi.DataConfig:
@@ -75,10 +75,6 @@ def test_action_keys_are_found_in_both_namings_and_ordered_by_time(style):
     step.update({"vlm_layer_output": {}, "action": [0.0] * 7, "action_expert_note": "not a dict", "timestep": 10})
     keys = lpi.action_expert_keys(step)
     assert [lpi.denoising_time(k) for k in keys] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
-    entries = lpi.expert_entries(step, config("action", 0, inference_step=9))
-    assert [t for t, _ in entries] == [0.1]
-    with pytest.raises(lpi.OptionError, match="has 10 denoising entries"):
-        lpi.expert_entries(step, config("action", 0, inference_step=10))
     assert [t for t, _ in lpi.expert_entries(step, config("action", 0))] == sorted(times, reverse=True)
     assert math.isnan(lpi.expert_entries({"vlm_layer_output": {}}, config("vlm"))[0][0])
 
@@ -100,14 +96,16 @@ def test_rollout_step_is_chosen_by_key_and_missing_steps_are_skipped(tmp_path):
         "episode_1": {"rollout_steps": {"step_10": vlm_step(11.0)}},
     })
     cfg = lpi.DataConfig(data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 3), rollout_step=30, expert="vlm", layer=1)
-    samples, report = lpi.collect_samples(cfg)
-    np.testing.assert_array_equal(samples.features, [[30.0] * 3])
+    by_step, report = lpi.collect_samples(cfg, [1], [30])
+    samples = by_step[30]
+    np.testing.assert_array_equal(samples.features, [[[30.0] * 3]])
     assert samples.episode.tolist() == [0] and samples.step.tolist() == [30]
-    assert report.episodes_without_step == [(0, 1)]
+    assert report.episodes_without_step == {30: [(0, 1)]}
     assert report.missing_episodes == [(0, 2)]
     assert report.missing_tasks == [1]
+    assert report.steps_seen == {10, 30}
     with pytest.raises(lpi.ProbeError, match="no episode in the ranges has step_20; rollout steps present: 10, 30"):
-        lpi.collect_samples(lpi.dataclasses.replace(cfg, rollout_step=20))
+        lpi.collect_samples(cfg, [1], [20])
 
 
 def test_task_files_are_matched_by_exact_id(tmp_path):

@@ -97,7 +97,8 @@ def test_fit_probes_recovers_a_linear_map_and_stops_early():
     train = np.arange(180) % 3 != 0
     validation = np.arange(180) % 3 == 0
     config = lpi.TrainingConfig(num_epochs=400, learning_rate=0.01)
-    fitted = lpi.train_linear_probes(features, sample_class, classes[None], np.ones((1, 6), bool), train[None], validation[None], config)
+    fitted = lpi.train_linear_probes(features[None], sample_class, classes[None], np.ones((1, 6), bool), train[None], validation[None], config)
+    fitted = {key: value[0] for key, value in fitted.items()}  # the one item
     prediction = ((features - fitted["feature_mean"][0]) / fitted["feature_std"][0]) @ fitted["kernel"][0] + fitted["bias"][0]
     assert lpi.row_cosine(prediction, classes[sample_class]).mean() > 0.99
     epochs = int(fitted["epochs_run"][0])

@@ -203,13 +203,13 @@ def test_wrong_structure_skips_the_file_by_default_and_stops_under_strict(tmp_pa
     bad = tmp_path / "task_1_bad.pkl"
     bad.write_bytes(pickle.dumps(structure_cases()[case], protocol=4))
     config = lpi.DataConfig(data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 2), rollout_step=10, expert="vlm", layer=1)
-    samples, report = lpi.collect_samples(config)
-    assert set(samples.task_id) == {0}
+    by_step, report = lpi.collect_samples(config, [1], [10])
+    assert set(by_step[10].task_id) == {0}
     assert list(report.skipped_files) == [str(bad)] and str(bad) in report.skipped_files[str(bad)]
     assert 1 not in report.descriptions
     assert "skipping" in caplog.text and "task_1_bad.pkl" in caplog.text
     with pytest.raises(lpi.BadFileError, match="task_1_bad.pkl"):
-        lpi.collect_samples(lpi.dataclasses.replace(config, strict=True))
+        lpi.collect_samples(lpi.dataclasses.replace(config, strict=True), [1], [10])
 
 
 def test_cli_skips_a_bad_file_lists_it_and_strict_exits_1(run_cli, demo_data, tmp_path, capsys):
@@ -250,7 +250,7 @@ before = peak_rss()
 if mode == "full":
     lpi.read_task_file = lambda path, trust, index_dir: pickle.load(open(path, "rb"))
 config = lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, 3), rollout_step=10, expert="text_only", layer=5)
-rows = lpi.samples_from_file(path, 0, config, lpi.ReadReport())
+rows = lpi.samples_from_file(path, 0, config, [5], [10], lpi.ReadReport())
 assert len(rows) == 3
 print(peak_rss() - before)
 """
