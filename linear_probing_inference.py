@@ -613,7 +613,8 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
     views, missing, without_step, steps_seen, counts = [], [], {}, set(), {"layers": 0, "inference": math.inf}
-    for episode, episode_steps in episodes_of(task_data, path, config):
+    episodes = tqdm(episodes_of(task_data, path, config), desc=f"task {task_id} episodes", unit="episode", disable=progress_disabled(), leave=False)
+    for episode, episode_steps in episodes:
         if episode_steps is None:
             missing.append((task_id, episode))
             continue
@@ -1602,7 +1603,8 @@ def plot_by_layer(rows: list[dict], directory: Path) -> None:
     """Accuracy (with interval, control and chance) and cosine against layer, one line per series."""
     plt = pyplot()
     keys = ("rollout_step", "inference_step", "feature_type", "token_positions", "probe", "loss", "split")
-    varying = [key for key in keys if len({row[key] for row in rows}) > 1]
+    experts = {row["expert"] for row in rows}  # token positions follow the expert: name them only when they vary within one
+    varying = [key for key in keys if any(len({row[key] for row in rows if row["expert"] == expert}) > 1 for expert in experts)]
     series: dict[tuple, list[dict]] = {}
     for row in rows:
         series.setdefault((row["expert"], *(row[key] for key in varying)), []).append(row)
@@ -1619,19 +1621,19 @@ def plot_by_layer(rows: list[dict], directory: Path) -> None:
     for value in chance:
         axis.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"chance {value:.3f}")
     axis.set(xlabel="layer", ylabel="held-out accuracy", ylim=(-0.02, 1.02), xticks=layers, title="Task retrieval from each layer (95% bootstrap interval shaded)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axis.grid(alpha=0.3)
     save_figure(figure, directory / "accuracy_by_layer.png")
     figure, (centered, raw) = plt.subplots(1, 2, figsize=(13, 5))
-    for members in series.values():
+    for number, members in enumerate(series.values()):
         x = [row["layer"] for row in members]
         line = centered.plot(x, [row["cosine_similarity_centered"] for row in members], marker="o", label=series_label(members[0], varying))[0]
         raw.plot(x, [row["cosine_similarity"] for row in members], marker="o", color=line.get_color(), label=series_label(members[0], varying))
-        raw.plot(x, [row["constant_predictor_cosine"] for row in members], linestyle="--", color=line.get_color(), label="constant predictor")
+        raw.plot(x, [row["constant_predictor_cosine"] for row in members], linestyle="--", color="grey", label=None if number else "constant predictor (mean embedding)")
     centered.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Probe's label space (centered T5)")
     raw.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Raw T5 space (the guide's), with the constant predictor")
     for axis in (centered, raw):
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     save_figure(figure, directory / "cosine_by_layer.png")
 
