@@ -883,7 +883,7 @@ def fit_probes(
     known_classes: jnp.ndarray,
     train_mask: jnp.ndarray,
     validation_mask: jnp.ndarray,
-    keys: jax.Array,
+    seed: jnp.ndarray,
     *,
     loss: str,
     learning_rate: float,
@@ -898,12 +898,13 @@ def fit_probes(
     Shapes: features (devices, items, n, d_in) — the layers (or denoising steps) of a sweep, one block
     per device; sample_class (n,);
     per copy (folds, then controls): class_embeddings (C, d), known_classes (C,), train and
-    validation masks (n,), keys. The epoch loop is a `while_loop`; each probe keeps the
+    validation masks (n,); the seed. The epoch loop is a `while_loop`; each probe keeps the
     parameters of its best validation epoch.
     """
     model = LinearProbe(class_embeddings.shape[-1])
     optimizer = optax.adam(learning_rate)
     sample_count = features.shape[-2]
+    keys = jax.random.split(jax.random.PRNGKey(seed), train_mask.shape[0])  # the same per copy in every item
 
     def fit_one(item_features, classes, known, train, validation, key):
         train_weight = train.astype(jnp.float32)
@@ -1012,7 +1013,6 @@ def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, class_em
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
     steps_per_epoch = max(-(-largest // batch_size), config.min_steps_per_epoch)
-    keys = jax.random.split(jax.random.PRNGKey(config.seed), len(train_mask))  # the same per copy in every item
     items, devices = len(features), jax.local_devices()
     padded = np.concatenate([features, np.repeat(features[-1:], -items % len(devices), axis=0)])  # equal blocks per device
     stacked = jnp.asarray(padded.reshape(len(devices), -1, *features.shape[1:]))
@@ -1021,7 +1021,7 @@ def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, class_em
         stacked = jax.device_put(stacked, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices")))
     fitted = fit_probes(
         stacked, jnp.asarray(sample_class), jnp.asarray(class_embeddings), jnp.asarray(known_classes),
-        jnp.asarray(train_mask), jnp.asarray(validation_mask), keys,
+        jnp.asarray(train_mask), jnp.asarray(validation_mask), np.int32(config.seed),
         loss=config.loss, learning_rate=config.learning_rate, num_epochs=config.num_epochs, batch_size=batch_size,
         patience=config.patience, steps_per_epoch=steps_per_epoch, standardize=config.standardize,
     )
