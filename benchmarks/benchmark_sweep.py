@@ -45,7 +45,7 @@ def program(data: Path, t5: Path, cache: Path, output: Path, expert: str, layers
 
 def timed(commands: list[list[str]]) -> float:
     """Run the commands one after another; wall seconds."""
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    environment = dict(os.environ)  # JAX picks the accelerator if there is one
     start = time.perf_counter()
     for command in commands:
         subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)")
     parser.add_argument("--sizes", nargs="+", default=["demo", "full"], choices=list(SIZES))
     parser.add_argument("--expert", default="vlm", choices=lpi.EXPERTS)
+    parser.add_argument("--caches", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="sweep_benchmark_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def main() -> None:
             if not data.exists():
                 lpi.write_demo_dataset(data, **SIZES[size])
             gigabytes = sum(p.stat().st_size for p in data.glob("task_*.pkl")) / 1e9
-            for cache_state in ("cold", "warm"):
+            for cache_state in args.caches:
                 figures = {}
                 for way in ("loop", "sweep"):
                     cache, output = work / f"cache_{size}", work / f"out_{size}_{way}"  # one cache path: it is recorded in the results
