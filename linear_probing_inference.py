@@ -1087,11 +1087,6 @@ def unit_rows(values: np.ndarray) -> np.ndarray:
     return values / (np.linalg.norm(values, axis=-1, keepdims=True) + EPSILON)
 
 
-def nearest_class(predictions: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
-    """Index of the class embedding with the highest cosine to each prediction."""
-    return np.argmax(unit_rows(predictions) @ unit_rows(class_embeddings).T, axis=1)
-
-
 def row_cosine(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Cosine between matching rows."""
     return np.sum(unit_rows(predictions) * unit_rows(targets), axis=-1)
@@ -1311,7 +1306,10 @@ def evaluate_item(samples: Samples, fitted: dict, prepared: dict, report: ReadRe
 def describe_split(training: TrainingConfig, folds: int) -> str:
     """How samples were held out, in words."""
     unit = "whole tasks (retrieval of unseen tasks' embeddings)" if training.split == "task" else "whole episodes, every task on every training side"
-    return f"{folds}-fold cross-validation over {unit}; early stopping on {training.validation_fraction:g} of each fold's training {'tasks' if training.split == 'task' else 'episodes'}"
+    if training.probe == "ridge":
+        return f"{folds}-fold cross-validation over {unit}; ridge penalty chosen by inner cross-validation on each fold's training side"
+    kind = "tasks" if training.split == "task" else "episodes"
+    return f"{folds}-fold cross-validation over {unit}; early stopping on {training.validation_fraction:g} of each fold's training {kind}"
 
 
 def describe_label_space(labels: LabelConfig) -> str:
