@@ -1017,6 +1017,7 @@ def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, class_em
     padded = np.concatenate([features, np.repeat(features[-1:], -items % len(devices), axis=0)])  # equal blocks per device
     stacked = jnp.asarray(padded.reshape(len(devices), -1, *features.shape[1:]))
     if len(devices) > 1:
+        log.info("training %d item(s) in blocks spread over %d devices", items, len(devices))
         mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
         stacked = jax.device_put(stacked, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices")))
     fitted = fit_probes(
@@ -1761,7 +1762,8 @@ def write_demo_dataset(
                     step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, action_signature, action_signal, num_layers)
                 step_data["vlm_layer_output"] = demo_expert_entry(rng, vlm_signature, vlm_signal, num_layers)
                 step_data["vision_latents"] = {  # SigLIP output per camera; LIBERO's right wrist image is all zeros
-                    camera: {"pre_logits": (rng.standard_normal((256, vlm_width), dtype=np.float32) + strength * vlm_signature).astype(np.float32)}
+                    camera: {"pre_logits": (rng.standard_normal((256, vlm_width), dtype=np.float32) + rng.standard_normal(vlm_width, dtype=np.float32)
+                                            + strength * vlm_signature).astype(np.float32)}
                     for camera, strength in DEMO_CAMERA_SIGNAL.items()
                 }
                 step_data["observation"] = {
@@ -1784,7 +1786,10 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0) -> No
     """Save a small random-weight T5 encoder with its own sentencepiece vocabulary (offline stand-in for t5-small)."""
     import sentencepiece
     import torch
+    import transformers
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    transformers.utils.logging.disable_progress_bar()
 
     model_proto = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -1813,7 +1818,7 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0) -> No
 def prepare_demo(directory: Path) -> None:
     """Write the demo dataset and tiny T5 once; later runs reuse them."""
     marker = directory / "demo.json"
-    settings = {"version": 4, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
+    settings = {"version": 5, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return
     log.warning("writing the demo dataset and a tiny random-weight T5 to %s", directory)
@@ -1949,6 +1954,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report:
         return args
+    if args.expert == "visual" and args.layer is None:
+        args.layer = [None]  # SigLIP's output has no layers
     if args.demo:
         for name, value in DEMO_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -1956,8 +1963,6 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         args.data_path = args.data_path or str(DEMO_DIR)
         if args.t5_model == parser.get_default("t5_model"):
             args.t5_model = str(Path(args.data_path) / "t5_tiny")
-    if args.expert == "visual" and args.layer is None:
-        args.layer = [None]  # SigLIP's output has no layers
     missing = [f"--{name}" for name in ("rollout_step", "expert", "layer", "data_path", "task_range", "episode_range") if getattr(args, name) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
