@@ -2047,7 +2047,7 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
             log.info("skipping %d combination(s) already written in %s", len(done), output_dir)
         items = [item for item in items if item not in done]
     if not items:
-        log.warning("nothing to do: every combination asked for is already written")
+        log.warning("nothing to do: no combination is left for this shard, or all are already written")
         return []
     layers = sorted({item.layer for item in items}, key=lambda layer: -1 if layer is None else layer)
     samples_by_step, report = collect_samples(base, layers, sorted({item.rollout_step for item in items}))
