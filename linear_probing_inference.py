@@ -280,27 +280,6 @@ class MappingUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def resolve_pending(value, mapped: mmap.mmap):
-    """Replace placeholders left in the graph (shared references, raw payloads) by their values."""
-    if isinstance(value, PendingArray):
-        if value.array is None:
-            raise pickle.UnpicklingError("an array was never filled in")
-        return value.array
-    if isinstance(value, FileRegion):
-        return bytes(mapped[value.offset : value.offset + value.length])
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, (dict, list, tuple, PendingArray, FileRegion)):
-                value[key] = resolve_pending(item, mapped)
-        return value
-    if isinstance(value, list):
-        value[:] = [resolve_pending(item, mapped) for item in value]
-        return value
-    if isinstance(value, tuple):
-        return tuple(resolve_pending(item, mapped) for item in value)
-    return value
-
-
 MAPPED_ARRAY = "\x00mapped array"  # marks (MAPPED_ARRAY, offset, dtype, shape, order) in a file index
 INDEX_FORMAT = 1
 
@@ -311,7 +290,7 @@ def is_mapped_spec(value) -> bool:
 
 
 def replace_arrays(value, replace):
-    """Copy of a small object graph with each array passed through `replace` (dict/list/tuple walked)."""
+    """Copy of a small object graph with each leaf (array, placeholder, ...) passed through `replace`."""
     if isinstance(value, dict):
         return type(value)((key, replace_arrays(item, replace)) for key, item in value.items())  # OrderedDict stays one
     if isinstance(value, list):
@@ -319,6 +298,17 @@ def replace_arrays(value, replace):
     if isinstance(value, tuple) and not is_mapped_spec(value):
         return tuple(replace_arrays(item, replace) for item in value)
     return replace(value)
+
+
+def resolve_pending(value, mapped: mmap.mmap):
+    """A placeholder left in the graph (a shared array reference, a raw payload) replaced by its value."""
+    if isinstance(value, PendingArray):
+        if value.array is None:
+            raise pickle.UnpicklingError("an array was never filled in")
+        return value.array
+    if isinstance(value, FileRegion):
+        return bytes(mapped[value.offset : value.offset + value.length])
+    return value
 
 
 def index_file_for(path: Path, index_dir: str) -> Path:
@@ -356,7 +346,7 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
                 data = read_index(index_file, mapped, trust) if index_file else None
                 if data is None:
                     unpickler = MappingUnpickler(file, mapped, trust)
-                    data = resolve_pending(unpickler.load(), mapped)
+                    data = replace_arrays(unpickler.load(), lambda value: resolve_pending(value, mapped))
                     if index_file:
                         write_index(index_file, replace_arrays(data, lambda v: unpickler.mapped_specs.get(id(v), v)))
     except BadFileError:
