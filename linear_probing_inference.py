@@ -621,7 +621,7 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list
                 entries = expert_entries(step_data, config)
                 counts["layers"] = counts["layers"] or layer_count(entries[0][1], config)
                 counts["inference"] = min(counts["inference"], len(entries))
-                report.inference_times = report.inference_times or [time for time, _ in entries]
+                counts["times"] = counts.get("times") or [time for time, _ in entries]
                 for index, (inference_time, entry) in enumerate(entries if layers is not None else []):
                     views.append((step, task_id, episode, inference_time, index, [token_view(entry, config, layer) for layer in layers]))
             except OptionError:
@@ -639,6 +639,7 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list
         report.episodes_without_step.setdefault(step, []).extend(pairs)
     report.steps_seen |= steps_seen
     report.layer_count = report.layer_count or counts["layers"]
+    report.inference_times = report.inference_times or counts.get("times", [])
     if counts["inference"] != math.inf:
         report.inference_count = min(report.inference_count or counts["inference"], counts["inference"])
     return rows
