@@ -1182,7 +1182,8 @@ def evaluate_item(samples: Samples, fitted: dict, prepared: dict, report: ReadRe
 
     prediction = predict(fold)  # every sample predicted by the probe that never saw its fold
     fold_classes = space["classes"][fold]  # (n, C, d): each sample's fold's label space
-    similarity = np.einsum("nd,ncd->nc", unit_rows(prediction), unit_rows(fold_classes))
+    unit_fold_classes = unit_rows(fold_classes)
+    similarity = np.einsum("nd,ncd->nc", unit_rows(prediction), unit_fold_classes)
     heldout = retrieval(similarity, sample_class)
     target = fold_classes[np.arange(len(fold)), sample_class]
     cosine = row_cosine(prediction, target)
@@ -1195,7 +1196,7 @@ def evaluate_item(samples: Samples, fitted: dict, prepared: dict, report: ReadRe
 
     if training.control:
         control_prediction = predict(fold + folds)
-        control_similarity = np.einsum("nd,ncd->nc", unit_rows(control_prediction), unit_rows(fold_classes))
+        control_similarity = np.einsum("nd,ncd->nc", unit_rows(control_prediction), unit_fold_classes)
         control = retrieval(control_similarity, control_permutation[sample_class])
     training_correct = np.concatenate([
         retrieval(np.einsum("nd,cd->nc", unit_rows(predict(np.full(len(fold), f))[train[f]]), unit_rows(space["classes"][f])), sample_class[train[f]])["correct"]
