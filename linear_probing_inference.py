@@ -24,6 +24,7 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import itertools
 import json
 import logging
 import math
@@ -36,7 +37,9 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 # JAX grabs 75% of a GPU at start-up; a probe needs megabytes and GPUs are shared.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -45,6 +48,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import scipy.special  # noqa: E402
+import scipy.stats  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -61,6 +66,7 @@ PREFIX_TOKEN_COUNT = 816
 EXPERT_TOKENS = {"vlm": slice(0, PREFIX_TOKEN_COUNT), "text_only": slice(768, 816), "image": slice(0, 768)}
 EXPERTS = ("vlm", "text_only", "image", "action", "visual")
 EPSILON = 1e-8  # as in the guide's cosine
+DEFAULT_TASK_SPLIT_PERMUTATIONS = 20  # the permutation null of --split task
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linear_probing"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
@@ -110,10 +116,22 @@ class TrainingConfig:
     split: str = "episode"  # "episode": held-out episodes of seen tasks; "task": held-out tasks
     validation_fraction: float = 0.2  # of each fold's training episodes (or tasks), for early stopping
     standardize: bool = True  # features, with each fold's training-set statistics
-    control: bool = True  # also train on labels permuted across tasks (Hewitt & Liang)
-    bootstrap: int = 1000  # resamples of episodes for 95% intervals (0: none)
+    control: bool = True  # also train on task -> embedding assignments permuted across tasks
+    permutations: int | None = None  # permuted assignments trained (the null); None: 20 with split "task", else 1
+    repeats: int = 1  # seeds of folds and initialisation; metrics are averaged over them
+    mdl: bool = False  # also the online (prequential) codelength over blocks of whole units
+    bootstrap: int = 1000  # resamples of whole episodes (split "task": whole tasks) for 95% intervals (0: none)
     probe: str = "linear"  # "linear": trained Dense layer; "ridge": closed form
     loss: str = "cosine"  # "cosine" (the guide's), "mse" or "contrastive"
+
+    @property
+    def null_size(self) -> int:
+        """How many permuted assignments are trained: 0 without the control."""
+        if not self.control:
+            return 0
+        if self.permutations is not None:
+            return self.permutations
+        return DEFAULT_TASK_SPLIT_PERMUTATIONS if self.split == "task" else 1
 
 
 class ProbeError(Exception):
@@ -785,6 +803,16 @@ def cosine_similarity(predictions: jnp.ndarray, targets: jnp.ndarray) -> jnp.nda
     return jnp.sum(predictions * targets, axis=-1)
 
 
+RELATIVE_STD_FLOOR = 1e-5  # a feature whose spread is below this share of the widest one's counts as constant
+
+
+def usable_std(std):
+    """Feature std to divide by: constant features (relative to the layer's widest spread, whatever its units or
+    dtype) get 1, so they stay near zero instead of blowing up rounding noise. numpy or JAX arrays alike."""
+    constant = std <= RELATIVE_STD_FLOOR * std.max()
+    return std * ~constant + constant
+
+
 def sample_losses(predictions: jnp.ndarray, own_class: jnp.ndarray, classes: jnp.ndarray, known_classes: jnp.ndarray, loss: str) -> jnp.ndarray:
     """Per-sample loss: `cosine` 1 - cos (the guide's), `mse`, or `contrastive` (InfoNCE over the known tasks)."""
     targets = classes[own_class]
@@ -850,17 +878,175 @@ def validation_masks(task_id: np.ndarray, episode: np.ndarray, fold: np.ndarray,
     return masks
 
 
-def derangement(count: int, seed: int) -> np.ndarray:
-    """A seeded permutation of range(count) that keeps no element in place (the control task's labels)."""
-    rng = np.random.default_rng([seed, 2])
+def derangement(count: int, seed: int, index: int = 0) -> np.ndarray:
+    """The index-th seeded permutation of range(count) that keeps no element in place (a permuted assignment)."""
+    rng = np.random.default_rng([seed, 2, index])
     while True:
         permutation = rng.permutation(count)
         if count < 2 or not np.any(permutation == np.arange(count)):
             return permutation
 
 
+def resampling_units(task_id: np.ndarray, episode: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The unit held-out results are correlated within, and the strata units are resampled in.
+
+    Split "task": whole tasks (a held-out task's samples share one probe and one target). Split "episode": whole
+    episodes, resampled within their task so that every resample keeps the task mix.
+    """
+    if split == "task":
+        return task_id.copy(), None
+    return task_id * 1_000_000 + episode, task_id.copy()
+
+
+# Online code (Voita & Titov 2020): blocks end at these shares of the units, each coded by a probe trained on all
+# before it. Their doubling blocks start at 0.1%; a few dozen episodes allow five.
+MDL_BLOCK_ENDS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+
+
+def mdl_blocks(unit: np.ndarray, stratum: np.ndarray | None, seed: int) -> np.ndarray:
+    """Block of every sample for the online code: units in a seeded order (tasks taking turns, so every prefix covers
+    the tasks evenly under split "episode"), cut at MDL_BLOCK_ENDS; the first block holds at least 2 units."""
+    rng = np.random.default_rng([seed, 4])
+    if stratum is None:
+        order = list(rng.permutation(np.unique(unit)))
+    else:
+        queues = [list(rng.permutation(np.unique(unit[stratum == s]))) for s in rng.permutation(np.unique(stratum))]
+        order = [u for turn in itertools.zip_longest(*queues) for u in turn if u is not None]
+    ends = sorted({max(2, math.ceil(share * len(order))) for share in MDL_BLOCK_ENDS})
+    block_of_unit = {}
+    for block, (start, end) in enumerate(zip([0, *ends], ends)):
+        block_of_unit.update({u: block for u in order[start:end]})
+    return np.array([block_of_unit[u] for u in unit])
+
+
+def prefix_validation(unit: np.ndarray, prefix: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Early-stopping samples of an MDL probe: a seeded share of the whole units in its training prefix."""
+    units = np.random.default_rng([seed, 5]).permutation(np.unique(unit[prefix]))
+    count = max(1, round(len(units) * fraction)) if len(units) >= 3 else 0
+    return prefix & np.isin(unit, units[:count])
+
+
+@dataclasses.dataclass(frozen=True)
+class Copies:
+    """Every probe trained on one set of samples, side by side in one compiled program. Axis 0 is the copy: the
+    cross-validation folds of each (repeat, assignment), then the MDL block probes."""
+
+    repeat: np.ndarray  # (M,) seed offset of the copy's folds and initialisation
+    assignment: np.ndarray  # (M,) 0: every task's own embedding; p >= 1: the p-th permuted assignment
+    fold: np.ndarray  # (M,) the test fold the copy never saw; -1 for an MDL block probe
+    block: np.ndarray  # (M,) MDL: the block the copy codes, trained on the blocks before it; -1 for a fold probe
+    classes: np.ndarray  # (M, C, d) each class's target in the copy's label space (row j: class j's samples')
+    known: np.ndarray  # (M, C) classes the copy fits (the contrastive loss's candidates)
+    train: np.ndarray  # (M, n) samples fitted
+    validation: np.ndarray  # (M, n) samples for early stopping and the softmax temperature
+    label_mean: np.ndarray  # (M, D) subtracted from the raw T5 embeddings (zero without centering)
+    label_basis: np.ndarray  # (M, d, D) label-space coordinates = (raw - label_mean) @ label_basis.T
+
+    def fold_copies(self, repeat: int, assignment: int) -> np.ndarray:
+        """Indices of one (repeat, assignment)'s fold probes, in fold order."""
+        chosen = (self.repeat == repeat) & (self.assignment == assignment) & (self.fold >= 0)
+        return np.flatnonzero(chosen)[np.argsort(self.fold[chosen])]
+
+    def identity(self) -> np.ndarray:
+        """(M, 4) integers naming each copy; its initialisation key is derived from them, not from its position."""
+        return np.stack([self.repeat, self.assignment, self.fold, self.block], axis=1).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """How one set of samples is labelled and held out; shared by every item (layer) with these samples."""
+
+    task_ids: list[int]
+    descriptions: list[str]  # one class per unique description: two task ids with one instruction share a target
+    sample_class: np.ndarray  # (n,) class of every sample
+    unit: np.ndarray  # (n,) resampling unit: a (task, episode) id, or the task id under split "task"
+    stratum: np.ndarray | None  # (n,) task under split "episode": units are resampled within it
+    fold: np.ndarray  # (repeats, n) test fold of every sample in each repeat
+    folds: int
+    raw: np.ndarray  # (C, D) T5 embedding of every class
+    assignments: np.ndarray  # (1 + null, C): row 0 the identity, then the permuted task -> embedding assignments
+    mdl_block: np.ndarray | None  # (n,) block of the online code, when --mdl
+    copies: Copies
+
+
+def design_for(samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig) -> Design:
+    """Classes, folds of every repeat, permuted assignments, MDL blocks and the copies they imply."""
+    task_ids = sorted(set(samples.task_id.tolist()))
+    descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
+    sample_class = np.array([descriptions.index(descriptions_by_task[t]) for t in samples.task_id], dtype=np.int64)
+    unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
+    repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeats)]
+    fold_sets = [assign_folds(samples.task_id, samples.episode, repeat) for repeat in repeats]
+    folds = fold_sets[0][1]
+    validation = [validation_masks(samples.task_id, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)]
+    assignments = np.stack([np.arange(len(descriptions))] + [
+        derangement(len(descriptions), training.seed, index) for index in range(training.null_size)
+    ])
+    blocks = mdl_blocks(unit, stratum, training.seed) if training.mdl else None
+    specs = []
+    for repeat, assignment in [(r, 0) for r in range(training.repeats)] + [(0, a) for a in range(1, len(assignments))]:
+        fold = fold_sets[repeat][0]
+        for f in range(folds):
+            held = validation[repeat][f]
+            specs.append(CopySpec(repeat, assignment, f, -1, (fold != f) & ~held, held, fold != f))
+    for assignment in range(min(len(assignments), 2) if blocks is not None else 0):  # the probe, and the control
+        for block in range(1, blocks.max() + 1):
+            prefix = blocks < block
+            held = prefix_validation(unit, prefix, training.validation_fraction, training.seed + block)
+            specs.append(CopySpec(0, assignment, -1, block, prefix & ~held, held, prefix))
+    raw = t5_labels(descriptions, labels)
+    return Design(task_ids, descriptions, sample_class, unit, stratum, np.stack([f for f, _ in fold_sets]), folds, raw,
+                  assignments, blocks, copies_for(specs, raw, assignments, sample_class, labels))
+
+
+class CopySpec(NamedTuple):
+    """One probe to train: who it is and which samples it fits, stops on, and takes its label space from."""
+
+    repeat: int
+    assignment: int
+    fold: int
+    block: int
+    train: np.ndarray  # (n,) bool
+    validation: np.ndarray  # (n,) bool
+    training_side: np.ndarray  # (n,) bool: train and validation, the samples whose classes define the label space
+
+
+def pad_axis(array: np.ndarray, axis: int, width: int) -> np.ndarray:
+    """`array` with zeros appended along `axis` up to `width`."""
+    padding = [(0, 0)] * array.ndim
+    padding[axis] = (0, width - array.shape[axis])
+    return np.pad(array, padding)
+
+
+def copies_for(specs: list[CopySpec], raw: np.ndarray, assignments: np.ndarray, sample_class: np.ndarray,
+               labels: LabelConfig) -> Copies:
+    """Stack the copies; each assignment's label spaces come from its own (permuted) embedding table and the classes on
+    the copy's training side, exactly as for the probe."""
+    classes = np.arange(len(raw))
+    spaces = {}
+    for assignment in sorted({spec.assignment for spec in specs}):
+        members = [i for i, spec in enumerate(specs) if spec.assignment == assignment]
+        known = [np.flatnonzero(np.isin(classes, sample_class[specs[i].training_side])) for i in members]
+        space = label_spaces(raw[assignments[assignment]], known, labels)
+        spaces.update({i: (space["mean"][k], space["basis"][k], space["classes"][k]) for k, i in enumerate(members)})
+    width = max(basis.shape[0] for _, basis, _ in spaces.values())  # label spaces of lower rank: zero directions added
+    ordered = [spaces[i] for i in range(len(specs))]
+    return Copies(
+        repeat=np.array([spec.repeat for spec in specs]),
+        assignment=np.array([spec.assignment for spec in specs]),
+        fold=np.array([spec.fold for spec in specs]),
+        block=np.array([spec.block for spec in specs]),
+        classes=np.stack([pad_axis(targets, 1, width) for _, _, targets in ordered]).astype(np.float32),
+        known=np.stack([np.isin(classes, sample_class[spec.train]) for spec in specs]),
+        train=np.stack([spec.train for spec in specs]),
+        validation=np.stack([spec.validation for spec in specs]),
+        label_mean=np.stack([mean for mean, _, _ in ordered]),
+        label_basis=np.stack([pad_axis(basis, 0, width) for _, basis, _ in ordered]),
+    )
+
+
 # -----------------------------------------------------------------------------
-# Training: every probe of a run (folds x probe/control) in one jitted program
+# Training: every probe of a run (folds x assignments x repeats, MDL blocks) in one jitted program
 # -----------------------------------------------------------------------------
 
 
@@ -875,6 +1061,7 @@ def fit_probes(
     train_mask: jnp.ndarray,
     validation_mask: jnp.ndarray,
     seed: jnp.ndarray,
+    copy_identity: jnp.ndarray,
     *,
     loss: str,
     learning_rate: float,
@@ -887,30 +1074,33 @@ def fit_probes(
     """Train one probe per item and copy (vmapped twice): Adam, shuffled minibatches, early stopping.
 
     Shapes: features (devices, items, n, d_in) — the layers (or denoising steps) of a sweep, one block
-    per device; sample_class (n,);
-    per copy (folds, then controls): class_embeddings (C, d), known_classes (C,), train and
-    validation masks (n,); the seed. The epoch loop is a `while_loop`; each probe keeps the
-    parameters of its best validation epoch.
+    per device, centered over all samples (see train_linear_probes); sample_class (n,);
+    per copy (see Copies): class_embeddings (C, d), known_classes (C,), train and validation masks (n,),
+    copy_identity (4,). The epoch loop is a `while_loop`; each probe keeps the parameters of its best
+    validation epoch. One function, since splitting the loop's state across functions would hide it.
     """
     model = LinearProbe(class_embeddings.shape[-1])
     optimizer = optax.adam(learning_rate)
     sample_count = features.shape[-2]
-    keys = jax.random.split(jax.random.PRNGKey(seed), train_mask.shape[0])  # the same per copy in every item
+
+    def copy_key(identity):  # from who the copy is, not where it sits: adding copies changes no other copy's start
+        return functools.reduce(jax.random.fold_in, identity, jax.random.PRNGKey(seed))
+
+    keys = jax.vmap(copy_key)(copy_identity)  # the same per copy in every item
 
     def fit_one(item_features, classes, known, train, validation, key):
         train_weight = train.astype(jnp.float32)
         train_count = train_weight.sum()
         if standardize:  # training-set statistics only
             mean = (train_weight[:, None] * item_features).sum(0) / train_count
-            std = jnp.sqrt((train_weight[:, None] * (item_features - mean) ** 2).sum(0) / train_count)
-            std = jnp.where(std > 1e-6, std, 1.0)
+            std = usable_std(jnp.sqrt((train_weight[:, None] * (item_features - mean) ** 2).sum(0) / train_count))
         else:
             mean, std = jnp.zeros(item_features.shape[1]), jnp.ones(item_features.shape[1])
 
         def predict(params, rows):
             return model.apply({"params": params}, (item_features[rows] - mean) / std)
 
-        def predict_all(params):  # the standardization folded into the weights: no per-probe copy of the data
+        def predict_all(params):  # standardization folded into the weights: no per-probe copy of the (centered) data
             dense = params["Dense_0"]
             kernel = dense["kernel"] / std[:, None]
             return item_features @ kernel + (dense["bias"] - mean @ kernel)
@@ -993,31 +1183,37 @@ def fit_probes(
     return jax.vmap(fit_items_of_block)(features)
 
 
-def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, class_embeddings: np.ndarray, known_classes: np.ndarray,
-                        train_mask: np.ndarray, validation_mask: np.ndarray, config: TrainingConfig) -> dict:
+def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, copies: Copies, config: TrainingConfig) -> dict:
     """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes.
 
+    Each item's features are first centered over all its samples (in float64): a shift that changes no probe, but
+    keeps the standardization folded into the weights exact when features sit far from zero (e.g. mean/std 1e6).
     With several local devices the items are spread over them (JAX sharding of the items axis).
     """
-    smallest, largest = int(train_mask.sum(1).min()), int(train_mask.sum(1).max())
-    batch_size = min(config.batch_size, smallest)
+    shift = features.mean(axis=1, keepdims=True, dtype=np.float64)
+    centered = (features - shift).astype(np.float32)
+    fold_train = copies.train[copies.fold >= 0] if (copies.fold >= 0).any() else copies.train
+    # MDL probes' small prefixes repeat rows within a batch rather than shrink every probe's batch.
+    batch_size = min(config.batch_size, int(fold_train.sum(1).min()))
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
-    steps_per_epoch = max(-(-largest // batch_size), config.min_steps_per_epoch)
+    steps_per_epoch = max(-(-int(copies.train.sum(1).max()) // batch_size), config.min_steps_per_epoch)
     items, devices = len(features), jax.local_devices()
-    padded = np.concatenate([features, np.repeat(features[-1:], -items % len(devices), axis=0)])  # equal blocks per device
+    padded = np.concatenate([centered, np.repeat(centered[-1:], -items % len(devices), axis=0)])  # equal blocks per device
     stacked = jnp.asarray(padded.reshape(len(devices), -1, *features.shape[1:]))
     if len(devices) > 1:
         log.info("training %d item(s) in blocks spread over %d devices", items, len(devices))
         mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
         stacked = jax.device_put(stacked, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices")))
     fitted = fit_probes(
-        stacked, jnp.asarray(sample_class), jnp.asarray(class_embeddings), jnp.asarray(known_classes),
-        jnp.asarray(train_mask), jnp.asarray(validation_mask), np.int32(config.seed),
+        stacked, jnp.asarray(sample_class), jnp.asarray(copies.classes), jnp.asarray(copies.known),
+        jnp.asarray(copies.train), jnp.asarray(copies.validation), np.int32(config.seed), jnp.asarray(copies.identity()),
         loss=config.loss, learning_rate=config.learning_rate, num_epochs=config.num_epochs, batch_size=batch_size,
         patience=config.patience, steps_per_epoch=steps_per_epoch, standardize=config.standardize,
     )
     fitted = {key: np.asarray(value).reshape(-1, *value.shape[2:])[:items] for key, value in fitted.items()}
+    fitted["feature_mean"] = fitted["feature_mean"] + shift.astype(np.float32)  # back in the features' own coordinates
+    fitted["failed"] = fitted["best_epoch"] == 0  # never improved: a non-finite loss from the first epoch on
     fitted.update(batch_size=np.full(items, batch_size), steps_per_epoch=np.full(items, steps_per_epoch))
     return fitted
 
@@ -1037,20 +1233,20 @@ def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[
     return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
 
 
-def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, class_embeddings: np.ndarray, train_mask: np.ndarray,
-                       validation_mask: np.ndarray, groups: np.ndarray, config: TrainingConfig) -> dict:
-    """Fit every item's and copy's linear map in closed form; the penalty is chosen by inner
-    cross-validation over whole episodes (mean cosine). Results (items, copies, ...)."""
+def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, copies: Copies, units: np.ndarray,
+                       config: TrainingConfig) -> dict:
+    """Fit every item's and copy's linear map in closed form; the penalty is chosen by inner cross-validation over
+    whole resampling units (episodes, or tasks under split "task"; mean cosine). Results (items, copies, ...)."""
     fitted = {name: [] for name in ("kernel", "bias", "feature_mean", "feature_std", "penalty")}
     for item_features in features:
         per_copy = {name: [] for name in fitted}
-        for classes, train in zip(class_embeddings, train_mask | validation_mask):  # no early stopping: validation trains too
+        for classes, train in zip(copies.classes, copies.train):  # validation samples fit the softmax temperature only
             x_train = item_features[train].astype(np.float64)
             mean = x_train.mean(0) if config.standardize else np.zeros(x_train.shape[1])
-            std = np.where(x_train.std(0) > 1e-6, x_train.std(0), 1.0) if config.standardize else np.ones(x_train.shape[1])
+            std = usable_std(x_train.std(0)) if config.standardize else np.ones(x_train.shape[1])
             x, y = (x_train - mean) / std, classes[sample_class[train]].astype(np.float64)
             penalties = RIDGE_PENALTIES * len(x)
-            inner = np.unique(groups[train], return_inverse=True)[1] % RIDGE_INNER_FOLDS  # whole episodes per inner fold
+            inner = np.unique(units[train], return_inverse=True)[1] % RIDGE_INNER_FOLDS  # whole units per inner fold
             scores = np.zeros(len(penalties))
             for f in range(RIDGE_INNER_FOLDS):
                 fit, held = inner != f, inner == f
@@ -1066,7 +1262,9 @@ def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, class_emb
                 per_copy[name].append(np.asarray(value, dtype=np.float32) if name != "penalty" else value)
         for name in fitted:
             fitted[name].append(np.asarray(per_copy[name]))
-    return {key: np.asarray(value) for key, value in fitted.items()}
+    fitted = {key: np.asarray(value) for key, value in fitted.items()}
+    fitted["failed"] = ~np.isfinite(fitted["kernel"]).all(axis=(2, 3))
+    return fitted
 
 
 # -----------------------------------------------------------------------------
@@ -1085,28 +1283,93 @@ def row_cosine(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample retrieval results from (samples, classes) cosine similarities."""
-    own = similarities[np.arange(len(own_class)), own_class]
-    others = np.where(np.arange(similarities.shape[1])[None, :] == own_class[:, None], -np.inf, similarities)
-    rank = 1 + np.sum(others >= own[:, None], axis=1)  # ties count against the prediction
-    return {"rank": rank, "correct": rank == 1, "predicted": np.argmax(similarities, axis=1), "margin": own - others.max(axis=1)}
+    """Per-sample retrieval results from (samples, classes) cosine similarities. A row holding a non-finite value
+    (a failed probe) ranks last and counts as wrong: NaN compares False, so it would otherwise count as right."""
+    finite = np.isfinite(similarities).all(axis=1)
+    safe = np.where(finite[:, None], similarities, 0.0)
+    own = safe[np.arange(len(own_class)), own_class]
+    others = np.where(np.arange(safe.shape[1])[None, :] == own_class[:, None], -np.inf, safe)
+    rank = np.where(finite, 1 + np.sum(others >= own[:, None], axis=1), safe.shape[1])  # ties count against it
+    return {
+        "rank": rank,
+        "correct": rank == 1,
+        "predicted": np.where(finite, np.argmax(safe, axis=1), -1),
+        "margin": np.where(finite, own - others.max(axis=1), np.nan),
+    }
 
 
-def bootstrap_intervals(values: dict[str, np.ndarray], groups: np.ndarray, resamples: int, seed: int) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of per-sample means, resampling whole episodes with replacement."""
+TEMPERATURE_GRID = np.geomspace(0.01, 10.0, 121)  # softmax temperatures tried on each copy's own training side
+
+
+def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature) -> np.ndarray:
+    """Per sample, -log2 p(own class) with p = softmax over the analyzed tasks of similarity / temperature (one
+    temperature, or one per sample). A non-finite row carries no information: the uniform code, log2(C) bits."""
+    finite = np.isfinite(similarities).all(axis=1)
+    logits = np.where(finite[:, None], similarities, 0.0) / np.asarray(temperature, dtype=np.float64)[..., None]
+    log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+    return -log_p[np.arange(len(own_class)), own_class] / np.log(2)
+
+
+def fit_temperature(similarities: np.ndarray, own_class: np.ndarray) -> float:
+    """The grid temperature with the least cross-entropy on the given (training-side) samples."""
+    losses = [log_loss_bits(similarities, own_class, value).mean() for value in TEMPERATURE_GRID]
+    return float(TEMPERATURE_GRID[int(np.argmin(losses))])
+
+
+Z_95 = 1.959963984540054
+
+
+def unit_intervals(values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.ndarray | None, resamples: int,
+                   seed: int) -> dict[str, tuple[float, float]]:
+    """95% BCa intervals (scipy.stats.bootstrap) of per-sample means, resampling whole units, within their stratum.
+
+    The statistic is the mean over the resampled units' samples, as the estimate is. When every unit has the same
+    value BCa is undefined: a share in [0, 1] then gets the Wilson score interval over the units (all of 50 episodes
+    right: [0.93, 1]) rather than the zero-width [1, 1]; any other value gets (nan, nan)."""
     if resamples == 0:
         return {}
-    group_index, group_count = np.unique(groups, return_inverse=True)[1], len(np.unique(groups))
-    rng = np.random.default_rng([seed, 3])
-    counts = np.stack([np.bincount(rng.integers(0, group_count, group_count), minlength=group_count) for _ in range(resamples)])
-    weights = counts[:, group_index].astype(np.float64)  # (resamples, samples)
-    totals = weights.sum(axis=1)
+    unit_index = np.unique(unit, return_inverse=True)[1]
+    counts = np.bincount(unit_index).astype(np.float64)
+    stratum_of_unit = np.zeros(len(counts)) if stratum is None else np.bincount(unit_index, weights=stratum) / counts
+    data = tuple(np.flatnonzero(stratum_of_unit == s).astype(np.float64) for s in np.unique(stratum_of_unit))
     intervals = {}
     for name, per_sample in values.items():
-        estimates = weights @ per_sample.astype(np.float64) / totals
-        low, high = np.percentile(estimates, [2.5, 97.5])
-        intervals[name] = (float(low), float(high))
+        sums = np.bincount(unit_index, weights=per_sample.astype(np.float64), minlength=len(counts))
+
+        def mean_of_units(*chosen, axis=-1):
+            picked = np.concatenate(chosen, axis=axis).astype(np.int64)
+            return sums[picked].sum(axis=axis) / counts[picked].sum(axis=axis)
+
+        unit_means = sums / counts
+        if np.ptp(unit_means) == 0:
+            intervals[name] = wilson_interval(unit_means[0], len(counts)) if 0 <= unit_means[0] <= 1 else (math.nan, math.nan)
+            continue
+        for method in ("BCa", "percentile"):  # BCa's jackknife can still fail on a handful of units
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                interval = scipy.stats.bootstrap(data, mean_of_units, n_resamples=resamples, method=method, vectorized=True,
+                                                 random_state=np.random.default_rng([seed, 3])).confidence_interval
+            if np.isfinite(interval.low) and np.isfinite(interval.high):
+                break
+        intervals[name] = (float(interval.low), float(interval.high))
     return intervals
+
+
+def wilson_interval(share: float, count: int) -> tuple[float, float]:
+    """95% Wilson score interval of a share observed over `count` units."""
+    scale = 1 + Z_95**2 / count
+    center = (share + Z_95**2 / (2 * count)) / scale
+    half = Z_95 / scale * math.sqrt(share * (1 - share) / count + Z_95**2 / (4 * count**2))
+    return (float(max(0.0, center - half)), float(min(1.0, center + half)))
+
+
+def widened(interval: tuple[float, float], estimate: float, repeat_values: np.ndarray) -> tuple[float, float]:
+    """An interval widened by the spread across repeats (folds and initialisation) of the mean it brackets."""
+    if len(repeat_values) < 2 or not interval:
+        return interval
+    extra = Z_95 * np.std(repeat_values, ddof=1) / math.sqrt(len(repeat_values))
+    low, high = interval
+    return (float(estimate - math.hypot(estimate - low, extra)), float(estimate + math.hypot(high - estimate, extra)))
 
 
 def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> dict[str, np.ndarray]:
@@ -1128,162 +1391,333 @@ def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: Label
     return {"mean": np.stack(means), "basis": np.stack(bases), "classes": np.stack(spaces).astype(np.float32)}
 
 
-def prepare_folds(samples: Samples, report: ReadReport, labels: LabelConfig, training: TrainingConfig) -> dict:
-    """Classes, folds, label spaces and probe copies for a set of samples (shared by every layer of a sweep)."""
-    # Classes are unique descriptions: two task ids with one instruction share one target.
-    task_ids = sorted(set(samples.task_id.tolist()))
-    descriptions = list(dict.fromkeys(report.descriptions[t] for t in task_ids))
-    class_of_task = {t: descriptions.index(report.descriptions[t]) for t in task_ids}
-    sample_class = np.array([class_of_task[t] for t in samples.task_id], dtype=np.int64)
-    fold, folds = assign_folds(samples.task_id, samples.episode, training)
-    validation = validation_masks(samples.task_id, samples.episode, fold, folds, training)
-    test = np.stack([fold == f for f in range(folds)])
-    raw = t5_labels(descriptions, labels)
-    known_classes = np.stack([np.isin(np.arange(len(descriptions)), sample_class[~test[f]]) for f in range(folds)])
-    space = label_spaces(raw, [np.flatnonzero(k) for k in known_classes], labels)
-    # Copies: the probe for each fold, then (control task) the same on permuted labels.
-    control_permutation = derangement(len(descriptions), training.seed)
-    copies = {"classes": [space["classes"]], "known": [known_classes]}
-    if training.control:
-        copies["classes"].append(space["classes"][:, control_permutation])
-        copies["known"].append(known_classes)  # row j is still the target of class j's samples
-    repeat = len(copies["classes"])
+def fit_items(features: np.ndarray, design: Design, training: TrainingConfig) -> dict:
+    """Fit the probes of every item (features (items, n, d)) and copy; results (items, copies, ...)."""
+    if training.probe == "ridge":
+        return train_ridge_probes(features, design.sample_class, design.copies, design.unit, training)
+    return train_linear_probes(features, design.sample_class, design.copies, training)
+
+
+def copy_predictions(features: np.ndarray, fitted: dict, copy_of_sample: np.ndarray) -> np.ndarray:
+    """(n, d) label-space prediction of every sample by the copy named for it; NaN where none is (-1) or it failed."""
+    prediction = np.full((len(features), fitted["kernel"].shape[-1]), np.nan, dtype=np.float32)
+    for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
+        rows = copy_of_sample == copy
+        if not fitted["failed"][copy]:
+            x = (features[rows].astype(np.float64) - fitted["feature_mean"][copy]) / fitted["feature_std"][copy]
+            prediction[rows] = x @ fitted["kernel"][copy] + fitted["bias"][copy]
+    return prediction
+
+
+def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np.ndarray) -> np.ndarray:
+    """(n, C) cosine of every prediction to every class's target in its copy's label space."""
+    similarity = np.full((len(prediction), copies.classes.shape[1]), np.nan)
+    for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
+        rows = copy_of_sample == copy
+        similarity[rows] = unit_rows(prediction[rows].astype(np.float64)) @ unit_rows(copies.classes[copy]).T
+    return similarity
+
+
+def copy_temperatures(features: np.ndarray, fitted: dict, design: Design) -> np.ndarray:
+    """Every copy's softmax temperature, fitted on its validation samples (on its training samples when it has none,
+    as the smallest MDL prefixes): never on the samples it is evaluated on."""
+    copies = design.copies
+    temperatures = np.ones(len(copies.train))
+    for copy in range(len(temperatures)):
+        rows = copies.validation[copy] if copies.validation[copy].any() else copies.train[copy]
+        chosen = np.where(rows, copy, -1)
+        similarity = copy_similarities(copy_predictions(features, fitted, chosen), copies, chosen)
+        temperatures[copy] = fit_temperature(similarity[rows], design.sample_class[rows])
+    return temperatures
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Every sample coded by one copy each (held-out: the fold probe that never saw it; MDL: its block's probe)."""
+
+    copy: np.ndarray  # (n,) the copy that predicted each sample (-1: none, the uniform code)
+    prediction: np.ndarray  # (n, d) in that copy's label space
+    similarity: np.ndarray  # (n, C) cosine to every class's target
+    rank: np.ndarray  # (n,) of the own class's target among all (1 = retrieved)
+    correct: np.ndarray  # (n,) rank == 1
+    predicted: np.ndarray  # (n,) nearest class (-1: non-finite prediction)
+    margin: np.ndarray  # (n,) own cosine minus the nearest other's
+    bits: np.ndarray  # (n,) -log2 p(own class) under the copy's fitted softmax
+    cosine: np.ndarray  # (n,) label-space cosine to the own target
+
+
+def scores_of(features: np.ndarray, fitted: dict, design: Design, temperatures: np.ndarray, copy: np.ndarray) -> Scores:
+    """Scores of every sample under the copies named per sample."""
+    prediction = copy_predictions(features, fitted, copy)
+    similarity = copy_similarities(prediction, design.copies, copy)
+    found = retrieval(similarity, design.sample_class)
+    temperature = np.where(copy >= 0, temperatures[np.maximum(copy, 0)], 1.0)
+    target = design.copies.classes[np.maximum(copy, 0), design.sample_class]
+    cosine = np.nan_to_num(row_cosine(prediction, target))  # a failed probe's prediction aligns with nothing: 0
+    return Scores(copy, prediction, similarity, found["rank"], found["correct"], found["predicted"], found["margin"],
+                  log_loss_bits(similarity, design.sample_class, temperature), cosine)
+
+
+def heldout_copy(design: Design, repeat: int, assignment: int) -> np.ndarray:
+    """(n,) the fold probe of (repeat, assignment) that never saw each sample."""
+    return design.copies.fold_copies(repeat, assignment)[design.fold[repeat]]
+
+
+def raw_space_cosines(prediction: np.ndarray, design: Design, copy: np.ndarray, labels: LabelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: the guide's cosine in raw T5 space, and the constant predictor's (the training tasks' mean).
+
+    Centered, the probe fixes a direction only, so its raw-space prediction is reconstructed as label mean +
+    unit(prediction) x the mean norm of its training targets, mapped back through the basis."""
+    copies, raw_prediction = design.copies, np.zeros((len(copy), design.raw.shape[1]))
+    for c in np.unique(copy):
+        rows = copy == c
+        if labels.center_labels:
+            scale = np.linalg.norm(copies.classes[c][copies.known[c]], axis=1).mean()
+            raw_prediction[rows] = unit_rows(prediction[rows]) * scale @ copies.label_basis[c] + copies.label_mean[c]
+        else:
+            raw_prediction[rows] = prediction[rows] @ copies.label_basis[c]
+    own = design.raw[design.sample_class]
+    return np.nan_to_num(row_cosine(raw_prediction, own)), row_cosine(copies.label_mean[copy], own)
+
+
+def in_t5_coordinates(label_space: np.ndarray, design: Design, copy: np.ndarray, labels: LabelConfig) -> np.ndarray:
+    """Label-space vectors mapped back to T5 coordinates: through their copy's basis, plus its mean when centered."""
+    mapped = np.zeros((len(copy), design.raw.shape[1]), dtype=np.float32)
+    for c in np.unique(copy):
+        rows = copy == c
+        mapped[rows] = label_space[rows] @ design.copies.label_basis[c]
+        if labels.center_labels:
+            mapped[rows] += design.copies.label_mean[c]
+    return mapped
+
+
+def training_accuracy(features: np.ndarray, fitted: dict, design: Design) -> float:
+    """Retrieval accuracy of the first repeat's fold probes on the samples they were fitted on."""
+    correct = []
+    for copy in design.copies.fold_copies(0, 0):
+        rows = design.copies.train[copy]
+        chosen = np.where(rows, copy, -1)
+        similarity = copy_similarities(copy_predictions(features, fitted, chosen), design.copies, chosen)[rows]
+        correct.append(retrieval(similarity, design.sample_class[rows])["correct"])
+    return float(np.concatenate(correct).mean())
+
+
+def majority_correct(design: Design) -> np.ndarray:
+    """(n,) whether each sample's class is the most frequent one on its fold's training side (first repeat); under
+    split "task" it never is, since the held-out tasks are not on the training side."""
+    copies, majority = design.copies, {}
+    for copy in copies.fold_copies(0, 0):
+        side = copies.train[copy] | copies.validation[copy]
+        majority[copies.fold[copy]] = np.bincount(design.sample_class[side], minlength=len(design.descriptions)).argmax()
+    return design.sample_class == np.array([majority[f] for f in design.fold[0]])
+
+
+def online_codelength(features: np.ndarray, fitted: dict, design: Design, temperatures: np.ndarray, assignment: int) -> dict:
+    """Prequential code of the samples' classes (Voita & Titov 2020): the first block by the uniform code, each later
+    block by the probe trained on the blocks before it. Bits in total; compression = uniform / online."""
+    copies, copy = design.copies, np.full(len(design.sample_class), -1)
+    for c in np.flatnonzero((copies.block >= 0) & (copies.assignment == assignment)):
+        copy[design.mdl_block == copies.block[c]] = c
+    online = float(scores_of(features, fitted, design, temperatures, copy).bits.sum())  # block 0: log2(C) each
+    uniform = len(copy) * math.log2(len(design.descriptions))
+    return {"online_bits": online, "uniform_bits": uniform, "compression": uniform / online}
+
+
+def sample_means(repeats: list[Scores], raw_cosines: list[np.ndarray], classes: int) -> dict[str, np.ndarray]:
+    """Per-sample values averaged over the repeats; each headline metric is their mean over the samples."""
     return {
-        "task_ids": task_ids, "descriptions": descriptions, "class_of_task": class_of_task, "sample_class": sample_class,
-        "episode_group": samples.task_id * 1_000_000 + samples.episode,  # one id per (task, episode)
-        "fold": fold, "folds": folds, "validation": validation, "train": ~test & ~validation, "raw": raw,
-        "known_classes": known_classes, "space": space, "control_permutation": control_permutation,
-        "copy_classes": np.concatenate(copies["classes"]), "copy_known": np.concatenate(copies["known"]),
-        "copy_train": np.tile(~test & ~validation, (repeat, 1)), "copy_validation": np.tile(validation, (repeat, 1)),
+        "accuracy": np.mean([scores.correct for scores in repeats], axis=0),
+        "information_bits": math.log2(classes) - np.mean([scores.bits for scores in repeats], axis=0),
+        "cosine_similarity_label_space": np.mean([scores.cosine for scores in repeats], axis=0),
+        "cosine_similarity": np.mean(raw_cosines, axis=0),
+        "reciprocal_rank": np.mean([1.0 / scores.rank for scores in repeats], axis=0),
+        "margin": np.mean([scores.margin for scores in repeats], axis=0),
     }
 
 
-def fit_items(features: np.ndarray, prepared: dict, training: TrainingConfig) -> dict:
-    """Fit the probes of every item (features (items, n, d)) and copy; results (items, copies, ...)."""
-    args = (features, prepared["sample_class"], prepared["copy_classes"])
-    if training.probe == "ridge":
-        return train_ridge_probes(*args, prepared["copy_train"], prepared["copy_validation"], prepared["episode_group"], training)
-    return train_linear_probes(*args, prepared["copy_known"], prepared["copy_train"], prepared["copy_validation"], training)
-
-
-def evaluate_item(samples: Samples, fitted: dict, prepared: dict, report: ReadReport, data: DataConfig, labels: LabelConfig,
-                  training: TrainingConfig) -> dict:
-    """Held-out metrics of one item (one layer's samples, its fitted copies); everything the results file holds."""
-    task_ids, descriptions, class_of_task = prepared["task_ids"], prepared["descriptions"], prepared["class_of_task"]
-    sample_class, episode_group, fold, folds = prepared["sample_class"], prepared["episode_group"], prepared["fold"], prepared["folds"]
-    validation, train, raw, known_classes = prepared["validation"], prepared["train"], prepared["raw"], prepared["known_classes"]
-    space, control_permutation = prepared["space"], prepared["control_permutation"]
-    features = samples.features[0]
-
-    def predict(copy: np.ndarray) -> np.ndarray:
-        """Each sample's prediction by the given copy (per sample)."""
-        x = (features - fitted["feature_mean"][copy]) / fitted["feature_std"][copy]
-        return (np.einsum("nd,nde->ne", x, fitted["kernel"][copy]) + fitted["bias"][copy]).astype(np.float32)
-
-    prediction = predict(fold)  # every sample predicted by the probe that never saw its fold
-    fold_classes = space["classes"][fold]  # (n, C, d): each sample's fold's label space
-    unit_fold_classes = unit_rows(fold_classes)
-    similarity = np.einsum("nd,ncd->nc", unit_rows(prediction), unit_fold_classes)
-    heldout = retrieval(similarity, sample_class)
-    target = fold_classes[np.arange(len(fold)), sample_class]
-    cosine = row_cosine(prediction, target)
-    # The guide's cosine lives in the raw T5 space: mean + unit(prediction) x typical norm, back-projected.
-    scale = np.array([np.linalg.norm(space["classes"][f][known_classes[f]], axis=1).mean() for f in range(folds)])
-    back = np.einsum("nd,nde->ne", unit_rows(prediction) * scale[fold][:, None], space["basis"][fold])
-    raw_prediction = back + space["mean"][fold] if labels.center_labels else back
-    raw_cosine = row_cosine(raw_prediction, raw[sample_class])
-    constant_cosine = row_cosine(space["mean"][fold], raw[sample_class])
-
-    if training.control:
-        control_prediction = predict(fold + folds)
-        control_similarity = np.einsum("nd,ncd->nc", unit_rows(control_prediction), unit_fold_classes)
-        control = retrieval(control_similarity, control_permutation[sample_class])
-    training_correct = np.concatenate([
-        retrieval(np.einsum("nd,cd->nc", unit_rows(predict(np.full(len(fold), f))[train[f]]), unit_rows(space["classes"][f])), sample_class[train[f]])["correct"]
-        for f in range(folds)
-    ])
-
-    per_sample = {"accuracy": heldout["correct"], "cosine_similarity": raw_cosine, "cosine_similarity_centered": cosine}
-    if training.control:
-        per_sample["control_accuracy"] = control["correct"]
-        per_sample["selectivity"] = heldout["correct"].astype(float) - control["correct"]
-    intervals = bootstrap_intervals(per_sample, episode_group, training.bootstrap, training.seed)
-    fold_accuracy = np.array([heldout["correct"][fold == f].mean() for f in range(folds)])
-    top_k = {k: float(np.mean(heldout["rank"] <= k)) for k in (1, 3, 5) if k <= len(descriptions)}
-    confusion = np.zeros((len(descriptions), len(descriptions)), dtype=np.int64)
-    np.add.at(confusion, (sample_class, heldout["predicted"]), 1)
-    per_task = {int(t): {"accuracy": float(heldout["correct"][samples.task_id == t].mean()), "samples": int((samples.task_id == t).sum())} for t in task_ids}
+def null_metrics(values: dict[str, np.ndarray], null: list[Scores], observed: Scores, classes: int) -> dict:
+    """The control (first permuted assignment) and, with more, the permutation null and its p-value."""
+    if not null:
+        return {}
+    accuracy = np.array([scores.correct.mean() for scores in null])
+    information = math.log2(classes) - np.array([scores.bits.mean() for scores in null])
+    control = null[0].correct.astype(np.float64)
     metrics = {
-        "accuracy": float(heldout["correct"].mean()),
-        "cosine_similarity": float(raw_cosine.mean()),
-        "cosine_similarity_centered": float(cosine.mean()),
-        "constant_predictor_cosine": float(constant_cosine.mean()),
-        "chance_accuracy": 1.0 / len(descriptions),
-        "training_accuracy": float(training_correct.mean()),
-        "top_k_accuracy": top_k,
-        "mean_reciprocal_rank": float(np.mean(1.0 / heldout["rank"])),
-        "cosine_margin": float(heldout["margin"].mean()),
+        "control_accuracy": float(control.mean()),
+        "control_information_bits": float(information[0]),
+        "selectivity": float(values["accuracy"].mean() - control.mean()),
+        "permutation_null": {"accuracy": accuracy, "information_bits": information},
+        "permutation_null_mean_accuracy": float(accuracy.mean()),
+        "permutation_null_mean_information_bits": float(information.mean()),
+    }
+    if len(null) > 1:  # like for like: the first repeat's probe against permutations trained with its folds
+        metrics["permutation_p_value"] = float((1 + np.sum(accuracy >= observed.correct.mean())) / (1 + len(null)))
+    return metrics
+
+
+def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list[Scores], null: list[Scores],
+                    constant: np.ndarray, training: TrainingConfig) -> dict:
+    """Every held-out number of one item, from the per-sample values (averaged over repeats) and the null."""
+    classes, first = len(design.descriptions), repeats[0]
+    per_class = np.array([values["accuracy"][design.sample_class == c].mean() for c in range(classes)])
+    raw, label_space = values["cosine_similarity"].mean(), values["cosine_similarity_label_space"].mean()
+    fold_accuracy = np.array([first.correct[design.fold[0] == f].mean() for f in range(design.folds)])
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    for scores in repeats:  # every repeat's predictions; a non-finite one has no predicted class
+        finite = scores.predicted >= 0
+        np.add.at(confusion, (design.sample_class[finite], scores.predicted[finite]), 1)
+    metrics = {
+        "accuracy": float(values["accuracy"].mean()),
+        "balanced_accuracy": float(per_class.mean()),
+        "majority_accuracy": float(majority_correct(design).mean()),
+        "chance_accuracy": 1.0 / classes,
+        "information_bits": float(values["information_bits"].mean()),
+        "cross_entropy_bits": float(math.log2(classes) - values["information_bits"].mean()),
+        "max_information_bits": math.log2(classes),
+        "cosine_similarity_label_space": float(label_space),
+        "cosine_similarity": float(raw),
+        "constant_predictor_cosine": float(constant.mean()),
+        "cosine_similarity_normalized": float((raw - constant.mean()) / (1 - constant.mean())),
+        "top_k_accuracy": {k: float(np.mean([np.mean(s.rank <= k) for s in repeats])) for k in (1, 3, 5) if k <= classes},
+        "mean_reciprocal_rank": float(values["reciprocal_rank"].mean()),
+        "cosine_margin": float(np.nanmean(values["margin"])),
         "fold_accuracy": fold_accuracy,
         "fold_accuracy_mean": float(fold_accuracy.mean()),
         "fold_accuracy_std": float(fold_accuracy.std()),
-        "confidence_intervals": intervals,
-        "per_task_accuracy": per_task,
+        "repeats": {
+            "accuracy": np.array([scores.correct.mean() for scores in repeats]),
+            "information_bits": math.log2(classes) - np.array([scores.bits.mean() for scores in repeats]),
+        },
+        "nonfinite_predictions": int(sum(np.sum(scores.predicted < 0) for scores in repeats)),
+        "per_class_accuracy": per_class,
         "confusion_matrix": confusion,
-        "num_samples": int(len(fold)),
-        "num_heldout_samples": int(len(fold)),  # cross-validation: every sample is held out once
-        "num_tasks": len(task_ids),
-        "num_classes": len(descriptions),
-        "num_episodes": len(np.unique(episode_group)),
-        "num_folds": folds,
+        "num_samples": len(design.sample_class),
+        "num_heldout_samples": len(design.sample_class),  # cross-validation: every sample is held out once per repeat
+        "num_tasks": len(design.task_ids),
+        "num_classes": classes,
+        "num_units": len(np.unique(design.unit)),
+        "num_folds": design.folds,
+        "num_repeats": len(repeats),
     }
-    if training.control:
-        metrics["control_accuracy"] = float(control["correct"].mean())
-        metrics["selectivity"] = metrics["accuracy"] - metrics["control_accuracy"]
-    history = {key: fitted[key] for key in ("epochs_run", "best_epoch", "train_loss", "validation_loss", "batch_size", "steps_per_epoch", "penalty") if key in fitted}
+    metrics.update(null_metrics(values, null, first, classes))
+    return metrics
+
+
+INTERVAL_METRICS = ("accuracy", "information_bits", "cosine_similarity_label_space", "cosine_similarity")
+
+
+def interval_estimates(design: Design, values: dict[str, np.ndarray], null: list[Scores], metrics: dict,
+                       training: TrainingConfig) -> dict[str, tuple[float, float]]:
+    """95% intervals over the units that vary (see unit_intervals), widened by the spread across repeats."""
+    chosen = {name: values[name] for name in INTERVAL_METRICS}
+    if null:
+        chosen["control_accuracy"] = null[0].correct.astype(np.float64)
+        chosen["selectivity"] = values["accuracy"] - null[0].correct
+    intervals = unit_intervals(chosen, design.unit, design.stratum, training.bootstrap, training.seed)
+    for name in ("accuracy", "information_bits"):
+        if name in intervals:
+            intervals[name] = widened(intervals[name], metrics[name], metrics["repeats"][name])
+    return intervals
+
+
+def evaluate_item(samples: Samples, fitted: dict, design: Design, report: ReadReport, data: DataConfig, labels: LabelConfig,
+                  training: TrainingConfig) -> dict:
+    """Held-out metrics of one item (one layer's samples, its fitted copies); everything the results file holds."""
+    features = samples.features[0]
+    temperatures = copy_temperatures(features, fitted, design)
+    repeats = [scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0)) for r in range(training.repeats)]
+    null = [scores_of(features, fitted, design, temperatures, heldout_copy(design, 0, a)) for a in range(1, len(design.assignments))]
+    raw_cosines, constant = [], None
+    for scores in repeats:
+        raw_cosine, constant = raw_space_cosines(scores.prediction, design, scores.copy, labels)
+        raw_cosines.append(raw_cosine)
+    values = sample_means(repeats, raw_cosines, len(design.descriptions))
+    metrics = heldout_metrics(design, values, repeats, null, constant, training)
+    metrics["training_accuracy"] = training_accuracy(features, fitted, design)
+    metrics["num_episodes"] = len(set(zip(samples.task_id.tolist(), samples.episode.tolist())))
+    failed = fitted["failed"] & (design.copies.fold >= 0) & (design.copies.assignment == 0)
+    metrics["failed_probes"] = [(int(design.copies.repeat[c]), int(design.copies.fold[c])) for c in np.flatnonzero(failed)]
+    if failed.any():
+        log.warning("%s: %d probe(s) never improved on validation (a non-finite loss); their held-out samples count as "
+                    "wrong", result_stem(data, report.inference_times), int(failed.sum()))
+    metrics["per_task_accuracy"] = {
+        int(t): {"accuracy": float(values["accuracy"][samples.task_id == t].mean()), "samples": int((samples.task_id == t).sum())}
+        for t in design.task_ids
+    }
+    if design.mdl_block is not None:
+        metrics["mdl"] = online_codelength(features, fitted, design, temperatures, 0)
+        if null:
+            metrics["mdl"]["control"] = online_codelength(features, fitted, design, temperatures, 1)
+    metrics["confidence_intervals"] = interval_estimates(design, values, null, metrics, training)
+    return results_record(samples, fitted, design, report, data, labels, training, metrics, repeats[0], null, temperatures)
+
+
+def results_record(samples: Samples, fitted: dict, design: Design, report: ReadReport, data: DataConfig, labels: LabelConfig,
+                   training: TrainingConfig, metrics: dict, first: Scores, null: list[Scores], temperatures: np.ndarray) -> dict:
+    """The results file's contents: the one place its layout is defined (builtins and numpy only)."""
+    copies = design.copies
+    history_keys = ("epochs_run", "best_epoch", "train_loss", "validation_loss", "batch_size", "steps_per_epoch", "penalty")
+    descriptions_of_tasks = [report.descriptions[t] for t in design.task_ids]
+    probe_folds = copies.fold_copies(0, 0)
+    kept = np.concatenate([probe_folds, copies.fold_copies(0, 1)])  # the permutation null's weights are not kept
+    basis = copies.label_basis[probe_folds]
+    full_space = basis.shape[1] == basis.shape[2] and np.array_equal(basis, np.broadcast_to(np.eye(basis.shape[1]), basis.shape))
     return {
-        "format_version": 2,
+        "format_version": 3,
         "config": {
             "data": dataclasses.asdict(data),
             "labels": dataclasses.asdict(labels),
-            "training": dataclasses.asdict(training),
-            "split": describe_split(training, folds),
+            "training": {**dataclasses.asdict(training), "permutations": training.null_size},
+            "split": describe_split(training, design.folds),
             "token_positions": describe_token_positions(data),
             "label_space": describe_label_space(labels),
             "accuracy_definition": "a held-out prediction's nearest (cosine) analyzed-task embedding is its own task's",
-            "control_task": "same probe, data and budget, labels permuted across tasks with no task kept in place",
-            "control_permutation": control_permutation,
+            "information_definition": INFORMATION_DEFINITION,
+            "control_task": describe_control(training),
+            "interval_definition": describe_intervals(training),
+            "permuted_assignments": design.assignments[1:],  # row p-1: the class whose embedding class j's samples get
             "contrastive_temperature": CONTRASTIVE_TEMPERATURE,
         },
         "metrics": metrics,
         "tasks": {
-            "task_ids": np.array(task_ids),
-            "descriptions": [report.descriptions[t] for t in task_ids],
-            "class_of_task": np.array([class_of_task[t] for t in task_ids]),
-            "class_descriptions": descriptions,
-            "t5_embeddings": raw,
-            "label_mean": space["mean"],
-            "label_basis": space["basis"] if labels.label_dim else None,
+            "task_ids": np.array(design.task_ids),
+            "descriptions": descriptions_of_tasks,
+            "class_of_task": np.array([design.descriptions.index(d) for d in descriptions_of_tasks]),
+            "class_descriptions": design.descriptions,
+            "t5_embeddings": design.raw,
+            "label_mean": copies.label_mean[probe_folds],  # per fold; subtracted when centering
+            "label_basis": None if full_space else basis,  # per fold: label space = (raw [- mean]) @ basis.T; None: T5's own
         },
         "samples": {
             "task_id": samples.task_id,
             "episode": samples.episode,
             "step": samples.step,
             "inference_time": samples.inference_time,
-            "fold": fold,
-            "validation": validation,  # (folds, samples): early-stopping samples of each fold
+            "fold": design.fold[0],
+            "repeat_folds": design.fold,  # (repeats, samples)
+            "validation": copies.validation[probe_folds],  # (folds, samples): early-stopping samples
+            "mdl_block": design.mdl_block,
         },
         "heldout": {
-            "prediction": prediction,
-            "target": target,
-            "true_class": sample_class,
-            "predicted_class": heldout["predicted"],
-            "rank": heldout["rank"],
-            "cosine": cosine,
-            "similarity": similarity,  # (samples, tasks): cosine of each prediction to each task's embedding
-            "control_predicted_class": control["predicted"] if training.control else None,
+            "prediction": in_t5_coordinates(first.prediction, design, first.copy, labels),
+            "target": design.raw[design.sample_class],
+            "true_class": design.sample_class,
+            "predicted_class": first.predicted,
+            "rank": first.rank,
+            "cosine": first.cosine,
+            "log_loss_bits": first.bits,
+            "similarity": first.similarity,  # (samples, classes): cosine of each prediction to each class's target
+            "control_predicted_class": null[0].predicted if null else None,
         },
-        "history": history,
-        "probe": {key: fitted[key] for key in ("kernel", "bias", "feature_mean", "feature_std")},  # (copies, ...): folds, then controls
+        "history": {key: fitted[key] for key in history_keys if key in fitted},
+        "probe": {  # the first repeat's fold probes, then the control's: Dense kernel and bias on standardized features
+            **{key: fitted[key][kept] for key in ("kernel", "bias", "feature_mean", "feature_std")},
+            "copy": kept,
+        },
+        "copies": {  # every probe trained: who it is, whether it failed, its softmax temperature
+            "repeat": copies.repeat, "assignment": copies.assignment, "fold": copies.fold, "block": copies.block,
+            "failed": fitted["failed"], "temperature": temperatures,
+        },
         "data_report": {
             "files": report.files,
             "missing_tasks": report.missing_tasks,
@@ -1291,9 +1725,40 @@ def evaluate_item(samples: Samples, fitted: dict, prepared: dict, report: ReadRe
             "episodes_without_step": report.episodes_without_step.get(data.rollout_step, []),
             "steps_seen": sorted(report.steps_seen),
             "skipped_files": report.skipped_files,
+            "nonfinite_samples": [],  # filled in by run_sweep: (task, episode, step, denoising time) skipped
         },
         "versions": package_versions(),
     }
+
+
+INFORMATION_DEFINITION = (
+    "p(task | features) = softmax over the analyzed tasks' embeddings of cosine / temperature, the temperature fitted "
+    "on each probe's own validation samples; information_bits = log2(classes) - held-out cross-entropy in bits (negative: "
+    "worse than knowing nothing)"
+)
+
+
+def describe_control(training: TrainingConfig) -> str:
+    """What the permuted assignments test, in words, for this split."""
+    if training.null_size == 0:
+        return "off"
+    what = (f"{training.null_size} seeded derangement(s) of the task -> embedding assignment, each trained and evaluated "
+            "exactly like the probe (same folds, budget and program)")
+    if training.split == "task":
+        return f"{what}; on held-out tasks an assignment without language structure cannot transfer: a null for the probe"
+    return (f"{what}; with held-out episodes of seen tasks this measures how learnable an arbitrary assignment is, "
+            "high whenever the layer separates the tasks, whatever its geometry: not evidence for or against language")
+
+
+def describe_intervals(training: TrainingConfig) -> str:
+    """How the 95% intervals were made, in words."""
+    if training.bootstrap == 0:
+        return "none (--bootstrap 0)"
+    unit = "whole tasks" if training.split == "task" else "whole episodes within their task"
+    text = f"BCa bootstrap ({training.bootstrap} resamples of {unit}); Wilson score interval over the units when all agree"
+    if training.repeats > 1:
+        text += f"; accuracy and information widened by the spread over {training.repeats} repeats"
+    return text
 
 
 def describe_split(training: TrainingConfig, folds: int) -> str:
@@ -1366,19 +1831,26 @@ def write_atomically(path: Path, content: bytes) -> None:
         raise
 
 
-def with_interval(metrics: dict, name: str) -> str:
-    """A metric with its bootstrap interval, when there is one."""
+def with_interval(metrics: dict, name: str, digits: int = 4) -> str:
+    """A metric with its 95% interval, when there is one; an undefined interval says why instead of looking certain."""
+    value = f"{metrics[name]:.{digits}f}"
     interval = metrics["confidence_intervals"].get(name)
-    value = f"{metrics[name]:.4f}"
-    return f"{value} [95% CI {interval[0]:.4f}, {interval[1]:.4f}]" if interval else value
+    if not interval:
+        return value
+    if math.isnan(interval[0]):
+        return f"{value} [95% CI n/a: every unit has the same value]"
+    return f"{value} [95% CI {interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
 def format_summary(results: dict) -> str:
     """The guide's summary block, then the evidence behind it, what was measured and how."""
-    data, labels, training = (results["config"][k] for k in ("data", "labels", "training"))
-    metrics, tasks, report, history = results["metrics"], results["tasks"], results["data_report"], results["history"]
-    inference = data["inference_step"]
-    lines = [
+    return "\n".join([*guide_block(results), "", *evidence_lines(results), "", *measured_lines(results), ""])
+
+
+def guide_block(results: dict) -> list[str]:
+    """The guide's block, its cosine now the probe's own (label space); the raw T5 one follows with its definition."""
+    data, metrics, tasks = results["config"]["data"], results["metrics"], results["tasks"]
+    return [
         "Linear Probing Results",
         "=====================",
         "",
@@ -1388,66 +1860,134 @@ def format_summary(results: dict) -> str:
         f"Feature Type: {data['feature_type']}",
         "",
         f"Accuracy: {metrics['accuracy']:.4f}",
-        f"Cosine Similarity: {metrics['cosine_similarity']:.4f}",
+        f"Cosine Similarity: {metrics['cosine_similarity_label_space']:.4f} (probe's label space; raw T5 below)",
         f"Number of Samples: {metrics['num_samples']}",
         f"Number of Tasks: {metrics['num_tasks']}",
         "",
         "Task Descriptions:",
         *(f"  {t}: {d}" for t, d in zip(tasks["task_ids"], tasks["descriptions"])),
-        "",
+    ]
+
+
+def evidence_lines(results: dict) -> list[str]:
+    """How well the probe does on what it never saw, each number labelled with what it measures."""
+    metrics, training = results["metrics"], results["config"]["training"]
+    lines = [
         "Held-out Evidence",
         "-----------------",
         f"Held out: {results['config']['split']}; every one of the {metrics['num_samples']} samples "
         f"({metrics['num_episodes']} episodes) predicted by a probe that never saw it",
-        f"Accuracy: {with_interval(metrics, 'accuracy')}; per fold {metrics['fold_accuracy_mean']:.4f} +/- {metrics['fold_accuracy_std']:.4f}",
-        f"Chance Accuracy: {metrics['chance_accuracy']:.4f} (1 / {metrics['num_classes']} task embeddings)",
+        f"Accuracy: {with_interval(metrics, 'accuracy')}; per fold {metrics['fold_accuracy_mean']:.4f} +/- "
+        f"{metrics['fold_accuracy_std']:.4f}",
+        f"Balanced Accuracy (mean of per-task accuracies): {metrics['balanced_accuracy']:.4f}; majority baseline "
+        f"{metrics['majority_accuracy']:.4f}; chance {metrics['chance_accuracy']:.4f} (1 / {metrics['num_classes']})",
+        f"Information: {with_interval(metrics, 'information_bits', 3)} bits of log2({metrics['num_classes']}) = "
+        f"{metrics['max_information_bits']:.3f}; held-out cross-entropy {metrics['cross_entropy_bits']:.3f} bits "
+        "(below 0: worse than knowing nothing)",
     ]
-    if "control_accuracy" in metrics:
-        lines += [
-            f"Control Accuracy (labels permuted across tasks): {with_interval(metrics, 'control_accuracy')}",
-            f"Selectivity (accuracy - control): {with_interval(metrics, 'selectivity')}",
-        ]
-    else:
-        lines.append("Control Task: off (--no_control)")
+    if metrics["num_repeats"] > 1:
+        repeats = metrics["repeats"]
+        lines.append(f"Repeats ({metrics['num_repeats']} seeds of folds and initialisation): accuracy "
+                     f"{repeats['accuracy'].mean():.4f} +/- {repeats['accuracy'].std(ddof=1):.4f}, information "
+                     f"{repeats['information_bits'].mean():.3f} +/- {repeats['information_bits'].std(ddof=1):.3f} bits (sd)")
+    lines += control_lines(metrics, training)
+    if "mdl" in metrics:
+        lines.append(f"MDL (online code over {training['split']} blocks): {mdl_text(metrics['mdl'])}"
+                     + (f"; control {mdl_text(metrics['mdl']['control'])}" if "control" in metrics["mdl"] else ""))
     lines += [
         "Top-k Accuracy: " + ", ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items()),
         f"Mean Reciprocal Rank: {metrics['mean_reciprocal_rank']:.4f}",
         f"Cosine Margin (own task - nearest other): {metrics['cosine_margin']:.4f}",
         f"Training Accuracy: {metrics['training_accuracy']:.4f}",
-        f"Cosine Similarity (probe's label space): {with_interval(metrics, 'cosine_similarity_centered')}",
-        f"Cosine Similarity (raw T5, the guide's): {with_interval(metrics, 'cosine_similarity')}; "
-        f"constant predictor (mean embedding): {metrics['constant_predictor_cosine']:.4f}",
-        "Accuracy: share of held-out samples whose prediction is closer (cosine) to its own task's embedding than to any other analyzed task's",
-        "Per-task Accuracy:",
-        *(f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()),
-        "",
+        f"Cosine Similarity (probe's label space: {results['config']['label_space']}): "
+        f"{with_interval(metrics, 'cosine_similarity_label_space')}",
+        f"Cosine Similarity (raw T5, reconstructed as label mean + unit(prediction) x mean target norm): "
+        f"{with_interval(metrics, 'cosine_similarity')}; constant predictor (mean embedding) "
+        f"{metrics['constant_predictor_cosine']:.4f}; normalized (cos - constant) / (1 - constant) "
+        f"{metrics['cosine_similarity_normalized']:.4f}",
+        f"Intervals: {results['config']['interval_definition']}",
+    ]
+    if results["config"]["data"]["expert"] == "text_only":
+        lines.append("Positive control: text tokens are the prompt itself, so high accuracy is expected at every layer")
+    if metrics["failed_probes"]:
+        folds = ", ".join(f"repeat {r} fold {f}" for r, f in metrics["failed_probes"])
+        lines.append(f"FAILED PROBES ({folds}): never improved on validation (non-finite loss); their samples count as wrong")
+    lines.append("Per-task Accuracy:")
+    lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()]
+    return lines
+
+
+def control_lines(metrics: dict, training: dict) -> list[str]:
+    """The control and the permutation null, read as what they are under this split."""
+    if "control_accuracy" not in metrics:
+        return ["Control Task: off (--no_control)"]
+    control = (f"Control (task -> embedding assignment permuted): accuracy {with_interval(metrics, 'control_accuracy')}, "
+               f"information {metrics['control_information_bits']:.3f} bits; selectivity (accuracy - control) "
+               f"{with_interval(metrics, 'selectivity')}")
+    lines = [control]
+    if training["split"] == "episode":
+        lines.append("  With held-out episodes of seen tasks the control shows how learnable an arbitrary assignment is "
+                     "(high whenever the layer separates the tasks), not whether the layer is language-shaped: "
+                     "that question is answered by --split task")
+    if "permutation_p_value" in metrics:
+        null = metrics["permutation_null"]
+        lines.append(f"Permutation Null ({len(null['accuracy'])} permuted assignments, trained like the probe): mean accuracy "
+                     f"{metrics['permutation_null_mean_accuracy']:.4f}, mean information "
+                     f"{metrics['permutation_null_mean_information_bits']:.3f} bits; p = {metrics['permutation_p_value']:.4f} "
+                     "(1 + #null >= observed) / (1 + N)")
+    return lines
+
+
+def mdl_text(mdl: dict) -> str:
+    """An online codelength, in words."""
+    return f"{mdl['online_bits']:.1f} bits vs uniform {mdl['uniform_bits']:.1f} (compression {mdl['compression']:.2f})"
+
+
+def measured_lines(results: dict) -> list[str]:
+    """What was measured and how: positions, labels, probe, ranges, what was missing or skipped, the training run."""
+    data, labels, training = (results["config"][k] for k in ("data", "labels", "training"))
+    metrics, report, history = results["metrics"], results["data_report"], results["history"]
+    if data["expert"] != "action":
+        inference = "n/a (VLM expert)"
+    elif data["inference_step"] is None:
+        inference = "all denoising entries, each its own sample"
+    else:
+        inference = str(data["inference_step"])
+    features = "standardized with each fold's training mean and std" if training["standardize"] else "raw"
+    if training["probe"] == "linear":
+        probe = f"linear, loss {training['loss']}"
+    else:
+        probe = "ridge, closed form, penalty by inner cross-validation"
+    without_step = report["episodes_without_step"]
+    lines = [
         "What Was Measured",
         "-----------------",
         f"Token Positions: {results['config']['token_positions']}",
-        f"Inference Step: {'all denoising entries, each its own sample' if inference is None else inference}"
-        if data["expert"] == "action"
-        else "Inference Step: n/a (VLM expert)",
+        f"Inference Step: {inference}",
         f"Labels: {results['config']['label_space']}; T5 model {labels['t5_model']}",
-        f"Features: {'standardized with each fold' + chr(39) + 's training mean and std' if training['standardize'] else 'raw'}",
-        f"Probe: {training['probe']}"
-        + (f", loss {training['loss']}" if training["probe"] == "linear" else ", closed-form ridge, penalty by inner cross-validation"),
-        f"Seed: {training['seed']}; bootstrap resamples of episodes: {training['bootstrap']}",
-        f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
+        f"Features: {features}",
+        f"Probe: {probe}",
+        f"Seed: {training['seed']}; repeats {training['repeats']}; bootstrap resamples: {training['bootstrap']}",
+        f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; "
+        f"Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
         f"Missing Task Files: {', '.join(map(str, report['missing_tasks'])) or 'none'}",
         f"Skipped Files: {len(report['skipped_files']) or 'none'}",
         *(f"  {reason}" for reason in report["skipped_files"].values()),
         f"Episodes Missing From Files: {len(report['missing_episodes'])}",
-        f"Episodes Without step_{data['rollout_step']}: {len(report['episodes_without_step'])}"
-        + (f" ({', '.join(f'task {t} episode {e}' for t, e in report['episodes_without_step'])})" if report["episodes_without_step"] else ""),
+        f"Episodes Without step_{data['rollout_step']}: {len(without_step)}"
+        + (" (" + ", ".join(f"task {t} episode {e}" for t, e in without_step) + ")" if without_step else ""),
+        f"Samples Skipped For Non-finite Features: {len(report['nonfinite_samples'])}"
+        + (" (" + ", ".join(f"task {t} episode {e}" for t, e, *_ in report["nonfinite_samples"][:10]) + ")"
+           if report["nonfinite_samples"] else ""),
     ]
     if training["probe"] == "linear":
         epochs = history["epochs_run"][: metrics["num_folds"]]
         lines.append(
-            f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, {history['steps_per_epoch']} updates/epoch, "
-            f"{epochs.min()}-{epochs.max()} of at most {training['num_epochs']} epochs per fold (early stopping, patience {training['patience']})"
+            f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, {history['steps_per_epoch']} "
+            f"updates/epoch, {epochs.min()}-{epochs.max()} of at most {training['num_epochs']} epochs per fold "
+            f"(early stopping, patience {training['patience']})"
         )
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def write_results(results: dict, output_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -1471,18 +2011,24 @@ def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict
               training: TrainingConfig, output_dir: Path, plot: bool, started: float, command: list[str]) -> list[tuple[dict, Path, Path]]:
     """Train and evaluate every item; items that share their samples are trained together in one program."""
     groups: dict[tuple, list] = {}
+    nonfinite: dict[DataConfig, list[tuple]] = {}
     for item in items:
         samples = samples_by_step[item.rollout_step]
         rows = np.ones(len(samples.task_id), bool) if item.inference_step is None else samples.inference_index == item.inference_step
+        rows, nonfinite[item] = finite_rows(samples, rows, layers.index(item.layer), item, report)
         key = (item.rollout_step, samples.task_id[rows].tobytes(), samples.episode[rows].tobytes())
         groups.setdefault(key, []).append((item, samples.select(np.flatnonzero(rows), layers.index(item.layer))))
+    skipped = sum(len(samples) for samples in nonfinite.values())
+    if skipped and items[0].strict:  # before any training: --strict leaves no result file
+        raise ProbeError(f"{skipped} sample(s) have non-finite features (see the warnings above); --strict stops here")
     written = []
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for members in groups.values():
-            prepared = prepare_folds(members[0][1], report, labels, training)
-            fitted = fit_items(np.stack([selected.features[0] for _, selected in members]), prepared, training)
+            design = design_for(members[0][1], report.descriptions, labels, training)
+            fitted = fit_items(np.stack([selected.features[0] for _, selected in members]), design, training)
             for position, (item, selected) in enumerate(members):
-                results = evaluate_item(selected, {k: v[position] for k, v in fitted.items()}, prepared, report, item, labels, training)
+                results = evaluate_item(selected, {k: v[position] for k, v in fitted.items()}, design, report, item, labels, training)
+                results["data_report"]["nonfinite_samples"] = nonfinite[item]
                 results["wall_time_seconds"] = time.perf_counter() - started
                 results["command"] = command
                 stem = result_stem(item, report.inference_times)
@@ -1494,15 +2040,47 @@ def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict
     return written
 
 
+NONFINITE_WARNINGS_SHOWN = 20  # per run; the rest are counted
+
+
+def finite_rows(samples: Samples, rows: np.ndarray, layer_position: int, item: DataConfig,
+                report: ReadReport) -> tuple[np.ndarray, list[tuple]]:
+    """The rows whose pooled feature is finite, and (task, episode, step, denoising time) of each skipped one.
+
+    A NaN or inf (a bfloat16 overflow in the dump) is a data problem: named in a warning, skipped, counted."""
+    finite = np.isfinite(samples.features[layer_position]).all(axis=1)
+    skipped = []
+    for row in np.flatnonzero(rows & ~finite):
+        task, episode, time_value = int(samples.task_id[row]), int(samples.episode[row]), float(samples.inference_time[row])
+        skipped.append((task, episode, int(samples.step[row]), time_value))
+        if len(skipped) <= NONFINITE_WARNINGS_SHOWN:
+            denoising = "" if math.isnan(time_value) else f", denoising t {time_value:g}"
+            log.warning("%s: episode_%d, step_%d%s, %s: non-finite values in the pooled feature; sample skipped "
+                        "(--strict makes this fatal)", report.files[task], episode, samples.step[row], denoising,
+                        "camera " + item.camera if item.layer is None else f"layer {item.layer}")
+    if len(skipped) > NONFINITE_WARNINGS_SHOWN:
+        log.warning("... and %d more non-finite sample(s) for this combination", len(skipped) - NONFINITE_WARNINGS_SHOWN)
+    return rows & finite, skipped
+
+
 # -----------------------------------------------------------------------------
 # Report and plots: a results directory as a table, curves and heatmaps (PNG, Agg)
 # -----------------------------------------------------------------------------
 
 REPORT_COLUMNS = [
     "expert", "layer", "rollout_step", "inference_step", "inference_time", "feature_type", "token_positions", "probe", "loss",
-    "split", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "selectivity", "selectivity_ci_low",
-    "selectivity_ci_high", "cosine_similarity", "cosine_similarity_centered", "constant_predictor_cosine", "chance_accuracy",
-    "top_3_accuracy", "mean_reciprocal_rank", "num_samples", "num_tasks", "num_episodes", "num_folds", "file",
+    "split", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy", "majority_accuracy", "chance_accuracy",
+    "information_bits", "information_bits_ci_low", "information_bits_ci_high", "max_information_bits", "control_accuracy",
+    "control_information_bits", "selectivity", "selectivity_ci_low", "selectivity_ci_high", "permutation_null_mean_accuracy",
+    "permutation_p_value", "cosine_similarity_label_space", "cosine_similarity", "constant_predictor_cosine",
+    "cosine_similarity_normalized", "top_3_accuracy", "mean_reciprocal_rank", "num_samples", "num_tasks", "num_episodes",
+    "num_folds", "num_repeats", "file",
+]
+REPORT_METRICS = [  # columns copied from the results' metrics as they are (blank when a run has none)
+    "accuracy", "balanced_accuracy", "majority_accuracy", "chance_accuracy", "information_bits", "max_information_bits",
+    "control_accuracy", "control_information_bits", "selectivity", "permutation_null_mean_accuracy", "permutation_p_value",
+    "cosine_similarity_label_space", "cosine_similarity", "constant_predictor_cosine", "cosine_similarity_normalized",
+    "mean_reciprocal_rank", "num_samples", "num_tasks", "num_episodes", "num_folds", "num_repeats",
 ]
 
 
@@ -1529,21 +2107,18 @@ def report_row(results: dict, path: Path) -> dict:
     data, training, metrics = results["config"]["data"], results["config"]["training"], results["metrics"]
     intervals = metrics["confidence_intervals"]
     times = np.unique(results["samples"]["inference_time"])
-    return {
+    row = {
         "expert": data["expert"], "layer": data["layer"], "rollout_step": data["rollout_step"],
         "inference_step": "all" if data["inference_step"] is None else data["inference_step"],
         "inference_time": float(times[0]) if len(times) == 1 and not np.isnan(times[0]) else "",
         "feature_type": data["feature_type"], "token_positions": results["config"]["token_positions"], "probe": training["probe"],
         "loss": training["loss"] if training["probe"] == "linear" else "", "split": training["split"],
-        "accuracy": metrics["accuracy"], "accuracy_ci_low": intervals.get("accuracy", ("", ""))[0], "accuracy_ci_high": intervals.get("accuracy", ("", ""))[1],
-        "control_accuracy": metrics.get("control_accuracy", ""), "selectivity": metrics.get("selectivity", ""),
-        "selectivity_ci_low": intervals.get("selectivity", ("", ""))[0], "selectivity_ci_high": intervals.get("selectivity", ("", ""))[1],
-        "cosine_similarity": metrics["cosine_similarity"], "cosine_similarity_centered": metrics["cosine_similarity_centered"],
-        "constant_predictor_cosine": metrics["constant_predictor_cosine"], "chance_accuracy": metrics["chance_accuracy"],
-        "top_3_accuracy": metrics["top_k_accuracy"].get(3, ""), "mean_reciprocal_rank": metrics["mean_reciprocal_rank"],
-        "num_samples": metrics["num_samples"], "num_tasks": metrics["num_tasks"], "num_episodes": metrics["num_episodes"],
-        "num_folds": metrics["num_folds"], "file": path.name,
+        "top_3_accuracy": metrics["top_k_accuracy"].get(3, ""), "file": path.name,
     }
+    row.update({name: metrics.get(name, "") for name in REPORT_METRICS})
+    for name in ("accuracy", "information_bits", "selectivity"):
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = intervals.get(name, ("", ""))
+    return row
 
 
 def series_label(row: dict, varying: list[str]) -> str:
@@ -1576,18 +2151,25 @@ def write_report(directory: Path) -> str:
     layered = [row for row in rows if row["layer"] is not None]
     if layered:
         plot_by_layer(layered, directory)
-    header = f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'control':>7} {'select.':>7} {'cosine':>7} {'centered':>8} {'chance':>6} {'samples':>7}"
+    header = (f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'bits':>6} {'control':>7} "
+              f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}")
     lines = [header, "-" * len(header)]
     for row in rows:
         interval = f"[{row['accuracy_ci_low']:.2f}, {row['accuracy_ci_high']:.2f}]" if row["accuracy_ci_low"] != "" else ""
-        number = lambda value, width: f"{value:{width}.4f}" if value != "" else " " * width
+        layer = "-" if row["layer"] is None else row["layer"]
         lines.append(
-            f"{row['expert']:9} {'-' if row['layer'] is None else row['layer']:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} "
-            f"{row['accuracy']:8.4f} {interval:>15} {number(row['control_accuracy'], 7)} {number(row['selectivity'], 7)} "
-            f"{row['cosine_similarity']:7.4f} {row['cosine_similarity_centered']:8.4f} {row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
+            f"{row['expert']:9} {layer:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} {row['accuracy']:8.4f} "
+            f"{interval:>15} {row['information_bits']:6.3f} {table_number(row['control_accuracy'], 7)} "
+            f"{table_number(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
+            f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
         )
     lines.append(f"wrote {directory / 'sweep.csv'} and {directory / 'accuracy_by_layer.png'}, {directory / 'cosine_by_layer.png'}" if layered else f"wrote {directory / 'sweep.csv'}")
     return "\n".join(lines)
+
+
+def table_number(value, width: int) -> str:
+    """A number for the printed table, or blanks where a run has none."""
+    return f"{value:{width}.4f}" if value != "" else " " * width
 
 
 def plot_by_layer(rows: list[dict], directory: Path) -> None:
@@ -1618,10 +2200,10 @@ def plot_by_layer(rows: list[dict], directory: Path) -> None:
     figure, (centered, raw) = plt.subplots(1, 2, figsize=(13, 5))
     for number, members in enumerate(series.values()):
         x = [row["layer"] for row in members]
-        line = centered.plot(x, [row["cosine_similarity_centered"] for row in members], marker="o", label=series_label(members[0], varying))[0]
+        line = centered.plot(x, [row["cosine_similarity_label_space"] for row in members], marker="o", label=series_label(members[0], varying))[0]
         raw.plot(x, [row["cosine_similarity"] for row in members], marker="o", color=line.get_color(), label=series_label(members[0], varying))
         raw.plot(x, [row["constant_predictor_cosine"] for row in members], linestyle="--", color="grey", label=None if number else "constant predictor (mean embedding)")
-    centered.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Probe's label space (centered T5)")
+    centered.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Probe's label space")
     raw.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Raw T5 space (the guide's), with the constant predictor")
     for axis in (centered, raw):
         axis.legend(fontsize=7)
@@ -1925,8 +2507,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--cv_folds", type=positive_int, default=5, help="cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: %(default)s)")
     evaluation.add_argument("--split", choices=("episode", "task"), default="episode", help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe never sees (default: %(default)s)")
-    evaluation.add_argument("--no_control", action="store_true", help="skip the control task (the same probe on labels permuted across tasks)")
-    evaluation.add_argument("--bootstrap", type=non_negative_int, default=1000, help="resamples of episodes for 95%% confidence intervals; 0 for none (default: %(default)s)")
+    evaluation.add_argument("--no_control", action="store_true", help="skip the control task and the permutation null (probes trained on task -> embedding assignments permuted across tasks)")
+    evaluation.add_argument("--permutations", type=positive_int, default=None, metavar="N",
+                            help=f"permuted assignments trained like the probe; the first is the control; with several, a permutation p-value (default: {DEFAULT_TASK_SPLIT_PERMUTATIONS} with --split task, else 1)")
+    evaluation.add_argument("--repeats", type=positive_int, default=1, metavar="K", help="seeds of folds and initialisation; metrics are their mean, intervals widened by their spread (default: %(default)s)")
+    evaluation.add_argument("--mdl", action="store_true", help="also the online (prequential) codelength of the task labels, over blocks of whole episodes (tasks with --split task)")
+    evaluation.add_argument("--bootstrap", type=non_negative_int, default=1000, help="BCa resamples of whole episodes (tasks with --split task) for 95%% intervals; 0 for none (default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="results/linear_probing", help="created if missing (default: %(default)s)")
     output.add_argument("--skip_existing", action="store_true", help="leave combinations whose two result files exist (resume a killed sweep)")
@@ -1964,6 +2550,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
     if args.cv_folds < 2:
         parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
+    if args.no_control and args.permutations is not None:
+        parser.error("--permutations needs the control: drop --no_control")
+    if args.mdl and args.label_dim:
+        parser.error("--mdl codes blocks with probes trained on a few tasks, fewer than --label_dim needs: use one or the other")
     if args.probe == "ridge" and args.loss != "cosine":
         parser.error("--loss applies to --probe linear; ridge fits squared error in closed form")
     if args.inference_step != "all" and args.expert != "action":
@@ -2005,6 +2595,9 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
         validation_fraction=args.validation_fraction,
         standardize=not args.no_standardize,
         control=not args.no_control,
+        permutations=args.permutations,
+        repeats=args.repeats,
+        mdl=args.mdl,
         bootstrap=args.bootstrap,
         probe=args.probe,
         loss=args.loss,
@@ -2072,7 +2665,11 @@ def main(argv: list[str] | None = None) -> int:
             print(format_summary(written[0][0]))
         for results, results_path, _ in written if len(written) > 1 else []:
             data, metrics = results["config"]["data"], results["metrics"]
-            print(f"{results_path.name}: accuracy {metrics['accuracy']:.4f}, selectivity {metrics.get('selectivity', math.nan):.4f}, chance {metrics['chance_accuracy']:.4f}")
+            line = (f"{results_path.name}: accuracy {metrics['accuracy']:.4f} (chance {metrics['chance_accuracy']:.4f}), "
+                    f"information {metrics['information_bits']:.3f} of {metrics['max_information_bits']:.3f} bits")
+            if "permutation_p_value" in metrics:
+                line += f", permutation p {metrics['permutation_p_value']:.3f}"
+            print(line)
         if args.demo:
             print(
                 f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "

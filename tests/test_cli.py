@@ -53,7 +53,7 @@ def test_silent_layer_stays_near_chance(run_cli):
     metrics = load_results(output, f"vlm_layer{lpi.DEMO_SILENT_LAYER}_step10")["metrics"]
     assert metrics["chance_accuracy"] == pytest.approx(0.1)
     assert metrics["accuracy"] <= 0.4
-    assert metrics["cosine_similarity_centered"] < 0.3
+    assert metrics["cosine_similarity_label_space"] < 0.3
 
 
 def test_action_expert_pools_every_denoising_entry_and_keeps_episodes_whole(run_cli):
@@ -86,7 +86,9 @@ def test_output_files_hold_the_guide_block_and_everything_needed(run_cli):
                  "Task Descriptions:", "  0: pick up the alphabet soup and place it in the basket", "Missing Task Files: 10, 11"):
         assert line in summary
     assert any(line.startswith("Accuracy: ") for line in summary)
-    assert any(line.startswith("Selectivity (accuracy - control): ") for line in summary)
+    assert any(line.startswith("Control (task -> embedding assignment permuted): accuracy ") for line in summary)
+    assert any("that question is answered by --split task" in line for line in summary)  # what the control is not
+    assert any(line.startswith("Positive control: text tokens are the prompt itself") for line in summary)
     results = load_results(output, "text_only_layer5_step10")
     assert results["config"]["data"]["expert"] == "text_only" and results["config"]["labels"]["center_labels"] is True
     assert results["probe"]["kernel"].shape == (10, 16, 32)  # 5 folds, then 5 controls
@@ -114,7 +116,7 @@ def test_raw_labels_are_available_and_recorded(run_cli):
     assert status == 0
     results = load_results(output, "text_only_layer5_step10")
     assert results["config"]["labels"]["center_labels"] is False
-    assert results["metrics"]["cosine_similarity"] == pytest.approx(results["metrics"]["cosine_similarity_centered"])
+    assert results["metrics"]["cosine_similarity"] == pytest.approx(results["metrics"]["cosine_similarity_label_space"])
 
 
 @pytest.mark.parametrize(

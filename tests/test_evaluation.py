@@ -106,15 +106,14 @@ def test_retrieval_metrics_on_a_known_similarity_matrix():
     np.testing.assert_allclose(result["margin"], [0.8, -0.2, -0.2, 0.0])
 
 
-def test_bootstrap_intervals_resample_episodes():
-    groups = np.repeat(np.arange(20), 3)
-    values = {"constant": np.ones(60), "mixed": (np.arange(60) % 2).astype(float)}
-    intervals = lpi.bootstrap_intervals(values, groups, 500, seed=0)
-    assert intervals["constant"] == (1.0, 1.0)
+def test_intervals_resample_units_and_are_reproducible():
+    units = np.repeat(np.arange(20), 3)
+    values = {"mixed": (np.arange(60) % 2).astype(float), "graded": np.arange(60) / 60.0}
+    intervals = lpi.unit_intervals(values, units, None, 500, seed=0)
     low, high = intervals["mixed"]
     assert low < 0.5 < high
-    assert intervals == lpi.bootstrap_intervals(values, groups, 500, seed=0)
-    assert lpi.bootstrap_intervals(values, groups, 0, seed=0) == {}
+    assert intervals == lpi.unit_intervals(values, units, None, 500, seed=0)
+    assert lpi.unit_intervals(values, units, None, 0, seed=0) == {}
 
 
 @pytest.mark.parametrize("count", [2, 3, 10])

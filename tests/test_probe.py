@@ -98,7 +98,12 @@ def test_fit_probes_recovers_a_linear_map_and_stops_early():
     train = np.arange(180) % 3 != 0
     validation = np.arange(180) % 3 == 0
     config = lpi.TrainingConfig(num_epochs=400, learning_rate=0.01)
-    fitted = lpi.train_linear_probes(features[None], sample_class, classes[None], np.ones((1, 6), bool), train[None], validation[None], config)
+    copies = lpi.Copies(
+        repeat=np.zeros(1, int), assignment=np.zeros(1, int), fold=np.zeros(1, int), block=np.full(1, -1),
+        classes=classes[None], known=np.ones((1, 6), bool), train=train[None], validation=validation[None],
+        label_mean=np.zeros((1, 4)), label_basis=np.eye(4)[None],
+    )
+    fitted = lpi.train_linear_probes(features[None], sample_class, copies, config)
     fitted = {key: value[0] for key, value in fitted.items()}  # the one item
     prediction = ((features - fitted["feature_mean"][0]) / fitted["feature_std"][0]) @ fitted["kernel"][0] + fitted["bias"][0]
     assert lpi.row_cosine(prediction, classes[sample_class]).mean() > 0.99
