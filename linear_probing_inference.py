@@ -1273,7 +1273,9 @@ def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, copies: C
 
 
 def unit_rows(values: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (the guide's epsilon keeps zero rows finite)."""
+    """Rows scaled to unit length, in float64 (no overflow on huge predictions; the guide's epsilon keeps zero rows
+    finite)."""
+    values = np.asarray(values, dtype=np.float64)
     return values / (np.linalg.norm(values, axis=-1, keepdims=True) + EPSILON)
 
 
@@ -1414,7 +1416,7 @@ def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np
     similarity = np.full((len(prediction), copies.classes.shape[1]), np.nan)
     for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
         rows = copy_of_sample == copy
-        similarity[rows] = unit_rows(prediction[rows].astype(np.float64)) @ unit_rows(copies.classes[copy]).T
+        similarity[rows] = unit_rows(prediction[rows]) @ unit_rows(copies.classes[copy]).T
     return similarity
 
 
