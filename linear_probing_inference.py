@@ -94,8 +94,10 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LabelConfig:
-    """How the T5 targets are made."""
+    """What the probe predicts: the T5 embedding of the description (how it is made), or its concepts."""
 
+    target: str = "t5"  # "t5": the description's T5 embedding; "concepts": one logistic probe per word or attribute
+    concepts_file: str | None = None  # TSV task_id, attribute, value: explicit concepts instead of the words
     t5_model: str = "t5-small"
     center_labels: bool = True  # subtract the mean training-task embedding
     label_dim: int | None = None  # project onto the training tasks' top principal directions
@@ -780,6 +782,170 @@ def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
+# Concepts: the words (or given attributes) that vary between the analyzed tasks
+# -----------------------------------------------------------------------------
+
+STOP_WORDS = frozenset("a an the and or of in on onto into to it its at from with up down over under by for then".split())
+NO_VALUE = "(none)"  # --concepts FILE: the value of a task that has no row for an attribute
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    """A function of the task: which value of it each class (unique description) has."""
+
+    name: str  # the word, or the attribute of --concepts
+    values: list[str]  # value names; a word's are ["without", "with"]
+    value_of_class: np.ndarray  # (C,) index into values
+
+
+def word_concepts(descriptions: list[str]) -> list[Concept]:
+    """A binary concept per lower-cased word present in some of the descriptions and absent from others (stop words
+    and words every description has are dropped), named by the word."""
+    words = [set(re.findall(r"[a-z0-9]+", description.lower())) for description in descriptions]
+    concepts = []
+    for word in sorted(set().union(*words) - STOP_WORDS):
+        has = np.array([word in described for described in words])
+        if 0 < has.sum() < len(words):
+            concepts.append(Concept(word, ["without", "with"], has.astype(np.int64)))
+    return concepts
+
+
+def read_concepts_file(path: str) -> dict[str, dict[int, str]]:
+    """attribute -> {task id: value} from a TSV of task_id, attribute, value (a header line and # comments allowed)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionError(f"--concepts {path}: cannot read it ({error})") from None
+    attributes: dict[str, dict[int, str]] = {}
+    for number, line in enumerate(lines, 1):
+        fields = [field.strip() for field in line.split("\t")]
+        if not line.strip() or line.startswith("#") or (number == 1 and fields[0] == "task_id"):
+            continue
+        if len(fields) != 3 or not fields[0].isdigit() or not fields[1] or not fields[2]:
+            raise OptionError(f"--concepts {path}, line {number}: expected task_id<TAB>attribute<TAB>value, got {line!r}")
+        attributes.setdefault(fields[1], {})[int(fields[0])] = fields[2]
+    return attributes
+
+
+def file_concepts(path: str, class_of_task: dict[int, int], classes: int) -> list[Concept]:
+    """A concept per attribute of --concepts with at least two values among the analyzed tasks."""
+    concepts = []
+    for attribute, value_of_task in sorted(read_concepts_file(path).items()):
+        value_of_class: dict[int, str] = {}
+        for task, class_index in class_of_task.items():
+            value = value_of_task.get(task, NO_VALUE)
+            if value_of_class.setdefault(class_index, value) != value:
+                raise OptionError(f"--concepts {path}: tasks with one description have different {attribute!r} values")
+        names = sorted(set(value_of_class.values()))
+        if len(names) > 1:
+            concepts.append(Concept(attribute, names, np.array([names.index(value_of_class[c]) for c in range(classes)])))
+    return concepts
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptDesign:
+    """How one set of samples is held out for concept probes: one fold probe per (concept, fold)."""
+
+    task_ids: list[int]
+    descriptions: list[str]
+    sample_class: np.ndarray  # (n,)
+    unit: np.ndarray  # (n,) resampling unit
+    fold: np.ndarray  # (1, n) test fold of every sample
+    folds: int
+    concepts: list[Concept]
+    copies: Copies  # classes (M, C, V): each class's one-hot value of the copy's concept
+
+
+def concept_design(samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig,
+                   training: TrainingConfig) -> ConceptDesign:
+    """Concepts of the analyzed tasks, folds (whole tasks by default) and a softmax probe copy per concept and fold."""
+    task_ids = sorted(set(samples.task_id.tolist()))
+    descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
+    class_of_task = {t: descriptions.index(descriptions_by_task[t]) for t in task_ids}
+    sample_class = np.array([class_of_task[t] for t in samples.task_id], dtype=np.int64)
+    if labels.concepts_file:
+        concepts = file_concepts(labels.concepts_file, class_of_task, len(descriptions))
+    else:
+        concepts = word_concepts(descriptions)
+    if not concepts:
+        raise ProbeError("no concepts: no word (or --concepts attribute) varies between the analyzed tasks")
+    fold, folds = assign_folds(samples.task_id, samples.episode, training)
+    validation = validation_masks(samples.task_id, samples.episode, fold, folds, training)
+    width = max(len(concept.values) for concept in concepts)
+    chosen = [(c, f) for c in range(len(concepts)) for f in range(folds)]
+    train = np.stack([(fold != f) & ~validation[f] for _, f in chosen])
+    one_hot = np.stack([np.eye(width, dtype=np.float32)[concepts[c].value_of_class] for c, _ in chosen])
+    copies = Copies(
+        repeat=np.zeros(len(chosen), int), assignment=np.zeros(len(chosen), int), fold=np.array([f for _, f in chosen]),
+        block=np.full(len(chosen), -1), classes=one_hot,
+        known=np.stack([np.isin(np.arange(len(descriptions)), sample_class[t]) for t in train]), train=train,
+        validation=np.stack([validation[f] for _, f in chosen]), label_mean=np.zeros((len(chosen), 1)),
+        label_basis=np.zeros((len(chosen), width, 1)), concept=np.array([c for c, _ in chosen]),
+    )
+    unit = resampling_units(samples.task_id, samples.episode, training.split)[0]
+    return ConceptDesign(task_ids, descriptions, sample_class, unit, fold[None], folds, concepts, copies)
+
+
+def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature) -> np.ndarray:
+    """-log2 p(value) under softmax(logits / temperature) over the values the copy fitted; a value it never saw, or a
+    failed (non-finite) prediction, gets the uniform code over the concept's values."""
+    finite = np.isfinite(logits).all(axis=1)
+    scaled = np.where(present & finite[:, None], np.nan_to_num(logits) / np.asarray(temperature)[..., None], -np.inf)
+    scaled[~finite] = 0.0
+    log_p = scaled - scipy.special.logsumexp(scaled, axis=1, keepdims=True)
+    bits = -log_p[np.arange(len(value)), value] / np.log(2)
+    known = present[np.arange(len(value)), value] & finite
+    return np.where(known, bits, math.log2(present.shape[1]))
+
+
+# Concept probes output logits trained by cross-entropy, already overconfident on what they fitted: the temperature
+# may only soften them (a sharper one, fitted on a few validation tasks, made single held-out errors cost 40+ bits).
+CONCEPT_TEMPERATURE_GRID = np.geomspace(1.0, 100.0, 81)
+
+
+def concept_temperature(features: np.ndarray, fitted: dict, copies: Copies, copy: int, value: np.ndarray,
+                        present: np.ndarray) -> float:
+    """A concept probe's softmax temperature, fitted on its validation samples (training samples when it has none)."""
+    rows = copies.validation[copy] if copies.validation[copy].any() else copies.train[copy]
+    logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)].astype(np.float64)
+    mask = np.broadcast_to(present, logits.shape)
+    losses = [concept_bits(logits, value[rows], mask, temperature).mean() for temperature in CONCEPT_TEMPERATURE_GRID]
+    return float(CONCEPT_TEMPERATURE_GRID[int(np.argmin(losses))])
+
+
+def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c: int, task_id: np.ndarray) -> dict:
+    """Held-out numbers of one concept: accuracy, balanced accuracy, majority baseline, information over the training
+    prior, how many tasks have it, and folds whose training side lacks a value their held-out side has."""
+    concept, copies, fold = design.concepts[c], design.copies, design.fold[0]
+    members = np.flatnonzero(copies.concept == c)
+    members = members[np.argsort(copies.fold[members])]
+    logits = copy_predictions(features, fitted, members[fold])[:, : len(concept.values)].astype(np.float64)
+    value = concept.value_of_class[design.sample_class]
+    side = copies.train[members] | copies.validation[members]  # (folds, n) training side of each fold
+    counts = np.stack([np.bincount(value[s], minlength=len(concept.values)) for s in side])  # (folds, V)
+    present = np.stack([np.bincount(value[t], minlength=len(concept.values)) > 0 for t in copies.train[members]])
+    temperatures = np.array([concept_temperature(features, fitted, copies, m, value, present[f]) for f, m in enumerate(members)])
+    bits = concept_bits(logits, value, present[fold], temperatures[fold])
+    prior = (counts[fold] + 1) / (counts[fold].sum(axis=1, keepdims=True) + len(concept.values))
+    prior_bits = -np.log2(prior[np.arange(len(value)), value])
+    predicted = np.where(np.isfinite(logits).all(axis=1), np.argmax(np.where(present[fold], logits, -np.inf), axis=1), -1)
+    correct = predicted == value
+    held_values = [set(value[fold == f]) - set(value[side[f]]) for f in range(design.folds)]
+    task_values = {int(t): int(v) for t, v in zip(task_id, value)}
+    return {
+        "accuracy": float(correct.mean()),
+        "balanced_accuracy": float(np.mean([correct[value == v].mean() for v in np.unique(value)])),
+        "majority_accuracy": float(np.mean(value == counts.argmax(axis=1)[fold])),
+        "information_bits": float(np.mean(prior_bits - bits)),
+        "tasks_with": sum(1 for v in task_values.values() if concept.values[v] not in ("without", NO_VALUE)),
+        "tasks_without": sum(1 for v in task_values.values() if concept.values[v] in ("without", NO_VALUE)),
+        "values": concept.values,
+        "folds_missing_values": [f for f, missing in enumerate(held_values) if missing],
+        "failed_probes": [int(copies.fold[m]) for m in members if fitted["failed"][m]],
+    }
+
+
+# -----------------------------------------------------------------------------
 # Probe
 # -----------------------------------------------------------------------------
 
@@ -814,8 +980,15 @@ def usable_std(std):
 
 
 def sample_losses(predictions: jnp.ndarray, own_class: jnp.ndarray, classes: jnp.ndarray, known_classes: jnp.ndarray, loss: str) -> jnp.ndarray:
-    """Per-sample loss: `cosine` 1 - cos (the guide's), `mse`, or `contrastive` (InfoNCE over the known tasks)."""
+    """Per-sample loss: `cosine` 1 - cos (the guide's), `mse`, `contrastive` (InfoNCE over the known tasks), or
+    `softmax` (a concept probe: classes holds each task's one-hot concept value; the logits are the predictions)."""
     targets = classes[own_class]
+    if loss == "softmax":
+        present = jnp.any(classes * known_classes[:, None], axis=0)  # values some fitted task has
+        logits = jnp.where(present[None, :], predictions, -jnp.inf)
+        value = jnp.argmax(targets, axis=-1)
+        cross_entropy = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), value[:, None], axis=-1)[:, 0]
+        return jnp.where(present[value], cross_entropy, 0.0)  # a value the copy never fitted cannot be learned by it
     if loss == "cosine":
         return 1.0 - cosine_similarity(predictions, targets)
     if loss == "mse":
@@ -941,6 +1114,7 @@ class Copies:
     validation: np.ndarray  # (M, n) samples for early stopping and the softmax temperature
     label_mean: np.ndarray  # (M, D) subtracted from the raw T5 embeddings (zero without centering)
     label_basis: np.ndarray  # (M, d, D) label-space coordinates = (raw - label_mean) @ label_basis.T
+    concept: np.ndarray | None = None  # (M,) the concept a concept probe predicts (--target concepts); None: T5 probes
 
     def fold_copies(self, repeat: int, assignment: int) -> np.ndarray:
         """Indices of one (repeat, assignment)'s fold probes, in fold order."""
@@ -948,8 +1122,9 @@ class Copies:
         return np.flatnonzero(chosen)[np.argsort(self.fold[chosen])]
 
     def identity(self) -> np.ndarray:
-        """(M, 4) integers naming each copy; its initialisation key is derived from them, not from its position."""
-        return np.stack([self.repeat, self.assignment, self.fold, self.block], axis=1).astype(np.int32)
+        """(M, 5) integers naming each copy; its initialisation key is derived from them, not from its position."""
+        concept = np.full(len(self.fold), -1) if self.concept is None else self.concept
+        return np.stack([self.repeat, self.assignment, self.fold, self.block, concept], axis=1).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1076,7 +1251,7 @@ def fit_probes(
     Shapes: features (devices, items, n, d_in) — the layers (or denoising steps) of a sweep, one block
     per device, centered over all samples (see train_linear_probes); sample_class (n,);
     per copy (see Copies): class_embeddings (C, d), known_classes (C,), train and validation masks (n,),
-    copy_identity (4,). The epoch loop is a `while_loop`; each probe keeps the parameters of its best
+    copy_identity (5,). The epoch loop is a `while_loop`; each probe keeps the parameters of its best
     validation epoch. One function, since splitting the loop's state across functions would hide it.
     """
     model = LinearProbe(class_embeddings.shape[-1])
@@ -1300,7 +1475,7 @@ def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> dict[str, np.n
     }
 
 
-TEMPERATURE_GRID = np.geomspace(0.01, 10.0, 121)  # softmax temperatures tried on each copy's own training side
+TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried on each copy's own training side
 
 
 def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature) -> np.ndarray:
@@ -1393,8 +1568,18 @@ def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: Label
     return {"mean": np.stack(means), "basis": np.stack(bases), "classes": np.stack(spaces).astype(np.float32)}
 
 
-def fit_items(features: np.ndarray, design: Design, training: TrainingConfig) -> dict:
+def make_design(samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig,
+                training: TrainingConfig) -> Design | ConceptDesign:
+    """The design of the target asked for: T5 embeddings or concepts."""
+    if labels.target == "concepts":
+        return concept_design(samples, descriptions_by_task, labels, training)
+    return design_for(samples, descriptions_by_task, labels, training)
+
+
+def fit_items(features: np.ndarray, design: Design | ConceptDesign, training: TrainingConfig) -> dict:
     """Fit the probes of every item (features (items, n, d)) and copy; results (items, copies, ...)."""
+    if isinstance(design, ConceptDesign):  # softmax probes over each concept's values
+        return train_linear_probes(features, design.sample_class, design.copies, dataclasses.replace(training, loss="softmax"))
     if training.probe == "ridge":
         return train_ridge_probes(features, design.sample_class, design.copies, design.unit, training)
     return train_linear_probes(features, design.sample_class, design.copies, training)
@@ -1733,6 +1918,91 @@ def results_record(samples: Samples, fitted: dict, design: Design, report: ReadR
     }
 
 
+def evaluate_concepts(samples: Samples, fitted: dict, design: ConceptDesign, report: ReadReport, data: DataConfig,
+                      labels: LabelConfig, training: TrainingConfig) -> dict:
+    """Every concept's held-out numbers for one item; the results file of a concept run (its one layout)."""
+    features = samples.features[0]
+    concepts = {concept.name: concept_metrics(features, fitted, design, c, samples.task_id)
+                for c, concept in enumerate(design.concepts)}
+    balanced = [one["balanced_accuracy"] for one in concepts.values()]
+    return {
+        "format_version": 3,
+        "target": "concepts",
+        "config": {
+            "data": dataclasses.asdict(data),
+            "labels": dataclasses.asdict(labels),
+            "training": {**dataclasses.asdict(training), "loss": "softmax"},
+            "split": describe_split(training, design.folds),
+            "token_positions": describe_token_positions(data),
+            "concept_definition": CONCEPT_DEFINITION,
+        },
+        "concepts": concepts,
+        "metrics": {
+            "mean_balanced_accuracy": float(np.mean(balanced)),
+            "num_concepts": len(concepts),
+            "num_samples": len(design.sample_class),
+            "num_tasks": len(design.task_ids),
+            "num_episodes": len(set(zip(samples.task_id.tolist(), samples.episode.tolist()))),
+            "num_folds": design.folds,
+        },
+        "tasks": {"task_ids": np.array(design.task_ids), "descriptions": [report.descriptions[t] for t in design.task_ids]},
+        "samples": {"task_id": samples.task_id, "episode": samples.episode, "step": samples.step,
+                    "inference_time": samples.inference_time, "fold": design.fold[0]},
+        "history": {key: fitted[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
+        "probe": {key: fitted[key] for key in ("kernel", "bias", "feature_mean", "feature_std", "failed")},
+        "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
+        "data_report": {
+            "files": report.files,
+            "missing_tasks": report.missing_tasks,
+            "missing_episodes": report.missing_episodes,
+            "episodes_without_step": report.episodes_without_step.get(data.rollout_step, []),
+            "skipped_files": report.skipped_files,
+            "nonfinite_samples": [],
+        },
+        "versions": package_versions(),
+    }
+
+
+CONCEPT_DEFINITION = (
+    "one softmax (logistic) probe per concept on the same features; accuracy = share of held-out samples whose most "
+    "probable value is their task's; balanced = mean over values; information_bits = cross-entropy of the training "
+    "side's value frequencies minus the probe's (softmax temperature fitted on validation samples), per sample"
+)
+
+
+def format_concept_summary(results: dict) -> str:
+    """A concept run's summary: what was probed, then every concept sorted by balanced accuracy."""
+    data, metrics = results["config"]["data"], results["metrics"]
+    split = results["config"]["training"]["split"]
+    reading = ("held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
+               if split == "task" else "held-out episodes of seen tasks: decodability, not transfer")
+    lines = [
+        "Concept Probing Results",
+        "=======================",
+        "",
+        f"Expert: {data['expert']}",
+        f"Layer: {data['layer']}",
+        f"Rollout Step: {data['rollout_step']}",
+        f"Feature Type: {data['feature_type']}",
+        f"Held out: {results['config']['split']} ({reading})",
+        f"Number of Samples: {metrics['num_samples']}; Number of Tasks: {metrics['num_tasks']}",
+        f"Token Positions: {results['config']['token_positions']}",
+        "",
+        f"{'concept':24} {'balanced':>8} {'accuracy':>8} {'majority':>8} {'bits':>7} {'tasks with/without':>18}  notes",
+    ]
+    ranked = sorted(results["concepts"].items(), key=lambda item: -item[1]["balanced_accuracy"])
+    for name, one in ranked:
+        notes = []
+        if one["folds_missing_values"]:
+            notes.append(f"folds {one['folds_missing_values']} never saw a value they hold out")
+        if one["failed_probes"]:
+            notes.append(f"FAILED folds {one['failed_probes']}")
+        lines.append(f"{name:24} {one['balanced_accuracy']:8.4f} {one['accuracy']:8.4f} {one['majority_accuracy']:8.4f} "
+                     f"{one['information_bits']:7.3f} {one['tasks_with']:>9}/{one['tasks_without']:<8}  {'; '.join(notes)}")
+    lines += ["", f"Definition: {results['config']['concept_definition']}", ""]
+    return "\n".join(lines)
+
+
 INFORMATION_DEFINITION = (
     "p(task | features) = softmax over the analyzed tasks' embeddings of cosine / temperature, the temperature fitted "
     "on each probe's own validation samples; information_bits = log2(classes) - held-out cross-entropy in bits (negative: "
@@ -1809,16 +2079,16 @@ def package_versions() -> dict[str, str]:
 # -----------------------------------------------------------------------------
 
 
-def result_stem(data: DataConfig, inference_times: list[float]) -> str:
+def result_stem(data: DataConfig, inference_times: list[float], target: str = "t5") -> str:
     """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
-    ({camera} in place of the layer for SigLIP's output)."""
+    ({camera} in place of the layer for SigLIP's output) and _concepts for concept probes."""
     where = f"_{data.camera}" if data.expert == "visual" else f"_layer{data.layer}"
     stem = f"{data.expert}{where}_step{data.rollout_step}"
-    if data.inference_step is None:
-        return stem
-    if data.inference_step >= len(inference_times):
-        raise OptionError(f"--inference_step {data.inference_step} is out of range: the steps have {len(inference_times)} denoising entries (0-{len(inference_times) - 1})")
-    return f"{stem}_t{inference_times[data.inference_step]:g}"
+    if data.inference_step is not None:
+        if data.inference_step >= len(inference_times):
+            raise OptionError(f"--inference_step {data.inference_step} is out of range: the steps have {len(inference_times)} denoising entries (0-{len(inference_times) - 1})")
+        stem = f"{stem}_t{inference_times[data.inference_step]:g}"
+    return f"{stem}_concepts" if target == "concepts" else stem
 
 
 def write_atomically(path: Path, content: bytes) -> None:
@@ -1846,6 +2116,8 @@ def with_interval(metrics: dict, name: str, digits: int = 4) -> str:
 
 def format_summary(results: dict) -> str:
     """The guide's summary block, then the evidence behind it, what was measured and how."""
+    if results.get("target") == "concepts":
+        return format_concept_summary(results)
     return "\n".join([*guide_block(results), "", *evidence_lines(results), "", *measured_lines(results), ""])
 
 
@@ -2026,16 +2298,17 @@ def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict
     written = []
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for members in groups.values():
-            design = design_for(members[0][1], report.descriptions, labels, training)
+            design = make_design(members[0][1], report.descriptions, labels, training)
             fitted = fit_items(np.stack([selected.features[0] for _, selected in members]), design, training)
             for position, (item, selected) in enumerate(members):
-                results = evaluate_item(selected, {k: v[position] for k, v in fitted.items()}, design, report, item, labels, training)
+                evaluate = evaluate_concepts if labels.target == "concepts" else evaluate_item
+                results = evaluate(selected, {k: v[position] for k, v in fitted.items()}, design, report, item, labels, training)
                 results["data_report"]["nonfinite_samples"] = nonfinite[item]
                 results["wall_time_seconds"] = time.perf_counter() - started
                 results["command"] = command
-                stem = result_stem(item, report.inference_times)
+                stem = result_stem(item, report.inference_times, labels.target)
                 paths = write_results(results, output_dir, stem)
-                if plot:
+                if plot and labels.target == "t5":
                     write_run_plots(results, selected.features[0], output_dir, stem)
                 written.append((results, *paths))
                 progress.update()
@@ -2492,6 +2765,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--strict", action="store_true", help="stop at the first unreadable or malformed task file instead of skipping it with a warning")
     what.add_argument("--trust_pickle", action="store_true", help="UNSAFE: let task files name any Python global, which runs code from the file; only for files you made, with custom classes")
     labels = parser.add_argument_group("labels")
+    labels.add_argument("--target", choices=("t5", "concepts"), default="t5", help="t5: the description's T5 embedding (default); concepts: one logistic probe per word that varies between the analyzed tasks (or per --concepts attribute), on held-out tasks by default")
+    labels.add_argument("--concepts", metavar="FILE", default=None, help="--target concepts: a TSV of task_id, attribute, value giving the concepts instead of the words")
     labels.add_argument("--t5_model", default="t5-small", help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)")
     labels.add_argument("--no_center_labels", action="store_true", help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task embedding")
     labels.add_argument("--label_dim", type=positive_int, default=None, help="project the T5 embeddings on the training tasks' top K principal directions (default: off)")
@@ -2508,7 +2783,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--no_standardize", action="store_true", help="do not standardize features with training-set statistics")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--cv_folds", type=positive_int, default=5, help="cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: %(default)s)")
-    evaluation.add_argument("--split", choices=("episode", "task"), default="episode", help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe never sees (default: %(default)s)")
+    evaluation.add_argument("--split", choices=("episode", "task"), default=None, help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe never sees (default: episode; task with --target concepts)")
     evaluation.add_argument("--no_control", action="store_true", help="skip the control task and the permutation null (probes trained on task -> embedding assignments permuted across tasks)")
     evaluation.add_argument("--permutations", type=positive_int, default=None, metavar="N",
                             help=f"permuted assignments trained like the probe; the first is the control; with several, a permutation p-value (default: {DEFAULT_TASK_SPLIT_PERMUTATIONS} with --split task, else 1)")
@@ -2552,6 +2827,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
     if args.cv_folds < 2:
         parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
+    if args.concepts and args.target != "concepts":
+        parser.error("--concepts applies to --target concepts")
+    if args.target == "concepts" and (args.probe != "linear" or args.mdl or args.repeats > 1 or args.permutations):
+        parser.error("--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations apply to --target t5")
+    args.split = args.split or ("task" if args.target == "concepts" else "episode")
     if args.no_control and args.permutations is not None:
         parser.error("--permutations needs the control: drop --no_control")
     if args.mdl and args.label_dim:
@@ -2585,7 +2865,7 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
         strict=args.strict,
         index_dir=str(Path(args.cache_dir) / "file_index"),
     )
-    labels = LabelConfig(t5_model=args.t5_model, center_labels=not args.no_center_labels, label_dim=args.label_dim, cache_dir=args.cache_dir)
+    labels = LabelConfig(target=args.target, concepts_file=args.concepts, t5_model=args.t5_model, center_labels=not args.no_center_labels, label_dim=args.label_dim, cache_dir=args.cache_dir)
     training = TrainingConfig(
         learning_rate=args.learning_rate,
         num_epochs=args.num_epochs,
@@ -2624,7 +2904,7 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
         structure = ReadReport()
     items = sweep_items(base, args.layer, args.rollout_step, args.inference_step, structure)
     output_dir = Path(args.output_dir)
-    stems = {item: result_stem(item, structure.inference_times) for item in items}
+    stems = {item: result_stem(item, structure.inference_times, labels.target) for item in items}
     if args.shard:
         index, count = args.shard
         items = items[index::count]
@@ -2666,7 +2946,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(written) == 1:
             print(format_summary(written[0][0]))
         for results, results_path, _ in written if len(written) > 1 else []:
-            data, metrics = results["config"]["data"], results["metrics"]
+            metrics = results["metrics"]
+            if results.get("target") == "concepts":
+                print(f"{results_path.name}: {metrics['num_concepts']} concepts, mean balanced accuracy "
+                      f"{metrics['mean_balanced_accuracy']:.4f}")
+                continue
             line = (f"{results_path.name}: accuracy {metrics['accuracy']:.4f} (chance {metrics['chance_accuracy']:.4f}), "
                     f"information {metrics['information_bits']:.3f} of {metrics['max_information_bits']:.3f} bits")
             if "permutation_p_value" in metrics:
