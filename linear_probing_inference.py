@@ -404,6 +404,8 @@ def read_index(index_file: Path, mapped: mmap.mmap, trust: bool) -> dict | None:
 
 def write_index(index_file: Path, skeleton: dict) -> None:
     """Save a file's structure; a cache that cannot be written costs time only."""
+    if unwritable_reason(index_file.parent):  # main has warned once about --cache_dir
+        return
     try:
         index_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(index_file, pickle.dumps(skeleton, protocol=4))
@@ -733,6 +735,16 @@ def model_identity(model_name: str) -> str:
     return json.dumps({"hub": model_name})
 
 
+def missing_model_directory(model_name: str) -> str | None:
+    """The error for a --t5_model that can only be a local directory (hub ids are 'name' or 'owner/name') and is
+    not one; None otherwise. Said first, before the hub library's complaint about repo ids."""
+    if not (model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1) or os.path.isdir(model_name):
+        return None
+    problem = "not a directory" if os.path.exists(model_name) else "no such directory"
+    return (f"--t5_model {model_name}: {problem}. Point --t5_model at a local directory holding a T5 checkpoint and "
+            "its tokenizer (saved with save_pretrained), or at a hub name such as t5-small")
+
+
 def encode_descriptions(descriptions: list[str], model_name: str) -> np.ndarray:
     """T5 encoder last hidden state, mean over real tokens (EOS in, padding out): (n, d) float32."""
     import torch  # imported only when the label cache misses: it costs seconds
@@ -746,6 +758,8 @@ def encode_descriptions(descriptions: list[str], model_name: str) -> np.ndarray:
         model = T5EncoderModel.from_pretrained(model_name)
     except Exception as error:  # transformers raises OSError, ValueError, HTTP errors...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if missing_model_directory(model_name):
+            raise ProbeError(missing_model_directory(model_name)) from None
         raise ProbeError(
             f"cannot load T5 model {model_name!r} ({reason}). Point --t5_model at a local directory holding a "
             "T5 checkpoint and its tokenizer (saved with save_pretrained), or set HF_HUB_OFFLINE=1 to use a copy "
@@ -771,6 +785,8 @@ def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
                 return cached["embeddings"]
     log.info("encoding %d task descriptions with T5 %s", len(descriptions), config.t5_model)
     embeddings = encode_descriptions(descriptions, config.t5_model)
+    if unwritable_reason(cache_file.parent):  # main has warned once about --cache_dir
+        return embeddings
     buffer = io.BytesIO()
     np.savez(buffer, embeddings=embeddings, descriptions=np.array(descriptions))
     try:
@@ -2096,11 +2112,26 @@ def write_atomically(path: Path, content: bytes) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as file:
+            # mkstemp makes 0600, which hides results from colleagues: give the mode open() would (0666 less the umask).
+            umask = os.umask(0o022)  # there is no getter: read the umask and put it back at once
+            os.umask(umask)
+            os.fchmod(file.fileno(), 0o666 & ~umask)
             file.write(content)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """Why files cannot be written in `directory`, or created there if it is missing; None when they can.
+    Creates nothing."""
+    existing = next(path for path in (directory, *directory.parents) if os.path.exists(path))
+    if existing == directory and not os.path.isdir(existing):
+        return "exists and is not a directory"
+    if not os.path.isdir(existing):
+        return f"cannot be created: {existing} is not a directory"
+    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
 
 
 def with_interval(metrics: dict, name: str, digits: int = 4) -> str:
@@ -2847,6 +2878,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse path options that would fail only after the work is done (OptionError: one line, exit 2)."""
+    if args.report:
+        return
+    if unwritable_reason(Path(args.output_dir)):
+        raise OptionError(f"--output_dir {args.output_dir}: {unwritable_reason(Path(args.output_dir))}")
+    if not args.demo and missing_model_directory(args.t5_model):  # --demo makes its own T5
+        raise OptionError(missing_model_directory(args.t5_model))
+
+
 def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelConfig, TrainingConfig]:
     """Turn parsed options into the three configurations (the data one for the first combination)."""
     data = DataConfig(
@@ -2928,11 +2969,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # repeated runs in a bash loop reuse the compiled probe
+    cache_problem = None if args.report else unwritable_reason(Path(args.cache_dir))
+    if cache_problem:  # one line of ours, not JAX's multi-line warning nor one per file
+        log.warning("--cache_dir %s: %s; T5 labels, file indexes and compiled programs will not be cached",
+                    args.cache_dir, cache_problem)
+    elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # repeated runs in a bash loop reuse the compiled probe
         jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir) / "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     started = time.perf_counter()
     try:
+        check_paths(args)
         if args.report:
             table = write_report(Path(args.report))
             if not args.quiet:
