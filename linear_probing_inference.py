@@ -2438,15 +2438,22 @@ def write_report(directory: Path) -> str:
     paths = sorted(directory.glob("results_*.pkl")) if directory.is_dir() else []
     if not paths:
         raise ProbeError(f"--report {directory}: no results_*.pkl files there")
-    rows = []
+    rows, concept_rows = [], []
     for path in paths:
         with open(path, "rb") as file:
             try:
-                rows.append(report_row(RestrictedUnpickler(file).load(), path))
-            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+                results = RestrictedUnpickler(file).load()
+                if results.get("target") == "concepts":
+                    concept_rows += concept_report_rows(results, path)
+                else:
+                    rows.append(report_row(results, path))
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
                 log.warning("skipping %s: not a results file of this program (%s)", path, error)
-    if not rows:
+    if not rows and not concept_rows:
         raise ProbeError(f"--report {directory}: no readable results files")
+    concept_lines = write_concept_report(concept_rows, directory) if concept_rows else []
+    if not rows:
+        return "\n".join(concept_lines)
     order = lambda row: (row["expert"], row["rollout_step"], str(row["inference_step"]), str(row["feature_type"]), -1 if row["layer"] is None else row["layer"])
     rows.sort(key=order)
     buffer = io.StringIO()
@@ -2470,7 +2477,64 @@ def write_report(directory: Path) -> str:
             f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
         )
     lines.append(f"wrote {directory / 'sweep.csv'} and {directory / 'accuracy_by_layer.png'}, {directory / 'cosine_by_layer.png'}" if layered else f"wrote {directory / 'sweep.csv'}")
-    return "\n".join(lines)
+    return "\n".join(lines + concept_lines)
+
+
+CONCEPT_COLUMNS = [
+    "expert", "layer", "rollout_step", "inference_step", "split", "concept", "balanced_accuracy", "accuracy",
+    "majority_accuracy", "information_bits", "tasks_with", "tasks_without", "file",
+]
+
+
+def concept_report_rows(results: dict, path: Path) -> list[dict]:
+    """One concepts.csv row per concept of a concept run."""
+    data, split = results["config"]["data"], results["config"]["training"]["split"]
+    where = {"expert": data["expert"], "layer": data["layer"], "rollout_step": data["rollout_step"],
+             "inference_step": "all" if data["inference_step"] is None else data["inference_step"], "split": split}
+    return [{**where, "concept": name, **{key: one[key] for key in CONCEPT_COLUMNS[6:12]}, "file": path.name}
+            for name, one in sorted(results["concepts"].items())]
+
+
+def write_concept_report(rows: list[dict], directory: Path) -> list[str]:
+    """concepts.csv, and concepts_by_layer.png (concept x layer, balanced accuracy) where several layers were run."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CONCEPT_COLUMNS)
+    writer.writeheader()
+    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    write_atomically(directory / "concepts.csv", buffer.getvalue().encode())
+    panels: dict[tuple, list[dict]] = {}
+    for row in rows:
+        panels.setdefault((row["expert"], row["rollout_step"], str(row["inference_step"]), row["split"]), []).append(row)
+    panels = {key: members for key, members in panels.items() if len({row["layer"] for row in members}) > 1}
+    if not panels:
+        return [f"wrote {directory / 'concepts.csv'}"]
+    plot_concepts_by_layer(panels, directory / "concepts_by_layer.png")
+    return [f"wrote {directory / 'concepts.csv'} and {directory / 'concepts_by_layer.png'}"]
+
+
+def plot_concepts_by_layer(panels: dict[tuple, list[dict]], path: Path) -> None:
+    """One heatmap per (expert, rollout step, denoising step, split): concepts (best first) against layers."""
+    plt = pyplot()
+    most_layers = max(len({row["layer"] for row in members}) for members in panels.values())
+    most_concepts = max(len({row["concept"] for row in members}) for members in panels.values())
+    size = (1.5 + 0.9 * most_layers * len(panels), 1.5 + 0.35 * most_concepts)
+    figure, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
+    for axis, ((expert, step, inference, split), members) in zip(axes[0], panels.items()):
+        layers = sorted({row["layer"] for row in members})
+        by_concept: dict[str, dict[int, float]] = {}
+        for row in members:
+            by_concept.setdefault(row["concept"], {})[row["layer"]] = row["balanced_accuracy"]
+        names = sorted(by_concept, key=lambda name: -np.mean(list(by_concept[name].values())))
+        grid = np.array([[by_concept[name].get(layer, np.nan) for layer in layers] for name in names])
+        image = axis.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+        held_out = "held-out tasks (transfer)" if split == "task" else "held-out episodes (decodability)"
+        axis.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(names)), yticklabels=names, xlabel="layer",
+                 title=f"{expert}, step {step}, denoising {inference}\nbalanced accuracy on {held_out}")
+    figure.colorbar(image, ax=axes[0].tolist(), label="balanced accuracy (chance 0.5 for a word)")
+    save_figure(figure, path)
 
 
 def table_number(value, width: int) -> str:

@@ -1,5 +1,6 @@
 """Concept probes: which words of the instruction a layer encodes in a way that transfers to unseen tasks."""
 
+import csv
 import pickle
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def planted(tmp_path_factory) -> Path:
 
 
 def concept_run(root: Path, data: str, output: Path, *options: str) -> dict:
+    """Run the concept probes of layer 5 (unless options say otherwise); return layer 5's results."""
     status = lpi.main([
         "--data_path", str(root / data), "--t5_model", str(root / "t5"), "--cache_dir", str(root / "cache"),
         "--output_dir", str(output), "--rollout_step", "10", "--expert", "text_only", "--layer", "5",
@@ -86,3 +88,19 @@ def test_decodability_split_and_bad_concept_files(planted, tmp_path, capsys):
                        str(bad), "--cache_dir", str(planted / "cache"), "--quiet"])
     assert status == 2 and "line 1: expected task_id<TAB>attribute<TAB>value" in capsys.readouterr().err
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+
+
+def test_report_draws_concepts_against_layers(planted, tmp_path, capsys):
+    output = tmp_path / "sweep"
+    concept_run(planted, "object", output, "--layer", "4,5")
+    assert lpi.main(["--report", str(output)]) == 0
+    assert "concepts_by_layer.png" in capsys.readouterr().out
+    with open(output / "concepts.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2 * 9 and {row["layer"] for row in rows} == {"4", "5"}
+    for row in rows:
+        with open(output / row["file"], "rb") as file:
+            recorded = pickle.load(file)["concepts"][row["concept"]]["balanced_accuracy"]
+        assert float(row["balanced_accuracy"]) == recorded
+    image = lpi.pyplot().imread(output / "concepts_by_layer.png")
+    assert image.shape[0] > 300 and image.std() > 0.05
