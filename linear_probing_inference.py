@@ -90,6 +90,7 @@ class DataConfig:
     trust_pickle: bool = False  # allow any global in the task files (unsafe)
     strict: bool = False  # an unreadable task file stops the run instead of being skipped
     index_dir: str | None = None  # where each task file's structure is cached (None: no cache)
+    baseline: tuple[str, int | str | None] | None = None  # --baseline: (expert, layer or camera) read in the same pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,11 +579,25 @@ class Samples:
     step: np.ndarray  # (samples,) int, the rollout step N
     inference_time: np.ndarray  # (samples,) float, NaN but for the action expert
     inference_index: np.ndarray  # (samples,) int: position in denoising order (0 = t 1.0); 0 but for the action expert
+    baseline: np.ndarray | None = None  # (samples, width) pooled features of --baseline, the same samples
 
     def select(self, rows: np.ndarray, layer_position: int) -> Samples:
         """The given rows of one layer, as a one-layer Samples."""
+        baseline = None if self.baseline is None else self.baseline[rows]
         return Samples(self.features[layer_position : layer_position + 1, rows], self.task_id[rows], self.episode[rows],
-                       self.step[rows], self.inference_time[rows], self.inference_index[rows])
+                       self.step[rows], self.inference_time[rows], self.inference_index[rows], baseline)
+
+
+class SampleRow(NamedTuple):
+    """One sample as read: who it is, and its views (indexing only; pooled once every slice was announced)."""
+
+    step: int
+    task_id: int
+    episode: int
+    inference_time: float
+    inference_index: int
+    layers: list  # the token view of each requested layer (pooled: (layers, width) float32)
+    baseline: object = None  # the --baseline token view (pooled: (width,)), or None
 
 
 @dataclasses.dataclass
@@ -596,6 +611,7 @@ class ReadReport:
     missing_episodes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) not in the file
     episodes_without_step: dict[int, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)  # step -> (task, episode)
     steps_seen: set[int] = dataclasses.field(default_factory=set)  # rollout steps present in the episodes read
+    without_baseline: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (task, episode, step)
     layer_count: int = 0  # layers of the feature (from the first entry read)
     inference_count: int = 0  # denoising entries per step (action expert; fewest seen)
     inference_times: list[float] = dataclasses.field(default_factory=list)  # their times, in denoising order (first step read)
@@ -617,14 +633,15 @@ def episodes_of(task_data: dict, path: Path, config: DataConfig) -> list[tuple[i
 
 
 def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list[int] | None, steps: list[int] | None,
-                      report: ReadReport) -> list[tuple[int, int, int, float, int, np.ndarray]]:
-    """(step, task, episode, denoising time, denoising index, (layers, width) features) rows of one task
-    file, for the given steps (None: every step) and layers (None: only record the structure)."""
+                      report: ReadReport) -> list[SampleRow]:
+    """The samples of one task file, pooled, for the given steps (None: every step) and layers (None: only record
+    the structure). With --baseline, a step that lacks the baseline's entry gives no sample, and is counted."""
     task_data = read_task_file(path, config.trust_pickle, config.index_dir)
     description = task_data.get("task_description")
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
     views, missing, without_step, steps_seen, counts = [], [], {}, set(), {"layers": 0, "inference": math.inf}
+    without_baseline = []
     episodes = tqdm(episodes_of(task_data, path, config), desc=f"task {task_id} episodes", unit="episode", disable=progress_disabled(), leave=False)
     for episode, episode_steps in episodes:
         if episode_steps is None:
@@ -644,19 +661,27 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list
                 counts["layers"] = counts["layers"] or layer_count(entries[0][1], config)
                 counts["inference"] = min(counts["inference"], len(entries))
                 counts["times"] = counts.get("times") or [time for time, _ in entries]
+                baselines = baseline_views(step_data, config, len(entries)) if layers is not None else []
+                if baselines is None:
+                    without_baseline.append((task_id, episode, step))
+                    continue
                 for index, (inference_time, entry) in enumerate(entries if layers is not None else []):
-                    views.append((step, task_id, episode, inference_time, index, [token_view(entry, config, layer) for layer in layers]))
+                    layer_views = [token_view(entry, config, layer) for layer in layers]
+                    views.append(SampleRow(step, task_id, episode, inference_time, index, layer_views, baselines[index]))
             except OptionError:
                 raise
             except ProbeError as error:
                 raise BadFileError(f"{path}: episode_{episode}/{present[step]}: {error}") from None
-    for *_, layer_views in views:  # ask for every slice first, so cold reads overlap instead of queueing
-        for view in layer_views:
+    for row in views:  # ask for every slice first, so cold reads overlap instead of queueing
+        for view in [*row.layers, *([] if row.baseline is None else [row.baseline])]:
             advise_will_need(view)
-    rows = [(*ids, np.stack([pool_tokens(view, config.pooling) for view in layer_views])) for *ids, layer_views in views]
+    rows = [row._replace(layers=np.stack([pool_tokens(view, config.pooling) for view in row.layers]),
+                         baseline=None if row.baseline is None else pool_tokens(row.baseline, config.pooling))
+            for row in views]
     # Recorded only once the whole file has been read: a skipped file leaves no trace but its skip.
     report.descriptions[task_id] = description
     report.missing_episodes += missing
+    report.without_baseline += without_baseline
     for step, pairs in without_step.items():
         report.episodes_without_step.setdefault(step, []).extend(pairs)
     report.steps_seen |= steps_seen
@@ -696,24 +721,57 @@ def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> 
         log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
     for step, pairs in report.episodes_without_step.items():
         log.warning("%d episode(s) have no step_%d and were skipped for it", len(pairs), step)
+    if report.without_baseline:
+        log.warning("%d step(s) have no %s entry for --baseline; their samples are dropped", len(report.without_baseline),
+                    config.baseline[0])
     by_step = {}
     for step in steps:
-        step_rows = [row for row in rows if row[0] == step]
+        step_rows = [row for row in rows if row.step == step]
         if not step_rows:
             existing = ", ".join(map(str, sorted(report.steps_seen))) or "none"
             raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
-        widths = {row[5].shape for row in step_rows}
-        if len(widths) > 1:
-            raise ProbeError(f"feature widths differ between files: {sorted(widths)}")
+        for name in ("layers", "baseline"):
+            widths = {np.shape(getattr(row, name)) for row in step_rows}
+            if len(widths) > 1:
+                raise ProbeError(f"feature widths differ between files: {sorted(widths)}")
         by_step[step] = Samples(
-            features=np.stack([row[5] for row in step_rows], axis=1),
-            task_id=np.array([row[1] for row in step_rows], dtype=np.int64),
-            episode=np.array([row[2] for row in step_rows], dtype=np.int64),
+            features=np.stack([row.layers for row in step_rows], axis=1),
+            task_id=np.array([row.task_id for row in step_rows], dtype=np.int64),
+            episode=np.array([row.episode for row in step_rows], dtype=np.int64),
             step=np.full(len(step_rows), step, dtype=np.int64),
-            inference_time=np.array([row[3] for row in step_rows], dtype=np.float64),
-            inference_index=np.array([row[4] for row in step_rows], dtype=np.int64),
+            inference_time=np.array([row.inference_time for row in step_rows], dtype=np.float64),
+            inference_index=np.array([row.inference_index for row in step_rows], dtype=np.int64),
+            baseline=None if config.baseline is None else np.stack([row.baseline for row in step_rows]),
         )
     return by_step, report
+
+
+def baseline_source(config: DataConfig) -> DataConfig:
+    """How the --baseline features are read: its expert and layer (or camera), the default feature, all its tokens."""
+    expert, where = config.baseline
+    return dataclasses.replace(
+        config, expert=expert, layer=None if expert == "visual" else where, baseline=None, token_range=None,
+        camera=where if expert == "visual" else config.camera,
+        feature_type="pre_logits" if expert == "visual" else "hidden_states",
+    )
+
+
+def baseline_views(step_data: dict, config: DataConfig, entry_count: int) -> list | None:
+    """The --baseline token view for each of the step's samples (one per denoising entry for the action expert, the
+    step's own view repeated otherwise); [None] * count without a baseline; None when the step lacks its entry."""
+    if config.baseline is None:
+        return [None] * entry_count
+    source = baseline_source(config)
+    try:
+        entries = expert_entries(step_data, source)
+    except OptionError:
+        raise
+    except ProbeError:
+        return None
+    views = [token_view(entry, source, source.layer) for _, entry in entries]
+    if source.expert == "action":
+        return views if len(views) == entry_count else None
+    return views * entry_count
 
 
 def progress_disabled() -> bool | None:
@@ -902,31 +960,21 @@ def concept_design(samples: Samples, descriptions_by_task: dict[int, str], label
     return ConceptDesign(task_ids, descriptions, sample_class, unit, fold[None], folds, concepts, copies)
 
 
-def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature) -> np.ndarray:
-    """-log2 p(value) under softmax(logits / temperature) over the values the copy fitted; a value it never saw, or a
-    failed (non-finite) prediction, gets the uniform code over the concept's values."""
-    finite = np.isfinite(logits).all(axis=1)
-    scaled = np.where(present & finite[:, None], np.nan_to_num(logits) / np.asarray(temperature)[..., None], -np.inf)
-    scaled[~finite] = 0.0
-    log_p = scaled - scipy.special.logsumexp(scaled, axis=1, keepdims=True)
-    bits = -log_p[np.arange(len(value)), value] / np.log(2)
-    known = present[np.arange(len(value)), value] & finite
-    return np.where(known, bits, math.log2(present.shape[1]))
-
-
-# Concept probes output logits trained by cross-entropy, already overconfident on what they fitted: the temperature
-# may only soften them (a sharper one, fitted on a few validation tasks, made single held-out errors cost 40+ bits).
-CONCEPT_TEMPERATURE_GRID = np.geomspace(1.0, 100.0, 81)
+def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature, share) -> np.ndarray:
+    """-log2 p(value) under softmax(logits / temperature) over the values the copy fitted, mixed with the uniform code
+    over all the concept's values (see uniform_share): a value it never saw costs log2(values / share) bits."""
+    temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(value),))
+    return code_bits(logits / temperature[:, None], value, np.broadcast_to(share, (len(value),)), present)
 
 
 def concept_temperature(features: np.ndarray, fitted: dict, copies: Copies, copy: int, value: np.ndarray,
                         present: np.ndarray) -> float:
     """A concept probe's softmax temperature, fitted on its validation samples (training samples when it has none)."""
-    rows = copies.validation[copy] if copies.validation[copy].any() else copies.train[copy]
+    rows = calibration_rows(copies, copy)
     logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)].astype(np.float64)
-    mask = np.broadcast_to(present, logits.shape)
-    losses = [concept_bits(logits, value[rows], mask, temperature).mean() for temperature in CONCEPT_TEMPERATURE_GRID]
-    return float(CONCEPT_TEMPERATURE_GRID[int(np.argmin(losses))])
+    mask, share = np.broadcast_to(present, logits.shape), uniform_share(rows.sum())
+    losses = [concept_bits(logits, value[rows], mask, t, share).mean() for t in TEMPERATURE_GRID]
+    return float(TEMPERATURE_GRID[int(np.argmin(losses))])
 
 
 def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c: int, task_id: np.ndarray) -> dict:
@@ -941,7 +989,8 @@ def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c
     counts = np.stack([np.bincount(value[s], minlength=len(concept.values)) for s in side])  # (folds, V)
     present = np.stack([np.bincount(value[t], minlength=len(concept.values)) > 0 for t in copies.train[members]])
     temperatures = np.array([concept_temperature(features, fitted, copies, m, value, present[f]) for f, m in enumerate(members)])
-    bits = concept_bits(logits, value, present[fold], temperatures[fold])
+    shares = uniform_share([calibration_rows(copies, m).sum() for m in members])
+    bits = concept_bits(logits, value, present[fold], temperatures[fold], shares[fold])
     prior = (counts[fold] + 1) / (counts[fold].sum(axis=1, keepdims=True) + len(concept.values))
     prior_bits = -np.log2(prior[np.arange(len(value)), value])
     predicted = np.where(np.isfinite(logits).all(axis=1), np.argmax(np.where(present[fold], logits, -np.inf), axis=1), -1)
@@ -1494,18 +1543,43 @@ def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> dict[str, np.n
 TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried on each copy's own training side
 
 
-def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature) -> np.ndarray:
-    """Per sample, -log2 p(own class) with p = softmax over the analyzed tasks of similarity / temperature (one
-    temperature, or one per sample). A non-finite row carries no information: the uniform code, log2(C) bits."""
-    finite = np.isfinite(similarities).all(axis=1)
-    logits = np.where(finite[:, None], similarities, 0.0) / np.asarray(temperature, dtype=np.float64)[..., None]
+def calibration_rows(copies: Copies, copy: int) -> np.ndarray:
+    """The samples a copy's softmax is calibrated on: its validation samples (its training samples when it has none,
+    as the smallest MDL prefixes); never those it is evaluated on."""
+    return copies.validation[copy] if copies.validation[copy].any() else copies.train[copy]
+
+
+def uniform_share(calibration_count) -> np.ndarray:
+    """Weight of the uniform code mixed into every prediction: a calibration set of n samples cannot vouch for an
+    error rate below about 1 / (n + 2) (the rule of succession), so one confident held-out error costs at most
+    log2(classes x (n + 2)) bits, not the 50+ a temperature fitted on a few all-correct samples would charge."""
+    return 1.0 / (np.asarray(calibration_count, dtype=np.float64) + 2.0)
+
+
+def code_bits(logits: np.ndarray, own: np.ndarray, share, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Per sample, -log2 of (1 - share) softmax(logits) + share / K at its own class (K = logits' width; `allowed`
+    masks classes the softmax may not put mass on). A non-finite row carries no information: log2(K) bits."""
+    finite = np.isfinite(logits).all(axis=1)
+    logits = np.where(finite[:, None], logits, 0.0)
+    if allowed is not None:
+        logits = np.where(allowed | ~finite[:, None], logits, -np.inf)
     log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
-    return -log_p[np.arange(len(own_class)), own_class] / np.log(2)
+    share = np.where(finite, share, 1.0)
+    mixed = np.logaddexp(np.log1p(-np.minimum(share, 1 - 1e-12))[:, None] + log_p, np.log(share / logits.shape[1])[:, None])
+    return -mixed[np.arange(len(own)), own] / np.log(2)
+
+
+def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature, share) -> np.ndarray:
+    """Per sample, -log2 p(own class) with p = softmax over the analyzed tasks of similarity / temperature (one
+    temperature, or one per sample), mixed with the uniform code (see uniform_share)."""
+    temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(own_class),))
+    return code_bits(similarities / temperature[:, None], own_class, np.broadcast_to(share, (len(own_class),)))
 
 
 def fit_temperature(similarities: np.ndarray, own_class: np.ndarray) -> float:
-    """The grid temperature with the least cross-entropy on the given (training-side) samples."""
-    losses = [log_loss_bits(similarities, own_class, value).mean() for value in TEMPERATURE_GRID]
+    """The grid temperature with the least cross-entropy on the given calibration samples."""
+    share = uniform_share(len(own_class))
+    losses = [log_loss_bits(similarities, own_class, value, share).mean() for value in TEMPERATURE_GRID]
     return float(TEMPERATURE_GRID[int(np.argmin(losses))])
 
 
@@ -1627,7 +1701,7 @@ def copy_temperatures(features: np.ndarray, fitted: dict, design: Design) -> np.
     copies = design.copies
     temperatures = np.ones(len(copies.train))
     for copy in range(len(temperatures)):
-        rows = copies.validation[copy] if copies.validation[copy].any() else copies.train[copy]
+        rows = calibration_rows(copies, copy)
         chosen = np.where(rows, copy, -1)
         similarity = copy_similarities(copy_predictions(features, fitted, chosen), copies, chosen)
         temperatures[copy] = fit_temperature(similarity[rows], design.sample_class[rows])
@@ -1655,10 +1729,12 @@ def scores_of(features: np.ndarray, fitted: dict, design: Design, temperatures: 
     similarity = copy_similarities(prediction, design.copies, copy)
     found = retrieval(similarity, design.sample_class)
     temperature = np.where(copy >= 0, temperatures[np.maximum(copy, 0)], 1.0)
+    calibration = np.array([calibration_rows(design.copies, c).sum() for c in range(len(temperatures))])
+    share = uniform_share(calibration[np.maximum(copy, 0)])
     target = design.copies.classes[np.maximum(copy, 0), design.sample_class]
     cosine = np.nan_to_num(row_cosine(prediction, target))  # a failed probe's prediction aligns with nothing: 0
     return Scores(copy, prediction, similarity, found["rank"], found["correct"], found["predicted"], found["margin"],
-                  log_loss_bits(similarity, design.sample_class, temperature), cosine)
+                  log_loss_bits(similarity, design.sample_class, temperature, share), cosine)
 
 
 def heldout_copy(design: Design, repeat: int, assignment: int) -> np.ndarray:
@@ -1934,6 +2010,35 @@ def results_record(samples: Samples, fitted: dict, design: Design, report: ReadR
     }
 
 
+def conditional_metrics(features: np.ndarray, samples: Samples, report: ReadReport, labels: LabelConfig,
+                        training: TrainingConfig) -> list[dict]:
+    """Conditional probing (Hewitt et al. 2021), per item: the same probe (folds, budget, per-feature standardization)
+    on the --baseline features alone and on [baseline, layer]; the gain is what the layer adds beyond the baseline."""
+    plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
+    design = design_for(samples, report.descriptions, labels, plain)
+    alone = fit_items(samples.baseline[None], design, plain)
+    baseline = heldout_summary(samples.baseline, {key: value[0] for key, value in alone.items()}, design)
+    joint_features = np.concatenate([features, np.broadcast_to(samples.baseline, (len(features), *samples.baseline.shape))], axis=2)
+    joint = fit_items(joint_features, design, plain)
+    conditional = []
+    for position, item_features in enumerate(joint_features):
+        both = heldout_summary(item_features, {key: value[position] for key, value in joint.items()}, design)
+        conditional.append({
+            "accuracy": baseline["accuracy"], "information_bits": baseline["information_bits"],
+            "joint_accuracy": both["accuracy"], "joint_information_bits": both["information_bits"],
+            "gain_accuracy": both["accuracy"] - baseline["accuracy"],
+            "gain_bits": both["information_bits"] - baseline["information_bits"],
+        })
+    return conditional
+
+
+def heldout_summary(features: np.ndarray, fitted: dict, design: Design) -> dict[str, float]:
+    """Held-out accuracy and information of the first repeat's fold probes."""
+    scores = scores_of(features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0))
+    information = math.log2(len(design.descriptions)) - scores.bits.mean()
+    return {"accuracy": float(scores.correct.mean()), "information_bits": float(information)}
+
+
 def evaluate_concepts(samples: Samples, fitted: dict, design: ConceptDesign, report: ReadReport, data: DataConfig,
                       labels: LabelConfig, training: TrainingConfig) -> dict:
     """Every concept's held-out numbers for one item; the results file of a concept run (its one layout)."""
@@ -2196,6 +2301,12 @@ def evidence_lines(results: dict) -> list[str]:
                      f"{repeats['accuracy'].mean():.4f} +/- {repeats['accuracy'].std(ddof=1):.4f}, information "
                      f"{repeats['information_bits'].mean():.3f} +/- {repeats['information_bits'].std(ddof=1):.3f} bits (sd)")
     lines += control_lines(metrics, training)
+    if "baseline" in metrics:
+        base = metrics["baseline"]
+        lines.append(f"Beyond --baseline {base['spec']} (conditional probing): baseline alone accuracy {base['accuracy']:.4f}, "
+                     f"{base['information_bits']:.3f} bits; baseline + layer {base['joint_accuracy']:.4f}, "
+                     f"{base['joint_information_bits']:.3f} bits; the layer adds {base['gain_bits']:.3f} bits "
+                     f"({base['gain_accuracy']:+.4f} accuracy)")
     if "mdl" in metrics:
         lines.append(f"MDL (online code over {training['split']} blocks): {mdl_text(metrics['mdl'])}"
                      + (f"; control {mdl_text(metrics['mdl']['control'])}" if "control" in metrics["mdl"] else ""))
@@ -2330,10 +2441,15 @@ def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for members in groups.values():
             design = make_design(members[0][1], report.descriptions, labels, training)
-            fitted = fit_items(np.stack([selected.features[0] for _, selected in members]), design, training)
+            features = np.stack([selected.features[0] for _, selected in members])
+            fitted = fit_items(features, design, training)
+            conditional = conditional_metrics(features, members[0][1], report, labels, training) if items[0].baseline else None
             for position, (item, selected) in enumerate(members):
                 evaluate = evaluate_concepts if labels.target == "concepts" else evaluate_item
                 results = evaluate(selected, {k: v[position] for k, v in fitted.items()}, design, report, item, labels, training)
+                if conditional:
+                    results["metrics"]["baseline"] = {"spec": baseline_spec_text(item.baseline), **conditional[position]}
+                    results["data_report"]["steps_without_baseline"] = report.without_baseline
                 results["data_report"]["nonfinite_samples"] = nonfinite[item]
                 results["wall_time_seconds"] = time.perf_counter() - started
                 results["command"] = command
@@ -2355,13 +2471,15 @@ def finite_rows(samples: Samples, rows: np.ndarray, layer_position: int, item: D
 
     A NaN or inf (a bfloat16 overflow in the dump) is a data problem: named in a warning, skipped, counted."""
     finite = np.isfinite(samples.features[layer_position]).all(axis=1)
+    if samples.baseline is not None:  # a sample missing from either side is dropped from both
+        finite &= np.isfinite(samples.baseline).all(axis=1)
     skipped = []
     for row in np.flatnonzero(rows & ~finite):
         task, episode, time_value = int(samples.task_id[row]), int(samples.episode[row]), float(samples.inference_time[row])
         skipped.append((task, episode, int(samples.step[row]), time_value))
         if len(skipped) <= NONFINITE_WARNINGS_SHOWN:
             denoising = "" if math.isnan(time_value) else f", denoising t {time_value:g}"
-            log.warning("%s: episode_%d, step_%d%s, %s: non-finite values in the pooled feature; sample skipped "
+            log.warning("%s: episode_%d, step_%d%s, %s: non-finite values in the pooled feature (or its --baseline); sample skipped "
                         "(--strict makes this fatal)", report.files[task], episode, samples.step[row], denoising,
                         "camera " + item.camera if item.layer is None else f"layer {item.layer}")
     if len(skipped) > NONFINITE_WARNINGS_SHOWN:
@@ -2380,7 +2498,8 @@ REPORT_COLUMNS = [
     "control_information_bits", "selectivity", "selectivity_ci_low", "selectivity_ci_high", "permutation_null_mean_accuracy",
     "permutation_p_value", "cosine_similarity_label_space", "cosine_similarity", "constant_predictor_cosine",
     "cosine_similarity_normalized", "top_3_accuracy", "mean_reciprocal_rank", "num_samples", "num_tasks", "num_episodes",
-    "num_folds", "num_repeats", "file",
+    "num_folds", "num_repeats", "baseline", "baseline_information_bits", "joint_information_bits", "gain_bits",
+    "gain_accuracy", "file",
 ]
 REPORT_METRICS = [  # columns copied from the results' metrics as they are (blank when a run has none)
     "accuracy", "balanced_accuracy", "majority_accuracy", "chance_accuracy", "information_bits", "max_information_bits",
@@ -2424,6 +2543,10 @@ def report_row(results: dict, path: Path) -> dict:
     row.update({name: metrics.get(name, "") for name in REPORT_METRICS})
     for name in ("accuracy", "information_bits", "selectivity"):
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = intervals.get(name, ("", ""))
+    base = metrics.get("baseline", {})
+    row.update(baseline=base.get("spec", ""), baseline_information_bits=base.get("information_bits", ""),
+               joint_information_bits=base.get("joint_information_bits", ""), gain_bits=base.get("gain_bits", ""),
+               gain_accuracy=base.get("gain_accuracy", ""))
     return row
 
 
@@ -2830,6 +2953,23 @@ def index_list(words: tuple[str, ...]):
     return parse
 
 
+def baseline_value(text: str) -> tuple[str, int | str]:
+    """argparse type: EXPERT:LAYER (vlm:0, image:5, text_only:0, action:3) or visual[:CAMERA]."""
+    expert, _, where = text.partition(":")
+    if expert not in EXPERTS:
+        raise argparse.ArgumentTypeError(f"expected EXPERT:LAYER or visual[:CAMERA] with EXPERT one of {', '.join(EXPERTS)}; got {text!r}")
+    if expert == "visual":
+        return expert, where or "base_0_rgb"
+    if not where.isdigit():
+        raise argparse.ArgumentTypeError(f"--baseline {expert} needs a layer: {expert}:LAYER, e.g. {expert}:0")
+    return expert, int(where)
+
+
+def baseline_spec_text(baseline: tuple[str, int | str]) -> str:
+    """--baseline as the user writes it."""
+    return f"{baseline[0]}:{baseline[1]}"
+
+
 def shard_value(text: str) -> tuple[int, int]:
     """argparse type: INDEX/COUNT with 0 <= INDEX < COUNT."""
     match = re.fullmatch(r"(\d+)/(\d+)", text)
@@ -2857,6 +2997,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--token_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="pool token positions START..END-1 instead of the expert's")
     what.add_argument("--pooling", choices=("mean", "max", "last"), default="mean", help="over the token positions (default: %(default)s)")
     what.add_argument("--camera", default="base_0_rgb", help="--expert visual: which vision_latents camera (default: %(default)s)")
+    what.add_argument("--baseline", type=baseline_value, default=None, metavar="EXPERT:LAYER",
+                      help="conditional probing: also train on this baseline's features alone and joined with the layer's, and report what the layer adds (e.g. visual, visual:left_wrist_0_rgb, image:5, text_only:0, vlm:0)")
     what.add_argument("--strict", action="store_true", help="stop at the first unreadable or malformed task file instead of skipping it with a warning")
     what.add_argument("--trust_pickle", action="store_true", help="UNSAFE: let task files name any Python global, which runs code from the file; only for files you made, with custom classes")
     labels = parser.add_argument_group("labels")
@@ -2922,6 +3064,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
     if args.cv_folds < 2:
         parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
+    if args.baseline and args.target == "concepts":
+        parser.error("--baseline applies to --target t5")
+    if args.baseline and args.baseline[0] == "action" and args.expert != "action":
+        parser.error("--baseline action:L needs --expert action: its denoising entries pair with the probed ones")
     if args.concepts and args.target != "concepts":
         parser.error("--concepts applies to --target concepts")
     if args.target == "concepts" and (args.probe != "linear" or args.mdl or args.repeats > 1 or args.permutations):
@@ -2969,6 +3115,7 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
         trust_pickle=args.trust_pickle,
         strict=args.strict,
         index_dir=str(Path(args.cache_dir) / "file_index"),
+        baseline=args.baseline,
     )
     labels = LabelConfig(target=args.target, concepts_file=args.concepts, t5_model=args.t5_model, center_labels=not args.no_center_labels, label_dim=args.label_dim, cache_dir=args.cache_dir)
     training = TrainingConfig(

@@ -91,7 +91,7 @@ read_before, rss_before = storage_bytes_read(), peak_rss()
 start = time.perf_counter()
 rows = lpi.samples_from_file(lpi.Path(path), 0, config, [LAYER], [STEP], lpi.ReadReport())
 seconds = time.perf_counter() - start
-np.save(out, np.stack([row[5][0] for row in rows]))
+np.save(out, np.stack([row.layers[0] for row in rows]))
 print(json.dumps({"seconds": seconds, "peak_rss_added": max(peak_rss() - rss_before, 0), "read_bytes": storage_bytes_read() - read_before}))
 """.replace("EPISODES", str(EPISODES)).replace("STEP", str(STEP)).replace("LAYER", str(LAYER))
 

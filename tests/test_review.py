@@ -147,8 +147,16 @@ def test_retrieval_counts_a_non_finite_prediction_as_wrong():
     np.testing.assert_array_equal(result["correct"], [True, False, False])
     np.testing.assert_array_equal(result["rank"], [1, 3, 3])
     np.testing.assert_array_equal(result["predicted"], [0, -1, -1])
-    bits = lpi.log_loss_bits(similarities, np.array([0, 1, 0]), 0.1)
+    bits = lpi.log_loss_bits(similarities, np.array([0, 1, 0]), 0.1, lpi.uniform_share(10))
     assert bits[1] == pytest.approx(math.log2(3)) and bits[2] == pytest.approx(math.log2(3))  # no information
+    assert bits[0] < 0.3
+
+
+def test_a_confident_error_costs_at_most_the_uniform_share():
+    similarities = np.array([[1.0, -1.0, -1.0]] * 2)  # sure of class 0
+    right, wrong = lpi.log_loss_bits(similarities, np.array([0, 1]), 0.01, lpi.uniform_share(8))
+    assert right < 0.2
+    assert wrong == pytest.approx(math.log2(3 * 10), rel=1e-6)  # p = share / classes, share = 1 / (8 + 2)
 
 
 def test_a_failed_probe_is_reported_and_its_samples_count_as_wrong(run_cli, monkeypatch):
@@ -241,8 +249,11 @@ def test_results_file_recomputed_independently(run_cli, demo_data):
         prediction /= np.linalg.norm(prediction, axis=1, keepdims=True)
         similarity[rows] = prediction @ (targets / np.linalg.norm(targets, axis=1, keepdims=True)).T
         logits = similarity[rows] / temperature[fold]
-        log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
-        bits[rows] = -log_p[np.arange(rows.sum()), classes[rows]] / np.log(2)
+        softmax = np.exp(logits - logits.max(1, keepdims=True))
+        softmax /= softmax.sum(1, keepdims=True)
+        share = 1 / (samples["validation"][fold].sum() + 2)  # the uniform code's weight: rule of succession
+        p = (1 - share) * softmax + share / count
+        bits[rows] = -np.log2(p[np.arange(rows.sum()), classes[rows]])
     own = similarity[np.arange(len(classes)), classes]
     rank = 1 + np.sum(similarity > own[:, None], axis=1)
     correct = rank == 1

@@ -1,4 +1,5 @@
-"""Concept probes: which words of the instruction a layer encodes in a way that transfers to unseen tasks."""
+"""Concept probes (which words of the instruction a layer encodes in a way that transfers to unseen tasks) and
+conditional probing (what a layer adds beyond a baseline)."""
 
 import csv
 import pickle
@@ -104,3 +105,38 @@ def test_report_draws_concepts_against_layers(planted, tmp_path, capsys):
         assert float(row["balanced_accuracy"]) == recorded
     image = lpi.pyplot().imread(output / "concepts_by_layer.png")
     assert image.shape[0] > 300 and image.std() > 0.05
+
+
+def baseline_run(run_cli, output: Path, baseline: str, **where) -> dict:
+    status, output = run_cli("--expert", "text_only", "--layer", "5", "--baseline", baseline, "--no_control",
+                             "--bootstrap", "0", output_dir=output, **where)
+    assert status == 0
+    with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
+        return pickle.load(file)
+
+
+def test_conditional_probing_measures_what_a_layer_adds_beyond_a_baseline(run_cli, tmp_path):
+    # The demo's right-wrist camera carries no task signal; layers 5 and 6 of the text tokens carry the same one.
+    silent = baseline_run(run_cli, tmp_path / "silent", "visual:right_wrist_0_rgb")["metrics"]["baseline"]
+    assert silent["spec"] == "visual:right_wrist_0_rgb" and silent["information_bits"] <= 0.5
+    assert silent["gain_bits"] >= 1.5 and silent["joint_information_bits"] >= 2.0
+    same = baseline_run(run_cli, tmp_path / "same", "text_only:6")["metrics"]["baseline"]
+    assert same["information_bits"] >= 2.0 and same["gain_bits"] <= 0.5
+    assert same["gain_bits"] == pytest.approx(same["joint_information_bits"] - same["information_bits"])
+    summary = (tmp_path / "same" / "summary_text_only_layer5_step10.txt").read_text()
+    assert "Beyond --baseline text_only:6 (conditional probing)" in summary
+
+
+def test_samples_without_the_baseline_are_dropped_from_both_sides_and_counted(run_cli, tmp_path):
+    directory = tmp_path / "partial"
+    lpi.write_demo_dataset(directory, num_layers=6)
+    path = next(directory.glob("task_2_*.pkl"))
+    with open(path, "rb") as file:
+        data = pickle.load(file)
+    del data["episodes"]["episode_4"]["rollout_steps"]["step_10"]["vision_latents"]
+    with open(path, "wb") as file:
+        pickle.dump(data, file)
+    results = baseline_run(run_cli, tmp_path / "out", "visual", data_path=directory)
+    assert results["metrics"]["num_samples"] == 59
+    assert results["data_report"]["steps_without_baseline"] == [(2, 4, 10)]
+    assert not ((results["samples"]["task_id"] == 2) & (results["samples"]["episode"] == 4)).any()
