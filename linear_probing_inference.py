@@ -972,9 +972,7 @@ def concept_temperature(features: np.ndarray, fitted: dict, copies: Copies, copy
     """A concept probe's softmax temperature, fitted on its validation samples (training samples when it has none)."""
     rows = calibration_rows(copies, copy)
     logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)].astype(np.float64)
-    mask, share = np.broadcast_to(present, logits.shape), uniform_share(rows.sum())
-    losses = [concept_bits(logits, value[rows], mask, t, share).mean() for t in TEMPERATURE_GRID]
-    return float(TEMPERATURE_GRID[int(np.argmin(losses))])
+    return fit_temperature(logits, value[rows], np.broadcast_to(present, logits.shape))
 
 
 def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c: int, task_id: np.ndarray) -> dict:
@@ -1576,11 +1574,13 @@ def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature, 
     return code_bits(similarities / temperature[:, None], own_class, np.broadcast_to(share, (len(own_class),)))
 
 
-def fit_temperature(similarities: np.ndarray, own_class: np.ndarray) -> float:
-    """The grid temperature with the least cross-entropy on the given calibration samples."""
-    share = uniform_share(len(own_class))
-    losses = [log_loss_bits(similarities, own_class, value, share).mean() for value in TEMPERATURE_GRID]
-    return float(TEMPERATURE_GRID[int(np.argmin(losses))])
+def fit_temperature(logits: np.ndarray, own_class: np.ndarray, allowed: np.ndarray | None = None) -> float:
+    """The grid temperature with the least cross-entropy on the given calibration samples (every grid point at once)."""
+    grid, (count, width) = TEMPERATURE_GRID, logits.shape
+    scaled = (logits[None] / grid[:, None, None]).reshape(-1, width)
+    allowed = None if allowed is None else np.tile(allowed, (len(grid), 1))
+    bits = code_bits(scaled, np.tile(own_class, len(grid)), np.full(len(scaled), uniform_share(count)), allowed)
+    return float(grid[int(np.argmin(bits.reshape(len(grid), count).mean(axis=1)))])
 
 
 Z_95 = 1.959963984540054
