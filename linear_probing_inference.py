@@ -969,8 +969,10 @@ def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, tem
 
 def concept_temperature(features: np.ndarray, fitted: dict, copies: Copies, copy: int, value: np.ndarray,
                         present: np.ndarray) -> float:
-    """A concept probe's softmax temperature, fitted on its validation samples (training samples when it has none)."""
+    """A concept probe's softmax temperature, fitted on its calibration (validation) samples; 1 without any."""
     rows = calibration_rows(copies, copy)
+    if not rows.any():
+        return 1.0
     logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)].astype(np.float64)
     return fit_temperature(logits, value[rows], np.broadcast_to(present, logits.shape))
 
@@ -1057,7 +1059,10 @@ def sample_losses(predictions: jnp.ndarray, own_class: jnp.ndarray, classes: jnp
     if loss == "mse":
         return jnp.mean((predictions - targets) ** 2, axis=-1)
     logits = cosine_similarity(predictions[:, None, :], classes[None, :, :]) / CONTRASTIVE_TEMPERATURE
-    logits = jnp.where(known_classes[None, :], logits, -jnp.inf)  # a held-out task's embedding is never seen
+    # Negatives are the fitted tasks only (a held-out task's embedding is never seen); a validation sample's own task
+    # is its candidate too, so that early stopping can score it.
+    candidates = known_classes[None, :] | (jnp.arange(classes.shape[0])[None, :] == own_class[:, None])
+    logits = jnp.where(candidates, logits, -jnp.inf)
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), own_class[:, None], axis=-1)[:, 0]
 
 
@@ -1096,6 +1101,11 @@ def assign_folds(task_id: np.ndarray, episode: np.ndarray, config: TrainingConfi
     return np.array([fold_of_episode[(t, e)] for t, e in zip(task_id, episode)]), folds
 
 
+def validation_count(units: int, fraction: float, fewest: int) -> int:
+    """How many of `units` whole units validate: the fraction, at least one, none when fewer than `fewest` remain."""
+    return max(1, round(units * fraction)) if units >= fewest else 0
+
+
 def validation_masks(task_id: np.ndarray, episode: np.ndarray, fold: np.ndarray, folds: int, config: TrainingConfig) -> np.ndarray:
     """(folds, samples) mask of the early-stopping samples, carved from each fold's training side only."""
     rng = np.random.default_rng([config.seed, 1])
@@ -1104,12 +1114,11 @@ def validation_masks(task_id: np.ndarray, episode: np.ndarray, fold: np.ndarray,
         training = fold != f
         if config.split == "task":  # validate on whole training tasks: early stopping then rewards transfer
             tasks = rng.permutation(np.unique(task_id[training]))
-            count = max(1, round(len(tasks) * config.validation_fraction)) if len(tasks) >= 3 else 0
-            masks[f] = training & np.isin(task_id, tasks[:count])
+            masks[f] = training & np.isin(task_id, tasks[: validation_count(len(tasks), config.validation_fraction, 3)])
             continue
         for task in np.unique(task_id[training]):
             episodes = rng.permutation(np.unique(episode[training & (task_id == task)]))
-            count = max(1, round(len(episodes) * config.validation_fraction)) if len(episodes) >= 2 else 0
+            count = validation_count(len(episodes), config.validation_fraction, 2)
             masks[f] |= training & (task_id == task) & np.isin(episode, episodes[:count])
     return masks
 
@@ -1140,15 +1149,17 @@ MDL_BLOCK_ENDS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
 def mdl_blocks(unit: np.ndarray, stratum: np.ndarray | None, seed: int) -> np.ndarray:
-    """Block of every sample for the online code: units in a seeded order (tasks taking turns, so every prefix covers
-    the tasks evenly under split "episode"), cut at MDL_BLOCK_ENDS; the first block holds at least 2 units."""
+    """Block of every sample for the online code: units in a seeded order (tasks taking turns under split "episode",
+    so every prefix covers the tasks evenly), cut at MDL_BLOCK_ENDS. The first block holds at least 2 units, and under
+    split "episode" an episode of every task: a later block then holds no task the code has never seen."""
     rng = np.random.default_rng([seed, 4])
     if stratum is None:
         order = list(rng.permutation(np.unique(unit)))
     else:
         queues = [list(rng.permutation(np.unique(unit[stratum == s]))) for s in rng.permutation(np.unique(stratum))]
         order = [u for turn in itertools.zip_longest(*queues) for u in turn if u is not None]
-    ends = sorted({max(2, math.ceil(share * len(order))) for share in MDL_BLOCK_ENDS})
+    smallest = 2 if stratum is None else max(2, len(np.unique(stratum)))
+    ends = sorted({max(smallest, math.ceil(share * len(order))) for share in MDL_BLOCK_ENDS})
     block_of_unit = {}
     for block, (start, end) in enumerate(zip([0, *ends], ends)):
         block_of_unit.update({u: block for u in order[start:end]})
@@ -1158,8 +1169,7 @@ def mdl_blocks(unit: np.ndarray, stratum: np.ndarray | None, seed: int) -> np.nd
 def prefix_validation(unit: np.ndarray, prefix: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Early-stopping samples of an MDL probe: a seeded share of the whole units in its training prefix."""
     units = np.random.default_rng([seed, 5]).permutation(np.unique(unit[prefix]))
-    count = max(1, round(len(units) * fraction)) if len(units) >= 3 else 0
-    return prefix & np.isin(unit, units[:count])
+    return prefix & np.isin(unit, units[: validation_count(len(units), fraction, 3)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1345,6 +1355,7 @@ def fit_probes(
 
         def mean_loss(predictions, rows, weight):
             per_sample = sample_losses(predictions, sample_class[rows], classes, known, loss)
+            per_sample = jnp.where(weight > 0, per_sample, 0.0)  # a row outside the mask may be inf (inf x 0 is NaN)
             return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
         def step(carry, rows):
@@ -1430,7 +1441,7 @@ def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, copies: 
     """
     shift = features.mean(axis=1, keepdims=True, dtype=np.float64)
     centered = (features - shift).astype(np.float32)
-    fold_train = copies.train[copies.fold >= 0] if (copies.fold >= 0).any() else copies.train
+    fold_train = copies.train[copies.fold >= 0]
     # MDL probes' small prefixes repeat rows within a batch rather than shrink every probe's batch.
     batch_size = min(config.batch_size, int(fold_train.sum(1).min()))
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
@@ -1542,9 +1553,9 @@ TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried 
 
 
 def calibration_rows(copies: Copies, copy: int) -> np.ndarray:
-    """The samples a copy's softmax is calibrated on: its validation samples (its training samples when it has none,
-    as the smallest MDL prefixes); never those it is evaluated on."""
-    return copies.validation[copy] if copies.validation[copy].any() else copies.train[copy]
+    """The samples a copy's softmax is calibrated on: its validation samples, never those it fitted or is evaluated
+    on. A copy without any (the smallest MDL prefixes) keeps temperature 1 and mixes in the uniform code at 1/2."""
+    return copies.validation[copy]
 
 
 def uniform_share(calibration_count) -> np.ndarray:
@@ -1586,13 +1597,17 @@ def fit_temperature(logits: np.ndarray, own_class: np.ndarray, allowed: np.ndarr
 Z_95 = 1.959963984540054
 
 
+SHARE_METRICS = ("accuracy", "control_accuracy")  # per-sample values 0 or 1: a Wilson interval fits them
+
+
 def unit_intervals(values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.ndarray | None, resamples: int,
                    seed: int) -> dict[str, tuple[float, float]]:
     """95% BCa intervals (scipy.stats.bootstrap) of per-sample means, resampling whole units, within their stratum.
 
-    The statistic is the mean over the resampled units' samples, as the estimate is. When every unit has the same
-    value BCa is undefined: a share in [0, 1] then gets the Wilson score interval over the units (all of 50 episodes
-    right: [0.93, 1]) rather than the zero-width [1, 1]; any other value gets (nan, nan)."""
+    The statistic is the mean over the resampled units' samples, as the estimate is. When resampling cannot vary
+    (every stratum's units agree, e.g. all 50 episodes right) BCa is undefined and a percentile interval would be the
+    zero-width [1, 1]: a share (SHARE_METRICS) then gets the Wilson score interval over the units ([0.93, 1]); any
+    other value gets (nan, nan), printed as n/a."""
     if resamples == 0:
         return {}
     unit_index = np.unique(unit, return_inverse=True)[1]
@@ -1608,8 +1623,10 @@ def unit_intervals(values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.
             return sums[picked].sum(axis=axis) / counts[picked].sum(axis=axis)
 
         unit_means = sums / counts
-        if np.ptp(unit_means) == 0:
-            intervals[name] = wilson_interval(unit_means[0], len(counts)) if 0 <= unit_means[0] <= 1 else (math.nan, math.nan)
+        tolerance = 1e-6 * max(1.0, float(np.abs(unit_means).max()))  # rounding-level differences are no variation
+        if all(np.ptp(unit_means[group.astype(np.int64)]) <= tolerance for group in data):
+            share = float(sums.sum() / counts.sum())
+            intervals[name] = wilson_interval(share, len(counts)) if name in SHARE_METRICS else (math.nan, math.nan)
             continue
         for method in ("BCa", "percentile"):  # BCa's jackknife can still fail on a handful of units
             with warnings.catch_warnings():
@@ -1630,13 +1647,13 @@ def wilson_interval(share: float, count: int) -> tuple[float, float]:
     return (float(max(0.0, center - half)), float(min(1.0, center + half)))
 
 
-def widened(interval: tuple[float, float], estimate: float, repeat_values: np.ndarray) -> tuple[float, float]:
+def widened(interval: tuple[float, float], estimate: float, repeat_values: np.ndarray, is_share: bool) -> tuple[float, float]:
     """An interval widened by the spread across repeats (folds and initialisation) of the mean it brackets."""
     if len(repeat_values) < 2 or not interval:
         return interval
     extra = Z_95 * np.std(repeat_values, ddof=1) / math.sqrt(len(repeat_values))
-    low, high = interval
-    return (float(estimate - math.hypot(estimate - low, extra)), float(estimate + math.hypot(high - estimate, extra)))
+    low, high = estimate - math.hypot(estimate - interval[0], extra), estimate + math.hypot(interval[1] - estimate, extra)
+    return (max(low, 0.0), min(high, 1.0)) if is_share else (float(low), float(high))
 
 
 def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> dict[str, np.ndarray]:
@@ -1696,15 +1713,14 @@ def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np
 
 
 def copy_temperatures(features: np.ndarray, fitted: dict, design: Design) -> np.ndarray:
-    """Every copy's softmax temperature, fitted on its validation samples (on its training samples when it has none,
-    as the smallest MDL prefixes): never on the samples it is evaluated on."""
+    """Every copy's softmax temperature, fitted on its calibration (validation) samples; 1 for a copy without any."""
     copies = design.copies
     temperatures = np.ones(len(copies.train))
     for copy in range(len(temperatures)):
         rows = calibration_rows(copies, copy)
-        chosen = np.where(rows, copy, -1)
-        similarity = copy_similarities(copy_predictions(features, fitted, chosen), copies, chosen)
-        temperatures[copy] = fit_temperature(similarity[rows], design.sample_class[rows])
+        if rows.any():
+            similarity = rows_similarity(features, fitted, copies, copy, rows)
+            temperatures[copy] = fit_temperature(similarity, design.sample_class[rows])
     return temperatures
 
 
@@ -1737,16 +1753,24 @@ def scores_of(features: np.ndarray, fitted: dict, design: Design, temperatures: 
                   log_loss_bits(similarity, design.sample_class, temperature, share), cosine)
 
 
+def fitted_failures(design: Design, failed: np.ndarray) -> dict[str, list]:
+    """Failed copies by role: the probe's folds as (repeat, fold); the null's and the MDL blocks' as copy indices."""
+    copies = design.copies
+    return {
+        "probe": [(int(copies.repeat[c]), int(copies.fold[c])) for c in np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment == 0))],
+        "null": np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment > 0)).tolist(),
+        "mdl": np.flatnonzero(failed & (copies.block >= 0)).tolist(),
+    }
+
+
 def heldout_copy(design: Design, repeat: int, assignment: int) -> np.ndarray:
     """(n,) the fold probe of (repeat, assignment) that never saw each sample."""
     return design.copies.fold_copies(repeat, assignment)[design.fold[repeat]]
 
 
-def raw_space_cosines(prediction: np.ndarray, design: Design, copy: np.ndarray, labels: LabelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: the guide's cosine in raw T5 space, and the constant predictor's (the training tasks' mean).
-
-    Centered, the probe fixes a direction only, so its raw-space prediction is reconstructed as label mean +
-    unit(prediction) x the mean norm of its training targets, mapped back through the basis."""
+def raw_space_predictions(prediction: np.ndarray, design: Design, copy: np.ndarray, labels: LabelConfig) -> np.ndarray:
+    """Predictions in raw T5 space, as the guide's cosine scores them. Centered, the probe fixes a direction only, so
+    the raw prediction is label mean + unit(prediction) x the mean norm of its training targets, through the basis."""
     copies, raw_prediction = design.copies, np.zeros((len(copy), design.raw.shape[1]))
     for c in np.unique(copy):
         rows = copy == c
@@ -1755,19 +1779,18 @@ def raw_space_cosines(prediction: np.ndarray, design: Design, copy: np.ndarray, 
             raw_prediction[rows] = unit_rows(prediction[rows]) * scale @ copies.label_basis[c] + copies.label_mean[c]
         else:
             raw_prediction[rows] = prediction[rows] @ copies.label_basis[c]
-    own = design.raw[design.sample_class]
-    return np.nan_to_num(row_cosine(raw_prediction, own)), row_cosine(copies.label_mean[copy], own)
+    return raw_prediction
 
 
-def in_t5_coordinates(label_space: np.ndarray, design: Design, copy: np.ndarray, labels: LabelConfig) -> np.ndarray:
-    """Label-space vectors mapped back to T5 coordinates: through their copy's basis, plus its mean when centered."""
-    mapped = np.zeros((len(copy), design.raw.shape[1]), dtype=np.float32)
-    for c in np.unique(copy):
-        rows = copy == c
-        mapped[rows] = label_space[rows] @ design.copies.label_basis[c]
-        if labels.center_labels:
-            mapped[rows] += design.copies.label_mean[c]
-    return mapped
+def rows_similarity(features: np.ndarray, fitted: dict, copies: Copies, copy: int, rows: np.ndarray) -> np.ndarray:
+    """(rows, C) cosine of one copy's predictions of the given rows to every class's target."""
+    chosen = np.where(rows, copy, -1)
+    return copy_similarities(copy_predictions(features, fitted, chosen), copies, chosen)[rows]
+
+
+def information(bits: np.ndarray, classes: int) -> np.ndarray:
+    """Information in bits from a code length in bits: log2(classes) minus it."""
+    return math.log2(classes) - bits
 
 
 def training_accuracy(features: np.ndarray, fitted: dict, design: Design) -> float:
@@ -1775,8 +1798,7 @@ def training_accuracy(features: np.ndarray, fitted: dict, design: Design) -> flo
     correct = []
     for copy in design.copies.fold_copies(0, 0):
         rows = design.copies.train[copy]
-        chosen = np.where(rows, copy, -1)
-        similarity = copy_similarities(copy_predictions(features, fitted, chosen), design.copies, chosen)[rows]
+        similarity = rows_similarity(features, fitted, design.copies, copy, rows)
         correct.append(retrieval(similarity, design.sample_class[rows])["correct"])
     return float(np.concatenate(correct).mean())
 
@@ -1806,7 +1828,7 @@ def sample_means(repeats: list[Scores], raw_cosines: list[np.ndarray], classes: 
     """Per-sample values averaged over the repeats; each headline metric is their mean over the samples."""
     return {
         "accuracy": np.mean([scores.correct for scores in repeats], axis=0),
-        "information_bits": math.log2(classes) - np.mean([scores.bits for scores in repeats], axis=0),
+        "information_bits": information(np.mean([scores.bits for scores in repeats], axis=0), classes),
         "cosine_similarity_label_space": np.mean([scores.cosine for scores in repeats], axis=0),
         "cosine_similarity": np.mean(raw_cosines, axis=0),
         "reciprocal_rank": np.mean([1.0 / scores.rank for scores in repeats], axis=0),
@@ -1814,33 +1836,36 @@ def sample_means(repeats: list[Scores], raw_cosines: list[np.ndarray], classes: 
     }
 
 
-def null_metrics(values: dict[str, np.ndarray], null: list[Scores], observed: Scores, classes: int) -> dict:
-    """The control (first permuted assignment) and, with more, the permutation null and its p-value."""
+def null_metrics(null: list[Scores], observed: Scores, classes: int, failed_null: int) -> dict:
+    """The control (first permuted assignment) and, with more, the permutation null and its p-value; like for like,
+    against the first repeat's probe, whose folds the permutations were trained with."""
     if not null:
         return {}
     accuracy = np.array([scores.correct.mean() for scores in null])
-    information = math.log2(classes) - np.array([scores.bits.mean() for scores in null])
+    null_information = information(np.array([scores.bits.mean() for scores in null]), classes)
     control = null[0].correct.astype(np.float64)
     metrics = {
         "control_accuracy": float(control.mean()),
-        "control_information_bits": float(information[0]),
-        "selectivity": float(values["accuracy"].mean() - control.mean()),
-        "permutation_null": {"accuracy": accuracy, "information_bits": information},
+        "control_information_bits": float(null_information[0]),
+        "selectivity": float(observed.correct.mean() - control.mean()),
+        "permutation_null": {"accuracy": accuracy, "information_bits": null_information},
         "permutation_null_mean_accuracy": float(accuracy.mean()),
-        "permutation_null_mean_information_bits": float(information.mean()),
+        "permutation_null_mean_information_bits": float(null_information.mean()),
     }
-    if len(null) > 1:  # like for like: the first repeat's probe against permutations trained with its folds
-        metrics["permutation_p_value"] = float((1 + np.sum(accuracy >= observed.correct.mean())) / (1 + len(null)))
+    if len(null) > 1:  # a failed null probe scores as wrong, which would make the p-value too small: none then
+        better = np.sum(accuracy >= observed.correct.mean())
+        metrics["permutation_p_value"] = math.nan if failed_null else float((1 + better) / (1 + len(null)))
     return metrics
 
 
 def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list[Scores], null: list[Scores],
-                    constant: np.ndarray, training: TrainingConfig) -> dict:
+                    constant: np.ndarray, failed_copies: np.ndarray) -> dict:
     """Every held-out number of one item, from the per-sample values (averaged over repeats) and the null."""
     classes, first = len(design.descriptions), repeats[0]
     per_class = np.array([values["accuracy"][design.sample_class == c].mean() for c in range(classes)])
     raw, label_space = values["cosine_similarity"].mean(), values["cosine_similarity_label_space"].mean()
-    fold_accuracy = np.array([first.correct[design.fold[0] == f].mean() for f in range(design.folds)])
+    fold_accuracy = np.array([[scores.correct[design.fold[r] == f].mean() for f in range(design.folds)]
+                              for r, scores in enumerate(repeats)])  # (repeats, folds)
     confusion = np.zeros((classes, classes), dtype=np.int64)
     for scores in repeats:  # every repeat's predictions; a non-finite one has no predicted class
         finite = scores.predicted >= 0
@@ -1851,7 +1876,7 @@ def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list
         "majority_accuracy": float(majority_correct(design).mean()),
         "chance_accuracy": 1.0 / classes,
         "information_bits": float(values["information_bits"].mean()),
-        "cross_entropy_bits": float(math.log2(classes) - values["information_bits"].mean()),
+        "cross_entropy_bits": float(information(values["information_bits"].mean(), classes)),
         "max_information_bits": math.log2(classes),
         "cosine_similarity_label_space": float(label_space),
         "cosine_similarity": float(raw),
@@ -1859,13 +1884,13 @@ def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list
         "cosine_similarity_normalized": float((raw - constant.mean()) / (1 - constant.mean())),
         "top_k_accuracy": {k: float(np.mean([np.mean(s.rank <= k) for s in repeats])) for k in (1, 3, 5) if k <= classes},
         "mean_reciprocal_rank": float(values["reciprocal_rank"].mean()),
-        "cosine_margin": float(np.nanmean(values["margin"])),
+        "cosine_margin": float(np.nanmean(values["margin"])) if np.isfinite(values["margin"]).any() else math.nan,
         "fold_accuracy": fold_accuracy,
-        "fold_accuracy_mean": float(fold_accuracy.mean()),
+        "fold_accuracy_mean": float(fold_accuracy.mean()),  # over every repeat's folds
         "fold_accuracy_std": float(fold_accuracy.std()),
         "repeats": {
             "accuracy": np.array([scores.correct.mean() for scores in repeats]),
-            "information_bits": math.log2(classes) - np.array([scores.bits.mean() for scores in repeats]),
+            "information_bits": information(np.array([scores.bits.mean() for scores in repeats]), classes),
         },
         "nonfinite_predictions": int(sum(np.sum(scores.predicted < 0) for scores in repeats)),
         "per_class_accuracy": per_class,
@@ -1878,24 +1903,27 @@ def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list
         "num_folds": design.folds,
         "num_repeats": len(repeats),
     }
-    metrics.update(null_metrics(values, null, first, classes))
+    failed = fitted_failures(design, failed_copies)
+    metrics["failed_probes"] = failed["probe"]
+    metrics["failed_copies"] = {role: len(members) for role, members in failed.items()}
+    metrics.update(null_metrics(null, first, classes, len(failed["null"])))
     return metrics
 
 
 INTERVAL_METRICS = ("accuracy", "information_bits", "cosine_similarity_label_space", "cosine_similarity")
 
 
-def interval_estimates(design: Design, values: dict[str, np.ndarray], null: list[Scores], metrics: dict,
+def interval_estimates(design: Design, values: dict[str, np.ndarray], first: Scores, null: list[Scores], metrics: dict,
                        training: TrainingConfig) -> dict[str, tuple[float, float]]:
     """95% intervals over the units that vary (see unit_intervals), widened by the spread across repeats."""
     chosen = {name: values[name] for name in INTERVAL_METRICS}
     if null:
         chosen["control_accuracy"] = null[0].correct.astype(np.float64)
-        chosen["selectivity"] = values["accuracy"] - null[0].correct
+        chosen["selectivity"] = first.correct.astype(np.float64) - null[0].correct
     intervals = unit_intervals(chosen, design.unit, design.stratum, training.bootstrap, training.seed)
     for name in ("accuracy", "information_bits"):
         if name in intervals:
-            intervals[name] = widened(intervals[name], metrics[name], metrics["repeats"][name])
+            intervals[name] = widened(intervals[name], metrics[name], metrics["repeats"][name], name in SHARE_METRICS)
     return intervals
 
 
@@ -1906,19 +1934,19 @@ def evaluate_item(samples: Samples, fitted: dict, design: Design, report: ReadRe
     temperatures = copy_temperatures(features, fitted, design)
     repeats = [scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0)) for r in range(training.repeats)]
     null = [scores_of(features, fitted, design, temperatures, heldout_copy(design, 0, a)) for a in range(1, len(design.assignments))]
-    raw_cosines, constant = [], None
-    for scores in repeats:
-        raw_cosine, constant = raw_space_cosines(scores.prediction, design, scores.copy, labels)
-        raw_cosines.append(raw_cosine)
+    own = design.raw[design.sample_class]
+    raw_predictions = [raw_space_predictions(scores.prediction, design, scores.copy, labels) for scores in repeats]
+    raw_cosines = [np.nan_to_num(row_cosine(prediction, own)) for prediction in raw_predictions]
+    constant = np.mean([row_cosine(design.copies.label_mean[scores.copy], own) for scores in repeats], axis=0)
     values = sample_means(repeats, raw_cosines, len(design.descriptions))
-    metrics = heldout_metrics(design, values, repeats, null, constant, training)
+    metrics = heldout_metrics(design, values, repeats, null, constant, fitted["failed"])
     metrics["training_accuracy"] = training_accuracy(features, fitted, design)
     metrics["num_episodes"] = len(set(zip(samples.task_id.tolist(), samples.episode.tolist())))
-    failed = fitted["failed"] & (design.copies.fold >= 0) & (design.copies.assignment == 0)
-    metrics["failed_probes"] = [(int(design.copies.repeat[c]), int(design.copies.fold[c])) for c in np.flatnonzero(failed)]
-    if failed.any():
-        log.warning("%s: %d probe(s) never improved on validation (a non-finite loss); their held-out samples count as "
-                    "wrong", result_stem(data, report.inference_times), int(failed.sum()))
+    for role, count in metrics["failed_copies"].items():
+        if count:
+            log.warning("%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as "
+                        "wrong%s", result_stem(data, report.inference_times), count, role,
+                        "; no permutation p-value" if role == "null" else "")
     metrics["per_task_accuracy"] = {
         int(t): {"accuracy": float(values["accuracy"][samples.task_id == t].mean()), "samples": int((samples.task_id == t).sum())}
         for t in design.task_ids
@@ -1927,12 +1955,17 @@ def evaluate_item(samples: Samples, fitted: dict, design: Design, report: ReadRe
         metrics["mdl"] = online_codelength(features, fitted, design, temperatures, 0)
         if null:
             metrics["mdl"]["control"] = online_codelength(features, fitted, design, temperatures, 1)
-    metrics["confidence_intervals"] = interval_estimates(design, values, null, metrics, training)
-    return results_record(samples, fitted, design, report, data, labels, training, metrics, repeats[0], null, temperatures)
+    metrics["confidence_intervals"] = interval_estimates(design, values, repeats[0], null, metrics, training)
+    return results_record(samples, fitted, design, report, data, labels, training, metrics, repeats[0], raw_predictions[0],
+                          null, temperatures)
+
+
+RESULTS_FORMAT = 3  # results files of earlier formats lack what the report reads
 
 
 def results_record(samples: Samples, fitted: dict, design: Design, report: ReadReport, data: DataConfig, labels: LabelConfig,
-                   training: TrainingConfig, metrics: dict, first: Scores, null: list[Scores], temperatures: np.ndarray) -> dict:
+                   training: TrainingConfig, metrics: dict, first: Scores, raw_prediction: np.ndarray, null: list[Scores],
+                   temperatures: np.ndarray) -> dict:
     """The results file's contents: the one place its layout is defined (builtins and numpy only)."""
     copies = design.copies
     history_keys = ("epochs_run", "best_epoch", "train_loss", "validation_loss", "batch_size", "steps_per_epoch", "penalty")
@@ -1942,11 +1975,12 @@ def results_record(samples: Samples, fitted: dict, design: Design, report: ReadR
     basis = copies.label_basis[probe_folds]
     full_space = basis.shape[1] == basis.shape[2] and np.array_equal(basis, np.broadcast_to(np.eye(basis.shape[1]), basis.shape))
     return {
-        "format_version": 3,
+        "format_version": RESULTS_FORMAT,
         "config": {
             "data": dataclasses.asdict(data),
             "labels": dataclasses.asdict(labels),
             "training": {**dataclasses.asdict(training), "permutations": training.null_size},
+            "first_repeat_only": "heldout, probe, samples.fold and samples.validation hold the first repeat's",
             "split": describe_split(training, design.folds),
             "token_positions": describe_token_positions(data),
             "label_space": describe_label_space(labels),
@@ -1977,9 +2011,11 @@ def results_record(samples: Samples, fitted: dict, design: Design, report: ReadR
             "validation": copies.validation[probe_folds],  # (folds, samples): early-stopping samples
             "mdl_block": design.mdl_block,
         },
-        "heldout": {
-            "prediction": in_t5_coordinates(first.prediction, design, first.copy, labels),
-            "target": design.raw[design.sample_class],
+        "heldout": {  # the first repeat's
+            "prediction": raw_prediction.astype(np.float32),  # in raw T5 space, as the raw cosine scores it
+            "target": design.raw[design.sample_class],  # the own task's T5 embedding
+            "prediction_label_space": first.prediction,
+            "target_label_space": design.copies.classes[first.copy, design.sample_class],
             "true_class": design.sample_class,
             "predicted_class": first.predicted,
             "rank": first.rank,
@@ -2047,7 +2083,7 @@ def evaluate_concepts(samples: Samples, fitted: dict, design: ConceptDesign, rep
                 for c, concept in enumerate(design.concepts)}
     balanced = [one["balanced_accuracy"] for one in concepts.values()]
     return {
-        "format_version": 3,
+        "format_version": RESULTS_FORMAT,
         "target": "concepts",
         "config": {
             "data": dataclasses.asdict(data),
@@ -2246,7 +2282,7 @@ def with_interval(metrics: dict, name: str, digits: int = 4) -> str:
     if not interval:
         return value
     if math.isnan(interval[0]):
-        return f"{value} [95% CI n/a: every unit has the same value]"
+        return f"{value} [95% CI n/a: resampling the units cannot vary it]"
     return f"{value} [95% CI {interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
@@ -2288,7 +2324,7 @@ def evidence_lines(results: dict) -> list[str]:
         f"Held out: {results['config']['split']}; every one of the {metrics['num_samples']} samples "
         f"({metrics['num_episodes']} episodes) predicted by a probe that never saw it",
         f"Accuracy: {with_interval(metrics, 'accuracy')}; per fold {metrics['fold_accuracy_mean']:.4f} +/- "
-        f"{metrics['fold_accuracy_std']:.4f}",
+        f"{metrics['fold_accuracy_std']:.4f} ({metrics['num_folds']} folds x {metrics['num_repeats']} repeat(s))",
         f"Balanced Accuracy (mean of per-task accuracies): {metrics['balanced_accuracy']:.4f}; majority baseline "
         f"{metrics['majority_accuracy']:.4f}; chance {metrics['chance_accuracy']:.4f} (1 / {metrics['num_classes']})",
         f"Information: {with_interval(metrics, 'information_bits', 3)} bits of log2({metrics['num_classes']}) = "
@@ -2328,6 +2364,9 @@ def evidence_lines(results: dict) -> list[str]:
     if metrics["failed_probes"]:
         folds = ", ".join(f"repeat {r} fold {f}" for r, f in metrics["failed_probes"])
         lines.append(f"FAILED PROBES ({folds}): never improved on validation (non-finite loss); their samples count as wrong")
+    for role in ("null", "mdl"):
+        if metrics["failed_copies"][role]:
+            lines.append(f"FAILED {role.upper()} PROBES: {metrics['failed_copies'][role]} never improved on validation")
     lines.append("Per-task Accuracy:")
     lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()]
     return lines
@@ -2346,11 +2385,17 @@ def control_lines(metrics: dict, training: dict) -> list[str]:
                      "(high whenever the layer separates the tasks), not whether the layer is language-shaped: "
                      "that question is answered by --split task")
     if "permutation_p_value" in metrics:
-        null = metrics["permutation_null"]
+        null, p_value = metrics["permutation_null"], metrics["permutation_p_value"]
+        if math.isnan(p_value):
+            test = f"no p-value: {metrics['failed_copies']['null']} null probe(s) failed"
+        else:
+            test = f"p = {p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's accuracy as observed"
         lines.append(f"Permutation Null ({len(null['accuracy'])} permuted assignments, trained like the probe): mean accuracy "
                      f"{metrics['permutation_null_mean_accuracy']:.4f}, mean information "
-                     f"{metrics['permutation_null_mean_information_bits']:.3f} bits; p = {metrics['permutation_p_value']:.4f} "
-                     "(1 + #null >= observed) / (1 + N)")
+                     f"{metrics['permutation_null_mean_information_bits']:.3f} bits; {test}")
+        if training["split"] == "episode":
+            lines.append("  With held-out episodes this tests whether the true assignment is more learnable than arbitrary "
+                         "ones, not whether the layer is language-shaped (--split task)")
     return lines
 
 
@@ -2437,10 +2482,11 @@ def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict
     skipped = sum(len(samples) for samples in nonfinite.values())
     if skipped and items[0].strict:  # before any training: --strict leaves no result file
         raise ProbeError(f"{skipped} sample(s) have non-finite features (see the warnings above); --strict stops here")
+    # Every design before any training: a combination left without enough samples stops the run before a file is written.
+    designs = [make_design(members[0][1], report.descriptions, labels, training) for members in groups.values()]
     written = []
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
-        for members in groups.values():
-            design = make_design(members[0][1], report.descriptions, labels, training)
+        for design, members in zip(designs, groups.values()):
             features = np.stack([selected.features[0] for _, selected in members])
             fitted = fit_items(features, design, training)
             conditional = conditional_metrics(features, members[0][1], report, labels, training) if items[0].baseline else None
@@ -2462,7 +2508,7 @@ def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict
     return written
 
 
-NONFINITE_WARNINGS_SHOWN = 20  # per run; the rest are counted
+NONFINITE_WARNINGS_SHOWN = 20  # per combination; the rest are counted
 
 
 def finite_rows(samples: Samples, rows: np.ndarray, layer_position: int, item: DataConfig,
@@ -2484,6 +2530,8 @@ def finite_rows(samples: Samples, rows: np.ndarray, layer_position: int, item: D
                         "camera " + item.camera if item.layer is None else f"layer {item.layer}")
     if len(skipped) > NONFINITE_WARNINGS_SHOWN:
         log.warning("... and %d more non-finite sample(s) for this combination", len(skipped) - NONFINITE_WARNINGS_SHOWN)
+    if rows.any() and not (rows & finite).any():
+        raise ProbeError(f"{result_stem(item, report.inference_times)}: every sample has non-finite features")
     return rows & finite, skipped
 
 
@@ -2566,6 +2614,10 @@ def write_report(directory: Path) -> str:
         with open(path, "rb") as file:
             try:
                 results = RestrictedUnpickler(file).load()
+                if results.get("format_version", 0) < RESULTS_FORMAT:
+                    log.warning("skipping %s: written by an older version of this program (format %s); rerun it", path,
+                                results.get("format_version"))
+                    continue
                 if results.get("target") == "concepts":
                     concept_rows += concept_report_rows(results, path)
                 else:

@@ -126,7 +126,10 @@ def test_a_non_finite_sample_is_named_skipped_and_counted(run_cli, one_nan_sampl
     assert results["metrics"]["num_samples"] == 59
     (task, episode, step, time_value), = results["data_report"]["nonfinite_samples"]
     assert (task, episode, step) == (3, 2, 10) and math.isnan(time_value)
-    assert all(math.isfinite(number) for number in all_numbers(results["metrics"]))
+    scored = {key: value for key, value in results["metrics"].items() if key != "confidence_intervals"}
+    assert all(math.isfinite(number) for number in all_numbers(scored))
+    for low, high in results["metrics"]["confidence_intervals"].values():  # n/a (no variation) is (nan, nan), never half
+        assert math.isnan(low) == math.isnan(high)
     assert results["metrics"]["accuracy"] >= 0.9  # the NaN is not scored, as right or as wrong
     summary = (output / "summary_text_only_layer5_step10.txt").read_text()
     assert "Samples Skipped For Non-finite Features: 1 (task 3 episode 2)" in summary
@@ -239,21 +242,31 @@ def test_results_file_recomputed_independently(run_cli, demo_data):
     count = len(tasks["class_descriptions"])
     similarity, bits = np.zeros((len(features), count)), np.zeros(len(features))
     temperature = results["copies"]["temperature"][probe["copy"]]
+    grid = np.geomspace(0.01, 100.0, 161)  # the documented grid: each fold's temperature is refitted below
     for fold in range(metrics["num_folds"]):
-        rows = samples["fold"] == fold
-        prediction = (features[rows] - probe["feature_mean"][fold]) / probe["feature_std"][fold] @ probe["kernel"][fold]
-        prediction = prediction + probe["bias"][fold]
         targets = tasks["t5_embeddings"] - tasks["label_mean"][fold]
         if tasks["label_basis"] is not None:
             targets = targets @ tasks["label_basis"][fold].T
-        prediction /= np.linalg.norm(prediction, axis=1, keepdims=True)
-        similarity[rows] = prediction @ (targets / np.linalg.norm(targets, axis=1, keepdims=True)).T
-        logits = similarity[rows] / temperature[fold]
-        softmax = np.exp(logits - logits.max(1, keepdims=True))
-        softmax /= softmax.sum(1, keepdims=True)
+        targets /= np.linalg.norm(targets, axis=1, keepdims=True)
         share = 1 / (samples["validation"][fold].sum() + 2)  # the uniform code's weight: rule of succession
-        p = (1 - share) * softmax + share / count
-        bits[rows] = -np.log2(p[np.arange(rows.sum()), classes[rows]])
+
+        def cosines(rows):  # this fold's probe on the given samples
+            x = (features[rows] - probe["feature_mean"][fold]) / probe["feature_std"][fold]
+            prediction = x @ probe["kernel"][fold] + probe["bias"][fold]
+            return prediction / np.linalg.norm(prediction, axis=1, keepdims=True) @ targets.T
+
+        def code(cosine, own, tau):
+            logits = cosine / tau
+            softmax = np.exp(logits - logits.max(1, keepdims=True))
+            softmax /= softmax.sum(1, keepdims=True)
+            return -np.log2(((1 - share) * softmax + share / count)[np.arange(len(own)), own])
+
+        calibration = samples["validation"][fold]  # the temperature is fitted on validation samples only
+        fitted = grid[np.argmin([code(cosines(calibration), classes[calibration], tau).mean() for tau in grid])]
+        assert temperature[fold] == pytest.approx(fitted)
+        rows = samples["fold"] == fold
+        similarity[rows] = cosines(rows)
+        bits[rows] = code(similarity[rows], classes[rows], temperature[fold])
     own = similarity[np.arange(len(classes)), classes]
     rank = 1 + np.sum(similarity > own[:, None], axis=1)
     correct = rank == 1
@@ -313,3 +326,50 @@ def test_contrastive_negatives_and_label_spaces_come_from_training_tasks_only(ti
         side = np.unique(design.sample_class[copies.train[copy] | copies.validation[copy]])
         np.testing.assert_allclose(copies.label_mean[copy], design.raw[permuted[side]].mean(0), rtol=1e-5, atol=1e-6)
         assert not set(held_out) & set(side)
+
+
+def test_contrastive_loss_trains_on_unseen_tasks_without_failing(compositional, tmp_path):
+    results = run_compositional(compositional, tmp_path / "contrastive", "aligned", "--loss", "contrastive",
+                                "--permutations", "2")
+    assert not results["copies"]["failed"].any()
+    assert np.isfinite(results["history"]["validation_loss"][:, 0]).all()  # validation tasks are scored
+    assert results["metrics"]["accuracy"] >= 0.6
+
+
+def test_stratified_intervals_do_not_collapse_when_each_task_is_constant():
+    task = np.repeat(np.arange(10), 5)
+    units = task * 100 + np.tile(np.arange(5), 10)
+    correct = (task != 3).astype(float)  # nine tasks always right, one always wrong
+    intervals = lpi.unit_intervals({"accuracy": correct, "information_bits": np.full(50, 2.0)}, units, task, 500, seed=0)
+    low, high = intervals["accuracy"]
+    assert low < 0.9 < high  # Wilson over the 50 episodes, not the zero-width (0.9, 0.9)
+    assert all(math.isnan(bound) for bound in intervals["information_bits"])  # n/a, not (2, 2)
+
+
+def test_every_sample_non_finite_in_one_layer_stops_before_any_file(run_cli, tmp_path, capsys):
+    directory = tmp_path / "inf"
+    lpi.write_demo_dataset(directory, num_layers=6)
+    for path in directory.glob("task_*.pkl"):
+        with open(path, "rb") as file:
+            data = pickle.load(file)
+        for episode in data["episodes"].values():
+            for step in episode["rollout_steps"].values():
+                step["vlm_layer_output"]["hidden_states"][5, 0, 800, 0] = np.inf
+        with open(path, "wb") as file:
+            pickle.dump(data, file)
+    status, output = run_cli("--expert", "text_only", "--layer", "4,5", "--bootstrap", "0", data_path=directory)
+    err = capsys.readouterr().err
+    assert status == 1 and "text_only_layer5_step10: every sample has non-finite features" in err
+    assert "Traceback" not in err and (not output.exists() or not any(output.iterdir()))
+
+
+def test_report_skips_results_of_an_older_format(run_cli, tmp_path, capsys):
+    status, output = run_cli("--expert", "text_only", "--layer", "5", "--bootstrap", "0", "--no_control")
+    with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
+        old = pickle.load(file)
+    old["format_version"] = 2
+    with open(output / "results_text_only_layer4_step10.pkl", "wb") as file:
+        pickle.dump(old, file)
+    assert lpi.main(["--report", str(output)]) == 0
+    assert "older version of this program (format 2)" in capsys.readouterr().err
+    assert (output / "sweep.csv").read_text().count("\n") == 2  # header and the current file
