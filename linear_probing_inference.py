@@ -36,6 +36,7 @@ import re
 import struct
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -2631,14 +2632,13 @@ def write_report(directory: Path) -> str:
         return "\n".join(concept_lines)
     order = lambda row: (row["expert"], row["rollout_step"], str(row["inference_step"]), str(row["feature_type"]), -1 if row["layer"] is None else row["layer"])
     rows.sort(key=order)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS)
-    writer.writeheader()
-    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    write_atomically(directory / "sweep.csv", buffer.getvalue().encode())
+    write_atomically(directory / "sweep.csv", csv_bytes(REPORT_COLUMNS, rows))
+    written = [directory / "sweep.csv"]
     layered = [row for row in rows if row["layer"] is not None]
     if layered:
         plot_by_layer(layered, directory)
+        written += [directory / "accuracy_by_layer.png", directory / "cosine_by_layer.png"]
+        written += write_heatmaps(layered, directory)
     header = (f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'bits':>6} {'control':>7} "
               f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}")
     lines = [header, "-" * len(header)]
@@ -2651,7 +2651,7 @@ def write_report(directory: Path) -> str:
             f"{table_number(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
             f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
         )
-    lines.append(f"wrote {directory / 'sweep.csv'} and {directory / 'accuracy_by_layer.png'}, {directory / 'cosine_by_layer.png'}" if layered else f"wrote {directory / 'sweep.csv'}")
+    lines.append("wrote " + ", ".join(str(path) for path in written))
     return "\n".join(lines + concept_lines)
 
 
@@ -2672,11 +2672,7 @@ def concept_report_rows(results: dict, path: Path) -> list[dict]:
 
 def write_concept_report(rows: list[dict], directory: Path) -> list[str]:
     """concepts.csv, and concepts_by_layer.png (concept x layer, balanced accuracy) where several layers were run."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CONCEPT_COLUMNS)
-    writer.writeheader()
-    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    write_atomically(directory / "concepts.csv", buffer.getvalue().encode())
+    write_atomically(directory / "concepts.csv", csv_bytes(CONCEPT_COLUMNS, rows))
     panels: dict[tuple, list[dict]] = {}
     for row in rows:
         panels.setdefault((row["expert"], row["rollout_step"], str(row["inference_step"]), row["split"]), []).append(row)
@@ -2754,6 +2750,255 @@ def plot_by_layer(rows: list[dict], directory: Path) -> None:
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     save_figure(figure, directory / "cosine_by_layer.png")
+
+
+# Heatmaps: a sweep over layers and one more axis (denoising time, or rollout step) drawn as layer x column grids, one
+# panel row per combination of everything else. A cell is one results file: file names are unique per expert, layer,
+# rollout step and denoising time, so within a directory no two files compete for a cell.
+class HeatmapKind(NamedTuple):
+    stem: str  # {stem}.png and {stem}_pivot.csv
+    column: str  # the report column along a panel's x axis ("" is read as "all": every denoising entry)
+    panel_keys: tuple[str, ...]  # report columns that one panel holds fixed
+    named_key: str  # the panel key always named in a panel's title, even when all panels share it
+    descending: bool  # column order: denoising runs from t = 1.0 (pure noise) down to the action
+    xlabel: str
+    title: str
+
+
+PANEL_SETTINGS = ("feature_type", "token_positions", "probe", "loss", "split")
+HEATMAPS = (
+    HeatmapKind(
+        stem="accuracy_by_layer_and_inference_time", column="inference_time",
+        panel_keys=("expert", "rollout_step", *PANEL_SETTINGS), named_key="rollout_step", descending=True,
+        xlabel="denoising time t (1.0: pure noise; denoising runs left to right)",
+        title="Task retrieval by layer and denoising time",
+    ),
+    HeatmapKind(
+        stem="accuracy_by_layer_and_rollout_step", column="rollout_step",
+        panel_keys=("expert", "inference_step", "inference_time", *PANEL_SETTINGS), named_key="inference_time",
+        descending=False, xlabel="rollout step", title="Task retrieval by layer and rollout step",
+    ),
+)
+SIGNIFICANT_P = 0.05  # under --split task, accuracy cells whose permutation p-value is at most this get a star
+HEATMAP_METRICS = ("accuracy", "information_bits", "control_accuracy")  # drawn side by side, in this order
+
+
+class HeatmapPanel(NamedTuple):
+    identity: dict  # panel key -> the value all its cells share
+    layers: list  # ascending
+    columns: list  # denoising times (then "all") or rollout steps, in the kind's order
+    cells: dict  # (layer, column) -> report row
+
+
+def present(value) -> bool:
+    """Whether a report cell holds a number (blank when the run had none)."""
+    return value is not None and value != ""
+
+
+def heatmap_column(row: dict, kind: HeatmapKind):
+    """A row's place along the kind's x axis."""
+    value = row[kind.column]
+    return value if present(value) else "all"
+
+
+def column_order(kind: HeatmapKind, column) -> tuple:
+    """Sort key: numbers in the kind's direction, "all" last."""
+    if column == "all":
+        return (1, 0)
+    return (0, -column if kind.descending else column)
+
+
+def heatmap_panels(rows: list[dict], kind: HeatmapKind) -> list[HeatmapPanel]:
+    """Rows grouped by everything but layer and the kind's column; only groups with 2+ layers and 2+ columns."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row[key]) for key in kind.panel_keys), []).append(row)
+    panels = []
+    for members in groups.values():
+        cells = {(row["layer"], heatmap_column(row, kind)): row for row in members}
+        layers = sorted({layer for layer, _ in cells})
+        columns = sorted({column for _, column in cells}, key=functools.partial(column_order, kind))
+        if len(layers) > 1 and len(columns) > 1:
+            panels.append(HeatmapPanel({key: members[0][key] for key in kind.panel_keys}, layers, columns, cells))
+    return panels
+
+
+def panel_metrics(panel: HeatmapPanel) -> list[str]:
+    """The report columns a panel shows: accuracy, its interval and information where the files have them; and only
+    under --split task the control and the permutation p-value, since under --split episode they measure how learnable
+    an arbitrary task -> embedding assignment is, not language."""
+    rows = list(panel.cells.values())
+    metrics = ["accuracy"]
+    optional = ["accuracy_ci_low", "accuracy_ci_high", "information_bits"]
+    if panel.identity["split"] == "task":
+        optional += ["control_accuracy", "permutation_p_value"]
+    metrics += [name for name in optional if any(present(row[name]) for row in rows)]
+    return metrics
+
+
+def panel_values(panel: HeatmapPanel, metric: str) -> np.ndarray:
+    """(layers, columns) floats; NaN where a cell has no file or the file no value."""
+    values = np.full((len(panel.layers), len(panel.columns)), np.nan)
+    for (layer, column), row in panel.cells.items():
+        if present(row[metric]):
+            values[panel.layers.index(layer), panel.columns.index(column)] = float(row[metric])
+    return values
+
+
+SPLIT_NOTES = {
+    "episode": "held out: whole episodes of the analyzed tasks. No control shown: under this split it only measures "
+               "how learnable an arbitrary task \u2192 embedding assignment is.",
+    "task": "held out: whole tasks (unseen instructions). Control: the same probe trained on permuted task \u2192 "
+            "embedding assignments.",
+}
+
+
+def write_heatmaps(rows: list[dict], directory: Path) -> list[Path]:
+    """Each heatmap figure whose axes the rows vary over, with its pivot CSV; return the paths written."""
+    written = []
+    for kind in HEATMAPS:
+        panels = heatmap_panels(rows, kind)
+        if panels:
+            plot_heatmaps(panels, kind, directory / f"{kind.stem}.png")
+            write_atomically(directory / f"{kind.stem}_pivot.csv", pivot_csv(panels, kind))
+            written += [directory / f"{kind.stem}.png", directory / f"{kind.stem}_pivot.csv"]
+    return written
+
+
+def csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
+    """CSV text of rows (None as blank): sweep.csv and the pivots share it, so a value reads back the same in each."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    return buffer.getvalue().encode()
+
+
+def pivot_csv(panels: list[HeatmapPanel], kind: HeatmapKind) -> bytes:
+    """One line per panel, metric and layer, one column per denoising time (or rollout step); cells are the report
+    rows' own values, blank where a panel has no file."""
+    every_column = {column for panel in panels for column in panel.columns}
+    columns = sorted(every_column, key=functools.partial(column_order, kind))
+    lines = []
+    for panel in panels:
+        for metric in panel_metrics(panel):
+            for layer in panel.layers:
+                line = {**panel.identity, "metric": metric, "layer": layer}
+                for column in panel.columns:
+                    cell = panel.cells.get((layer, column))
+                    line[str(column)] = "" if cell is None else cell[metric]
+                lines.append(line)
+    return csv_bytes([*kind.panel_keys, "metric", "layer", *map(str, columns)], lines)
+
+
+def plot_heatmaps(panels: list[HeatmapPanel], kind: HeatmapKind, path: Path) -> None:
+    """One row of heatmaps per panel: accuracy, information in bits beside it, and under --split task the control."""
+    plt = pyplot()
+    drawn = [[metric for metric in panel_metrics(panel) if metric in HEATMAP_METRICS] for panel in panels]
+    width = max(len(metrics) for metrics in drawn)
+    cell_columns = max(len(panel.columns) for panel in panels)
+    cell_rows = max(len(panel.layers) for panel in panels)
+    size = (width * (0.5 * cell_columns + 2.2), len(panels) * (0.3 * cell_rows + 1.4) + 1.0)
+    figure, axes = plt.subplots(len(panels), width, figsize=size, squeeze=False, layout="constrained")
+    varying = [key for key in PANEL_SETTINGS if len({str(panel.identity[key]) for panel in panels}) > 1]
+    for panel, metrics, row_axes in zip(panels, drawn, axes):
+        for position, axis in enumerate(row_axes):
+            if position < len(metrics):
+                draw_heatmap(figure, axis, panel, metrics[position], kind, panel_name(panel, kind, varying))
+            else:
+                axis.set_axis_off()
+    splits = sorted({panel.identity["split"] for panel in panels})
+    note = textwrap.fill(" ".join(SPLIT_NOTES[split] for split in splits if split in SPLIT_NOTES), int(size[0] * 13))
+    figure.suptitle(f"{kind.title}\n{note}", fontsize=9)
+    save_figure(figure, path)
+
+
+def panel_name(panel: HeatmapPanel, kind: HeatmapKind, varying: list[str]) -> str:
+    """What a panel holds fixed: the expert, its rollout step or denoising time, and any setting that differs between
+    panels."""
+    parts = [panel.identity["expert"]]
+    named = panel.identity[kind.named_key]
+    if kind.named_key == "rollout_step":
+        parts.append(f"rollout step {named}")
+    elif present(named):
+        parts.append(f"t = {named:g}")
+    elif panel.identity["expert"] == "action":
+        parts.append("every denoising entry")
+    parts += [f"{key.replace('_', ' ')} {panel.identity[key]}" for key in varying]
+    return ", ".join(parts)
+
+
+def heatmap_scale(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[float, float, str, list[float], str]:
+    """Colour range, map, reference values marked on the colour bar, and title of one metric: accuracy on [0, 1] with
+    chance marked; bits from min(0, lowest) to log2(tasks) with 0 (no information) marked."""
+    rows = list(panel.cells.values())
+    chances = sorted({float(row["chance_accuracy"]) for row in rows})
+    chance = f"{chances[0]:.3g}" if len(chances) == 1 else f"{chances[0]:.3g}\u2013{chances[-1]:.3g}"
+    if metric == "information_bits":
+        top = max(float(row["max_information_bits"]) for row in rows)
+        title = f"information (bits); max log\u2082 {max(row['num_tasks'] for row in rows)} = {top:.2f}"
+        return min(0.0, float(np.nanmin(values))), top, "magma", [0.0], title
+    if metric == "control_accuracy":
+        return 0.0, 1.0, "viridis", chances, f"control accuracy (permuted tasks); chance {chance}"
+    return 0.0, 1.0, "viridis", chances, f"held-out accuracy; chance {chance}"
+
+
+def draw_heatmap(figure, axis, panel: HeatmapPanel, metric: str, kind: HeatmapKind, name: str) -> None:
+    """One annotated layer x column heatmap with its colour bar; layer 0 at the bottom, like a network drawn upwards."""
+    plt = pyplot()
+    values = panel_values(panel, metric)
+    low, high, colours, references, title = heatmap_scale(panel, metric, values)
+    image = axis.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", vmin=low, vmax=high,
+                        cmap=plt.get_cmap(colours).with_extremes(bad="0.85"), interpolation="nearest")
+    labels, note = cell_labels(panel, metric, values)
+    annotate_cells(axis, image, values, labels)
+    if "all" in panel.columns:  # the probe over every denoising entry is not a point in time: set it apart
+        axis.axvline(panel.columns.index("all") - 0.5, color="white", linewidth=4)
+    colour_bar = figure.colorbar(image, ax=axis, pad=0.02, aspect=max(20, 2 * len(panel.layers)))  # as tall as the map
+    for value in references:
+        colour_bar.ax.axhline(value, color="red", linewidth=2)
+    colour_bar.ax.tick_params(labelsize=7)
+    reference = "no information" if metric == "information_bits" else "chance"
+    colour_bar.set_label(f"red line: {reference}", fontsize=7)
+    axis.set_xticks(range(len(panel.columns)), [str(column) for column in panel.columns])
+    axis.set_yticks(range(len(panel.layers)), panel.layers)
+    axis.tick_params(labelsize=7)
+    axis.set_xlabel(kind.xlabel, fontsize=8)
+    axis.set_ylabel("layer", fontsize=8)
+    axis.set_title(f"{name}\n{title}{note}", fontsize=8)
+
+
+def cell_labels(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[np.ndarray, str]:
+    """Each cell's text, and the title's note on it: the value to 2 decimals; accuracy starred where it beats its null
+    (under --split task a permutation p-value at most SIGNIFICANT_P, otherwise a 95% interval whose lower end is above
+    chance); the control with the permutation p-value under it."""
+    metrics = panel_metrics(panel)
+    p_values = panel_values(panel, "permutation_p_value") if "permutation_p_value" in metrics else None
+    significant, note = np.zeros(values.shape, bool), ""
+    if metric == "accuracy" and p_values is not None:
+        significant, note = p_values <= SIGNIFICANT_P, f"\n* permutation p \u2264 {SIGNIFICANT_P}"
+    elif metric == "accuracy" and "accuracy_ci_low" in metrics:
+        significant = panel_values(panel, "accuracy_ci_low") > panel_values(panel, "chance_accuracy")
+        note = "\n* 95% interval above chance"
+    elif metric == "control_accuracy" and p_values is not None:
+        note = "\nbelow each: the probe's permutation p-value"
+    labels = np.empty(values.shape, dtype=object)
+    for index, value in np.ndenumerate(values):
+        labels[index] = f"{value:.2f}*" if significant[index] else f"{value:.2f}"
+        if metric == "control_accuracy" and p_values is not None:
+            labels[index] += f"\np {p_values[index]:.2f}"
+    return labels, note
+
+
+def annotate_cells(axis, image, values: np.ndarray, labels: np.ndarray) -> None:
+    """Write each cell's label, dark on light cells and light on dark ones; cells without a value stay blank (grey)."""
+    size = 7 if values.shape[1] <= 12 else 6
+    for (row, column), value in np.ndenumerate(values):
+        if np.isnan(value):
+            continue
+        red, green, blue, _ = image.cmap(image.norm(value))
+        shade = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+        axis.text(column, row, labels[row, column], ha="center", va="center", fontsize=size, color=shade)
 
 
 def write_run_plots(results: dict, features: np.ndarray, output_dir: Path, stem: str) -> None:
