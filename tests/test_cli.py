@@ -91,7 +91,7 @@ def test_output_files_hold_the_guide_block_and_everything_needed(run_cli):
     assert any(line.startswith("Positive control: text tokens are the prompt itself") for line in summary)
     results = load_results(output, "text_only_layer5_step10")
     assert results["config"]["data"]["expert"] == "text_only" and results["config"]["labels"]["center_labels"] is True
-    assert results["probe"]["kernel"].shape == (10, 16, 32)  # 5 folds, then 5 controls
+    assert results["probe"]["kernel"].shape == (10, 16, 9)  # 5 folds, then 5 controls; 9 = the span of 10 centered task embeddings
     heldout = results["heldout"]
     assert heldout["prediction"].shape == (60, 32) and heldout["target"].shape == (60, 32)
     assert len(results["samples"]["task_id"]) == len(results["samples"]["inference_time"]) == 60
