@@ -2394,7 +2394,7 @@ def evidence_lines(results: dict) -> list[str]:
         f"Training Accuracy: {metrics['training_accuracy']:.4f}",
         f"Cosine Similarity (probe's label space: {results['config']['label_space']}): "
         f"{with_interval(metrics, 'cosine_similarity_label_space')}",
-        f"Cosine Similarity (raw T5, reconstructed as label mean + unit(prediction) x mean target norm): "
+        f"Cosine Similarity (raw T5, {RAW_PREDICTION[results['config']['labels']['center_labels']]}): "
         f"{with_interval(metrics, 'cosine_similarity')}; constant predictor (mean embedding) "
         f"{metrics['constant_predictor_cosine']:.4f}; normalized (cos - constant) / (1 - constant) "
         f"{metrics['cosine_similarity_normalized']:.4f}",
@@ -2411,6 +2411,12 @@ def evidence_lines(results: dict) -> list[str]:
     lines.append("Per-task Accuracy:")
     lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()]
     return lines
+
+
+RAW_PREDICTION = {  # how a prediction is placed in raw T5 space, by whether the labels were centered
+    True: "reconstructed as label mean + unit(prediction) x mean target norm",
+    False: "the prediction mapped back through the label basis",
+}
 
 
 def control_lines(metrics: dict, training: dict) -> list[str]:

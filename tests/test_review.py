@@ -373,3 +373,17 @@ def test_report_skips_results_of_an_older_format(run_cli, tmp_path, capsys):
     assert lpi.main(["--report", str(output)]) == 0
     assert "older version of this program (format 2)" in capsys.readouterr().err
     assert (output / "sweep.csv").read_text().count("\n") == 2  # header and the current file
+
+
+def test_uncentered_projected_labels_keep_the_mean_direction(run_cli):
+    status, output = run_cli("--expert", "text_only", "--layer", "5", "--no_center_labels", "--label_dim", "5",
+                             "--bootstrap", "0", "--no_control")
+    assert status == 0
+    with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
+        metrics = pickle.load(file)["metrics"]
+    assert metrics["accuracy"] >= 0.85
+    assert metrics["cosine_similarity"] >= 0.95  # was 0.44: the projection dropped the shared direction
+    assert metrics["cosine_similarity"] > metrics["constant_predictor_cosine"]
+    assert metrics["cosine_similarity_normalized"] > 0
+    summary = (output / "summary_text_only_layer5_step10.txt").read_text()
+    assert "raw T5, the prediction mapped back through the label basis" in summary
