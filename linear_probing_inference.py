@@ -2510,9 +2510,21 @@ def write_results(results: dict, output_dir: Path, stem: str) -> tuple[Path, Pat
 def sweep_items(base: DataConfig, layers, steps, inference, report: ReadReport) -> list[DataConfig]:
     """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all"/"each" resolved from the data."""
     layers = [None] if base.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
-    steps = sorted(report.steps_seen) if steps == "all" else steps
+    steps = sorted(report.steps_seen) if steps == "all" else steps_asked(steps, report.steps_seen)
     inference = [None] if inference == "all" else list(range(report.inference_count)) if inference == "each" else inference
     return [dataclasses.replace(base, rollout_step=s, inference_step=k, layer=layer) for s in steps for k in inference for layer in layers]
+
+
+def steps_asked(steps: list[int | range], steps_seen: set[int]) -> list[int]:
+    """Rollout steps named one by one, then those present in each range asked for; an empty range is an error."""
+    chosen = [step for step in steps if isinstance(step, int)]
+    for span in (step for step in steps if isinstance(step, range)):
+        present = [step for step in sorted(steps_seen) if step in span]
+        if not present:
+            seen = ", ".join(map(str, sorted(steps_seen))) or "none"
+            raise ProbeError(f"--rollout_step {span.start}-{span.stop - 1}: no rollout step in that range; present: {seen}")
+        chosen += [step for step in present if step not in chosen]
+    return chosen
 
 
 def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict[int, Samples], layers: list, labels: LabelConfig,
@@ -3276,13 +3288,14 @@ def fraction(text: str) -> float:
     return value
 
 
-def index_list(words: tuple[str, ...]):
-    """argparse type factory: '5', '0,5,10', '0-17' (inclusive) or one of `words` ('all', 'each')."""
+def index_list(words: tuple[str, ...], ranges_kept: bool = False):
+    """argparse type factory: '5', '0,5,10', '0-17' (inclusive) or one of `words` ('all', 'each'). With `ranges_kept`
+    a range stays a `range`, resolved later to the keys that exist in it (rollout steps are sparse: 10, 20, ...)."""
 
-    def parse(text: str) -> list[int] | str:
+    def parse(text: str) -> list[int | range] | str:
         if text in words:
             return text
-        values: list[int] = []
+        values: list[int | range] = []
         for part in text.split(","):
             match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
             if not match:
@@ -3290,6 +3303,9 @@ def index_list(words: tuple[str, ...]):
             first, last = int(match.group(1)), int(match.group(2) or match.group(1))
             if last < first:
                 raise argparse.ArgumentTypeError(f"range {part.strip()} runs backwards")
+            if ranges_kept and last > first:
+                values.append(range(first, last + 1))
+                continue
             values += [v for v in range(first, last + 1) if v not in values]
         return values
 
@@ -3328,7 +3344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Several layers, rollout steps or denoising steps make a sweep: one result pair per combination, trained together.",
     )
     what = parser.add_argument_group("what to probe (required unless --demo or --report)")
-    what.add_argument("--rollout_step", type=index_list(("all",)), help="environment step N of the key 'step_N' (not a position); several: 10,20 or all (every step present)")
+    what.add_argument("--rollout_step", type=index_list(("all",), ranges_kept=True), help="environment step N of the key 'step_N' (not a position); several: 10,20, 10-30 (the keys that exist in it) or all (every step present)")
     what.add_argument("--expert", choices=EXPERTS, help="vlm: VLM tokens 0-815; text_only: 768-815; image: 0-767; action: the action expert's own tokens; visual: SigLIP output of --camera")
     what.add_argument("--layer", type=index_list(("all",)), help="layer index (0-17 for Pi0; 0 is the input embeddings), checked against the data; several: 0,5,10, 0-17 or all")
     what.add_argument("--data_path", help="directory of task_{id}_{name}.pkl files")
@@ -3451,7 +3467,7 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
         data_path=args.data_path,
         task_range=tuple(args.task_range),
         episode_range=tuple(args.episode_range),
-        rollout_step=args.rollout_step[0] if isinstance(args.rollout_step, list) else 0,
+        rollout_step=0,  # a placeholder: every combination names its own (see sweep_items)
         expert=args.expert,
         layer=args.layer[0] if isinstance(args.layer, list) else 0,
         feature_type=args.feature_type or ("pre_logits" if args.expert == "visual" else "hidden_states"),
@@ -3499,8 +3515,9 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
         prepare_demo(Path(args.data_path))
     base, labels, training = configs_from_arguments(args)
     # "all" layers or steps and "each" denoising step come from the data; so do the denoising times in file names.
-    if "all" in (args.layer, args.rollout_step) or args.inference_step != "all":
-        structure = read_files(base, None, None if args.rollout_step == "all" else args.rollout_step)[1]
+    step_ranges = args.rollout_step == "all" or any(isinstance(step, range) for step in args.rollout_step)
+    if step_ranges or args.layer == "all" or args.inference_step != "all":
+        structure = read_files(base, None, None if step_ranges else args.rollout_step)[1]
     else:
         structure = ReadReport()
     items = sweep_items(base, args.layer, args.rollout_step, args.inference_step, structure)

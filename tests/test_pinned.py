@@ -182,11 +182,6 @@ def test_inference_steps_are_chosen_in_denoising_order_0_is_t1_and_9_is_t01(
         np.testing.assert_allclose(by_time[time], [1025.0, -1025.0, 10.0, 100.0 * time], rtol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: --rollout_step 10-30 asks for every step 10..30 and stops at the missing step_11 "
-    "(README: a range takes the keys that exist)",
-)
 def test_rollout_step_range_takes_the_steps_that_exist(pinned_data, tiny_t5, tmp_path):
     output = tmp_path / "out"
     assert (
