@@ -2787,7 +2787,8 @@ def plot_by_layer(rows: list[dict], directory: Path) -> None:
         line = axis.plot(x, [row["accuracy"] for row in members], marker="o", label=series_label(members[0], varying))[0]
         if all(row["accuracy_ci_low"] != "" for row in members):
             axis.fill_between(x, [row["accuracy_ci_low"] for row in members], [row["accuracy_ci_high"] for row in members], color=line.get_color(), alpha=0.15)
-        if all(row["control_accuracy"] != "" for row in members):
+        # the control is evidence about language only when whole tasks are held out (see SPLIT_NOTES)
+        if members[0]["split"] == "task" and all(row["control_accuracy"] != "" for row in members):
             axis.plot(x, [row["control_accuracy"] for row in members], linestyle=":", color=line.get_color(), label=f"{series_label(members[0], varying)} (control)")
     chance = sorted({row["chance_accuracy"] for row in rows})
     for value in chance:
