@@ -1187,8 +1187,8 @@ class Copies:
     known: np.ndarray  # (M, C) classes the copy fits (the contrastive loss's candidates)
     train: np.ndarray  # (M, n) samples fitted
     validation: np.ndarray  # (M, n) samples for early stopping and the softmax temperature
-    label_mean: np.ndarray  # (M, D) subtracted from the raw T5 embeddings (zero without centering)
-    label_basis: np.ndarray  # (M, d, D) label-space coordinates = (raw - label_mean) @ label_basis.T
+    label_mean: np.ndarray  # (M, D) the training tasks' mean embedding; subtracted when centering
+    label_basis: np.ndarray  # (M, d, D) label-space coordinates = (raw [- label_mean]) @ label_basis.T
     concept: np.ndarray | None = None  # (M,) the concept a concept probe predicts (--target concepts); None: T5 probes
 
     def fold_copies(self, repeat: int, assignment: int) -> np.ndarray:
@@ -2229,9 +2229,10 @@ def describe_intervals(training: TrainingConfig) -> str:
 
 def describe_split(training: TrainingConfig, folds: int) -> str:
     """How samples were held out, in words."""
-    unit = "whole tasks (retrieval of unseen tasks' embeddings)" if training.split == "task" else "whole episodes, every task on every training side"
+    unit = "whole tasks, never seen in training" if training.split == "task" else "whole episodes, every task on every training side"
     if training.probe == "ridge":
-        return f"{folds}-fold cross-validation over {unit}; ridge penalty chosen by inner cross-validation on each fold's training side"
+        return (f"{folds}-fold cross-validation over {unit}; ridge penalty chosen by inner cross-validation on each fold's "
+                "training samples; its validation samples calibrate the softmax")
     kind = "tasks" if training.split == "task" else "episodes"
     return f"{folds}-fold cross-validation over {unit}; early stopping on {training.validation_fraction:g} of each fold's training {kind}"
 
