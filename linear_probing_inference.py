@@ -3206,8 +3206,9 @@ def write_demo_dataset(
     return descriptions
 
 
-def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0) -> None:
-    """Save a small random-weight T5 encoder with its own sentencepiece vocabulary (offline stand-in for t5-small)."""
+def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0, d_model: int = 32) -> None:
+    """Save a small random-weight T5 encoder with its own sentencepiece vocabulary (offline stand-in for t5-small;
+    d_model=512 embeds in t5-small's width, for benchmarks)."""
     import sentencepiece
     import torch
     import transformers
@@ -3233,7 +3234,8 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0) -> No
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     directory.mkdir(parents=True, exist_ok=True)
     T5EncoderModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
