@@ -4,11 +4,12 @@
 Both run the same program on the same data and write the same files (checked: every results
 file is identical but for its wall time and command line). Two data sizes: the demo's (width
 16) and full Pi0 width (VLM 2048, action 1024; fewer tasks and episodes so that it fits on disk).
+Labels come from a random-weight T5 of t5-small's embedding width (512; `--label_width 32` gives the demo's).
 Two cache states: cold (fresh --cache_dir: T5 labels, task-file indexes and compiled programs
 all made anew, so the first invocation of the loop imports torch) and warm (the same command
 run once before). Each measurement is the wall time of whole processes, as a user sees it.
 
-    python benchmarks/benchmark_sweep.py [--dir DIR] [--sizes demo full] [--expert vlm]
+    python benchmarks/benchmark_sweep.py [--dir DIR] [--sizes demo full] [--expert vlm] [--label_width 512]
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["demo", "full"], choices=list(SIZES))
     parser.add_argument("--expert", default="vlm", choices=lpi.EXPERTS)
     parser.add_argument("--caches", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
+    parser.add_argument("--label_width", type=int, default=512, help="the random-weight T5's embedding width (t5-small: 512)")
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="sweep_benchmark_"))
     work.mkdir(parents=True, exist_ok=True)
-    t5 = work / "t5_tiny"
+    t5 = work / f"t5_width{args.label_width}"
     if not t5.exists():
-        lpi.build_tiny_t5(t5, lpi.DEMO_DESCRIPTIONS)
+        lpi.build_tiny_t5(t5, lpi.DEMO_DESCRIPTIONS, d_model=args.label_width)
     rows = []
     try:
         for size in args.sizes:
@@ -96,7 +98,7 @@ def main() -> None:
                 for path in loop_files:
                     assert comparable(path) == comparable(work / f"out_{size}_sweep" / path.name), f"{path.name} differs"
                 rows.append({"size": size, "gigabytes": gigabytes, "cache": cache_state, **figures})
-                print(f"{size:4s} ({gigabytes:5.2f} GB, --expert {args.expert}) {cache_state} caches: 18 invocations {figures['loop']:6.1f} s, "
+                print(f"{size:4s} ({gigabytes:5.2f} GB, --expert {args.expert}, {args.label_width}-dim labels) {cache_state} caches: 18 invocations {figures['loop']:6.1f} s, "
                       f"one 18-layer sweep {figures['sweep']:5.1f} s = {figures['loop'] / figures['sweep']:4.1f}x faster; all 18 results identical", flush=True)
     finally:
         if args.dir is None:

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Probe cost and memory at the widths users run: t5-small-wide labels (512) on full-width Pi0 features (2048).
+
+Cases, each run in its own process (its peak resident memory is that process's, from wait4):
+
+- sweep: an 18-layer sweep of pooled VLM-width features (10 tasks x 50 episodes, width 2048), labelled by a
+  random-weight T5 of t5-small's width (512) and, side by side, of the demo's width (32); the program's own
+  stages from the pooled features on (labels, folds, control, training, evaluation, bootstrap, files). The raw
+  files behind these samples would be 60 GB (120 MB of hidden states per sample), so the features are made in
+  memory with a planted task signal; reading is measured by benchmark_reader.py and the `steps` case.
+  `--full` adds the same sweep with `--label_space full` (the guide's 512 outputs).
+- scale: the same at LIBERO-90 size (90 tasks x 50 episodes), 512-dim labels.
+- steps: whole commands on task files (the action expert, width 1024, 18 layers, 8 rollout steps): peak memory of
+  `--rollout_step all` against one step.
+
+Each 10 x 50 sweep runs twice in its process: the first pays for T5, XLA compilation and caches; the second is what
+a warm run costs. The scale case runs once. Run on an idle machine (timings are wall clock).
+
+    python benchmarks/benchmark_probe_cost.py [--cases sweep scale steps] [--repo DIR] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = 18
+WIDTH = 2048
+STEP = 10
+OBJECTS = ["bowl", "plate", "mug", "book", "cheese", "butter", "ketchup", "basket", "pot", "bottle"]
+PLACES = ["stove", "cabinet", "rack", "tray", "shelf", "drawer", "table", "box", "caddy"]
+
+
+def descriptions(count: int) -> list[str]:
+    """Distinct LIBERO-like instructions."""
+    return [f"put the {thing} on the {place}" for thing, place in itertools.islice(itertools.product(OBJECTS, PLACES), count)]
+
+
+def pooled_features(tasks: int, episodes: int, seed: int = 0) -> np.ndarray:
+    """(layers, tasks * episodes, width): per-episode noise plus a per-task direction whose strength grows with depth
+    (layer 3 carries none), like the demo's text tokens after mean pooling."""
+    rng = np.random.default_rng(seed)
+    gain = np.linspace(0.2, 2.0, LAYERS, dtype=np.float32)
+    gain[3] = 0.0
+    signature = rng.standard_normal((tasks, WIDTH), dtype=np.float32)
+    task_of_sample = np.repeat(np.arange(tasks), episodes)
+    features = rng.standard_normal((LAYERS, tasks * episodes, WIDTH), dtype=np.float32)
+    features += gain[:, None, None] * signature[task_of_sample][None]
+    return features
+
+
+def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra: list[str], runs: int) -> dict:
+    """The program's stages from pooled features on, `runs` times; seconds of each and the results' accuracy."""
+    lpi.log.setLevel("WARNING")
+    texts = descriptions(tasks)
+    features = pooled_features(tasks, episodes)
+    samples = lpi.Samples(features, np.repeat(np.arange(tasks), episodes), np.tile(np.arange(episodes), tasks),
+                          np.full(tasks * episodes, STEP), np.full(tasks * episodes, np.nan), np.zeros(tasks * episodes, int))
+    report = lpi.ReadReport(files={t: f"task_{t}.pkl" for t in range(tasks)}, descriptions=dict(enumerate(texts)),
+                            layer_count=LAYERS, steps_seen={STEP})
+    seconds, accuracy = [], None
+    for run in range(runs):
+        output = work / f"out_{tasks}x{episodes}_{t5.name}_{run}_{os.getpid()}"
+        args = lpi.parse_arguments(["--data_path", str(work), "--rollout_step", str(STEP), "--expert", "vlm", "--layer", "all",
+                                    "--task_range", "0", str(tasks), "--episode_range", "0", str(episodes), "--t5_model", str(t5),
+                                    "--cache_dir", str(work / f"cache_{os.getpid()}"), "--output_dir", str(output), "--quiet", *extra])
+        base, labels, training = lpi.configs_from_arguments(args)
+        items = lpi.sweep_items(base, "all", [STEP], "all", report)
+        start = time.perf_counter()
+        written = lpi.run_sweep(items, report, {STEP: samples}, list(range(LAYERS)), labels, training, output, False, start, [])
+        seconds.append(time.perf_counter() - start)
+        accuracy = [round(float(results["metrics"]["accuracy"]), 3) for results, *_ in written]
+        shutil.rmtree(output, ignore_errors=True)
+    return {"first_s": seconds[0], **({"warm_s": seconds[1]} if runs > 1 else {}), "accuracy_by_layer": accuracy}
+
+
+def child(arguments: argparse.Namespace) -> None:
+    """One case in this process; its figures as one JSON line."""
+    sys.path.insert(0, str(Path(arguments.repo).resolve()))
+    lpi = importlib.import_module("linear_probing_inference")
+    case = json.loads(arguments.child)
+    figures = in_process_sweep(lpi, Path(arguments.dir), case["tasks"], case["episodes"], Path(case["t5"]), case["extra"], case["runs"])
+    print(json.dumps(figures))
+
+
+def measured(command: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak resident MB and stdout of one process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, env={**os.environ, "PYTHONHASHSEED": "0"})
+    output = process.stdout.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"failed ({status}): {' '.join(command)}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, output
+
+
+def tiny_t5(lpi, work: Path, width: int, tasks: int) -> Path:
+    """A random-weight T5 of the given embedding width, vocabulary from the case's descriptions."""
+    directory = work / f"t5_width{width}_tasks{tasks}"
+    if not directory.exists():
+        lpi.build_tiny_t5(directory, descriptions(tasks), d_model=width)
+    return directory
+
+
+def sweep_case(arguments, work: Path, lpi, tasks: int, episodes: int, width: int, extra: list[str], runs: int = 2) -> dict:
+    """One in-process sweep case in its own process."""
+    case = {"tasks": tasks, "episodes": episodes, "t5": str(tiny_t5(lpi, work, width, tasks)), "extra": extra, "runs": runs}
+    command = [sys.executable, __file__, "--repo", arguments.repo, "--dir", str(work), "--child", json.dumps(case)]
+    wall, peak, output = measured(command)
+    figures = json.loads(output.strip().splitlines()[-1])
+    return {"case": f"{tasks}x{episodes}, labels {width}-dim {' '.join(extra)}".strip(), "process_s": wall, "peak_mb": peak, **figures}
+
+
+def steps_case(arguments, work: Path, lpi) -> list[dict]:
+    """Peak memory of a whole command over 1 and over 8 rollout steps (files written once)."""
+    data = work / "steps_data"
+    if not data.exists():
+        lpi.write_demo_dataset(data, num_tasks=10, num_episodes=3, steps=tuple(range(10, 90, 10)), vlm_width=16, action_width=1024)
+    t5 = tiny_t5(lpi, work, 512, 10)
+    rows = []
+    for steps in ("10", "all"):
+        output = work / f"steps_out_{steps}"
+        shutil.rmtree(output, ignore_errors=True)
+        command = [sys.executable, str(Path(arguments.repo) / "linear_probing_inference.py"), "--data_path", str(data),
+                   "--t5_model", str(t5), "--cache_dir", str(work / "steps_cache"), "--output_dir", str(output), "--expert", "action",
+                   "--layer", "all", "--rollout_step", steps, "--task_range", "0", "10", "--episode_range", "0", "3", "--quiet"]
+        wall, peak, _ = measured(command)
+        rows.append({"case": f"files, --expert action --layer all --rollout_step {steps}", "process_s": wall, "peak_mb": peak,
+                     "results": len(list(output.glob("results_*.pkl")))})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["sweep", "scale", "steps"], choices=["sweep", "scale", "steps"])
+    parser.add_argument("--full", action="store_true", help="also the 10 x 50 sweep with --label_space full (minutes)")
+    parser.add_argument("--repo", default=str(REPO), help="the checkout whose program is measured (default: this one)")
+    parser.add_argument("--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.child:
+        return child(arguments)
+    sys.path.insert(0, str(REPO))
+    import linear_probing_inference as lpi  # the T5 and data writers of this checkout
+
+    temporary = arguments.dir is None
+    work = Path(arguments.dir or tempfile.mkdtemp(prefix="probe_cost_"))
+    arguments.dir = str(work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        if "sweep" in arguments.cases:
+            for width in (512, 32):
+                rows.append(sweep_case(arguments, work, lpi, 10, 50, width, []))
+                print(json.dumps(rows[-1]), flush=True)
+            if arguments.full:
+                rows.append(sweep_case(arguments, work, lpi, 10, 50, 512, ["--label_space", "full"]))
+                print(json.dumps(rows[-1]), flush=True)
+        if "scale" in arguments.cases:
+            rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, [], runs=1))  # minutes: once
+            print(json.dumps(rows[-1]), flush=True)
+        if "steps" in arguments.cases:
+            for row in steps_case(arguments, work, lpi):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{'case':58s} {'first s':>8s} {'warm s':>7s} {'process s':>9s} {'peak MB':>8s}")
+    for row in rows:
+        first = f"{row['first_s']:8.1f}" if "first_s" in row else f"{'':8s}"
+        warm = f"{row['warm_s']:7.1f}" if "warm_s" in row else f"{'':7s}"
+        print(f"{row['case']:58s} {first} {warm} {row['process_s']:9.1f} {row['peak_mb']:8.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Byte-identity check between two checkouts of the program: the same demo commands, the same files.
+
+Runs each command below with the program of --before and of --after (one shared demo dataset, separate output
+and cache directories) and compares every results pickle (without its wall time and command line) and every
+summary (without its wall-time line) byte for byte. Prints one line per command; exit 1 on any difference.
+
+    python benchmarks/compare_results.py --before ../old-checkout [--after .] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = {  # name: options after --demo
+    "single": [],
+    "sweep": ["--expert", "vlm", "--layer", "0-5", "--rollout_step", "all"],
+    "each": ["--expert", "action", "--layer", "2", "--inference_step", "each"],
+    "ridge": ["--probe", "ridge", "--layer", "4,5"],
+    "task split": ["--split", "task", "--permutations", "5", "--mdl"],
+    "concepts": ["--target", "concepts", "--layer", "5"],
+    "baseline": ["--expert", "vlm", "--baseline", "visual", "--layer", "5"],
+}
+
+
+def comparable_results(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        results = pickle.load(file)
+    for key in ("wall_time_seconds", "command"):
+        results.pop(key, None)
+    return pickle.dumps(results, protocol=4)
+
+
+def comparable_summary(path: Path) -> bytes:
+    return re.sub(rb"(?m)^.*wall time.*$", b"", path.read_bytes())
+
+
+def run(checkout: Path, data: Path, output: Path, cache: Path, options: list[str]) -> None:
+    command = [sys.executable, str(checkout / "linear_probing_inference.py"), "--demo", "--data_path", str(data),
+               "--output_dir", str(output), "--cache_dir", str(cache), "--quiet", *options]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="the checkout to compare against")
+    parser.add_argument("--after", default=str(REPO), help="default: this checkout")
+    parser.add_argument("--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)")
+    arguments = parser.parse_args()
+    work = Path(arguments.dir or tempfile.mkdtemp(prefix="compare_results_"))
+    differences = 0
+    try:
+        data = work / "demo"
+        for name, options in COMMANDS.items():
+            outputs = {}
+            for side in ("before", "after"):
+                outputs[side] = work / "out" / name.replace(" ", "_") / side
+                shutil.rmtree(outputs[side], ignore_errors=True)
+                run(Path(getattr(arguments, side)).resolve(), data, outputs[side], work / "cache", options)  # one path: it is recorded
+            files = sorted(path.name for path in outputs["before"].iterdir())
+            different = [
+                name_ for name_ in files
+                if not (outputs["after"] / name_).is_file()
+                or (comparable_results if name_.endswith(".pkl") else comparable_summary)(outputs["before"] / name_)
+                != (comparable_results if name_.endswith(".pkl") else comparable_summary)(outputs["after"] / name_)
+            ]
+            extra = sorted(set(path.name for path in outputs["after"].iterdir()) - set(files))
+            differences += len(different) + len(extra)
+            verdict = "identical" if not different and not extra else f"DIFFER: {different + extra}"
+            print(f"{name:11s} {len(files):3d} files: {verdict}", flush=True)
+    finally:
+        if arguments.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 1 if differences else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
