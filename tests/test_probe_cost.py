@@ -1,0 +1,114 @@
+"""Probe cost and memory: copies alone or side by side give the same probes; statistics are the training rows';
+items go to the program in bounded calls; a sweep reads one rollout step at a time and warns once."""
+
+import pickle
+
+import numpy as np
+
+import linear_probing_inference as lpi
+
+
+def planted_copies(seed: int = 0):
+    """Three copies (two folds and a permuted assignment) over 6 classes of planted 12-dim features."""
+    rng = np.random.default_rng(seed)
+    classes = rng.standard_normal((6, 4)).astype(np.float32)
+    sample_class = np.repeat(np.arange(6), 20)
+    features = classes[sample_class] @ rng.standard_normal((4, 12)).astype(np.float32)
+    features += 0.3 * rng.standard_normal(features.shape).astype(np.float32) + 5.0  # far from zero on purpose
+    fold = np.arange(120) % 2
+    train = np.stack([fold != 0, fold != 1, fold != 0]) & (np.arange(120) % 5 != 0)
+    validation = np.stack([fold != 0, fold != 1, fold != 0]) & (np.arange(120) % 5 == 0)
+    copies = lpi.Copies(
+        repeat=np.zeros(3, int), assignment=np.array([0, 0, 1]), fold=np.array([0, 1, 0]), block=np.full(3, -1),
+        classes=np.stack([classes, classes, classes[[1, 2, 3, 4, 5, 0]]]), known=np.ones((3, 6), bool),
+        train=train, validation=validation, label_mean=np.zeros((3, 4)), label_basis=np.stack([np.eye(4)] * 3),
+    )
+    return features, sample_class, copies
+
+
+def fit(features, sample_class, copies, in_sequence: bool) -> dict:
+    centered = features - features.mean(0)
+    fitted = lpi.fit_probes(
+        centered[None, None], sample_class, copies.classes, copies.known, copies.train, copies.validation, np.int32(3),
+        copies.identity(), loss="cosine", learning_rate=0.01, num_epochs=60, batch_size=16, patience=5, steps_per_epoch=25,
+        standardize=True, copies_in_sequence=in_sequence,
+    )
+    return {key: np.asarray(value)[0, 0] for key, value in fitted.items()}
+
+
+def test_copies_one_after_another_train_the_same_probes_as_side_by_side():
+    features, sample_class, copies = planted_copies()
+    alone, together = fit(features, sample_class, copies, True), fit(features, sample_class, copies, False)
+    assert len(set(alone["epochs_run"].tolist())) > 1  # the copies stop at different epochs: the case that differs
+    np.testing.assert_array_equal(alone["epochs_run"], together["epochs_run"])
+    np.testing.assert_array_equal(alone["best_epoch"], together["best_epoch"])
+    np.testing.assert_allclose(alone["kernel"], together["kernel"], rtol=1e-4, atol=1e-5)
+
+
+def test_standardization_uses_each_copys_training_rows_only():
+    features, sample_class, copies = planted_copies()
+    fitted = fit(features, sample_class, copies, True)
+    centered = features - features.mean(0)
+    for copy in range(3):
+        rows = centered[copies.train[copy]]
+        np.testing.assert_allclose(fitted["feature_mean"][copy], rows.mean(0), atol=1e-5)
+        np.testing.assert_allclose(fitted["feature_std"][copy], rows.std(0), rtol=1e-4)
+
+
+def test_items_in_several_calls_equal_items_in_one(monkeypatch):
+    features, sample_class, copies = planted_copies()
+    items = np.stack([features, features[:, ::-1].copy(), 2 * features])
+    config = lpi.TrainingConfig(num_epochs=30, patience=5)
+    one_call = lpi.train_linear_probes(items, sample_class, copies, config)
+    calls = []
+    program = lpi.fit_probes
+
+    def counted(block, *args, **kwargs):
+        calls.append(block.shape[1])
+        return program(block, *args, **kwargs)
+
+    monkeypatch.setattr(lpi, "fit_probes", counted)
+    monkeypatch.setattr(lpi, "PROGRAM_BLOCK_BYTES", items[0].nbytes * 2)  # two items per call: 2 + 2 (padded)
+    several = lpi.train_linear_probes(items, sample_class, copies, config)
+    assert calls == [2, 2]
+    for key in ("kernel", "bias", "feature_mean", "feature_std", "epochs_run", "best_epoch"):
+        np.testing.assert_array_equal(several[key], one_call[key], err_msg=key)
+
+
+def test_a_sweep_reads_one_rollout_step_at_a_time_and_equals_single_runs(run_cli, tmp_path, monkeypatch):
+    read = []
+    collect = lpi.collect_samples
+
+    def recorded(config, layers, steps):
+        read.append(list(steps))
+        return collect(config, layers, steps)
+
+    monkeypatch.setattr(lpi, "collect_samples", recorded)
+    status, sweep = run_cli("--expert", "vlm", "--layer", "4,5", "--rollout_step", "all", output_dir=tmp_path / "sweep")
+    assert status == 0 and read == [[10], [20]]
+    status, single = run_cli("--expert", "vlm", "--layer", "5", "--rollout_step", "20", output_dir=tmp_path / "single")
+    assert status == 0
+    stem = "results_vlm_layer5_step20.pkl"
+    first, second = (pickle.loads((directory / stem).read_bytes()) for directory in (sweep, single))
+    for results in (first, second):
+        results.pop("wall_time_seconds"), results.pop("command")
+    assert pickle.dumps(first) == pickle.dumps(second)
+
+
+def test_a_missing_step_stops_a_sweep_before_anything_is_written(run_cli, tmp_path, capsys):
+    status, output = run_cli("--expert", "vlm", "--layer", "5", "--rollout_step", "10,30", output_dir=tmp_path / "out")
+    assert status == 1
+    assert "no episode in the ranges has step_30" in capsys.readouterr().err
+    assert not output.exists() or not list(output.iterdir())
+
+
+def test_each_pass_over_the_files_does_not_repeat_a_warning(run_cli, demo_data, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for path in demo_data.glob("task_*.pkl"):
+        if not path.name.startswith("task_9_"):
+            (partial / path.name).symlink_to(path)
+    status, _ = run_cli("--expert", "vlm", "--layer", "5", "--rollout_step", "10,20", data_path=partial)
+    assert status == 0  # three passes: the structure, step 10, step 20
+    assert capsys.readouterr().err.count("task 9: no file") == 1
+
