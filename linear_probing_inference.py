@@ -6,10 +6,11 @@ instruction? A linear probe maps the layer's token-pooled hidden state onto the 
 embedding of the task description; we report how well it does on episodes it never saw.
 
 Pipeline, in the order of this file:
-  configuration -> reading task pickles -> expert/layer/token slicing -> T5 labels ->
-  Flax Dense probe -> jitted training with early stopping -> held-out evaluation ->
-  results pickle + text summary. `--demo` writes synthetic data in the real layout and
-  runs the same pipeline on it.
+  configuration -> features (task files -> expert/layer/token slicing -> pooling) -> T5 labels
+  (or concepts) -> folds -> Flax Dense probe -> jitted training with early stopping -> held-out
+  evaluation -> results pickle + text summary -> sweeps and report -> command line and main.
+  Appendix A is the restricted, memory-mapped pickle reader the features come through;
+  appendix B the demo generator (`--demo` writes synthetic data in the real layout).
 
 Design notes: ../shared/spec/linear_probing_guide.md and ../shared/pi0-latents.md.
 """
@@ -40,6 +41,7 @@ import tempfile
 import textwrap
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -153,307 +155,10 @@ class OptionError(ProbeError):
 
 
 # -----------------------------------------------------------------------------
-# Reading task files
+# Features: expert entry -> layer -> token positions -> pooled vector
 # -----------------------------------------------------------------------------
 
 TASK_FILE_PATTERN = re.compile(r"^task_(\d+)_.*\.pkl$")
-
-# Globals a latent pickle may name. Anything else (os.system, builtins.eval, ...) is
-# refused before it can run: data files never execute code.
-SAFE_GLOBALS = {
-    ("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "bytes", "complex", "slice")
-} | {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # protocols 0-2 write bytes as latin-1 text
-} | {("ml_dtypes", name) for name in ("bfloat16", "float8_e4m3fn", "float8_e4m3b11fnuz", "float8_e5m2", "int4", "uint4")}
-
-MAPPED_PAYLOAD_BYTES = 4096  # payloads from one page up are mapped, not read
-
-
-class BadFileError(ProbeError):
-    """A task file that cannot be used: skipped with a warning, fatal under --strict."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FileRegion:
-    """A byte payload left in the file: where it starts and how long it is."""
-
-    offset: int
-    length: int
-
-
-class PendingArray:
-    """What numpy's `_reconstruct` returns; the following BUILD turns it into an array."""
-
-    array: np.ndarray | None = None
-
-
-def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust: bool):
-    """Resolve an allow-listed global (or any, when trusted); refuse the rest before it runs."""
-    # Protocols 0-2 name Python 2 modules (__builtin__.bytes); check what they map to.
-    checked = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
-    if not trust and checked not in SAFE_GLOBALS:
-        raise pickle.UnpicklingError(f"refused global {'.'.join(checked)}: not a data type (--trust_pickle lifts this, unsafely)")
-    return super(type(unpickler), unpickler).find_class(module, name)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """The C unpickler with the allow-list: reads every byte (used for protocols 0-2)."""
-
-    def __init__(self, file, trust: bool = False):
-        super().__init__(file)
-        self.trust = trust
-
-    def find_class(self, module: str, name: str):
-        return refuse_or_import(self, module, name, self.trust)
-
-
-class MappingUnpickler(pickle._Unpickler):
-    """Walks the opcode stream, seeking past large byte payloads and mapping arrays onto them.
-
-    The small object graph (dicts, lists, strings, numbers) is built as pickle.load would;
-    every array whose bytes lie outside a protocol-4/5 frame becomes a read-only view of
-    the file's memory map, so indexing it reads only the pages touched.
-    """
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, file, mapped: mmap.mmap, trust: bool = False):
-        super().__init__(file)
-        self.file, self.mapped, self.trust = file, mapped, trust
-        self.file_size = len(mapped)
-        self.mapped_specs: dict[int, tuple] = {}  # id(array) -> its index entry
-
-    def find_class(self, module: str, name: str):
-        found = refuse_or_import(self, module, name, self.trust)
-        if name == "_reconstruct" and module.endswith("multiarray"):
-            return lambda cls, shape, typecode: PendingArray()
-        if name == "_frombuffer" and module.endswith("numeric"):
-            return lambda buffer, dtype, shape, order: (
-                self.mapped_array(buffer, dtype, shape, order) if isinstance(buffer, FileRegion) else found(buffer, dtype, shape, order)
-            )
-        return found
-
-    def payload(self, length: int) -> bytes | FileRegion:
-        """Read a byte payload, or note where it lies and seek past it."""
-        frame = self._unframer.current_frame
-        in_frame = frame is not None and frame.tell() < len(frame.getbuffer())
-        if in_frame or length < MAPPED_PAYLOAD_BYTES:
-            data = self.read(length)
-            if len(data) < length:
-                raise pickle.UnpicklingError(f"truncated: a {length}-byte payload ends early")
-            return data
-        offset = self.file.tell()
-        if offset + length > self.file_size:
-            raise pickle.UnpicklingError(f"truncated: a {length}-byte payload at byte {offset} runs past the end of the file ({self.file_size} bytes)")
-        self.file.seek(length, io.SEEK_CUR)
-        return FileRegion(offset, length)
-
-    def load_binbytes(self):
-        (length,) = struct.unpack("<I", self.read_exactly(4))
-        self.append(self.payload(length))
-
-    def load_binbytes8(self):
-        (length,) = struct.unpack("<Q", self.read_exactly(8))
-        self.append(self.payload(length))
-
-    def load_bytearray8(self):
-        (length,) = struct.unpack("<Q", self.read_exactly(8))
-        data = self.payload(length)
-        self.append(bytearray(data) if isinstance(data, bytes) else data)
-
-    def read_exactly(self, count: int) -> bytes:
-        data = self.read(count)
-        if len(data) < count:
-            raise pickle.UnpicklingError("truncated: the file ends inside an opcode")
-        return data
-
-    def load_build(self):
-        state, instance = self.stack[-1], self.stack[-2]
-        if not isinstance(instance, PendingArray):
-            return super().load_build()
-        self.stack.pop()
-        _version, shape, dtype, fortran_order, data = state
-        if isinstance(data, FileRegion):
-            instance.array = self.mapped_array(data, dtype, shape, "F" if fortran_order else "C")
-        else:  # small payload or object array: numpy's own reconstruction, as pickle.load does
-            instance.array = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
-            instance.array.__setstate__(state)
-        self.stack[-1] = instance.array
-
-    def mapped_array(self, region: FileRegion, dtype, shape, order: str) -> np.ndarray:
-        """A read-only array over a payload's bytes in the memory map."""
-        dtype = np.dtype(dtype)
-        if dtype.hasobject or math.prod(shape) * dtype.itemsize != region.length:
-            raise pickle.UnpicklingError(f"array of shape {tuple(shape)} and dtype {dtype} does not fit its {region.length}-byte payload")
-        array = np.ndarray(shape, dtype=dtype, buffer=self.mapped, offset=region.offset, order=order)
-        self.mapped_specs[id(array)] = (MAPPED_ARRAY, region.offset, dtype, tuple(shape), order)
-        return array
-
-    dispatch[pickle.BINBYTES[0]] = load_binbytes
-    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
-    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
-    dispatch[pickle.BUILD[0]] = load_build
-
-
-MAPPED_ARRAY = "\x00mapped array"  # marks (MAPPED_ARRAY, offset, dtype, shape, order) in a file index
-INDEX_FORMAT = 1
-
-
-def is_mapped_spec(value) -> bool:
-    """Whether an index entry stands for a mapped array."""
-    return isinstance(value, tuple) and len(value) == 5 and isinstance(value[0], str) and value[0] == MAPPED_ARRAY
-
-
-def replace_arrays(value, replace):
-    """Copy of a small object graph with each leaf (array, placeholder, ...) passed through `replace`."""
-    if isinstance(value, dict):
-        return type(value)((key, replace_arrays(item, replace)) for key, item in value.items())  # OrderedDict stays one
-    if isinstance(value, list):
-        return [replace_arrays(item, replace) for item in value]
-    if isinstance(value, tuple) and not is_mapped_spec(value):
-        return tuple(replace_arrays(item, replace) for item in value)
-    return replace(value)
-
-
-def resolve_pending(value, mapped: mmap.mmap):
-    """A placeholder left in the graph (a shared array reference, a raw payload) replaced by its value."""
-    if isinstance(value, PendingArray):
-        if value.array is None:
-            raise pickle.UnpicklingError("an array was never filled in")
-        return value.array
-    if isinstance(value, FileRegion):
-        return bytes(mapped[value.offset : value.offset + value.length])
-    return value
-
-
-def index_file_for(path: Path, index_dir: str) -> Path:
-    """Where the index of this exact file version lives: keyed by path, size, mtime and inode."""
-    stat = path.stat()
-    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, INDEX_FORMAT])
-    return Path(index_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
-
-
-def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None) -> dict:
-    """Read a task pickle's structure; arrays are read-only views that load only what is indexed.
-
-    Protocols 3-5 are mapped, and the structure (where each array lies) is saved in
-    `index_dir`, so the next run reads none of the file but the slices it indexes.
-    Protocols 0-2 store bytes as text, so such a file is read whole (still restricted).
-    """
-    try:
-        with open(path, "rb", buffering=0) as file:
-            size = os.fstat(file.fileno()).st_size
-            if size == 0:
-                raise BadFileError(f"{path}: empty file")
-            header = file.read(2)
-            if header[:1] != pickle.PROTO or header[1] < 3:
-                log.warning("%s: pickle protocol %s stores bytes as text and cannot be mapped; reading the whole file",
-                            path, header[1] if header[:1] == pickle.PROTO else "0/1")
-                with open(path, "rb") as whole:
-                    data = RestrictedUnpickler(whole, trust).load()
-            else:
-                file.seek(0)
-                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead between headers
-                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-                if hasattr(mapped, "madvise"):  # fault in only the pages indexed: read-ahead read 20x more here
-                    mapped.madvise(mmap.MADV_RANDOM)
-                index_file = index_file_for(path, index_dir) if index_dir else None
-                data = read_index(index_file, mapped, trust) if index_file else None
-                if data is None:
-                    unpickler = MappingUnpickler(file, mapped, trust)
-                    data = replace_arrays(unpickler.load(), lambda value: resolve_pending(value, mapped))
-                    if index_file:
-                        write_index(index_file, replace_arrays(data, lambda v: unpickler.mapped_specs.get(id(v), v)))
-    except BadFileError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, KeyError, IndexError,
-            struct.error, RecursionError, OSError) as error:
-        reason = str(error) or type(error).__name__
-        if isinstance(error, EOFError):
-            reason = "truncated: the file ends before the pickle's STOP"
-        raise BadFileError(f"{path}: not a readable latent pickle: {reason}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("episodes"), dict):
-        raise BadFileError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
-    return data
-
-
-def read_index(index_file: Path, mapped: mmap.mmap, trust: bool) -> dict | None:
-    """The file's structure from its index, arrays mapped again; None when there is no usable index."""
-    try:
-        with open(index_file, "rb") as file:
-            skeleton = RestrictedUnpickler(file, trust).load()
-    except FileNotFoundError:
-        return None
-    except Exception as error:  # a damaged index costs a re-read, never a wrong number
-        log.debug("ignoring index %s: %s", index_file, error)
-        return None
-
-    def mapped_view(value):
-        if is_mapped_spec(value):
-            _, offset, dtype, shape, order = value
-            return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset, order=order)
-        return value
-
-    return replace_arrays(skeleton, mapped_view)
-
-
-def write_index(index_file: Path, skeleton: dict) -> None:
-    """Save a file's structure; a cache that cannot be written costs time only."""
-    if unwritable_reason(index_file.parent):  # main has warned once about --cache_dir
-        return
-    try:
-        index_file.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(index_file, pickle.dumps(skeleton, protocol=4))
-    except OSError as error:
-        log.warning("could not write the file index %s: %s", index_file, error)
-
-
-def advise(view: np.ndarray, advice: int) -> None:
-    """madvise the pages under a mapped view: MADV_WILLNEED reads them in large requests (cold, page-by-page faults
-    are slow); MADV_DONTNEED lets them go from this process (they stay in the page cache). Other arrays: nothing."""
-    root = view
-    while isinstance(root, np.ndarray):
-        root = root.base
-    if not isinstance(root, mmap.mmap) or not hasattr(root, "madvise") or view.size == 0:
-        return
-    start, end = np.lib.array_utils.byte_bounds(view)
-    base = np.frombuffer(root, dtype=np.uint8).ctypes.data
-    offset = start - base - (start - base) % mmap.PAGESIZE
-    root.madvise(advice, offset, end - base - offset)
-
-
-VIEW_BATCH_BYTES = 256 * 2**20  # mapped slices touched at once: read ahead together, let go once pooled
-
-
-def pooled_rows(rows: list[SampleRow], pooling: str) -> list[SampleRow]:
-    """The rows with their views pooled: layers (layers, width), baseline (width,). A batch of up to VIEW_BATCH_BYTES
-    of slices at a time: announced together, so cold reads overlap instead of queueing, and let go once pooled (a
-    file's touched pages otherwise all count against this process: 18 layers of 50 episodes' prefixes are 6 GB)."""
-    pooled, batch, size = [], [], 0
-    for position, row in enumerate(rows):
-        batch.append(row)
-        size += sum(view.nbytes for view in row.layers) + (0 if row.baseline is None else row.baseline.nbytes)
-        if size < VIEW_BATCH_BYTES and position < len(rows) - 1:
-            continue
-        views = [view for sample in batch for view in [*sample.layers, *([] if sample.baseline is None else [sample.baseline])]]
-        for view in views:
-            advise(view, mmap.MADV_WILLNEED)
-        pooled += [sample._replace(layers=np.stack([pool_tokens(view, pooling) for view in sample.layers]),
-                                   baseline=None if sample.baseline is None else pool_tokens(sample.baseline, pooling))
-                   for sample in batch]
-        for view in views:
-            advise(view, mmap.MADV_DONTNEED)
-        batch, size = [], 0
-    return pooled
 
 
 def find_task_files(data_path: Path, task_range: tuple[int, int]) -> tuple[dict[int, Path], list[int]]:
@@ -484,11 +189,6 @@ def step_number(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-# -----------------------------------------------------------------------------
-# Features: expert entry -> layer -> token positions -> pooled vector
-# -----------------------------------------------------------------------------
-
-
 def denoising_time(key: str) -> float:
     """Flow-matching time written at the end of an action-expert key."""
     match = re.search(r"(\d+(?:\.\d+)?)$", key)
@@ -508,12 +208,17 @@ def token_positions(config: DataConfig, token_count: int) -> slice:
     if config.token_range is not None:
         start, end = config.token_range
         if end > token_count:
-            raise OptionError(f"--token_range {start} {end} is past the {token_count} tokens of feature {config.feature_type!r}")
+            raise OptionError(
+                f"--token_range {start} {end} is past the {token_count} tokens of feature {config.feature_type!r}"
+            )
         return slice(start, end)
     if config.expert in EXPERT_TOKENS:
         positions = EXPERT_TOKENS[config.expert]
         if token_count < positions.stop:
-            raise ProbeError(f"feature {config.feature_type!r} has {token_count} tokens; --expert {config.expert} needs the {PREFIX_TOKEN_COUNT}-token VLM prefix")
+            raise ProbeError(
+                f"feature {config.feature_type!r} has {token_count} tokens; --expert {config.expert} needs the "
+                f"{PREFIX_TOKEN_COUNT}-token VLM prefix"
+            )
         return positions
     if config.expert == "action" and token_count > PREFIX_TOKEN_COUNT:  # an entry holding the whole sequence
         return slice(PREFIX_TOKEN_COUNT, None)
@@ -564,16 +269,22 @@ def token_view(entry: dict, config: DataConfig, layer: int) -> np.ndarray:
         if array.ndim < 2:
             raise ProbeError(f"feature {config.feature_type!r} is not a (layer, ...) array")
         if not 0 <= layer < array.shape[0]:
-            raise OptionError(f"--layer {layer} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})")
+            raise OptionError(
+                f"--layer {layer} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})"
+            )
         layer_array = array[layer]
     if layer_array.ndim == 3:  # (batch, token, width): the batch axis is optional in the files
         layer_array = layer_array[0]
     if layer_array.ndim == 1:  # a per-layer vector (e.g. norm scales): no tokens to choose
-        if config.expert in ("text_only", "image") or config.token_range is not None:  # a part of the tokens was asked for
+        if (
+            config.expert in ("text_only", "image") or config.token_range is not None
+        ):  # a part of the tokens was asked for
             raise OptionError(f"--expert {config.expert} needs a token axis; feature {config.feature_type!r} has none")
         return layer_array
     if layer_array.ndim != 2:
-        raise ProbeError(f"feature {config.feature_type!r} has shape {array.shape}; expected ([layer,] [batch,] token, width)")
+        raise ProbeError(
+            f"feature {config.feature_type!r} has shape {array.shape}; expected ([layer,] [batch,] token, width)"
+        )
     return layer_array[token_positions(config, layer_array.shape[0])]
 
 
@@ -585,7 +296,9 @@ def expert_entries(step_data: dict, config: DataConfig) -> list[tuple[float, dic
         if not isinstance(cameras, dict):
             raise ProbeError("step has no 'vision_latents' dict (written by newer collectors only)")
         if not isinstance(cameras.get(config.camera), dict):
-            raise OptionError(f"--camera {config.camera!r} is not in vision_latents (it has: {', '.join(sorted(cameras)) or 'none'})")
+            raise OptionError(
+                f"--camera {config.camera!r} is not in vision_latents (it has: {', '.join(sorted(cameras)) or 'none'})"
+            )
         return [(math.nan, cameras[config.camera])]
     if config.expert != "action":
         entry = step_data.get("vlm_layer_output")
@@ -611,10 +324,19 @@ class Samples:
     baseline: np.ndarray | None = None  # (samples, width) pooled features of --baseline, the same samples
 
     def select(self, rows: np.ndarray, layer_position: int) -> Samples:
-        """The given rows of one layer, as a one-layer Samples."""
+        """The given rows of one layer, as a one-layer Samples (views, not copies, when the rows are all, in order)."""
+        if len(rows) == len(self.task_id) and np.array_equal(rows, np.arange(len(rows))):
+            rows = slice(None)
         baseline = None if self.baseline is None else self.baseline[rows]
-        return Samples(self.features[layer_position : layer_position + 1, rows], self.task_id[rows], self.episode[rows],
-                       self.step[rows], self.inference_time[rows], self.inference_index[rows], baseline)
+        return Samples(
+            self.features[layer_position : layer_position + 1, rows],
+            self.task_id[rows],
+            self.episode[rows],
+            self.step[rows],
+            self.inference_time[rows],
+            self.inference_index[rows],
+            baseline,
+        )
 
 
 class SampleRow(NamedTuple):
@@ -638,12 +360,49 @@ class ReadReport:
     missing_tasks: list[int] = dataclasses.field(default_factory=list)
     skipped_files: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why
     missing_episodes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) not in the file
-    episodes_without_step: dict[int, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)  # step -> (task, episode)
+    episodes_without_step: dict[int, list[tuple[int, int]]] = dataclasses.field(
+        default_factory=dict
+    )  # step -> (task, episode)
     steps_seen: set[int] = dataclasses.field(default_factory=set)  # rollout steps present in the episodes read
     without_baseline: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (task, episode, step)
     layer_count: int = 0  # layers of the feature (from the first entry read)
     inference_count: int = 0  # denoising entries per step (action expert; fewest seen)
-    inference_times: list[float] = dataclasses.field(default_factory=list)  # their times, in denoising order (first step read)
+    inference_times: list[float] = dataclasses.field(
+        default_factory=list
+    )  # their times, in denoising order (first step read)
+
+
+VIEW_BATCH_BYTES = 256 * 2**20  # mapped slices touched at once: read ahead together, let go once pooled
+
+
+def pooled_rows(rows: list[SampleRow], pooling: str) -> list[SampleRow]:
+    """The rows with their views pooled: layers (layers, width), baseline (width,). A batch of up to VIEW_BATCH_BYTES
+    of slices at a time: announced together, so cold reads overlap instead of queueing, and let go once pooled (a
+    file's touched pages otherwise all count against this process: 18 layers of 50 episodes' prefixes are 6 GB)."""
+    pooled, batch, size = [], [], 0
+    for position, row in enumerate(rows):
+        batch.append(row)
+        size += sum(view.nbytes for view in row.layers) + (0 if row.baseline is None else row.baseline.nbytes)
+        if size < VIEW_BATCH_BYTES and position < len(rows) - 1:
+            continue
+        views = [
+            view
+            for sample in batch
+            for view in [*sample.layers, *([] if sample.baseline is None else [sample.baseline])]
+        ]
+        for view in views:
+            advise(view, mmap.MADV_WILLNEED)
+        pooled += [
+            sample._replace(
+                layers=np.stack([pool_tokens(view, pooling) for view in sample.layers]),
+                baseline=None if sample.baseline is None else pool_tokens(sample.baseline, pooling),
+            )
+            for sample in batch
+        ]
+        for view in views:
+            advise(view, mmap.MADV_DONTNEED)
+        batch, size = [], 0
+    return pooled
 
 
 def episodes_of(task_data: dict, path: Path, config: DataConfig) -> list[tuple[int, dict | None]]:
@@ -661,8 +420,9 @@ def episodes_of(task_data: dict, path: Path, config: DataConfig) -> list[tuple[i
     return episodes
 
 
-def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list[int] | None, steps: list[int] | None,
-                      report: ReadReport) -> list[SampleRow]:
+def samples_from_file(
+    path: Path, task_id: int, config: DataConfig, layers: list[int] | None, steps: list[int] | None, report: ReadReport
+) -> list[SampleRow]:
     """The samples of one task file, pooled, for the given steps (None: every step) and layers (None: only record
     the structure). With --baseline, a step that lacks the baseline's entry gives no sample, and is counted."""
     task_data = read_task_file(path, config.trust_pickle, config.index_dir)
@@ -671,7 +431,13 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list
         raise BadFileError(f"{path}: no 'task_description' string")
     views, missing, without_step, steps_seen, counts = [], [], {}, set(), {"layers": 0, "inference": math.inf}
     without_baseline = []
-    episodes = tqdm(episodes_of(task_data, path, config), desc=f"task {task_id} episodes", unit="episode", disable=progress_disabled(), leave=False)
+    episodes = tqdm(
+        episodes_of(task_data, path, config),
+        desc=f"task {task_id} episodes",
+        unit="episode",
+        disable=progress_disabled(),
+        leave=False,
+    )
     for episode, episode_steps in episodes:
         if episode_steps is None:
             missing.append((task_id, episode))
@@ -684,7 +450,9 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list
                 continue
             step_data = episode_steps[present[step]]
             if not isinstance(step_data, dict):
-                raise BadFileError(f"{path}: episode_{episode}/{present[step]} is a {type(step_data).__name__}, not a dict")
+                raise BadFileError(
+                    f"{path}: episode_{episode}/{present[step]} is a {type(step_data).__name__}, not a dict"
+                )
             try:
                 entries = expert_entries(step_data, config)
                 counts["layers"] = counts["layers"] or layer_count(entries[0][1], config)
@@ -696,7 +464,9 @@ def samples_from_file(path: Path, task_id: int, config: DataConfig, layers: list
                     continue
                 for index, (inference_time, entry) in enumerate(entries if layers is not None else []):
                     layer_views = [token_view(entry, config, layer) for layer in layers]
-                    views.append(SampleRow(step, task_id, episode, inference_time, index, layer_views, baselines[index]))
+                    views.append(
+                        SampleRow(step, task_id, episode, inference_time, index, layer_views, baselines[index])
+                    )
             except OptionError:
                 raise
             except ProbeError as error:
@@ -722,7 +492,10 @@ def read_files(config: DataConfig, layers: list[int] | None, steps: list[int] | 
     for task_id in missing_tasks:
         log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, config.data_path)
     if not files:
-        raise ProbeError(f"--data_path {config.data_path}: no task_*.pkl files for tasks {config.task_range[0]}-{config.task_range[1] - 1}")
+        raise ProbeError(
+            f"--data_path {config.data_path}: no task_*.pkl files for tasks "
+            f"{config.task_range[0]}-{config.task_range[1] - 1}"
+        )
     report = ReadReport(files={t: str(p) for t, p in files.items()}, missing_tasks=missing_tasks)
     rows: list[tuple] = []
     for task_id, path in tqdm(files.items(), desc="task files", unit="file", disable=progress_disabled(), leave=False):
@@ -746,8 +519,11 @@ def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> 
     for step, pairs in report.episodes_without_step.items():
         log.warning("%d episode(s) have no step_%d and were skipped for it", len(pairs), step)
     if report.without_baseline:
-        log.warning("%d step(s) have no %s entry for --baseline; their samples are dropped", len(report.without_baseline),
-                    config.baseline[0])
+        log.warning(
+            "%d step(s) have no %s entry for --baseline; their samples are dropped",
+            len(report.without_baseline),
+            config.baseline[0],
+        )
     by_step = {}
     for step in steps:
         step_rows = [row for row in rows if row.step == step]
@@ -779,7 +555,11 @@ def baseline_source(config: DataConfig) -> DataConfig:
     """How the --baseline features are read: its expert and layer (or camera), the default feature, all its tokens."""
     expert, where = config.baseline
     return dataclasses.replace(
-        config, expert=expert, layer=None if expert == "visual" else where, baseline=None, token_range=None,
+        config,
+        expert=expert,
+        layer=None if expert == "visual" else where,
+        baseline=None,
+        token_range=None,
         camera=where if expert == "visual" else config.camera,
         feature_type="pre_logits" if expert == "visual" else "hidden_states",
     )
@@ -828,8 +608,10 @@ def missing_model_directory(model_name: str) -> str | None:
     if not (model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1) or os.path.isdir(model_name):
         return None
     problem = "not a directory" if os.path.exists(model_name) else "no such directory"
-    return (f"--t5_model {model_name}: {problem}. Point --t5_model at a local directory holding a T5 checkpoint and "
-            "its tokenizer (saved with save_pretrained), or at a hub name such as t5-small")
+    return (
+        f"--t5_model {model_name}: {problem}. Point --t5_model at a local directory holding a T5 checkpoint and "
+        "its tokenizer (saved with save_pretrained), or at a hub name such as t5-small"
+    )
 
 
 def encode_descriptions(descriptions: list[str], model_name: str) -> np.ndarray:
@@ -863,7 +645,9 @@ def encode_descriptions(descriptions: list[str], model_name: str) -> np.ndarray:
 
 def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
     """T5 embedding per description, from the on-disk cache when this model and text were seen."""
-    key_source = json.dumps({"model": model_identity(config.t5_model), "descriptions": descriptions, "pooling": "mean-real-tokens-v1"})
+    key_source = json.dumps(
+        {"model": model_identity(config.t5_model), "descriptions": descriptions, "pooling": "mean-real-tokens-v1"}
+    )
     cache_file = Path(config.cache_dir) / "t5_labels" / f"{hashlib.sha256(key_source.encode()).hexdigest()}.npz"
     if cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as cached:
@@ -888,7 +672,9 @@ def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
 # Concepts: the words (or given attributes) that vary between the analyzed tasks
 # -----------------------------------------------------------------------------
 
-STOP_WORDS = frozenset("a an the and or of in on onto into to it its at from with up down over under by for then".split())
+STOP_WORDS = frozenset(
+    "a an the and or of in on onto into to it its at from with up down over under by for then".split()
+)
 NO_VALUE = "(none)"  # --concepts FILE: the value of a task that has no row for an attribute
 
 
@@ -925,7 +711,9 @@ def read_concepts_file(path: str) -> dict[str, dict[int, str]]:
         if not line.strip() or line.startswith("#") or (number == 1 and fields[0] == "task_id"):
             continue
         if len(fields) != 3 or not fields[0].isdigit() or not fields[1] or not fields[2]:
-            raise OptionError(f"--concepts {path}, line {number}: expected task_id<TAB>attribute<TAB>value, got {line!r}")
+            raise OptionError(
+                f"--concepts {path}, line {number}: expected task_id<TAB>attribute<TAB>value, got {line!r}"
+            )
         attributes.setdefault(fields[1], {})[int(fields[0])] = fields[2]
     return attributes
 
@@ -941,7 +729,9 @@ def file_concepts(path: str, class_of_task: dict[int, int], classes: int) -> lis
                 raise OptionError(f"--concepts {path}: tasks with one description have different {attribute!r} values")
         names = sorted(set(value_of_class.values()))
         if len(names) > 1:
-            concepts.append(Concept(attribute, names, np.array([names.index(value_of_class[c]) for c in range(classes)])))
+            concepts.append(
+                Concept(attribute, names, np.array([names.index(value_of_class[c]) for c in range(classes)]))
+            )
     return concepts
 
 
@@ -959,8 +749,9 @@ class ConceptDesign:
     copies: Copies  # classes (M, C, V): each class's one-hot value of the copy's concept
 
 
-def concept_design(samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig,
-                   training: TrainingConfig) -> ConceptDesign:
+def concept_design(
+    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+) -> ConceptDesign:
     """Concepts of the analyzed tasks, folds (whole tasks by default) and a softmax probe copy per concept and fold."""
     task_ids = sorted(set(samples.task_id.tolist()))
     descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
@@ -979,11 +770,17 @@ def concept_design(samples: Samples, descriptions_by_task: dict[int, str], label
     train = np.stack([(fold != f) & ~validation[f] for _, f in chosen])
     one_hot = np.stack([np.eye(width, dtype=np.float32)[concepts[c].value_of_class] for c, _ in chosen])
     copies = Copies(
-        repeat=np.zeros(len(chosen), int), assignment=np.zeros(len(chosen), int), fold=np.array([f for _, f in chosen]),
-        block=np.full(len(chosen), -1), classes=one_hot,
-        known=np.stack([np.isin(np.arange(len(descriptions)), sample_class[t]) for t in train]), train=train,
-        validation=np.stack([validation[f] for _, f in chosen]), label_mean=np.zeros((len(chosen), 1)),
-        label_basis=np.zeros((len(chosen), width, 1)), concept=np.array([c for c, _ in chosen]),
+        repeat=np.zeros(len(chosen), int),
+        assignment=np.zeros(len(chosen), int),
+        fold=np.array([f for _, f in chosen]),
+        block=np.full(len(chosen), -1),
+        classes=one_hot,
+        known=np.stack([np.isin(np.arange(len(descriptions)), sample_class[t]) for t in train]),
+        train=train,
+        validation=np.stack([validation[f] for _, f in chosen]),
+        label_mean=np.zeros((len(chosen), 1)),
+        label_basis=np.zeros((len(chosen), width, 1)),
+        concept=np.array([c for c, _ in chosen]),
     )
     unit = resampling_units(samples.task_id, samples.episode, training.split)[0]
     return ConceptDesign(task_ids, descriptions, sample_class, unit, fold[None], folds, concepts, copies)
@@ -996,8 +793,9 @@ def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, tem
     return code_bits(logits / temperature[:, None], value, np.broadcast_to(share, (len(value),)), present)
 
 
-def concept_temperature(features: np.ndarray, fitted: dict, copies: Copies, copy: int, value: np.ndarray,
-                        present: np.ndarray) -> float:
+def concept_temperature(
+    features: np.ndarray, fitted: dict, copies: Copies, copy: int, value: np.ndarray, present: np.ndarray
+) -> float:
     """A concept probe's softmax temperature, fitted on its calibration (validation) samples; 1 without any."""
     rows = calibration_rows(copies, copy)
     if not rows.any():
@@ -1017,12 +815,16 @@ def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c
     side = copies.train[members] | copies.validation[members]  # (folds, n) training side of each fold
     counts = np.stack([np.bincount(value[s], minlength=len(concept.values)) for s in side])  # (folds, V)
     present = np.stack([np.bincount(value[t], minlength=len(concept.values)) > 0 for t in copies.train[members]])
-    temperatures = np.array([concept_temperature(features, fitted, copies, m, value, present[f]) for f, m in enumerate(members)])
+    temperatures = np.array(
+        [concept_temperature(features, fitted, copies, m, value, present[f]) for f, m in enumerate(members)]
+    )
     shares = uniform_share([calibration_rows(copies, m).sum() for m in members])
     bits = concept_bits(logits, value, present[fold], temperatures[fold], shares[fold])
     prior = (counts[fold] + 1) / (counts[fold].sum(axis=1, keepdims=True) + len(concept.values))
     prior_bits = -np.log2(prior[np.arange(len(value)), value])
-    predicted = np.where(np.isfinite(logits).all(axis=1), np.argmax(np.where(present[fold], logits, -np.inf), axis=1), -1)
+    predicted = np.where(
+        np.isfinite(logits).all(axis=1), np.argmax(np.where(present[fold], logits, -np.inf), axis=1), -1
+    )
     correct = predicted == value
     held_values = [set(value[fold == f]) - set(value[side[f]]) for f in range(design.folds)]
     task_values = {int(t): int(v) for t, v in zip(task_id, value)}
@@ -1040,62 +842,6 @@ def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c
 
 
 # -----------------------------------------------------------------------------
-# Probe
-# -----------------------------------------------------------------------------
-
-CONTRASTIVE_TEMPERATURE = 0.1  # InfoNCE over cosine similarities to the tasks' embeddings
-
-
-class LinearProbe(nn.Module):
-    """One Dense layer: pooled hidden state -> label space."""
-
-    output_dim: int
-
-    @nn.compact
-    def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
-        return nn.Dense(features=self.output_dim)(features)
-
-
-def cosine_similarity(predictions: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    """Cosine along the last axis, with the guide's epsilon (broadcasts like `*`)."""
-    predictions = predictions / (jnp.linalg.norm(predictions, axis=-1, keepdims=True) + EPSILON)
-    targets = targets / (jnp.linalg.norm(targets, axis=-1, keepdims=True) + EPSILON)
-    return jnp.sum(predictions * targets, axis=-1)
-
-
-RELATIVE_STD_FLOOR = 1e-5  # a feature whose spread is below this share of the widest one's counts as constant
-
-
-def usable_std(std):
-    """Feature std to divide by: constant features (relative to the layer's widest spread, whatever its units or
-    dtype) get 1, so they stay near zero instead of blowing up rounding noise. numpy or JAX arrays alike."""
-    constant = std <= RELATIVE_STD_FLOOR * std.max()
-    return std * ~constant + constant
-
-
-def sample_losses(predictions: jnp.ndarray, own_class: jnp.ndarray, classes: jnp.ndarray, known_classes: jnp.ndarray, loss: str) -> jnp.ndarray:
-    """Per-sample loss: `cosine` 1 - cos (the guide's), `mse`, `contrastive` (InfoNCE over the known tasks), or
-    `softmax` (a concept probe: classes holds each task's one-hot concept value; the logits are the predictions)."""
-    targets = classes[own_class]
-    if loss == "softmax":
-        present = jnp.any(classes * known_classes[:, None], axis=0)  # values some fitted task has
-        logits = jnp.where(present[None, :], predictions, -jnp.inf)
-        value = jnp.argmax(targets, axis=-1)
-        cross_entropy = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), value[:, None], axis=-1)[:, 0]
-        return jnp.where(present[value], cross_entropy, 0.0)  # a value the copy never fitted cannot be learned by it
-    if loss == "cosine":
-        return 1.0 - cosine_similarity(predictions, targets)
-    if loss == "mse":
-        return jnp.mean((predictions - targets) ** 2, axis=-1)
-    logits = cosine_similarity(predictions[:, None, :], classes[None, :, :]) / CONTRASTIVE_TEMPERATURE
-    # Negatives are the fitted tasks only (a held-out task's embedding is never seen); a validation sample's own task
-    # is its candidate too, so that early stopping can score it.
-    candidates = known_classes[None, :] | (jnp.arange(classes.shape[0])[None, :] == own_class[:, None])
-    logits = jnp.where(candidates, logits, -jnp.inf)
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), own_class[:, None], axis=-1)[:, 0]
-
-
-# -----------------------------------------------------------------------------
 # Folds: whole episodes (or whole tasks) on one side
 # -----------------------------------------------------------------------------
 
@@ -1110,7 +856,9 @@ def assign_folds(task_id: np.ndarray, episode: np.ndarray, config: TrainingConfi
     tasks = np.unique(task_id)
     if config.split == "task":
         if len(tasks) < 3:
-            raise ProbeError(f"--split task needs at least 3 tasks (it holds out whole tasks); the range has {len(tasks)}")
+            raise ProbeError(
+                f"--split task needs at least 3 tasks (it holds out whole tasks); the range has {len(tasks)}"
+            )
         folds = min(config.cv_folds, len(tasks))
         fold_of_task = dict(zip(rng.permutation(tasks), np.arange(len(tasks)) % folds))
         return np.array([fold_of_task[t] for t in task_id]), folds
@@ -1135,7 +883,9 @@ def validation_count(units: int, fraction: float, fewest: int) -> int:
     return max(1, round(units * fraction)) if units >= fewest else 0
 
 
-def validation_masks(task_id: np.ndarray, episode: np.ndarray, fold: np.ndarray, folds: int, config: TrainingConfig) -> np.ndarray:
+def validation_masks(
+    task_id: np.ndarray, episode: np.ndarray, fold: np.ndarray, folds: int, config: TrainingConfig
+) -> np.ndarray:
     """(folds, samples) mask of the early-stopping samples, carved from each fold's training side only."""
     rng = np.random.default_rng([config.seed, 1])
     masks = np.zeros((folds, len(fold)), dtype=bool)
@@ -1246,7 +996,9 @@ class Design:
     copies: Copies
 
 
-def design_for(samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig) -> Design:
+def design_for(
+    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+) -> Design:
     """Classes, folds of every repeat, permuted assignments, MDL blocks and the copies they imply."""
     task_ids = sorted(set(samples.task_id.tolist()))
     descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
@@ -1255,10 +1007,13 @@ def design_for(samples: Samples, descriptions_by_task: dict[int, str], labels: L
     repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeats)]
     fold_sets = [assign_folds(samples.task_id, samples.episode, repeat) for repeat in repeats]
     folds = fold_sets[0][1]
-    validation = [validation_masks(samples.task_id, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)]
-    assignments = np.stack([np.arange(len(descriptions))] + [
-        derangement(len(descriptions), training.seed, index) for index in range(training.null_size)
-    ])
+    validation = [
+        validation_masks(samples.task_id, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)
+    ]
+    assignments = np.stack(
+        [np.arange(len(descriptions))]
+        + [derangement(len(descriptions), training.seed, index) for index in range(training.null_size)]
+    )
     blocks = mdl_blocks(unit, stratum, training.seed) if training.mdl else None
     specs = []
     for repeat, assignment in [(r, 0) for r in range(training.repeats)] + [(0, a) for a in range(1, len(assignments))]:
@@ -1272,8 +1027,19 @@ def design_for(samples: Samples, descriptions_by_task: dict[int, str], labels: L
             held = prefix_validation(unit, prefix, training.validation_fraction, training.seed + block)
             specs.append(CopySpec(0, assignment, -1, block, prefix & ~held, held, prefix))
     raw = t5_labels(descriptions, labels)
-    return Design(task_ids, descriptions, sample_class, unit, stratum, np.stack([f for f, _ in fold_sets]), folds, raw,
-                  assignments, blocks, copies_for(specs, raw, assignments, sample_class, labels))
+    return Design(
+        task_ids,
+        descriptions,
+        sample_class,
+        unit,
+        stratum,
+        np.stack([f for f, _ in fold_sets]),
+        folds,
+        raw,
+        assignments,
+        blocks,
+        copies_for(specs, raw, assignments, sample_class, labels),
+    )
 
 
 class CopySpec(NamedTuple):
@@ -1295,8 +1061,9 @@ def pad_axis(array: np.ndarray, axis: int, width: int) -> np.ndarray:
     return np.pad(array, padding)
 
 
-def copies_for(specs: list[CopySpec], raw: np.ndarray, assignments: np.ndarray, sample_class: np.ndarray,
-               labels: LabelConfig) -> Copies:
+def copies_for(
+    specs: list[CopySpec], raw: np.ndarray, assignments: np.ndarray, sample_class: np.ndarray, labels: LabelConfig
+) -> Copies:
     """Stack the copies; each assignment's label spaces come from its own (permuted) embedding table and the classes on
     the copy's training side, exactly as for the probe."""
     classes = np.arange(len(raw))
@@ -1323,14 +1090,80 @@ def copies_for(specs: list[CopySpec], raw: np.ndarray, assignments: np.ndarray, 
 
 
 # -----------------------------------------------------------------------------
+# Probe
+# -----------------------------------------------------------------------------
+
+CONTRASTIVE_TEMPERATURE = 0.1  # InfoNCE over cosine similarities to the tasks' embeddings
+
+
+class LinearProbe(nn.Module):
+    """One Dense layer: pooled hidden state -> label space."""
+
+    output_dim: int
+
+    @nn.compact
+    def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+        return nn.Dense(features=self.output_dim)(features)
+
+
+def cosine_similarity(predictions: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """Cosine along the last axis, with the guide's epsilon (broadcasts like `*`)."""
+    predictions = predictions / (jnp.linalg.norm(predictions, axis=-1, keepdims=True) + EPSILON)
+    targets = targets / (jnp.linalg.norm(targets, axis=-1, keepdims=True) + EPSILON)
+    return jnp.sum(predictions * targets, axis=-1)
+
+
+RELATIVE_STD_FLOOR = 1e-5  # a feature whose spread is below this share of the widest one's counts as constant
+
+
+def usable_std(std):
+    """Feature std to divide by: constant features (relative to the layer's widest spread, whatever its units or
+    dtype) get 1, so they stay near zero instead of blowing up rounding noise. numpy or JAX arrays alike."""
+    constant = std <= RELATIVE_STD_FLOOR * std.max()
+    return std * ~constant + constant
+
+
+def sample_losses(
+    predictions: jnp.ndarray, own_class: jnp.ndarray, classes: jnp.ndarray, known_classes: jnp.ndarray, loss: str
+) -> jnp.ndarray:
+    """Per-sample loss: `cosine` 1 - cos (the guide's), `mse`, `contrastive` (InfoNCE over the known tasks), or
+    `softmax` (a concept probe: classes holds each task's one-hot concept value; the logits are the predictions)."""
+    targets = classes[own_class]
+    if loss == "softmax":
+        present = jnp.any(classes * known_classes[:, None], axis=0)  # values some fitted task has
+        logits = jnp.where(present[None, :], predictions, -jnp.inf)
+        value = jnp.argmax(targets, axis=-1)
+        cross_entropy = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), value[:, None], axis=-1)[:, 0]
+        return jnp.where(present[value], cross_entropy, 0.0)  # a value the copy never fitted cannot be learned by it
+    if loss == "cosine":
+        return 1.0 - cosine_similarity(predictions, targets)
+    if loss == "mse":
+        return jnp.mean((predictions - targets) ** 2, axis=-1)
+    logits = cosine_similarity(predictions[:, None, :], classes[None, :, :]) / CONTRASTIVE_TEMPERATURE
+    # Negatives are the fitted tasks only (a held-out task's embedding is never seen); a validation sample's own task
+    # is its candidate too, so that early stopping can score it.
+    candidates = known_classes[None, :] | (jnp.arange(classes.shape[0])[None, :] == own_class[:, None])
+    logits = jnp.where(candidates, logits, -jnp.inf)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), own_class[:, None], axis=-1)[:, 0]
+
+
+# -----------------------------------------------------------------------------
 # Training: every probe of a run (folds x assignments x repeats, MDL blocks) in one jitted program
 # -----------------------------------------------------------------------------
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss", "learning_rate", "num_epochs", "batch_size", "patience", "steps_per_epoch", "standardize",
-                     "copies_in_sequence"),
+    static_argnames=(
+        "loss",
+        "learning_rate",
+        "num_epochs",
+        "batch_size",
+        "patience",
+        "steps_per_epoch",
+        "standardize",
+        "copies_in_sequence",
+    ),
 )
 def fit_probes(
     features: jnp.ndarray,
@@ -1409,8 +1242,12 @@ def fit_probes(
         def run_epoch(state):
             epoch = state["epoch"]
             # A fresh random order of the training rows (the rest sort last), cut into minibatches.
-            order = jnp.argsort(jnp.where(train, jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (sample_count,)), 2.0))
-            rows = order[jnp.arange(steps_per_epoch * batch_size) % train_count.astype(jnp.int32)].reshape(steps_per_epoch, batch_size)
+            order = jnp.argsort(
+                jnp.where(train, jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (sample_count,)), 2.0)
+            )
+            rows = order[jnp.arange(steps_per_epoch * batch_size) % train_count.astype(jnp.int32)].reshape(
+                steps_per_epoch, batch_size
+            )
             (params, optimizer_state), _ = jax.lax.scan(step, (state["params"], state["optimizer_state"]), rows)
             predictions = predict_all(params)
             train_loss = mean_loss(predictions, every_row, train_weight)
@@ -1421,11 +1258,15 @@ def fit_probes(
                 "epoch": epoch + 1,
                 "params": params,
                 "optimizer_state": optimizer_state,
-                "best_params": jax.tree_util.tree_map(lambda new, old: jnp.where(improved, new, old), params, state["best_params"]),
+                "best_params": jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(improved, new, old), params, state["best_params"]
+                ),
                 "best_loss": jnp.where(improved, monitored, state["best_loss"]),
                 "best_epoch": jnp.where(improved, epoch, state["best_epoch"]),
                 "train_loss": state["train_loss"].at[epoch].set(train_loss),
-                "validation_loss": state["validation_loss"].at[epoch].set(jnp.where(has_validation, validation_loss, jnp.nan)),
+                "validation_loss": state["validation_loss"]
+                .at[epoch]
+                .set(jnp.where(has_validation, validation_loss, jnp.nan)),
             }
 
         def keep_going(state):
@@ -1461,20 +1302,29 @@ def fit_probes(
 
     fit_copies = jax.vmap(fit_one, in_axes=(None, 0, 0, 0, 0, 0))
     if copies_in_sequence:  # a vmapped while_loop runs every copy until the last one stops: see train_linear_probes
+
         def fit_copies(item_features, *per_copy):
             return jax.lax.map(lambda one_copy: fit_one(item_features, *one_copy), per_copy)
+
     # Items one after another inside the program (lax.map), copies side by side (vmap): a layer's
     # numbers are then bit-identical whether it runs alone or in a sweep; batching the items with
     # vmap changed the weights in the 5th digit with the batch size, for about the same speed.
     # The leading axis holds one block of items per device.
-    fit_items_of_block = lambda block: jax.lax.map(lambda item: fit_copies(item, class_embeddings, known_classes, train_mask, validation_mask, keys), block)
+    def fit_items_of_block(block):
+        return jax.lax.map(
+            lambda item: fit_copies(item, class_embeddings, known_classes, train_mask, validation_mask, keys), block
+        )
+
     return jax.vmap(fit_items_of_block)(features)
 
 
+ItemFeatures = Sequence[np.ndarray]  # one (samples, width) array per item (a sweep's layers or denoising steps)
 PROGRAM_BLOCK_BYTES = 64 * 2**20  # features handed to the compiled program per call (each call holds a copy)
 
 
-def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, copies: Copies, config: TrainingConfig) -> dict:
+def train_linear_probes(
+    features: ItemFeatures, sample_class: np.ndarray, copies: Copies, config: TrainingConfig
+) -> dict:
     """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes.
 
     Each item's features are first centered over all its samples (in float64): a shift that changes no probe, but
@@ -1489,32 +1339,49 @@ def train_linear_probes(features: np.ndarray, sample_class: np.ndarray, copies: 
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
     steps_per_epoch = max(-(-int(copies.train.sum(1).max()) // batch_size), config.min_steps_per_epoch)
-    items, devices = len(features), jax.local_devices()
+    items, devices, shape = len(features), jax.local_devices(), features[0].shape
     per_call = max(PROGRAM_BLOCK_BYTES // max(features[0].nbytes, 1), 1)
     size = -(-items // -(-items // per_call))  # as equal as the calls can be
     size += -size % len(devices)  # equal blocks per device
     sharding = None
     if len(devices) > 1:
         log.info("training %d item(s) in blocks spread over %d devices", items, len(devices))
-        sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("devices",)), jax.sharding.PartitionSpec("devices"))
-    shift = features.mean(axis=1, keepdims=True, dtype=np.float64)
+        sharding = jax.sharding.NamedSharding(
+            jax.sharding.Mesh(np.array(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
+        )
+    shift = np.stack([item_features.mean(axis=0, keepdims=True, dtype=np.float64) for item_features in features])
     calls = []
     for start in range(0, items, size):
         block = [min(item, items - 1) for item in range(start, start + size)]
         centered = np.stack([(features[item] - shift[item]).astype(np.float32) for item in block])
         fitted = fit_probes(
-            jax.device_put(centered.reshape(len(devices), -1, *features.shape[1:]), sharding), jnp.asarray(sample_class),
-            jnp.asarray(copies.classes), jnp.asarray(copies.known), jnp.asarray(copies.train), jnp.asarray(copies.validation),
-            np.int32(config.seed), jnp.asarray(copies.identity()),
-            loss=config.loss, learning_rate=config.learning_rate, num_epochs=config.num_epochs, batch_size=batch_size,
-            patience=config.patience, steps_per_epoch=steps_per_epoch, standardize=config.standardize,
+            jax.device_put(centered.reshape(len(devices), -1, *shape), sharding),
+            jnp.asarray(sample_class),
+            jnp.asarray(copies.classes),
+            jnp.asarray(copies.known),
+            jnp.asarray(copies.train),
+            jnp.asarray(copies.validation),
+            np.int32(config.seed),
+            jnp.asarray(copies.identity()),
+            loss=config.loss,
+            learning_rate=config.learning_rate,
+            num_epochs=config.num_epochs,
+            batch_size=batch_size,
+            patience=config.patience,
+            steps_per_epoch=steps_per_epoch,
+            standardize=config.standardize,
             # Side by side (vmap), every copy runs until the last one stops early: 2.5x the updates of an 18-layer
             # sweep. A CPU does a copy's update no faster side by side than alone (0.15 vs 0.12 ms at width 2048), so
             # there each copy runs alone and stops at its own epoch; accelerators run copies side by side.
             copies_in_sequence=jax.default_backend() == "cpu",
         )
         del centered
-        calls.append({key: np.asarray(value).reshape(-1, *value.shape[2:])[: min(size, items - start)] for key, value in fitted.items()})
+        calls.append(
+            {
+                key: np.asarray(value).reshape(-1, *value.shape[2:])[: min(size, items - start)]
+                for key, value in fitted.items()
+            }
+        )
     fitted = {key: np.concatenate([call[key] for call in calls]) for key in calls[0]}
     fitted["feature_mean"] = fitted["feature_mean"] + shift.astype(np.float32)  # back in the features' own coordinates
     fitted["failed"] = fitted["best_epoch"] == 0  # never improved: a non-finite loss from the first epoch on
@@ -1527,7 +1394,8 @@ RIDGE_INNER_FOLDS = 3
 
 
 def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
-    """Exact ridge weights for each penalty, from one eigendecomposition (of the Gram matrix when samples < features)."""
+    """Exact ridge weights for each penalty, from one eigendecomposition (of the Gram matrix when there are fewer
+    samples than features)."""
     if x.shape[0] < x.shape[1]:  # dual: W = X^T (X X^T + l I)^-1 Y
         values, vectors = np.linalg.eigh(x @ x.T)
         projected = vectors.T @ y
@@ -1537,8 +1405,9 @@ def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[
     return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
 
 
-def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, copies: Copies, units: np.ndarray,
-                       config: TrainingConfig) -> dict:
+def train_ridge_probes(
+    features: ItemFeatures, sample_class: np.ndarray, copies: Copies, units: np.ndarray, config: TrainingConfig
+) -> dict:
     """Fit every item's and copy's linear map in closed form; the penalty is chosen by inner cross-validation over
     whole resampling units (episodes, or tasks under split "task"; mean cosine). Results (items, copies, ...)."""
     fitted = {name: [] for name in ("kernel", "bias", "feature_mean", "feature_std", "penalty")}
@@ -1562,7 +1431,13 @@ def train_ridge_probes(features: np.ndarray, sample_class: np.ndarray, copies: C
             best = penalties[int(np.argmax(scores))]
             x_mean, y_mean = x.mean(0), y.mean(0)
             weights = ridge_solution(x - x_mean, y - y_mean, np.array([best]))[0]
-            for name, value in (("kernel", weights), ("bias", y_mean - x_mean @ weights), ("feature_mean", mean), ("feature_std", std), ("penalty", best)):
+            for name, value in (
+                ("kernel", weights),
+                ("bias", y_mean - x_mean @ weights),
+                ("feature_mean", mean),
+                ("feature_std", std),
+                ("penalty", best),
+            ):
                 per_copy[name].append(np.asarray(value, dtype=np.float32) if name != "penalty" else value)
         for name in fitted:
             fitted[name].append(np.asarray(per_copy[name]))
@@ -1629,7 +1504,9 @@ def code_bits(logits: np.ndarray, own: np.ndarray, share, allowed: np.ndarray | 
         logits = np.where(allowed | ~finite[:, None], logits, -np.inf)
     log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
     share = np.where(finite, share, 1.0)
-    mixed = np.logaddexp(np.log1p(-np.minimum(share, 1 - 1e-12))[:, None] + log_p, np.log(share / logits.shape[1])[:, None])
+    mixed = np.logaddexp(
+        np.log1p(-np.minimum(share, 1 - 1e-12))[:, None] + log_p, np.log(share / logits.shape[1])[:, None]
+    )
     return -mixed[np.arange(len(own)), own] / np.log(2)
 
 
@@ -1655,8 +1532,9 @@ Z_95 = 1.959963984540054
 SHARE_METRICS = ("accuracy", "control_accuracy")  # per-sample values 0 or 1: a Wilson interval fits them
 
 
-def unit_intervals(values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.ndarray | None, resamples: int,
-                   seed: int) -> dict[str, tuple[float, float]]:
+def unit_intervals(
+    values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.ndarray | None, resamples: int, seed: int
+) -> dict[str, tuple[float, float]]:
     """95% BCa intervals (scipy.stats.bootstrap) of per-sample means, resampling whole units, within their stratum.
 
     The statistic is the mean over the resampled units' samples, as the estimate is. When resampling cannot vary
@@ -1673,7 +1551,7 @@ def unit_intervals(values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.
     for name, per_sample in values.items():
         sums = np.bincount(unit_index, weights=per_sample.astype(np.float64), minlength=len(counts))
 
-        def mean_of_units(*chosen, axis=-1):
+        def mean_of_units(*chosen, axis=-1, sums=sums):
             picked = np.concatenate(chosen, axis=axis).astype(np.int64)
             return sums[picked].sum(axis=axis) / counts[picked].sum(axis=axis)
 
@@ -1686,8 +1564,14 @@ def unit_intervals(values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.
         for method in ("BCa", "percentile"):  # BCa's jackknife can still fail on a handful of units
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                interval = scipy.stats.bootstrap(data, mean_of_units, n_resamples=resamples, method=method, vectorized=True,
-                                                 random_state=np.random.default_rng([seed, 3])).confidence_interval
+                interval = scipy.stats.bootstrap(
+                    data,
+                    mean_of_units,
+                    n_resamples=resamples,
+                    method=method,
+                    vectorized=True,
+                    random_state=np.random.default_rng([seed, 3]),
+                ).confidence_interval
             if np.isfinite(interval.low) and np.isfinite(interval.high):
                 break
         intervals[name] = (float(interval.low), float(interval.high))
@@ -1702,12 +1586,17 @@ def wilson_interval(share: float, count: int) -> tuple[float, float]:
     return (float(max(0.0, center - half)), float(min(1.0, center + half)))
 
 
-def widened(interval: tuple[float, float], estimate: float, repeat_values: np.ndarray, is_share: bool) -> tuple[float, float]:
+def widened(
+    interval: tuple[float, float], estimate: float, repeat_values: np.ndarray, is_share: bool
+) -> tuple[float, float]:
     """An interval widened by the spread across repeats (folds and initialisation) of the mean it brackets."""
     if len(repeat_values) < 2 or not interval:
         return interval
     extra = Z_95 * np.std(repeat_values, ddof=1) / math.sqrt(len(repeat_values))
-    low, high = estimate - math.hypot(estimate - interval[0], extra), estimate + math.hypot(interval[1] - estimate, extra)
+    low, high = (
+        estimate - math.hypot(estimate - interval[0], extra),
+        estimate + math.hypot(interval[1] - estimate, extra),
+    )
     return (max(low, 0.0), min(high, 1.0)) if is_share else (float(low), float(high))
 
 
@@ -1734,7 +1623,10 @@ def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: Label
             tolerance = singular.max(initial=0.0) * max(spanned.shape) * np.finfo(np.float32).eps
             basis = components[singular > tolerance]
             if labels.label_dim and len(basis) < labels.label_dim:
-                raise OptionError(f"--label_dim {labels.label_dim}: only {len(known)} training tasks, so at most {len(basis)} directions")
+                raise OptionError(
+                    f"--label_dim {labels.label_dim}: only {len(known)} training tasks, so at most {len(basis)} "
+                    "directions"
+                )
             basis = (spreading_rotation(len(basis[: labels.label_dim])) @ basis[: labels.label_dim]).astype(raw.dtype)
         means.append(mean)
         bases.append(basis)
@@ -1766,18 +1658,21 @@ def spreading_rotation(size: int) -> np.ndarray:
     return rotation
 
 
-def make_design(samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig,
-                training: TrainingConfig) -> Design | ConceptDesign:
+def make_design(
+    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+) -> Design | ConceptDesign:
     """The design of the target asked for: T5 embeddings or concepts."""
     if labels.target == "concepts":
         return concept_design(samples, descriptions_by_task, labels, training)
     return design_for(samples, descriptions_by_task, labels, training)
 
 
-def fit_items(features: np.ndarray, design: Design | ConceptDesign, training: TrainingConfig) -> dict:
-    """Fit the probes of every item (features (items, n, d)) and copy; results (items, copies, ...)."""
+def fit_items(features: ItemFeatures, design: Design | ConceptDesign, training: TrainingConfig) -> dict:
+    """Fit the probes of every item and copy; results (items, copies, ...)."""
     if isinstance(design, ConceptDesign):  # softmax probes over each concept's values
-        return train_linear_probes(features, design.sample_class, design.copies, dataclasses.replace(training, loss="softmax"))
+        return train_linear_probes(
+            features, design.sample_class, design.copies, dataclasses.replace(training, loss="softmax")
+        )
     if training.probe == "ridge":
         return train_ridge_probes(features, design.sample_class, design.copies, design.unit, training)
     return train_linear_probes(features, design.sample_class, design.copies, training)
@@ -1840,15 +1735,27 @@ def scores_of(features: np.ndarray, fitted: dict, design: Design, temperatures: 
     share = uniform_share(calibration[np.maximum(copy, 0)])
     target = design.copies.classes[np.maximum(copy, 0), design.sample_class]
     cosine = np.nan_to_num(row_cosine(prediction, target))  # a failed probe's prediction aligns with nothing: 0
-    return Scores(copy, prediction, similarity, found["rank"], found["correct"], found["predicted"], found["margin"],
-                  log_loss_bits(similarity, design.sample_class, temperature, share), cosine)
+    return Scores(
+        copy,
+        prediction,
+        similarity,
+        found["rank"],
+        found["correct"],
+        found["predicted"],
+        found["margin"],
+        log_loss_bits(similarity, design.sample_class, temperature, share),
+        cosine,
+    )
 
 
 def fitted_failures(design: Design, failed: np.ndarray) -> dict[str, list]:
     """Failed copies by role: the probe's folds as (repeat, fold); the null's and the MDL blocks' as copy indices."""
     copies = design.copies
     return {
-        "probe": [(int(copies.repeat[c]), int(copies.fold[c])) for c in np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment == 0))],
+        "probe": [
+            (int(copies.repeat[c]), int(copies.fold[c]))
+            for c in np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment == 0))
+        ],
         "null": np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment > 0)).tolist(),
         "mdl": np.flatnonzero(failed & (copies.block >= 0)).tolist(),
     }
@@ -1900,11 +1807,15 @@ def majority_correct(design: Design) -> np.ndarray:
     copies, majority = design.copies, {}
     for copy in copies.fold_copies(0, 0):
         side = copies.train[copy] | copies.validation[copy]
-        majority[copies.fold[copy]] = np.bincount(design.sample_class[side], minlength=len(design.descriptions)).argmax()
+        majority[copies.fold[copy]] = np.bincount(
+            design.sample_class[side], minlength=len(design.descriptions)
+        ).argmax()
     return design.sample_class == np.array([majority[f] for f in design.fold[0]])
 
 
-def online_codelength(features: np.ndarray, fitted: dict, design: Design, temperatures: np.ndarray, assignment: int) -> dict:
+def online_codelength(
+    features: np.ndarray, fitted: dict, design: Design, temperatures: np.ndarray, assignment: int
+) -> dict:
     """Prequential code of the samples' classes (Voita & Titov 2020): the first block by the uniform code, each later
     block by the probe trained on the blocks before it. Bits in total; compression = uniform / online."""
     copies, copy = design.copies, np.full(len(design.sample_class), -1)
@@ -1949,14 +1860,21 @@ def null_metrics(null: list[Scores], observed: Scores, classes: int, failed_null
     return metrics
 
 
-def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list[Scores], null: list[Scores],
-                    constant: np.ndarray, failed_copies: np.ndarray) -> dict:
+def heldout_metrics(
+    design: Design,
+    values: dict[str, np.ndarray],
+    repeats: list[Scores],
+    null: list[Scores],
+    constant: np.ndarray,
+    failed_copies: np.ndarray,
+) -> dict:
     """Every held-out number of one item, from the per-sample values (averaged over repeats) and the null."""
     classes, first = len(design.descriptions), repeats[0]
     per_class = np.array([values["accuracy"][design.sample_class == c].mean() for c in range(classes)])
     raw, label_space = values["cosine_similarity"].mean(), values["cosine_similarity_label_space"].mean()
-    fold_accuracy = np.array([[scores.correct[design.fold[r] == f].mean() for f in range(design.folds)]
-                              for r, scores in enumerate(repeats)])  # (repeats, folds)
+    fold_accuracy = np.array(
+        [[scores.correct[design.fold[r] == f].mean() for f in range(design.folds)] for r, scores in enumerate(repeats)]
+    )  # (repeats, folds)
     confusion = np.zeros((classes, classes), dtype=np.int64)
     for scores in repeats:  # every repeat's predictions; a non-finite one has no predicted class
         finite = scores.predicted >= 0
@@ -1973,7 +1891,9 @@ def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list
         "cosine_similarity": float(raw),
         "constant_predictor_cosine": float(constant.mean()),
         "cosine_similarity_normalized": float((raw - constant.mean()) / (1 - constant.mean())),
-        "top_k_accuracy": {k: float(np.mean([np.mean(s.rank <= k) for s in repeats])) for k in (1, 3, 5) if k <= classes},
+        "top_k_accuracy": {
+            k: float(np.mean([np.mean(s.rank <= k) for s in repeats])) for k in (1, 3, 5) if k <= classes
+        },
         "mean_reciprocal_rank": float(values["reciprocal_rank"].mean()),
         "cosine_margin": float(np.nanmean(values["margin"])) if np.isfinite(values["margin"]).any() else math.nan,
         "fold_accuracy": fold_accuracy,
@@ -2004,8 +1924,14 @@ def heldout_metrics(design: Design, values: dict[str, np.ndarray], repeats: list
 INTERVAL_METRICS = ("accuracy", "information_bits", "cosine_similarity_label_space", "cosine_similarity")
 
 
-def interval_estimates(design: Design, values: dict[str, np.ndarray], first: Scores, null: list[Scores], metrics: dict,
-                       training: TrainingConfig) -> dict[str, tuple[float, float]]:
+def interval_estimates(
+    design: Design,
+    values: dict[str, np.ndarray],
+    first: Scores,
+    null: list[Scores],
+    metrics: dict,
+    training: TrainingConfig,
+) -> dict[str, tuple[float, float]]:
     """95% intervals over the units that vary (see unit_intervals), widened by the spread across repeats."""
     chosen = {name: values[name] for name in INTERVAL_METRICS}
     if null:
@@ -2018,13 +1944,25 @@ def interval_estimates(design: Design, values: dict[str, np.ndarray], first: Sco
     return intervals
 
 
-def evaluate_item(samples: Samples, fitted: dict, design: Design, report: ReadReport, data: DataConfig, labels: LabelConfig,
-                  training: TrainingConfig) -> dict:
+def evaluate_item(
+    samples: Samples,
+    fitted: dict,
+    design: Design,
+    report: ReadReport,
+    data: DataConfig,
+    labels: LabelConfig,
+    training: TrainingConfig,
+) -> dict:
     """Held-out metrics of one item (one layer's samples, its fitted copies); everything the results file holds."""
     features = samples.features[0]
     temperatures = copy_temperatures(features, fitted, design)
-    repeats = [scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0)) for r in range(training.repeats)]
-    null = [scores_of(features, fitted, design, temperatures, heldout_copy(design, 0, a)) for a in range(1, len(design.assignments))]
+    repeats = [
+        scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0)) for r in range(training.repeats)
+    ]
+    null = [
+        scores_of(features, fitted, design, temperatures, heldout_copy(design, 0, a))
+        for a in range(1, len(design.assignments))
+    ]
     own = design.raw[design.sample_class]
     raw_predictions = [raw_space_predictions(scores.prediction, design, scores.copy, labels) for scores in repeats]
     raw_cosines = [np.nan_to_num(row_cosine(prediction, own)) for prediction in raw_predictions]
@@ -2035,11 +1973,18 @@ def evaluate_item(samples: Samples, fitted: dict, design: Design, report: ReadRe
     metrics["num_episodes"] = len(set(zip(samples.task_id.tolist(), samples.episode.tolist())))
     for role, count in metrics["failed_copies"].items():
         if count:
-            log.warning("%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as "
-                        "wrong%s", result_stem(data, report.inference_times), count, role,
-                        "; no permutation p-value" if role == "null" else "")
+            log.warning(
+                "%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as wrong%s",
+                result_stem(data, report.inference_times),
+                count,
+                role,
+                "; no permutation p-value" if role == "null" else "",
+            )
     metrics["per_task_accuracy"] = {
-        int(t): {"accuracy": float(values["accuracy"][samples.task_id == t].mean()), "samples": int((samples.task_id == t).sum())}
+        int(t): {
+            "accuracy": float(values["accuracy"][samples.task_id == t].mean()),
+            "samples": int((samples.task_id == t).sum()),
+        }
         for t in design.task_ids
     }
     if design.mdl_block is not None:
@@ -2047,19 +1992,51 @@ def evaluate_item(samples: Samples, fitted: dict, design: Design, report: ReadRe
         if null:
             metrics["mdl"]["control"] = online_codelength(features, fitted, design, temperatures, 1)
     metrics["confidence_intervals"] = interval_estimates(design, values, repeats[0], null, metrics, training)
-    return results_record(samples, fitted, design, report, data, labels, training, metrics, repeats[0], raw_predictions[0],
-                          null, temperatures)
+    return results_record(
+        samples,
+        fitted,
+        design,
+        report,
+        data,
+        labels,
+        training,
+        metrics,
+        repeats[0],
+        raw_predictions[0],
+        null,
+        temperatures,
+    )
 
 
 RESULTS_FORMAT = 3  # results files of earlier formats lack what the report reads
 
 
-def results_record(samples: Samples, fitted: dict, design: Design, report: ReadReport, data: DataConfig, labels: LabelConfig,
-                   training: TrainingConfig, metrics: dict, first: Scores, raw_prediction: np.ndarray, null: list[Scores],
-                   temperatures: np.ndarray) -> dict:
-    """The results file's contents: the one place its layout is defined (builtins and numpy only)."""
+def results_record(
+    samples: Samples,
+    fitted: dict,
+    design: Design,
+    report: ReadReport,
+    data: DataConfig,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    metrics: dict,
+    first: Scores,
+    raw_prediction: np.ndarray,
+    null: list[Scores],
+    temperatures: np.ndarray,
+) -> dict:
+    """The results file's contents: the one place its layout is defined (builtins and numpy only). One literal,
+    longer than a screen on purpose: it reads as the file holds it."""
     copies = design.copies
-    history_keys = ("epochs_run", "best_epoch", "train_loss", "validation_loss", "batch_size", "steps_per_epoch", "penalty")
+    history_keys = (
+        "epochs_run",
+        "best_epoch",
+        "train_loss",
+        "validation_loss",
+        "batch_size",
+        "steps_per_epoch",
+        "penalty",
+    )
     descriptions_of_tasks = [report.descriptions[t] for t in design.task_ids]
     probe_folds = copies.fold_copies(0, 0)
     kept = np.concatenate([probe_folds, copies.fold_copies(0, 1)])  # the permutation null's weights are not kept
@@ -2120,8 +2097,12 @@ def results_record(samples: Samples, fitted: dict, design: Design, report: ReadR
             "copy": kept,
         },
         "copies": {  # every probe trained: who it is, whether it failed, its softmax temperature
-            "repeat": copies.repeat, "assignment": copies.assignment, "fold": copies.fold, "block": copies.block,
-            "failed": fitted["failed"], "temperature": temperatures,
+            "repeat": copies.repeat,
+            "assignment": copies.assignment,
+            "fold": copies.fold,
+            "block": copies.block,
+            "failed": fitted["failed"],
+            "temperature": temperatures,
         },
         "data_report": {
             "files": report.files,
@@ -2136,41 +2117,57 @@ def results_record(samples: Samples, fitted: dict, design: Design, report: ReadR
     }
 
 
-def conditional_metrics(features: np.ndarray, samples: Samples, report: ReadReport, labels: LabelConfig,
-                        training: TrainingConfig) -> list[dict]:
+def conditional_metrics(
+    features: ItemFeatures, samples: Samples, report: ReadReport, labels: LabelConfig, training: TrainingConfig
+) -> list[dict]:
     """Conditional probing (Hewitt et al. 2021), per item: the same probe (folds, budget, per-feature standardization)
     on the --baseline features alone and on [baseline, layer]; the gain is what the layer adds beyond the baseline."""
     plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
     design = design_for(samples, report.descriptions, labels, plain)
     alone = fit_items(samples.baseline[None], design, plain)
     baseline = heldout_summary(samples.baseline, {key: value[0] for key, value in alone.items()}, design)
-    joint_features = np.concatenate([features, np.broadcast_to(samples.baseline, (len(features), *samples.baseline.shape))], axis=2)
+    joint_features = [np.concatenate([item_features, samples.baseline], axis=1) for item_features in features]
     joint = fit_items(joint_features, design, plain)
     conditional = []
     for position, item_features in enumerate(joint_features):
         both = heldout_summary(item_features, {key: value[position] for key, value in joint.items()}, design)
-        conditional.append({
-            "accuracy": baseline["accuracy"], "information_bits": baseline["information_bits"],
-            "joint_accuracy": both["accuracy"], "joint_information_bits": both["information_bits"],
-            "gain_accuracy": both["accuracy"] - baseline["accuracy"],
-            "gain_bits": both["information_bits"] - baseline["information_bits"],
-        })
+        conditional.append(
+            {
+                "accuracy": baseline["accuracy"],
+                "information_bits": baseline["information_bits"],
+                "joint_accuracy": both["accuracy"],
+                "joint_information_bits": both["information_bits"],
+                "gain_accuracy": both["accuracy"] - baseline["accuracy"],
+                "gain_bits": both["information_bits"] - baseline["information_bits"],
+            }
+        )
     return conditional
 
 
 def heldout_summary(features: np.ndarray, fitted: dict, design: Design) -> dict[str, float]:
     """Held-out accuracy and information of the first repeat's fold probes."""
-    scores = scores_of(features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0))
+    scores = scores_of(
+        features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
+    )
     information = math.log2(len(design.descriptions)) - scores.bits.mean()
     return {"accuracy": float(scores.correct.mean()), "information_bits": float(information)}
 
 
-def evaluate_concepts(samples: Samples, fitted: dict, design: ConceptDesign, report: ReadReport, data: DataConfig,
-                      labels: LabelConfig, training: TrainingConfig) -> dict:
+def evaluate_concepts(
+    samples: Samples,
+    fitted: dict,
+    design: ConceptDesign,
+    report: ReadReport,
+    data: DataConfig,
+    labels: LabelConfig,
+    training: TrainingConfig,
+) -> dict:
     """Every concept's held-out numbers for one item; the results file of a concept run (its one layout)."""
     features = samples.features[0]
-    concepts = {concept.name: concept_metrics(features, fitted, design, c, samples.task_id)
-                for c, concept in enumerate(design.concepts)}
+    concepts = {
+        concept.name: concept_metrics(features, fitted, design, c, samples.task_id)
+        for c, concept in enumerate(design.concepts)
+    }
     balanced = [one["balanced_accuracy"] for one in concepts.values()]
     return {
         "format_version": RESULTS_FORMAT,
@@ -2192,9 +2189,17 @@ def evaluate_concepts(samples: Samples, fitted: dict, design: ConceptDesign, rep
             "num_episodes": len(set(zip(samples.task_id.tolist(), samples.episode.tolist()))),
             "num_folds": design.folds,
         },
-        "tasks": {"task_ids": np.array(design.task_ids), "descriptions": [report.descriptions[t] for t in design.task_ids]},
-        "samples": {"task_id": samples.task_id, "episode": samples.episode, "step": samples.step,
-                    "inference_time": samples.inference_time, "fold": design.fold[0]},
+        "tasks": {
+            "task_ids": np.array(design.task_ids),
+            "descriptions": [report.descriptions[t] for t in design.task_ids],
+        },
+        "samples": {
+            "task_id": samples.task_id,
+            "episode": samples.episode,
+            "step": samples.step,
+            "inference_time": samples.inference_time,
+            "fold": design.fold[0],
+        },
         "history": {key: fitted[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
         "probe": {key: fitted[key] for key in ("kernel", "bias", "feature_mean", "feature_std", "failed")},
         "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
@@ -2221,8 +2226,11 @@ def format_concept_summary(results: dict) -> str:
     """A concept run's summary: what was probed, then every concept sorted by balanced accuracy."""
     data, metrics = results["config"]["data"], results["metrics"]
     split = results["config"]["training"]["split"]
-    reading = ("held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
-               if split == "task" else "held-out episodes of seen tasks: decodability, not transfer")
+    reading = (
+        "held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
+        if split == "task"
+        else "held-out episodes of seen tasks: decodability, not transfer"
+    )
     lines = [
         "Concept Probing Results",
         "=======================",
@@ -2244,15 +2252,18 @@ def format_concept_summary(results: dict) -> str:
             notes.append(f"folds {one['folds_missing_values']} never saw a value they hold out")
         if one["failed_probes"]:
             notes.append(f"FAILED folds {one['failed_probes']}")
-        lines.append(f"{name:24} {one['balanced_accuracy']:8.4f} {one['accuracy']:8.4f} {one['majority_accuracy']:8.4f} "
-                     f"{one['information_bits']:7.3f} {one['tasks_with']:>9}/{one['tasks_without']:<8}  {'; '.join(notes)}")
+        lines.append(
+            f"{name:24} {one['balanced_accuracy']:8.4f} {one['accuracy']:8.4f} {one['majority_accuracy']:8.4f} "
+            f"{one['information_bits']:7.3f} {one['tasks_with']:>9}/{one['tasks_without']:<8}  {'; '.join(notes)}"
+        )
     lines += ["", f"Definition: {results['config']['concept_definition']}", ""]
     return "\n".join(lines)
 
 
 INFORMATION_DEFINITION = (
     "p(task | features) = softmax over the analyzed tasks' embeddings of cosine / temperature, the temperature fitted "
-    "on each probe's own validation samples; information_bits = log2(classes) - held-out cross-entropy in bits (negative: "
+    "on each probe's own validation samples; information_bits = log2(classes) - held-out cross-entropy in bits "
+    "(negative: "
     "worse than knowing nothing)"
 )
 
@@ -2261,12 +2272,18 @@ def describe_control(training: TrainingConfig) -> str:
     """What the permuted assignments test, in words, for this split."""
     if training.null_size == 0:
         return "off"
-    what = (f"{training.null_size} seeded derangement(s) of the task -> embedding assignment, each trained and evaluated "
-            "exactly like the probe (same folds, budget and program)")
+    what = (
+        f"{training.null_size} seeded derangement(s) of the task -> embedding assignment, each trained and evaluated "
+        "exactly like the probe (same folds, budget and program)"
+    )
     if training.split == "task":
-        return f"{what}; on held-out tasks an assignment without language structure cannot transfer: a null for the probe"
-    return (f"{what}; with held-out episodes of seen tasks this measures how learnable an arbitrary assignment is, "
-            "high whenever the layer separates the tasks, whatever its geometry: not evidence for or against language")
+        return (
+            f"{what}; on held-out tasks an assignment without language structure cannot transfer: a null for the probe"
+        )
+    return (
+        f"{what}; with held-out episodes of seen tasks this measures how learnable an arbitrary assignment is, "
+        "high whenever the layer separates the tasks, whatever its geometry: not evidence for or against language"
+    )
 
 
 def describe_intervals(training: TrainingConfig) -> str:
@@ -2274,7 +2291,9 @@ def describe_intervals(training: TrainingConfig) -> str:
     if training.bootstrap == 0:
         return "none (--bootstrap 0)"
     unit = "whole tasks" if training.split == "task" else "whole episodes within their task"
-    text = f"BCa bootstrap ({training.bootstrap} resamples of {unit}); Wilson score interval over the units when all agree"
+    text = (
+        f"BCa bootstrap ({training.bootstrap} resamples of {unit}); Wilson score interval over the units when all agree"
+    )
     if training.repeats > 1:
         text += f"; accuracy and information widened by the spread over {training.repeats} repeats"
     return text
@@ -2282,21 +2301,33 @@ def describe_intervals(training: TrainingConfig) -> str:
 
 def describe_split(training: TrainingConfig, folds: int) -> str:
     """How samples were held out, in words."""
-    unit = "whole tasks, never seen in training" if training.split == "task" else "whole episodes, every task on every training side"
+    unit = (
+        "whole tasks, never seen in training"
+        if training.split == "task"
+        else "whole episodes, every task on every training side"
+    )
     if training.probe == "ridge":
-        return (f"{folds}-fold cross-validation over {unit}; ridge penalty chosen by inner cross-validation on each fold's "
-                "training samples; its validation samples calibrate the softmax")
+        return (
+            f"{folds}-fold cross-validation over {unit}; ridge penalty chosen by inner cross-validation on each fold's "
+            "training samples; its validation samples calibrate the softmax"
+        )
     kind = "tasks" if training.split == "task" else "episodes"
-    return f"{folds}-fold cross-validation over {unit}; early stopping on {training.validation_fraction:g} of each fold's training {kind}"
+    share = f"{training.validation_fraction:g}"
+    return f"{folds}-fold cross-validation over {unit}; early stopping on {share} of each fold's training {kind}"
 
 
 def describe_label_space(labels: LabelConfig) -> str:
     """What the probe's targets are, in words."""
-    text = "T5 mean over real tokens" + (", minus the mean training-task embedding" if labels.center_labels else " (raw)")
+    text = "T5 mean over real tokens" + (
+        ", minus the mean training-task embedding" if labels.center_labels else " (raw)"
+    )
     if labels.label_dim:
         return text + f", projected on the training tasks' top {labels.label_dim} principal directions"
     if labels.label_space == "span":
-        return text + "; the probe predicts coordinates in the span of the training tasks' embeddings, mapped back to T5's axes"
+        return (
+            text
+            + "; the probe predicts coordinates in the span of the training tasks' embeddings, mapped back to T5's axes"
+        )
     return text + "; the probe predicts all of T5's axes (--label_space full)"
 
 
@@ -2306,7 +2337,11 @@ def describe_token_positions(config: DataConfig) -> str:
         where = f"tokens {config.token_range[0]}-{config.token_range[1] - 1} (--token_range)"
     elif config.expert in EXPERT_TOKENS:
         positions = EXPERT_TOKENS[config.expert]
-        part = {"vlm": "images 0-767 and text 768-815", "text_only": "prompt text", "image": "3 cameras x 256 SigLIP patches"}[config.expert]
+        part = {
+            "vlm": "images 0-767 and text 768-815",
+            "text_only": "prompt text",
+            "image": "3 cameras x 256 SigLIP patches",
+        }[config.expert]
         where = f"VLM prefix tokens {positions.start}-{positions.stop - 1} ({part})"
     elif config.expert == "action":
         where = f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence)"
@@ -2338,7 +2373,10 @@ def result_stem(data: DataConfig, inference_times: list[float], target: str = "t
     stem = f"{data.expert}{where}_step{data.rollout_step}"
     if data.inference_step is not None:
         if data.inference_step >= len(inference_times):
-            raise OptionError(f"--inference_step {data.inference_step} is out of range: the steps have {len(inference_times)} denoising entries (0-{len(inference_times) - 1})")
+            raise OptionError(
+                f"--inference_step {data.inference_step} is out of range: the steps have {len(inference_times)} "
+                f"denoising entries (0-{len(inference_times) - 1})"
+            )
         stem = f"{stem}_t{inference_times[data.inference_step]:g}"
     return f"{stem}_concepts" if target == "concepts" else stem
 
@@ -2428,19 +2466,25 @@ def evidence_lines(results: dict) -> list[str]:
     ]
     if metrics["num_repeats"] > 1:
         repeats = metrics["repeats"]
-        lines.append(f"Repeats ({metrics['num_repeats']} seeds of folds and initialisation): accuracy "
-                     f"{repeats['accuracy'].mean():.4f} +/- {repeats['accuracy'].std(ddof=1):.4f}, information "
-                     f"{repeats['information_bits'].mean():.3f} +/- {repeats['information_bits'].std(ddof=1):.3f} bits (sd)")
+        lines.append(
+            f"Repeats ({metrics['num_repeats']} seeds of folds and initialisation): accuracy "
+            f"{repeats['accuracy'].mean():.4f} +/- {repeats['accuracy'].std(ddof=1):.4f}, information "
+            f"{repeats['information_bits'].mean():.3f} +/- {repeats['information_bits'].std(ddof=1):.3f} bits (sd)"
+        )
     lines += control_lines(metrics, training)
     if "baseline" in metrics:
         base = metrics["baseline"]
-        lines.append(f"Beyond --baseline {base['spec']} (conditional probing): baseline alone accuracy {base['accuracy']:.4f}, "
-                     f"{base['information_bits']:.3f} bits; baseline + layer {base['joint_accuracy']:.4f}, "
-                     f"{base['joint_information_bits']:.3f} bits; the layer adds {base['gain_bits']:.3f} bits "
-                     f"({base['gain_accuracy']:+.4f} accuracy)")
+        lines.append(
+            f"Beyond --baseline {base['spec']} (conditional probing): baseline alone accuracy {base['accuracy']:.4f}, "
+            f"{base['information_bits']:.3f} bits; baseline + layer {base['joint_accuracy']:.4f}, "
+            f"{base['joint_information_bits']:.3f} bits; the layer adds {base['gain_bits']:.3f} bits "
+            f"({base['gain_accuracy']:+.4f} accuracy)"
+        )
     if "mdl" in metrics:
-        lines.append(f"MDL (online code over {training['split']} blocks): {mdl_text(metrics['mdl'])}"
-                     + (f"; control {mdl_text(metrics['mdl']['control'])}" if "control" in metrics["mdl"] else ""))
+        lines.append(
+            f"MDL (online code over {training['split']} blocks): {mdl_text(metrics['mdl'])}"
+            + (f"; control {mdl_text(metrics['mdl']['control'])}" if "control" in metrics["mdl"] else "")
+        )
     lines += [
         "Top-k Accuracy: " + ", ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items()),
         f"Mean Reciprocal Rank: {metrics['mean_reciprocal_rank']:.4f}",
@@ -2458,7 +2502,9 @@ def evidence_lines(results: dict) -> list[str]:
         lines.append("Positive control: text tokens are the prompt itself, so high accuracy is expected at every layer")
     if metrics["failed_probes"]:
         folds = ", ".join(f"repeat {r} fold {f}" for r, f in metrics["failed_probes"])
-        lines.append(f"FAILED PROBES ({folds}): never improved on validation (non-finite loss); their samples count as wrong")
+        lines.append(
+            f"FAILED PROBES ({folds}): never improved on validation (non-finite loss); their samples count as wrong"
+        )
     for role in ("null", "mdl"):
         if metrics["failed_copies"][role]:
             lines.append(f"FAILED {role.upper()} PROBES: {metrics['failed_copies'][role]} never improved on validation")
@@ -2477,26 +2523,34 @@ def control_lines(metrics: dict, training: dict) -> list[str]:
     """The control and the permutation null, read as what they are under this split."""
     if "control_accuracy" not in metrics:
         return ["Control Task: off (--no_control)"]
-    control = (f"Control (task -> embedding assignment permuted): accuracy {with_interval(metrics, 'control_accuracy')}, "
-               f"information {metrics['control_information_bits']:.3f} bits; selectivity (accuracy - control) "
-               f"{with_interval(metrics, 'selectivity')}")
+    control = (
+        f"Control (task -> embedding assignment permuted): accuracy {with_interval(metrics, 'control_accuracy')}, "
+        f"information {metrics['control_information_bits']:.3f} bits; selectivity (accuracy - control) "
+        f"{with_interval(metrics, 'selectivity')}"
+    )
     lines = [control]
     if training["split"] == "episode":
-        lines.append("  With held-out episodes of seen tasks the control shows how learnable an arbitrary assignment is "
-                     "(high whenever the layer separates the tasks), not whether the layer is language-shaped: "
-                     "that question is answered by --split task")
+        lines.append(
+            "  With held-out episodes of seen tasks the control shows how learnable an arbitrary assignment is "
+            "(high whenever the layer separates the tasks), not whether the layer is language-shaped: "
+            "that question is answered by --split task"
+        )
     if "permutation_p_value" in metrics:
         null, p_value = metrics["permutation_null"], metrics["permutation_p_value"]
         if math.isnan(p_value):
             test = f"no p-value: {metrics['failed_copies']['null']} null probe(s) failed"
         else:
             test = f"p = {p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's accuracy as observed"
-        lines.append(f"Permutation Null ({len(null['accuracy'])} permuted assignments, trained like the probe): mean accuracy "
-                     f"{metrics['permutation_null_mean_accuracy']:.4f}, mean information "
-                     f"{metrics['permutation_null_mean_information_bits']:.3f} bits; {test}")
+        lines.append(
+            f"Permutation Null ({len(null['accuracy'])} permuted assignments, trained like the probe): mean accuracy "
+            f"{metrics['permutation_null_mean_accuracy']:.4f}, mean information "
+            f"{metrics['permutation_null_mean_information_bits']:.3f} bits; {test}"
+        )
         if training["split"] == "episode":
-            lines.append("  With held-out episodes this tests whether the true assignment is more learnable than arbitrary "
-                         "ones, not whether the layer is language-shaped (--split task)")
+            lines.append(
+                "  With held-out episodes this tests whether the true assignment is more learnable than arbitrary "
+                "ones, not whether the layer is language-shaped (--split task)"
+            )
     return lines
 
 
@@ -2539,13 +2593,17 @@ def measured_lines(results: dict) -> list[str]:
         f"Episodes Without step_{data['rollout_step']}: {len(without_step)}"
         + (" (" + ", ".join(f"task {t} episode {e}" for t, e in without_step) + ")" if without_step else ""),
         f"Samples Skipped For Non-finite Features: {len(report['nonfinite_samples'])}"
-        + (" (" + ", ".join(f"task {t} episode {e}" for t, e, *_ in report["nonfinite_samples"][:10]) + ")"
-           if report["nonfinite_samples"] else ""),
+        + (
+            " (" + ", ".join(f"task {t} episode {e}" for t, e, *_ in report["nonfinite_samples"][:10]) + ")"
+            if report["nonfinite_samples"]
+            else ""
+        ),
     ]
     if training["probe"] == "linear":
         epochs = history["epochs_run"][: metrics["num_folds"]]
         lines.append(
-            f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, {history['steps_per_epoch']} "
+            f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, "
+            f"{history['steps_per_epoch']} "
             f"updates/epoch, {epochs.min()}-{epochs.max()} of at most {training['num_epochs']} epochs per fold "
             f"(early stopping, patience {training['patience']})"
         )
@@ -2562,11 +2620,19 @@ def write_results(results: dict, output_dir: Path, stem: str) -> tuple[Path, Pat
 
 
 def sweep_items(base: DataConfig, layers, steps, inference, report: ReadReport) -> list[DataConfig]:
-    """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all"/"each" resolved from the data."""
+    """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all" and "each" resolved
+    from the data."""
     layers = [None] if base.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
     steps = sorted(report.steps_seen) if steps == "all" else steps_asked(steps, report.steps_seen)
-    inference = [None] if inference == "all" else list(range(report.inference_count)) if inference == "each" else inference
-    return [dataclasses.replace(base, rollout_step=s, inference_step=k, layer=layer) for s in steps for k in inference for layer in layers]
+    inference = (
+        [None] if inference == "all" else list(range(report.inference_count)) if inference == "each" else inference
+    )
+    return [
+        dataclasses.replace(base, rollout_step=s, inference_step=k, layer=layer)
+        for s in steps
+        for k in inference
+        for layer in layers
+    ]
 
 
 def steps_asked(steps: list[int | range], steps_seen: set[int]) -> list[int]:
@@ -2576,56 +2642,100 @@ def steps_asked(steps: list[int | range], steps_seen: set[int]) -> list[int]:
         present = [step for step in sorted(steps_seen) if step in span]
         if not present:
             seen = ", ".join(map(str, sorted(steps_seen))) or "none"
-            raise ProbeError(f"--rollout_step {span.start}-{span.stop - 1}: no rollout step in that range; present: {seen}")
+            raise ProbeError(
+                f"--rollout_step {span.start}-{span.stop - 1}: no rollout step in that range; present: {seen}"
+            )
         chosen += [step for step in present if step not in chosen]
     return chosen
 
 
-def run_sweep(items: list[DataConfig], report: ReadReport, samples_by_step: dict[int, Samples], layers: list, labels: LabelConfig,
-              training: TrainingConfig, output_dir: Path, plot: bool, started: float, command: list[str]) -> list[tuple[dict, Path, Path]]:
-    """Train and evaluate every item; items that share their samples are trained together in one program."""
+class Destination(NamedTuple):
+    """Where a run's results go, and what each records about the run."""
+
+    output_dir: Path
+    plot: bool  # also each result's figures
+    started: float  # time.perf_counter() at the start: each result records the wall time so far
+    command: list[str]
+
+
+def sweep_groups(
+    items: list[DataConfig], report: ReadReport, samples: Samples, layers: list
+) -> tuple[list[list[tuple[DataConfig, Samples]]], dict[DataConfig, list[tuple]]]:
+    """The items grouped by the samples they share (trained together), each with its finite samples; and the samples
+    each item skipped as non-finite. --strict stops here, before any training, when any was skipped."""
     groups: dict[tuple, list] = {}
     nonfinite: dict[DataConfig, list[tuple]] = {}
     for item in items:
-        samples = samples_by_step[item.rollout_step]
-        rows = np.ones(len(samples.task_id), bool) if item.inference_step is None else samples.inference_index == item.inference_step
+        rows = np.ones(len(samples.task_id), bool)
+        if item.inference_step is not None:
+            rows = samples.inference_index == item.inference_step
         rows, nonfinite[item] = finite_rows(samples, rows, layers.index(item.layer), item, report)
-        key = (item.rollout_step, samples.task_id[rows].tobytes(), samples.episode[rows].tobytes())
+        key = (samples.task_id[rows].tobytes(), samples.episode[rows].tobytes())
         groups.setdefault(key, []).append((item, samples.select(np.flatnonzero(rows), layers.index(item.layer))))
-    skipped = sum(len(samples) for samples in nonfinite.values())
-    if skipped and items[0].strict:  # before any training: --strict leaves no result file
+    skipped = sum(len(skips) for skips in nonfinite.values())
+    if skipped and items[0].strict:
         raise ProbeError(f"{skipped} sample(s) have non-finite features (see the warnings above); --strict stops here")
-    # Every design before any training: a combination left without enough samples stops the run before a file is written.
-    designs = [make_design(members[0][1], report.descriptions, labels, training) for members in groups.values()]
+    return list(groups.values()), nonfinite
+
+
+def run_sweep(
+    items: list[DataConfig],
+    report: ReadReport,
+    samples: Samples,
+    layers: list,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    destination: Destination,
+) -> list[tuple[dict, Path, Path]]:
+    """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`);
+    items that share their samples are trained together in one program."""
+    groups, nonfinite = sweep_groups(items, report, samples, layers)
+    # Every design before any training: a combination left without enough samples stops the run before a file is
+    # written.
+    designs = [make_design(members[0][1], report.descriptions, labels, training) for members in groups]
+    evaluate = evaluate_concepts if labels.target == "concepts" else evaluate_item
     written = []
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
-        for design, members in zip(designs, groups.values()):
-            features = np.stack([selected.features[0] for _, selected in members])
+        for design, members in zip(designs, groups):
+            features = [selected.features[0] for _, selected in members]  # views where possible: no stacked copy
             fitted = fit_items(features, design, training)
-            conditional = conditional_metrics(features, members[0][1], report, labels, training) if items[0].baseline else None
+            conditional = None
+            if items[0].baseline:
+                conditional = conditional_metrics(features, members[0][1], report, labels, training)
             for position, (item, selected) in enumerate(members):
-                evaluate = evaluate_concepts if labels.target == "concepts" else evaluate_item
-                results = evaluate(selected, {k: v[position] for k, v in fitted.items()}, design, report, item, labels, training)
+                item_fit = {key: value[position] for key, value in fitted.items()}
+                results = evaluate(selected, item_fit, design, report, item, labels, training)
                 if conditional:
-                    results["metrics"]["baseline"] = {"spec": baseline_spec_text(item.baseline), **conditional[position]}
+                    results["metrics"]["baseline"] = {
+                        "spec": baseline_spec_text(item.baseline),
+                        **conditional[position],
+                    }
                     results["data_report"]["steps_without_baseline"] = report.without_baseline
                 results["data_report"]["nonfinite_samples"] = nonfinite[item]
-                results["wall_time_seconds"] = time.perf_counter() - started
-                results["command"] = command
-                stem = result_stem(item, report.inference_times, labels.target)
-                paths = write_results(results, output_dir, stem)
-                if plot and labels.target == "t5":
-                    write_run_plots(results, selected.features[0], output_dir, stem)
-                written.append((results, *paths))
+                written.append(write_item(results, item, selected, report, labels, destination))
                 progress.update()
     return written
+
+
+def write_item(
+    results: dict, item: DataConfig, samples: Samples, report: ReadReport, labels: LabelConfig, destination: Destination
+) -> tuple[dict, Path, Path]:
+    """Write one item's results, with the run's wall time so far and its command, and with --plot its figures."""
+    results["wall_time_seconds"] = time.perf_counter() - destination.started
+    results["command"] = destination.command
+    stem = result_stem(item, report.inference_times, labels.target)
+    paths = write_results(results, destination.output_dir, stem)
+    if destination.plot and labels.target == "t5":
+        write_run_plots(results, samples.features[0], destination.output_dir, stem)
+    return (results, *paths)
 
 
 NONFINITE_WARNINGS_SHOWN = 20  # per combination; the rest are counted
 
 
-def finite_rows(samples: Samples, rows: np.ndarray, layer_position: int, item: DataConfig,
-                report: ReadReport) -> tuple[np.ndarray, list[tuple]]:
+def finite_rows(
+    samples: Samples, rows: np.ndarray, layer_position: int, item: DataConfig, report: ReadReport
+) -> tuple[np.ndarray, list[tuple]]:
     """The rows whose pooled feature is finite, and (task, episode, step, denoising time) of each skipped one.
 
     A NaN or inf (a bfloat16 overflow in the dump) is a data problem: named in a warning, skipped, counted."""
@@ -2634,15 +2744,28 @@ def finite_rows(samples: Samples, rows: np.ndarray, layer_position: int, item: D
         finite &= np.isfinite(samples.baseline).all(axis=1)
     skipped = []
     for row in np.flatnonzero(rows & ~finite):
-        task, episode, time_value = int(samples.task_id[row]), int(samples.episode[row]), float(samples.inference_time[row])
+        task, episode, time_value = (
+            int(samples.task_id[row]),
+            int(samples.episode[row]),
+            float(samples.inference_time[row]),
+        )
         skipped.append((task, episode, int(samples.step[row]), time_value))
         if len(skipped) <= NONFINITE_WARNINGS_SHOWN:
             denoising = "" if math.isnan(time_value) else f", denoising t {time_value:g}"
-            log.warning("%s: episode_%d, step_%d%s, %s: non-finite values in the pooled feature (or its --baseline); sample skipped "
-                        "(--strict makes this fatal)", report.files[task], episode, samples.step[row], denoising,
-                        "camera " + item.camera if item.layer is None else f"layer {item.layer}")
+            log.warning(
+                "%s: episode_%d, step_%d%s, %s: non-finite values in the pooled feature (or its --baseline); sample "
+                "skipped "
+                "(--strict makes this fatal)",
+                report.files[task],
+                episode,
+                samples.step[row],
+                denoising,
+                "camera " + item.camera if item.layer is None else f"layer {item.layer}",
+            )
     if len(skipped) > NONFINITE_WARNINGS_SHOWN:
-        log.warning("... and %d more non-finite sample(s) for this combination", len(skipped) - NONFINITE_WARNINGS_SHOWN)
+        log.warning(
+            "... and %d more non-finite sample(s) for this combination", len(skipped) - NONFINITE_WARNINGS_SHOWN
+        )
     if rows.any() and not (rows & finite).any():
         raise ProbeError(f"{result_stem(item, report.inference_times)}: every sample has non-finite features")
     return rows & finite, skipped
@@ -2653,20 +2776,73 @@ def finite_rows(samples: Samples, rows: np.ndarray, layer_position: int, item: D
 # -----------------------------------------------------------------------------
 
 REPORT_COLUMNS = [
-    "expert", "layer", "rollout_step", "inference_step", "inference_time", "feature_type", "token_positions", "probe", "loss",
-    "split", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy", "majority_accuracy", "chance_accuracy",
-    "information_bits", "information_bits_ci_low", "information_bits_ci_high", "max_information_bits", "control_accuracy",
-    "control_information_bits", "selectivity", "selectivity_ci_low", "selectivity_ci_high", "permutation_null_mean_accuracy",
-    "permutation_p_value", "cosine_similarity_label_space", "cosine_similarity", "constant_predictor_cosine",
-    "cosine_similarity_normalized", "top_3_accuracy", "mean_reciprocal_rank", "num_samples", "num_tasks", "num_episodes",
-    "num_folds", "num_repeats", "baseline", "baseline_information_bits", "joint_information_bits", "gain_bits",
-    "gain_accuracy", "file",
+    "expert",
+    "layer",
+    "rollout_step",
+    "inference_step",
+    "inference_time",
+    "feature_type",
+    "token_positions",
+    "probe",
+    "loss",
+    "split",
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "balanced_accuracy",
+    "majority_accuracy",
+    "chance_accuracy",
+    "information_bits",
+    "information_bits_ci_low",
+    "information_bits_ci_high",
+    "max_information_bits",
+    "control_accuracy",
+    "control_information_bits",
+    "selectivity",
+    "selectivity_ci_low",
+    "selectivity_ci_high",
+    "permutation_null_mean_accuracy",
+    "permutation_p_value",
+    "cosine_similarity_label_space",
+    "cosine_similarity",
+    "constant_predictor_cosine",
+    "cosine_similarity_normalized",
+    "top_3_accuracy",
+    "mean_reciprocal_rank",
+    "num_samples",
+    "num_tasks",
+    "num_episodes",
+    "num_folds",
+    "num_repeats",
+    "baseline",
+    "baseline_information_bits",
+    "joint_information_bits",
+    "gain_bits",
+    "gain_accuracy",
+    "file",
 ]
 REPORT_METRICS = [  # columns copied from the results' metrics as they are (blank when a run has none)
-    "accuracy", "balanced_accuracy", "majority_accuracy", "chance_accuracy", "information_bits", "max_information_bits",
-    "control_accuracy", "control_information_bits", "selectivity", "permutation_null_mean_accuracy", "permutation_p_value",
-    "cosine_similarity_label_space", "cosine_similarity", "constant_predictor_cosine", "cosine_similarity_normalized",
-    "mean_reciprocal_rank", "num_samples", "num_tasks", "num_episodes", "num_folds", "num_repeats",
+    "accuracy",
+    "balanced_accuracy",
+    "majority_accuracy",
+    "chance_accuracy",
+    "information_bits",
+    "max_information_bits",
+    "control_accuracy",
+    "control_information_bits",
+    "selectivity",
+    "permutation_null_mean_accuracy",
+    "permutation_p_value",
+    "cosine_similarity_label_space",
+    "cosine_similarity",
+    "constant_predictor_cosine",
+    "cosine_similarity_normalized",
+    "mean_reciprocal_rank",
+    "num_samples",
+    "num_tasks",
+    "num_episodes",
+    "num_folds",
+    "num_repeats",
 ]
 
 
@@ -2694,20 +2870,30 @@ def report_row(results: dict, path: Path) -> dict:
     intervals = metrics["confidence_intervals"]
     times = np.unique(results["samples"]["inference_time"])
     row = {
-        "expert": data["expert"], "layer": data["layer"], "rollout_step": data["rollout_step"],
+        "expert": data["expert"],
+        "layer": data["layer"],
+        "rollout_step": data["rollout_step"],
         "inference_step": "all" if data["inference_step"] is None else data["inference_step"],
         "inference_time": float(times[0]) if len(times) == 1 and not np.isnan(times[0]) else "",
-        "feature_type": data["feature_type"], "token_positions": results["config"]["token_positions"], "probe": training["probe"],
-        "loss": training["loss"] if training["probe"] == "linear" else "", "split": training["split"],
-        "top_3_accuracy": metrics["top_k_accuracy"].get(3, ""), "file": path.name,
+        "feature_type": data["feature_type"],
+        "token_positions": results["config"]["token_positions"],
+        "probe": training["probe"],
+        "loss": training["loss"] if training["probe"] == "linear" else "",
+        "split": training["split"],
+        "top_3_accuracy": metrics["top_k_accuracy"].get(3, ""),
+        "file": path.name,
     }
     row.update({name: metrics.get(name, "") for name in REPORT_METRICS})
     for name in ("accuracy", "information_bits", "selectivity"):
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = intervals.get(name, ("", ""))
     base = metrics.get("baseline", {})
-    row.update(baseline=base.get("spec", ""), baseline_information_bits=base.get("information_bits", ""),
-               joint_information_bits=base.get("joint_information_bits", ""), gain_bits=base.get("gain_bits", ""),
-               gain_accuracy=base.get("gain_accuracy", ""))
+    row.update(
+        baseline=base.get("spec", ""),
+        baseline_information_bits=base.get("information_bits", ""),
+        joint_information_bits=base.get("joint_information_bits", ""),
+        gain_bits=base.get("gain_bits", ""),
+        gain_accuracy=base.get("gain_accuracy", ""),
+    )
     return row
 
 
@@ -2728,8 +2914,11 @@ def write_report(directory: Path) -> str:
             try:
                 results = RestrictedUnpickler(file).load()
                 if results.get("format_version", 0) < RESULTS_FORMAT:
-                    log.warning("skipping %s: written by an older version of this program (format %s); rerun it", path,
-                                results.get("format_version"))
+                    log.warning(
+                        "skipping %s: written by an older version of this program (format %s); rerun it",
+                        path,
+                        results.get("format_version"),
+                    )
                     continue
                 if results.get("target") == "concepts":
                     concept_rows += concept_report_rows(results, path)
@@ -2742,7 +2931,11 @@ def write_report(directory: Path) -> str:
     concept_lines = write_concept_report(concept_rows, directory) if concept_rows else []
     if not rows:
         return "\n".join(concept_lines)
-    order = lambda row: (row["expert"], row["rollout_step"], str(row["inference_step"]), str(row["feature_type"]), -1 if row["layer"] is None else row["layer"])
+
+    def order(row: dict) -> tuple:
+        layer = -1 if row["layer"] is None else row["layer"]
+        return row["expert"], row["rollout_step"], str(row["inference_step"]), str(row["feature_type"]), layer
+
     rows.sort(key=order)
     write_atomically(directory / "sweep.csv", csv_bytes(REPORT_COLUMNS, rows))
     written = [directory / "sweep.csv"]
@@ -2751,14 +2944,19 @@ def write_report(directory: Path) -> str:
         plot_by_layer(layered, directory)
         written += [directory / "accuracy_by_layer.png", directory / "cosine_by_layer.png"]
         written += write_heatmaps(layered, directory)
-    header = (f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'bits':>6} {'control':>7} "
-              f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}")
+    header = (
+        f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'bits':>6} {'control':>7} "
+        f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
-        interval = f"[{row['accuracy_ci_low']:.2f}, {row['accuracy_ci_high']:.2f}]" if row["accuracy_ci_low"] != "" else ""
+        interval = (
+            f"[{row['accuracy_ci_low']:.2f}, {row['accuracy_ci_high']:.2f}]" if row["accuracy_ci_low"] != "" else ""
+        )
         layer = "-" if row["layer"] is None else row["layer"]
         lines.append(
-            f"{row['expert']:9} {layer:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} {row['accuracy']:8.4f} "
+            f"{row['expert']:9} {layer:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} "
+            f"{row['accuracy']:8.4f} "
             f"{interval:>15} {row['information_bits']:6.3f} {table_number(row['control_accuracy'], 7)} "
             f"{table_number(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
             f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
@@ -2768,18 +2966,36 @@ def write_report(directory: Path) -> str:
 
 
 CONCEPT_COLUMNS = [
-    "expert", "layer", "rollout_step", "inference_step", "split", "concept", "balanced_accuracy", "accuracy",
-    "majority_accuracy", "information_bits", "tasks_with", "tasks_without", "file",
+    "expert",
+    "layer",
+    "rollout_step",
+    "inference_step",
+    "split",
+    "concept",
+    "balanced_accuracy",
+    "accuracy",
+    "majority_accuracy",
+    "information_bits",
+    "tasks_with",
+    "tasks_without",
+    "file",
 ]
 
 
 def concept_report_rows(results: dict, path: Path) -> list[dict]:
     """One concepts.csv row per concept of a concept run."""
     data, split = results["config"]["data"], results["config"]["training"]["split"]
-    where = {"expert": data["expert"], "layer": data["layer"], "rollout_step": data["rollout_step"],
-             "inference_step": "all" if data["inference_step"] is None else data["inference_step"], "split": split}
-    return [{**where, "concept": name, **{key: one[key] for key in CONCEPT_COLUMNS[6:12]}, "file": path.name}
-            for name, one in sorted(results["concepts"].items())]
+    where = {
+        "expert": data["expert"],
+        "layer": data["layer"],
+        "rollout_step": data["rollout_step"],
+        "inference_step": "all" if data["inference_step"] is None else data["inference_step"],
+        "split": split,
+    }
+    return [
+        {**where, "concept": name, **{key: one[key] for key in CONCEPT_COLUMNS[6:12]}, "file": path.name}
+        for name, one in sorted(results["concepts"].items())
+    ]
 
 
 def write_concept_report(rows: list[dict], directory: Path) -> list[str]:
@@ -2787,7 +3003,9 @@ def write_concept_report(rows: list[dict], directory: Path) -> list[str]:
     write_atomically(directory / "concepts.csv", csv_bytes(CONCEPT_COLUMNS, rows))
     panels: dict[tuple, list[dict]] = {}
     for row in rows:
-        panels.setdefault((row["expert"], row["rollout_step"], str(row["inference_step"]), row["split"]), []).append(row)
+        panels.setdefault((row["expert"], row["rollout_step"], str(row["inference_step"]), row["split"]), []).append(
+            row
+        )
     panels = {key: members for key, members in panels.items() if len({row["layer"] for row in members}) > 1}
     if not panels:
         return [f"wrote {directory / 'concepts.csv'}"]
@@ -2812,10 +3030,24 @@ def plot_concepts_by_layer(panels: dict[tuple, list[dict]], path: Path) -> None:
         image = axis.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
-                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+                axis.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value < 0.6 else "black",
+                )
         held_out = "held-out tasks (transfer)" if split == "task" else "held-out episodes (decodability)"
-        axis.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(names)), yticklabels=names, xlabel="layer",
-                 title=f"{expert}, step {step}, denoising {inference}\nbalanced accuracy on {held_out}")
+        axis.set(
+            xticks=range(len(layers)),
+            xticklabels=layers,
+            yticks=range(len(names)),
+            yticklabels=names,
+            xlabel="layer",
+            title=f"{expert}, step {step}, denoising {inference}\nbalanced accuracy on {held_out}",
+        )
     figure.colorbar(image, ax=axes[0].tolist(), label="balanced accuracy (chance 0.5 for a word)")
     save_figure(figure, path)
 
@@ -2827,42 +3059,63 @@ def table_number(value, width: int) -> str:
 
 def plot_by_layer(rows: list[dict], directory: Path) -> None:
     """Accuracy (with interval, control and chance) and cosine against layer, one line per series."""
-    plt = pyplot()
     keys = ("rollout_step", "inference_step", "feature_type", "token_positions", "probe", "loss", "split")
-    experts = {row["expert"] for row in rows}  # token positions follow the expert: name them only when they vary within one
-    varying = [key for key in keys if any(len({row[key] for row in rows if row["expert"] == expert}) > 1 for expert in experts)]
+    # Token positions follow the expert: name them only when they vary within one.
+    experts = {row["expert"] for row in rows}
+    varying = [
+        key for key in keys if any(len({row[key] for row in rows if row["expert"] == expert}) > 1 for expert in experts)
+    ]
     series: dict[tuple, list[dict]] = {}
     for row in rows:
         series.setdefault((row["expert"], *(row[key] for key in varying)), []).append(row)
     layers = sorted({row["layer"] for row in rows})
-    figure, axis = plt.subplots(figsize=(9, 5))
-    for members in series.values():
-        x = [row["layer"] for row in members]
-        line = axis.plot(x, [row["accuracy"] for row in members], marker="o", label=series_label(members[0], varying))[0]
+    plot_accuracy_by_layer(list(series.values()), varying, rows, layers, directory / "accuracy_by_layer.png")
+    plot_cosine_by_layer(list(series.values()), varying, layers, directory / "cosine_by_layer.png")
+
+
+def plot_accuracy_by_layer(series: list[list[dict]], varying: list[str], rows: list[dict], layers: list, path: Path):
+    """Held-out accuracy per layer, one line per series, interval shaded, chance dashed, control dotted."""
+    figure, axis = pyplot().subplots(figsize=(9, 5))
+    for members in series:
+        x, label = [row["layer"] for row in members], series_label(members[0], varying)
+        (line,) = axis.plot(x, [row["accuracy"] for row in members], marker="o", label=label)
         if all(row["accuracy_ci_low"] != "" for row in members):
-            axis.fill_between(x, [row["accuracy_ci_low"] for row in members], [row["accuracy_ci_high"] for row in members], color=line.get_color(), alpha=0.15)
+            low, high = [row["accuracy_ci_low"] for row in members], [row["accuracy_ci_high"] for row in members]
+            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
         # the control is evidence about language only when whole tasks are held out (see SPLIT_NOTES)
         if members[0]["split"] == "task" and all(row["control_accuracy"] != "" for row in members):
-            axis.plot(x, [row["control_accuracy"] for row in members], linestyle=":", color=line.get_color(), label=f"{series_label(members[0], varying)} (control)")
-    chance = sorted({row["chance_accuracy"] for row in rows})
-    for value in chance:
+            control = [row["control_accuracy"] for row in members]
+            axis.plot(x, control, linestyle=":", color=line.get_color(), label=f"{label} (control)")
+    for value in sorted({row["chance_accuracy"] for row in rows}):
         axis.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"chance {value:.3f}")
-    axis.set(xlabel="layer", ylabel="held-out accuracy", ylim=(-0.02, 1.02), xticks=layers, title="Task retrieval from each layer (95% bootstrap interval shaded)")
+    title = "Task retrieval from each layer (95% bootstrap interval shaded)"
+    axis.set(xlabel="layer", ylabel="held-out accuracy", ylim=(-0.02, 1.02), xticks=layers, title=title)
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axis.grid(alpha=0.3)
-    save_figure(figure, directory / "accuracy_by_layer.png")
-    figure, (centered, raw) = plt.subplots(1, 2, figsize=(13, 5))
-    for number, members in enumerate(series.values()):
-        x = [row["layer"] for row in members]
-        line = centered.plot(x, [row["cosine_similarity_label_space"] for row in members], marker="o", label=series_label(members[0], varying))[0]
-        raw.plot(x, [row["cosine_similarity"] for row in members], marker="o", color=line.get_color(), label=series_label(members[0], varying))
-        raw.plot(x, [row["constant_predictor_cosine"] for row in members], linestyle="--", color="grey", label=None if number else "constant predictor (mean embedding)")
-    centered.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Probe's label space")
-    raw.set(xlabel="layer", ylabel="cosine to own task's embedding", xticks=layers, title="Raw T5 space (the guide's), with the constant predictor")
+    save_figure(figure, path)
+
+
+def plot_cosine_by_layer(series: list[list[dict]], varying: list[str], layers: list, path: Path) -> None:
+    """Cosine to the own task's embedding per layer: in the probe's label space, and in raw T5 space with the
+    constant predictor (the mean embedding) for scale."""
+    figure, (centered, raw) = pyplot().subplots(1, 2, figsize=(13, 5))
+    for number, members in enumerate(series):
+        x, label = [row["layer"] for row in members], series_label(members[0], varying)
+        (line,) = centered.plot(x, [row["cosine_similarity_label_space"] for row in members], marker="o", label=label)
+        raw.plot(x, [row["cosine_similarity"] for row in members], marker="o", color=line.get_color(), label=label)
+        constant = [row["constant_predictor_cosine"] for row in members]
+        raw.plot(
+            x, constant, linestyle="--", color="grey", label=None if number else "constant predictor (mean embedding)"
+        )
+    ylabel = "cosine to own task's embedding"
+    centered.set(xlabel="layer", ylabel=ylabel, xticks=layers, title="Probe's label space")
+    raw.set(
+        xlabel="layer", ylabel=ylabel, xticks=layers, title="Raw T5 space (the guide's), with the constant predictor"
+    )
     for axis in (centered, raw):
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
-    save_figure(figure, directory / "cosine_by_layer.png")
+    save_figure(figure, path)
 
 
 # Heatmaps: a sweep over layers and one more axis (denoising time, or rollout step) drawn as layer x column grids, one
@@ -2881,15 +3134,22 @@ class HeatmapKind(NamedTuple):
 PANEL_SETTINGS = ("feature_type", "token_positions", "probe", "loss", "split")
 HEATMAPS = (
     HeatmapKind(
-        stem="accuracy_by_layer_and_inference_time", column="inference_time",
-        panel_keys=("expert", "rollout_step", *PANEL_SETTINGS), named_key="rollout_step", descending=True,
+        stem="accuracy_by_layer_and_inference_time",
+        column="inference_time",
+        panel_keys=("expert", "rollout_step", *PANEL_SETTINGS),
+        named_key="rollout_step",
+        descending=True,
         xlabel="denoising time t (1.0: pure noise; denoising runs left to right)",
         title="Task retrieval by layer and denoising time",
     ),
     HeatmapKind(
-        stem="accuracy_by_layer_and_rollout_step", column="rollout_step",
-        panel_keys=("expert", "inference_step", "inference_time", *PANEL_SETTINGS), named_key="inference_time",
-        descending=False, xlabel="rollout step", title="Task retrieval by layer and rollout step",
+        stem="accuracy_by_layer_and_rollout_step",
+        column="rollout_step",
+        panel_keys=("expert", "inference_step", "inference_time", *PANEL_SETTINGS),
+        named_key="inference_time",
+        descending=False,
+        xlabel="rollout step",
+        title="Task retrieval by layer and rollout step",
     ),
 )
 SIGNIFICANT_P = 0.05  # under --split task, accuracy cells whose permutation p-value is at most this get a star
@@ -2960,9 +3220,9 @@ def panel_values(panel: HeatmapPanel, metric: str) -> np.ndarray:
 
 SPLIT_NOTES = {
     "episode": "held out: whole episodes of the analyzed tasks. No control shown: under this split it only measures "
-               "how learnable an arbitrary task \u2192 embedding assignment is.",
+    "how learnable an arbitrary task \u2192 embedding assignment is.",
     "task": "held out: whole tasks (unseen instructions). Control: the same probe trained on permuted task \u2192 "
-            "embedding assignments.",
+    "embedding assignments.",
 }
 
 
@@ -3061,8 +3321,15 @@ def draw_heatmap(figure, axis, panel: HeatmapPanel, metric: str, kind: HeatmapKi
     plt = pyplot()
     values = panel_values(panel, metric)
     low, high, colours, references, title = heatmap_scale(panel, metric, values)
-    image = axis.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", vmin=low, vmax=high,
-                        cmap=plt.get_cmap(colours).with_extremes(bad="0.85"), interpolation="nearest")
+    image = axis.imshow(
+        np.ma.masked_invalid(values),
+        origin="lower",
+        aspect="auto",
+        vmin=low,
+        vmax=high,
+        cmap=plt.get_cmap(colours).with_extremes(bad="0.85"),
+        interpolation="nearest",
+    )
     labels, note = cell_labels(panel, metric, values)
     annotate_cells(axis, image, values, labels)
     if "all" in panel.columns:  # the probe over every denoising entry is not a point in time: set it apart
@@ -3116,48 +3383,1046 @@ def annotate_cells(axis, image, values: np.ndarray, labels: np.ndarray) -> None:
 
 def write_run_plots(results: dict, features: np.ndarray, output_dir: Path, stem: str) -> None:
     """Training curves, confusion matrix, held-out similarity heatmap and a PCA of the features."""
-    plt = pyplot()
-    history, metrics, heldout = results["history"], results["metrics"], results["heldout"]
-    folds, task_ids = metrics["num_folds"], results["tasks"]["task_ids"]
-    if "train_loss" in history:
-        figure, axis = plt.subplots(figsize=(8, 4.5))
-        for f in range(folds):
-            epochs = int(history["epochs_run"][f])
-            line = axis.plot(range(1, epochs + 1), history["train_loss"][f][:epochs], label=f"fold {f} train")[0]
-            axis.plot(range(1, epochs + 1), history["validation_loss"][f][:epochs], linestyle="--", color=line.get_color(), label=f"fold {f} validation")
-            axis.axvline(int(history["best_epoch"][f]), color=line.get_color(), linewidth=0.5)
-        axis.set(xlabel="epoch", ylabel=f"{results['config']['training']['loss']} loss", title=f"Training curves, {stem} (vertical: kept epoch)")
-        axis.legend(fontsize=7, ncol=2)
-        axis.grid(alpha=0.3)
-        save_figure(figure, output_dir / f"curves_{stem}.png")
-    labels = [str(t) for t in task_ids]
-    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    if "train_loss" in results["history"]:  # ridge has no training curves
+        plot_training_curves(results, output_dir / f"curves_{stem}.png", stem)
+    plot_confusion(results, output_dir / f"confusion_{stem}.png", stem)
+    plot_similarity(results, output_dir / f"similarity_{stem}.png", stem)
+    plot_feature_pca(results, features, output_dir / f"pca_{stem}.png", stem)
+
+
+def plot_training_curves(results: dict, path: Path, stem: str) -> None:
+    """Each fold's training and validation loss per epoch, the kept epoch marked."""
+    history = results["history"]
+    figure, axis = pyplot().subplots(figsize=(8, 4.5))
+    for fold in range(results["metrics"]["num_folds"]):
+        epochs = range(1, int(history["epochs_run"][fold]) + 1)
+        (line,) = axis.plot(epochs, history["train_loss"][fold][: len(epochs)], label=f"fold {fold} train")
+        validation = history["validation_loss"][fold][: len(epochs)]
+        axis.plot(epochs, validation, linestyle="--", color=line.get_color(), label=f"fold {fold} validation")
+        axis.axvline(int(history["best_epoch"][fold]), color=line.get_color(), linewidth=0.5)
+    loss = results["config"]["training"]["loss"]
+    axis.set(xlabel="epoch", ylabel=f"{loss} loss", title=f"Training curves, {stem} (vertical: kept epoch)")
+    axis.legend(fontsize=7, ncol=2)
+    axis.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def plot_confusion(results: dict, path: Path, stem: str) -> None:
+    """The held-out confusion matrix over the analyzed tasks."""
+    metrics, labels = results["metrics"], [str(task) for task in results["tasks"]["task_ids"]]
+    figure, axis = pyplot().subplots(figsize=(6.5, 5.5))
     image = axis.imshow(metrics["confusion_matrix"], cmap="Blues")
-    axis.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels, xlabel="predicted task", ylabel="true task",
-             title=f"Held-out confusion, {stem}\naccuracy {metrics['accuracy']:.3f} (chance {metrics['chance_accuracy']:.3f})")
+    title = f"Held-out confusion, {stem}\naccuracy {metrics['accuracy']:.3f} (chance {metrics['chance_accuracy']:.3f})"
+    ticks = range(len(labels))
+    axis.set(
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted task",
+        ylabel="true task",
+        title=title,
+    )
     figure.colorbar(image, ax=axis, label="samples")
-    save_figure(figure, output_dir / f"confusion_{stem}.png")
+    save_figure(figure, path)
+
+
+def plot_similarity(results: dict, path: Path, stem: str) -> None:
+    """Each held-out prediction's cosine to every task's embedding, samples grouped by their true task."""
+    heldout, labels = results["heldout"], [str(task) for task in results["tasks"]["task_ids"]]
     order = np.argsort(heldout["true_class"], kind="stable")
-    figure, axis = plt.subplots(figsize=(6.5, 6))
-    image = axis.imshow(heldout["similarity"][order], aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    axis.set(xticks=range(len(labels)), xticklabels=labels, xlabel="task embedding", ylabel="held-out sample (grouped by true task)",
-             title=f"Prediction-to-task-embedding cosine, {stem}")
+    figure, axis = pyplot().subplots(figsize=(6.5, 6))
+    similarity = heldout["similarity"][order]
+    image = axis.imshow(similarity, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    axis.set(
+        xticks=range(len(labels)),
+        xticklabels=labels,
+        xlabel="task embedding",
+        ylabel="held-out sample (grouped by true task)",
+        title=f"Prediction-to-task-embedding cosine, {stem}",
+    )
     figure.colorbar(image, ax=axis, label="cosine")
-    save_figure(figure, output_dir / f"similarity_{stem}.png")
-    centered = (features - features.mean(0)) / np.where(features.std(0) > 1e-6, features.std(0), 1.0)
+    save_figure(figure, path)
+
+
+def plot_feature_pca(results: dict, features: np.ndarray, path: Path, stem: str) -> None:
+    """The standardized pooled features on their first two principal components, coloured by task."""
+    spread = features.std(0)
+    centered = (features - features.mean(0)) / np.where(spread > 1e-6, spread, 1.0)
     projected = centered @ np.linalg.svd(centered, full_matrices=False)[2][:2].T
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 5.5))
     colors = plt.get_cmap("tab20")
-    for position, task in enumerate(task_ids):
+    for position, task in enumerate(results["tasks"]["task_ids"]):
         chosen = results["samples"]["task_id"] == task
         axis.scatter(projected[chosen, 0], projected[chosen, 1], s=14, color=colors(position % 20), label=str(task))
     axis.set(xlabel="PC 1", ylabel="PC 2", title=f"Pooled features (standardized), {stem}")
     axis.legend(title="task", fontsize=7, ncol=2)
-    save_figure(figure, output_dir / f"pca_{stem}.png")
+    save_figure(figure, path)
 
 
 # -----------------------------------------------------------------------------
-# Demo data: the real layout at small widths, with a planted task signal
+# Command line
+# -----------------------------------------------------------------------------
+
+DEMO_DEFAULTS = {
+    "rollout_step": [10],
+    "expert": "text_only",
+    "layer": [5],
+    "task_range": [0, 10],
+    "episode_range": [0, 6],
+}
+
+
+def bounded(kind: type, at_least: float | None = None, above: float | None = None, below: float | None = None):
+    """argparse type: a finite number of the given kind, checked against its bounds."""
+
+    def parse(text: str):
+        value = kind(text)
+        low_ok = (at_least is None or value >= at_least) and (above is None or value > above)
+        if not (math.isfinite(value) and low_ok and (below is None or value < below)):
+            limits = [
+                f">= {at_least}" if at_least is not None else None,
+                f"> {above}" if above is not None else None,
+                f"< {below}" if below is not None else None,
+            ]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(limit for limit in limits if limit)}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+def default(config: type, field: str):
+    """An option's default: that of the configuration field it fills, so each default is written once."""
+    return next(one.default for one in dataclasses.fields(config) if one.name == field)
+
+
+def index_list(words: tuple[str, ...], ranges_kept: bool = False):
+    """argparse type factory: '5', '0,5,10', '0-17' (inclusive) or one of `words` ('all', 'each'). With `ranges_kept`
+    a range stays a `range`, resolved later to the keys that exist in it (rollout steps are sparse: 10, 20, ...)."""
+
+    def parse(text: str) -> list[int | range] | str:
+        if text in words:
+            return text
+        values: list[int | range] = []
+        for part in text.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not match:
+                raise argparse.ArgumentTypeError(f"expected N, N,M,..., N-M or {' or '.join(words)}; got {text!r}")
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            if last < first:
+                raise argparse.ArgumentTypeError(f"range {part.strip()} runs backwards")
+            if ranges_kept and last > first:
+                values.append(range(first, last + 1))
+                continue
+            values += [v for v in range(first, last + 1) if v not in values]
+        return values
+
+    return parse
+
+
+def baseline_value(text: str) -> tuple[str, int | str]:
+    """argparse type: EXPERT:LAYER (vlm:0, image:5, text_only:0, action:3) or visual[:CAMERA]."""
+    expert, _, where = text.partition(":")
+    if expert not in EXPERTS:
+        raise argparse.ArgumentTypeError(
+            f"expected EXPERT:LAYER or visual[:CAMERA] with EXPERT one of {', '.join(EXPERTS)}; got {text!r}"
+        )
+    if expert == "visual":
+        return expert, where or "base_0_rgb"
+    if not where.isdigit():
+        raise argparse.ArgumentTypeError(f"--baseline {expert} needs a layer: {expert}:LAYER, e.g. {expert}:0")
+    return expert, int(where)
+
+
+def baseline_spec_text(baseline: tuple[str, int | str]) -> str:
+    """--baseline as the user writes it."""
+    return f"{baseline[0]}:{baseline[1]}"
+
+
+def shard_value(text: str) -> tuple[int, int]:
+    """argparse type: INDEX/COUNT with 0 <= INDEX < COUNT."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"expected INDEX/COUNT with 0 <= INDEX < COUNT, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def add_what_options(parser: argparse.ArgumentParser) -> None:
+    """Options that choose the samples and how each becomes a feature vector (DataConfig)."""
+    what = parser.add_argument_group("what to probe (required unless --demo or --report)")
+    what.add_argument(
+        "--rollout_step",
+        type=index_list(("all",), ranges_kept=True),
+        help="environment step N of the key 'step_N' (not a position); several: 10,20, 10-30 (the keys that exist "
+        "in it) or all (every step present)",
+    )
+    what.add_argument(
+        "--expert",
+        choices=EXPERTS,
+        help="vlm: VLM tokens 0-815; text_only: 768-815; image: 0-767; action: the action expert's own tokens; "
+        "visual: SigLIP output of --camera",
+    )
+    what.add_argument(
+        "--layer",
+        type=index_list(("all",)),
+        help="layer index (0-17 for Pi0; 0 is the input embeddings), checked against the data; several: 0,5,10, "
+        "0-17 or all",
+    )
+    what.add_argument("--data_path", help="directory of task_{id}_{name}.pkl files")
+    what.add_argument(
+        "--task_range",
+        nargs=2,
+        type=bounded(int, at_least=0),
+        metavar=("START", "END"),
+        help="task ids START..END-1 (end-exclusive: '0 10' is ten tasks)",
+    )
+    what.add_argument(
+        "--episode_range",
+        nargs=2,
+        type=bounded(int, at_least=0),
+        metavar=("START", "END"),
+        help="episodes START..END-1 of each task (end-exclusive)",
+    )
+    what.add_argument(
+        "--feature_type",
+        default=None,
+        help="key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: hidden_states; "
+        "pre_logits for visual)",
+    )
+    what.add_argument(
+        "--inference_step",
+        type=index_list(("all", "each")),
+        default="all",
+        metavar="{all,each,K,K-L,...}",
+        help="action expert: all = every denoising entry as its own sample, pooled in one result (default); each = "
+        "one result per denoising step; K = the K-th (0 = t 1.0, 9 = t 0.1); several: 0,9 or 0-4",
+    )
+    what.add_argument(
+        "--token_range",
+        nargs=2,
+        type=bounded(int, at_least=0),
+        metavar=("START", "END"),
+        help="pool token positions START..END-1 instead of the expert's",
+    )
+    what.add_argument(
+        "--pooling",
+        choices=("mean", "max", "last"),
+        default=default(DataConfig, "pooling"),
+        help="over the token positions (default: %(default)s)",
+    )
+    what.add_argument(
+        "--camera",
+        default=default(DataConfig, "camera"),
+        help="--expert visual: which vision_latents camera (default: %(default)s)",
+    )
+    what.add_argument(
+        "--baseline",
+        type=baseline_value,
+        default=None,
+        metavar="EXPERT:LAYER",
+        help="conditional probing: also train on this baseline's features alone and joined with the layer's, and "
+        "report what the layer adds (e.g. visual, visual:left_wrist_0_rgb, image:5, text_only:0, vlm:0)",
+    )
+    what.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable or malformed task file instead of skipping it with a warning",
+    )
+    what.add_argument(
+        "--trust_pickle",
+        action="store_true",
+        help="UNSAFE: let task files name any Python global, which runs code from the file; only for files you "
+        "made, with custom classes",
+    )
+
+
+def add_labels_options(parser: argparse.ArgumentParser) -> None:
+    """Options that choose what the probe predicts (LabelConfig)."""
+    labels = parser.add_argument_group("labels")
+    labels.add_argument(
+        "--target",
+        choices=("t5", "concepts"),
+        default=default(LabelConfig, "target"),
+        help="t5: the description's T5 embedding (default); concepts: one logistic probe per word that varies "
+        "between the analyzed tasks (or per --concepts attribute), on held-out tasks by default",
+    )
+    labels.add_argument(
+        "--concepts",
+        metavar="FILE",
+        dest="concepts_file",
+        help="--target concepts: a TSV of task_id, attribute, value giving the concepts instead of the words",
+    )
+    labels.add_argument(
+        "--t5_model",
+        default=default(LabelConfig, "t5_model"),
+        help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)",
+    )
+    labels.add_argument(
+        "--no_center_labels",
+        dest="center_labels",
+        action="store_false",
+        help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task "
+        "embedding",
+    )
+    labels.add_argument(
+        "--label_space",
+        choices=("span", "full"),
+        default=default(LabelConfig, "label_space"),
+        help="span: the probe predicts coordinates in the span of the training tasks' embeddings (at most tasks - 1 "
+        "directions; exact for the loss and retrieval, and as many times cheaper as T5 is wider); full: all of T5's "
+        "axes, "
+        "the guide's recipe literally (512 outputs for t5-small: about 15x the training time) (default: %(default)s)",
+    )
+    labels.add_argument(
+        "--label_dim",
+        type=bounded(int, at_least=1),
+        default=default(LabelConfig, "label_dim"),
+        help="project the T5 embeddings on the training tasks' top K principal directions (default: off)",
+    )
+    labels.add_argument(
+        "--cache_dir",
+        default=default(LabelConfig, "cache_dir"),
+        help="where T5 labels, task-file indexes and compiled JAX programs are cached (default: %(default)s)",
+    )
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the probe's optimisation (TrainingConfig)."""
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--learning_rate",
+        type=bounded(float, above=0),
+        default=default(TrainingConfig, "learning_rate"),
+        help="Adam learning rate (default: %(default)s)",
+    )
+    training.add_argument(
+        "--num_epochs",
+        type=bounded(int, at_least=1),
+        default=default(TrainingConfig, "num_epochs"),
+        help="at most this many epochs; early stopping usually ends sooner (default: %(default)s)",
+    )
+    training.add_argument(
+        "--batch_size",
+        type=bounded(int, at_least=1),
+        default=default(TrainingConfig, "batch_size"),
+        help="minibatch size (default: %(default)s)",
+    )
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=default(TrainingConfig, "seed"),
+        help="seeds the folds, initialisation, shuffling, control labels and bootstrap (default: %(default)s)",
+    )
+    training.add_argument(
+        "--patience",
+        type=bounded(int, at_least=1),
+        default=default(TrainingConfig, "patience"),
+        help="epochs without validation improvement before stopping (default: %(default)s)",
+    )
+    training.add_argument(
+        "--validation_fraction",
+        type=bounded(float, above=0, below=1),
+        default=default(TrainingConfig, "validation_fraction"),
+        help="share of each fold's training episodes (tasks, with --split task) used for early stopping (default: "
+        "%(default)s)",
+    )
+    training.add_argument(
+        "--probe",
+        choices=("linear", "ridge"),
+        default=default(TrainingConfig, "probe"),
+        help="linear: trained Dense layer; ridge: the same map in closed form, penalty by inner cross-validation "
+        "(default: %(default)s)",
+    )
+    training.add_argument(
+        "--loss",
+        choices=("cosine", "mse", "contrastive"),
+        default=default(TrainingConfig, "loss"),
+        help="cosine: 1 - cos (the guide's); contrastive: InfoNCE over the analyzed tasks' embeddings (default: "
+        "%(default)s)",
+    )
+    training.add_argument(
+        "--no_standardize",
+        dest="standardize",
+        action="store_false",
+        help="do not standardize features with training-set statistics",
+    )
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """Options of how samples are held out and what is measured (TrainingConfig)."""
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--cv_folds",
+        type=bounded(int, at_least=1),
+        default=default(TrainingConfig, "cv_folds"),
+        help="cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: "
+        "%(default)s)",
+    )
+    evaluation.add_argument(
+        "--split",
+        choices=("episode", "task"),
+        default=None,
+        help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe "
+        "never sees (default: episode; task with --target concepts)",
+    )
+    evaluation.add_argument(
+        "--no_control",
+        dest="control",
+        action="store_false",
+        help="skip the control task and the permutation null (probes trained on task -> embedding assignments "
+        "permuted across tasks)",
+    )
+    evaluation.add_argument(
+        "--permutations",
+        type=bounded(int, at_least=1),
+        default=None,
+        metavar="N",
+        help="permuted assignments trained like the probe; the first is the control; with several, a permutation "
+        f"p-value (default: {DEFAULT_TASK_SPLIT_PERMUTATIONS} with --split task, else 1)",
+    )
+    evaluation.add_argument(
+        "--repeats",
+        type=bounded(int, at_least=1),
+        default=default(TrainingConfig, "repeats"),
+        metavar="K",
+        help="seeds of folds and initialisation; metrics are their mean, intervals widened by their spread "
+        "(default: %(default)s)",
+    )
+    evaluation.add_argument(
+        "--mdl",
+        action="store_true",
+        help="also the online (prequential) codelength of the task labels, over blocks of whole episodes (tasks "
+        "with --split task)",
+    )
+    evaluation.add_argument(
+        "--bootstrap",
+        type=bounded(int, at_least=0),
+        default=default(TrainingConfig, "bootstrap"),
+        help="BCa resamples of whole episodes (tasks with --split task) for 95%% intervals; 0 for none (default: "
+        "%(default)s)",
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Options of what is written and printed."""
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--output_dir", default="results/linear_probing", help="created if missing (default: %(default)s)"
+    )
+    output.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="leave combinations whose two result files exist (resume a killed sweep)",
+    )
+    output.add_argument(
+        "--shard",
+        type=shard_value,
+        default=None,
+        metavar="INDEX/COUNT",
+        help="run only every COUNT-th combination, starting at INDEX (0-based), e.g. from a job array",
+    )
+    output.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write each run's training curves, confusion matrix, similarity heatmap and feature PCA (PNG)",
+    )
+    output.add_argument(
+        "--report",
+        metavar="DIR",
+        help="read every results_*.pkl in DIR, write DIR/sweep.csv and accuracy/cosine-by-layer plots, print the "
+        "table; nothing else runs",
+    )
+    output.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"write demo data and a tiny T5 under {DEMO_DIR} (once), then probe it; other options override the demo's",
+    )
+    verbosity = output.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    verbosity.add_argument(
+        "--quiet", action="store_true", help="print only warnings and errors: no summary, no progress bars"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface: the guide's options plus ours."""
+    parser = argparse.ArgumentParser(
+        description="Linear probe from one layer of a Pi0 expert to the T5 embedding of the task instruction, "
+        "evaluated on held-out episodes. "
+        "Several layers, rollout steps or denoising steps make a sweep: one result pair per combination, trained "
+        "together.",
+    )
+    add_what_options(parser)
+    add_labels_options(parser)
+    add_training_options(parser)
+    add_evaluation_options(parser)
+    add_output_options(parser)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and check options; exit 2 with a one-line message on a bad combination."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.report:
+        return args
+    if args.expert == "visual" and args.layer is None:
+        args.layer = [None]  # SigLIP's output has no layers
+    if args.demo:
+        for name, value in DEMO_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        args.data_path = args.data_path or str(DEMO_DIR)
+        if args.t5_model == parser.get_default("t5_model"):
+            args.t5_model = str(Path(args.data_path) / "t5_tiny")
+    missing = [
+        f"--{name}"
+        for name in ("rollout_step", "expert", "layer", "data_path", "task_range", "episode_range")
+        if getattr(args, name) is None
+    ]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    for name in ("task_range", "episode_range", "token_range"):
+        if getattr(args, name) is not None and args.__dict__[name][0] >= args.__dict__[name][1]:
+            start, end = getattr(args, name)
+            parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
+    if args.cv_folds < 2:
+        parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
+    if args.baseline and args.target == "concepts":
+        parser.error("--baseline applies to --target t5")
+    if args.baseline and args.baseline[0] == "action" and args.expert != "action":
+        parser.error("--baseline action:L needs --expert action: its denoising entries pair with the probed ones")
+    if args.concepts_file and args.target != "concepts":
+        parser.error("--concepts applies to --target concepts")
+    if args.target == "concepts" and (args.probe != "linear" or args.mdl or args.repeats > 1 or args.permutations):
+        parser.error(
+            "--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations "
+            "apply to --target t5"
+        )
+    args.split = args.split or ("task" if args.target == "concepts" else "episode")
+    if not args.control and args.permutations is not None:
+        parser.error("--permutations needs the control: drop --no_control")
+    if args.mdl and args.label_dim:
+        parser.error(
+            "--mdl codes blocks with probes trained on a few tasks, fewer than --label_dim needs: use one or the other"
+        )
+    if args.probe == "ridge" and args.loss != "cosine":
+        parser.error("--loss applies to --probe linear; ridge fits squared error in closed form")
+    if args.inference_step != "all" and args.expert != "action":
+        parser.error(f"--inference_step applies to --expert action only, not {args.expert}")
+    if args.expert == "visual" and args.layer != [None]:
+        parser.error("--layer does not apply to --expert visual: SigLIP's output (vision_latents) has no layer axis")
+    if args.expert != "visual" and args.camera != parser.get_default("camera"):
+        parser.error("--camera applies to --expert visual only")
+    return args
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse path options that would fail only after the work is done (OptionError: one line, exit 2)."""
+    if args.report:
+        return
+    if unwritable_reason(Path(args.output_dir)):
+        raise OptionError(f"--output_dir {args.output_dir}: {unwritable_reason(Path(args.output_dir))}")
+    if not args.demo and missing_model_directory(args.t5_model):  # --demo makes its own T5
+        raise OptionError(missing_model_directory(args.t5_model))
+
+
+def config_from(config: type, args: argparse.Namespace, **derived):
+    """The configuration whose fields the parsed options of the same name fill; `derived` gives the others."""
+    named = {one.name: getattr(args, one.name) for one in dataclasses.fields(config) if hasattr(args, one.name)}
+    return config(**{**named, **derived})
+
+
+def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelConfig, TrainingConfig]:
+    """Turn parsed options into the three configurations (the data one for the first combination)."""
+    data = config_from(
+        DataConfig,
+        args,
+        task_range=tuple(args.task_range),
+        episode_range=tuple(args.episode_range),
+        rollout_step=0,  # a placeholder: every combination names its own (see sweep_items)
+        layer=args.layer[0] if isinstance(args.layer, list) else 0,
+        feature_type=args.feature_type or ("pre_logits" if args.expert == "visual" else "hidden_states"),
+        inference_step=None,
+        token_range=tuple(args.token_range) if args.token_range else None,
+        index_dir=str(Path(args.cache_dir) / "file_index"),
+    )
+    return data, config_from(LabelConfig, args), config_from(TrainingConfig, args)
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, command: list[str], started: float) -> list[tuple[dict, Path, Path]]:
+    """Resolve the sweep, then read, train, evaluate and write one rollout step at a time; return what was written
+    (a sweep's results without their per-sample parts)."""
+    if args.demo:
+        prepare_demo(Path(args.data_path))
+    base, labels, training = configs_from_arguments(args)
+    items, structure = resolve_sweep(args, base, labels)
+    if not items:
+        log.warning("nothing to do: no combination is left for this shard, or all are already written")
+        return []
+    destination = Destination(Path(args.output_dir), args.plot, started, command)
+    layers = sorted({item.layer for item in items}, key=lambda layer: -1 if layer is None else layer)
+    written = []
+    for step in sorted({item.rollout_step for item in items}):
+        # One rollout step at a time: memory follows one step's features, not the sweep's. A later pass reads the
+        # files' indexes and that step's slices only.
+        samples_by_step, report = collect_samples(base, layers, [step])
+        report.inference_times = report.inference_times or structure.inference_times
+        step_items = [item for item in items if item.rollout_step == step]
+        width = samples_by_step[step].features.shape[2]
+        log.info("step %d: %d combination(s), %d task files, width %d", step, len(step_items), len(report.files), width)
+        for results, *paths in run_sweep(
+            step_items, report, samples_by_step.pop(step), layers, labels, training, destination
+        ):
+            if len(items) > 1:
+                results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
+            written.append((results, *paths))
+        del results  # before the next step is read
+        release_freed_memory()
+    return written
+
+
+def resolve_sweep(
+    args: argparse.Namespace, base: DataConfig, labels: LabelConfig
+) -> tuple[list[DataConfig], ReadReport]:
+    """The combinations this run writes (--shard and --skip_existing applied), and the files' structure when the
+    request needs it: "all" layers or steps and "each" denoising step come from the data, and so do the denoising
+    times in file names; with several steps, every one is checked to exist before the first is trained."""
+    step_ranges = args.rollout_step == "all" or any(isinstance(step, range) for step in args.rollout_step)
+    structure = ReadReport()
+    if step_ranges or len(args.rollout_step) > 1 or args.layer == "all" or args.inference_step != "all":
+        structure = read_files(base, None, None if step_ranges else args.rollout_step)[1]
+    items = sweep_items(base, args.layer, args.rollout_step, args.inference_step, structure)
+    for step in sorted({item.rollout_step for item in items}) if structure.files else []:
+        if step not in structure.steps_seen:
+            existing = ", ".join(map(str, sorted(structure.steps_seen))) or "none"
+            raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+    stems = {item: result_stem(item, structure.inference_times, labels.target) for item in items}
+    if args.shard:
+        index, count = args.shard
+        items = items[index::count]
+    if args.skip_existing:
+        output_dir = Path(args.output_dir)
+        kinds = (("results", ".pkl"), ("summary", ".txt"))
+        done = [
+            item for item in items if all((output_dir / f"{kind}_{stems[item]}{ext}").is_file() for kind, ext in kinds)
+        ]
+        if done:
+            log.info("skipping %d combination(s) already written in %s", len(done), output_dir)
+        items = [item for item in items if item not in done]
+    return items, structure
+
+
+PER_SAMPLE_PARTS = ("samples", "heldout", "probe")  # of a written result: not kept once on disk (a sweep's memory)
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system: glibc keeps it for reuse, and each step of a sweep then adds to the peak.
+    Without glibc: nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class WarnOnce(logging.Filter):
+    """Drops a warning already given in this run: each rollout step of a sweep is its own pass over the files."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespace) -> None:
+    """One result: its summary; several: one line each. The demo adds what it planted."""
+    if len(written) == 1:
+        print(format_summary(written[0][0]))
+    for results, results_path, _ in written if len(written) > 1 else []:
+        metrics = results["metrics"]
+        if results.get("target") == "concepts":
+            mean = metrics["mean_balanced_accuracy"]
+            print(f"{results_path.name}: {metrics['num_concepts']} concepts, mean balanced accuracy {mean:.4f}")
+            continue
+        line = (
+            f"{results_path.name}: accuracy {metrics['accuracy']:.4f} (chance {metrics['chance_accuracy']:.4f}), "
+            f"information {metrics['information_bits']:.3f} of {metrics['max_information_bits']:.3f} bits"
+        )
+        if "permutation_p_value" in metrics:
+            line += f", permutation p {metrics['permutation_p_value']:.3f}"
+        print(line)
+    if args.demo:
+        print(
+            f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
+            f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
+            "Compare --expert vlm, --expert action, --layer 3."
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the program; return the exit status."""
+    args = parse_arguments(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    for existing in [one for one in log.filters if isinstance(one, WarnOnce)]:
+        log.removeFilter(existing)
+    log.addFilter(WarnOnce())
+    cache_problem = None if args.report else unwritable_reason(Path(args.cache_dir))
+    if cache_problem:  # one line of ours, not JAX's multi-line warning nor one per file
+        log.warning(
+            "--cache_dir %s: %s; T5 labels, file indexes and compiled programs will not be cached",
+            args.cache_dir,
+            cache_problem,
+        )
+    elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # repeated runs in a bash loop reuse the compiled probe
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir) / "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    started = time.perf_counter()
+    try:
+        check_paths(args)
+        if args.report:
+            table = write_report(Path(args.report))
+            if not args.quiet:
+                print(table)
+            return 0
+        written = run(args, list(sys.argv if argv is None else argv), started)
+    except ProbeError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    if not args.quiet:
+        print_outcome(written, args)
+        print(
+            f"done in {time.perf_counter() - started:.1f} s: {len(written)} result pair(s) in {args.output_dir}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# Appendix A: the restricted, memory-mapped pickle reader (no code runs from a data file)
+# -----------------------------------------------------------------------------
+
+# Globals a latent pickle may name. Anything else (os.system, builtins.eval, ...) is
+# refused before it can run: data files never execute code.
+SAFE_GLOBALS = (
+    {
+        ("builtins", name)
+        for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "bytes", "complex", "slice")
+    }
+    | {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocols 0-2 write bytes as latin-1 text
+    }
+    | {
+        ("ml_dtypes", name)
+        for name in ("bfloat16", "float8_e4m3fn", "float8_e4m3b11fnuz", "float8_e5m2", "int4", "uint4")
+    }
+)
+
+MAPPED_PAYLOAD_BYTES = 4096  # payloads from one page up are mapped, not read
+
+
+class BadFileError(ProbeError):
+    """A task file that cannot be used: skipped with a warning, fatal under --strict."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRegion:
+    """A byte payload left in the file: where it starts and how long it is."""
+
+    offset: int
+    length: int
+
+
+class PendingArray:
+    """What numpy's `_reconstruct` returns; the following BUILD turns it into an array."""
+
+    array: np.ndarray | None = None
+
+
+def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust: bool):
+    """Resolve an allow-listed global (or any, when trusted); refuse the rest before it runs."""
+    # Protocols 0-2 name Python 2 modules (__builtin__.bytes); check what they map to.
+    checked = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+    if not trust and checked not in SAFE_GLOBALS:
+        raise pickle.UnpicklingError(
+            f"refused global {'.'.join(checked)}: not a data type (--trust_pickle lifts this, unsafely)"
+        )
+    return super(type(unpickler), unpickler).find_class(module, name)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """The C unpickler with the allow-list: reads every byte (used for protocols 0-2)."""
+
+    def __init__(self, file, trust: bool = False):
+        super().__init__(file)
+        self.trust = trust
+
+    def find_class(self, module: str, name: str):
+        return refuse_or_import(self, module, name, self.trust)
+
+
+class MappingUnpickler(pickle._Unpickler):
+    """Walks the opcode stream, seeking past large byte payloads and mapping arrays onto them.
+
+    The small object graph (dicts, lists, strings, numbers) is built as pickle.load would;
+    every array whose bytes lie outside a protocol-4/5 frame becomes a read-only view of
+    the file's memory map, so indexing it reads only the pages touched.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, mapped: mmap.mmap, trust: bool = False):
+        super().__init__(file)
+        self.file, self.mapped, self.trust = file, mapped, trust
+        self.file_size = len(mapped)
+        self.mapped_specs: dict[int, tuple] = {}  # id(array) -> its index entry
+
+    def find_class(self, module: str, name: str):
+        found = refuse_or_import(self, module, name, self.trust)
+        if name == "_reconstruct" and module.endswith("multiarray"):
+            return lambda cls, shape, typecode: PendingArray()
+        if name == "_frombuffer" and module.endswith("numeric"):
+            return lambda buffer, dtype, shape, order: (
+                self.mapped_array(buffer, dtype, shape, order)
+                if isinstance(buffer, FileRegion)
+                else found(buffer, dtype, shape, order)
+            )
+        return found
+
+    def payload(self, length: int) -> bytes | FileRegion:
+        """Read a byte payload, or note where it lies and seek past it."""
+        frame = self._unframer.current_frame
+        in_frame = frame is not None and frame.tell() < len(frame.getbuffer())
+        if in_frame or length < MAPPED_PAYLOAD_BYTES:
+            data = self.read(length)
+            if len(data) < length:
+                raise pickle.UnpicklingError(f"truncated: a {length}-byte payload ends early")
+            return data
+        offset = self.file.tell()
+        if offset + length > self.file_size:
+            raise pickle.UnpicklingError(
+                f"truncated: a {length}-byte payload at byte {offset} runs past the end of the file ({self.file_size} "
+                "bytes)"
+            )
+        self.file.seek(length, io.SEEK_CUR)
+        return FileRegion(offset, length)
+
+    def load_binbytes(self):
+        (length,) = struct.unpack("<I", self.read_exactly(4))
+        self.append(self.payload(length))
+
+    def load_binbytes8(self):
+        (length,) = struct.unpack("<Q", self.read_exactly(8))
+        self.append(self.payload(length))
+
+    def load_bytearray8(self):
+        (length,) = struct.unpack("<Q", self.read_exactly(8))
+        data = self.payload(length)
+        self.append(bytearray(data) if isinstance(data, bytes) else data)
+
+    def read_exactly(self, count: int) -> bytes:
+        data = self.read(count)
+        if len(data) < count:
+            raise pickle.UnpicklingError("truncated: the file ends inside an opcode")
+        return data
+
+    def load_build(self):
+        state, instance = self.stack[-1], self.stack[-2]
+        if not isinstance(instance, PendingArray):
+            return super().load_build()
+        self.stack.pop()
+        _version, shape, dtype, fortran_order, data = state
+        if isinstance(data, FileRegion):
+            instance.array = self.mapped_array(data, dtype, shape, "F" if fortran_order else "C")
+        else:  # small payload or object array: numpy's own reconstruction, as pickle.load does
+            instance.array = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+            instance.array.__setstate__(state)
+        self.stack[-1] = instance.array
+
+    def mapped_array(self, region: FileRegion, dtype, shape, order: str) -> np.ndarray:
+        """A read-only array over a payload's bytes in the memory map."""
+        dtype = np.dtype(dtype)
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize != region.length:
+            raise pickle.UnpicklingError(
+                f"array of shape {tuple(shape)} and dtype {dtype} does not fit its {region.length}-byte payload"
+            )
+        array = np.ndarray(shape, dtype=dtype, buffer=self.mapped, offset=region.offset, order=order)
+        self.mapped_specs[id(array)] = (MAPPED_ARRAY, region.offset, dtype, tuple(shape), order)
+        return array
+
+    dispatch[pickle.BINBYTES[0]] = load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+MAPPED_ARRAY = "\x00mapped array"  # marks (MAPPED_ARRAY, offset, dtype, shape, order) in a file index
+INDEX_FORMAT = 1
+
+
+def is_mapped_spec(value) -> bool:
+    """Whether an index entry stands for a mapped array."""
+    return isinstance(value, tuple) and len(value) == 5 and isinstance(value[0], str) and value[0] == MAPPED_ARRAY
+
+
+def replace_arrays(value, replace):
+    """Copy of a small object graph with each leaf (array, placeholder, ...) passed through `replace`."""
+    if isinstance(value, dict):
+        return type(value)((key, replace_arrays(item, replace)) for key, item in value.items())  # OrderedDict stays one
+    if isinstance(value, list):
+        return [replace_arrays(item, replace) for item in value]
+    if isinstance(value, tuple) and not is_mapped_spec(value):
+        return tuple(replace_arrays(item, replace) for item in value)
+    return replace(value)
+
+
+def resolve_pending(value, mapped: mmap.mmap):
+    """A placeholder left in the graph (a shared array reference, a raw payload) replaced by its value."""
+    if isinstance(value, PendingArray):
+        if value.array is None:
+            raise pickle.UnpicklingError("an array was never filled in")
+        return value.array
+    if isinstance(value, FileRegion):
+        return bytes(mapped[value.offset : value.offset + value.length])
+    return value
+
+
+def index_file_for(path: Path, index_dir: str) -> Path:
+    """Where the index of this exact file version lives: keyed by path, size, mtime and inode."""
+    stat = path.stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, INDEX_FORMAT])
+    return Path(index_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
+
+
+def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None) -> dict:
+    """Read a task pickle's structure; arrays are read-only views that load only what is indexed.
+
+    Protocols 3-5 are mapped, and the structure (where each array lies) is saved in
+    `index_dir`, so the next run reads none of the file but the slices it indexes.
+    Protocols 0-2 store bytes as text, so such a file is read whole (still restricted).
+    """
+    try:
+        with open(path, "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                raise BadFileError(f"{path}: empty file")
+            header = file.read(2)
+            if header[:1] != pickle.PROTO or header[1] < 3:
+                log.warning(
+                    "%s: pickle protocol %s stores bytes as text and cannot be mapped; reading the whole file",
+                    path,
+                    header[1] if header[:1] == pickle.PROTO else "0/1",
+                )
+                with open(path, "rb") as whole:
+                    data = RestrictedUnpickler(whole, trust).load()
+            else:
+                file.seek(0)
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead between headers
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+                if hasattr(mapped, "madvise"):  # fault in only the pages indexed: read-ahead read 20x more here
+                    mapped.madvise(mmap.MADV_RANDOM)
+                index_file = index_file_for(path, index_dir) if index_dir else None
+                data = read_index(index_file, mapped, trust) if index_file else None
+                if data is None:
+                    unpickler = MappingUnpickler(file, mapped, trust)
+                    data = replace_arrays(unpickler.load(), lambda value: resolve_pending(value, mapped))
+                    if index_file:
+                        write_index(index_file, replace_arrays(data, lambda v: unpickler.mapped_specs.get(id(v), v)))
+    except BadFileError:
+        raise
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        KeyError,
+        IndexError,
+        struct.error,
+        RecursionError,
+        OSError,
+    ) as error:
+        reason = str(error) or type(error).__name__
+        if isinstance(error, EOFError):
+            reason = "truncated: the file ends before the pickle's STOP"
+        raise BadFileError(f"{path}: not a readable latent pickle: {reason}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("episodes"), dict):
+        raise BadFileError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
+    return data
+
+
+def read_index(index_file: Path, mapped: mmap.mmap, trust: bool) -> dict | None:
+    """The file's structure from its index, arrays mapped again; None when there is no usable index."""
+    try:
+        with open(index_file, "rb") as file:
+            skeleton = RestrictedUnpickler(file, trust).load()
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # a damaged index costs a re-read, never a wrong number
+        log.debug("ignoring index %s: %s", index_file, error)
+        return None
+
+    def mapped_view(value):
+        if is_mapped_spec(value):
+            _, offset, dtype, shape, order = value
+            return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset, order=order)
+        return value
+
+    return replace_arrays(skeleton, mapped_view)
+
+
+def write_index(index_file: Path, skeleton: dict) -> None:
+    """Save a file's structure; a cache that cannot be written costs time only."""
+    if unwritable_reason(index_file.parent):  # main has warned once about --cache_dir
+        return
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(index_file, pickle.dumps(skeleton, protocol=4))
+    except OSError as error:
+        log.warning("could not write the file index %s: %s", index_file, error)
+
+
+def advise(view: np.ndarray, advice: int) -> None:
+    """madvise the pages under a mapped view: MADV_WILLNEED reads them in large requests (cold, page-by-page faults
+    are slow); MADV_DONTNEED lets them go from this process (they stay in the page cache). Other arrays: nothing."""
+    root = view
+    while isinstance(root, np.ndarray):
+        root = root.base
+    if not isinstance(root, mmap.mmap) or not hasattr(root, "madvise") or view.size == 0:
+        return
+    start, end = np.lib.array_utils.byte_bounds(view)
+    base = np.frombuffer(root, dtype=np.uint8).ctypes.data
+    offset = start - base - (start - base) % mmap.PAGESIZE
+    root.madvise(advice, offset, end - base - offset)
+
+
+# -----------------------------------------------------------------------------
+# Appendix B: demo data: the real layout at small widths, with a planted task signal
 # -----------------------------------------------------------------------------
 
 DEMO_DESCRIPTIONS = [
@@ -3176,11 +4441,17 @@ DEMO_DESCRIPTIONS = [
 # (std 1, shared by all tokens of an episode, so pooling cannot average it away).
 DEMO_SIGNAL = {"text": 3.0, "image": 1.0, "action": 0.5}
 DEMO_SILENT_LAYER = 3  # no task signal anywhere in this layer
-DEMO_CAMERA_SIGNAL = {"base_0_rgb": 1.0, "left_wrist_0_rgb": 0.5, "right_wrist_0_rgb": 0.0}  # SigLIP output (vision_latents)
+DEMO_CAMERA_SIGNAL = {
+    "base_0_rgb": 1.0,
+    "left_wrist_0_rgb": 0.5,
+    "right_wrist_0_rgb": 0.0,
+}  # SigLIP output (vision_latents)
 DEMO_TIMES = [round(1.0 - 0.1 * k, 1) for k in range(10)]  # denoising order: 1.0 ... 0.1
 
 
-def demo_expert_entry(rng: np.random.Generator, signature: np.ndarray, signal_by_token: np.ndarray, num_layers: int) -> dict:
+def demo_expert_entry(
+    rng: np.random.Generator, signature: np.ndarray, signal_by_token: np.ndarray, num_layers: int
+) -> dict:
     """One expert entry: (layer, 1, token, width) hidden states = episode noise + token noise + signal."""
     width, token_count = signature.shape[0], signal_by_token.shape[0]
     layer_gain = np.ones(num_layers, dtype=np.float32)
@@ -3192,6 +4463,41 @@ def demo_expert_entry(rng: np.random.Generator, signature: np.ndarray, signal_by
         "hidden_states": hidden,
         "pre_attn_norm_scales": rng.standard_normal((num_layers, width), dtype=np.float32),
     }
+
+
+def demo_step(
+    rng: np.random.Generator,
+    step: int,
+    description: str,
+    vlm: tuple[np.ndarray, np.ndarray],
+    action: tuple[np.ndarray, np.ndarray],
+    num_layers: int,
+    image_size: int,
+    action_key_format: str,
+) -> dict:
+    """One rollout step's dict: the denoising entries of the action expert, the VLM's layers, SigLIP's output per
+    camera and the observation. `vlm` and `action`: (the task's direction, the signal strength per token)."""
+    vlm_signature, vlm_width = vlm[0], vlm[0].shape[0]
+    step_data = {"timestep": step, "action": rng.standard_normal(7).tolist(), "prompt": description}
+    for time_value in DEMO_TIMES:
+        step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, *action, num_layers)
+    step_data["vlm_layer_output"] = demo_expert_entry(rng, *vlm, num_layers)
+    step_data["vision_latents"] = {  # SigLIP output per camera; LIBERO's right wrist image is all zeros
+        camera: {
+            "pre_logits": (
+                rng.standard_normal((256, vlm_width), dtype=np.float32)
+                + rng.standard_normal(vlm_width, dtype=np.float32)
+                + strength * vlm_signature
+            ).astype(np.float32)
+        }
+        for camera, strength in DEMO_CAMERA_SIGNAL.items()
+    }
+    step_data["observation"] = {
+        "agentview_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+        "wrist_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+        "robot_state": rng.standard_normal(3).tolist(),
+    }
+    return step_data
 
 
 def write_demo_dataset(
@@ -3215,7 +4521,8 @@ def write_demo_dataset(
     Planted: text tokens carry the task strongly, image tokens and the action expert
     weakly (DEMO_SIGNAL), layer DEMO_SILENT_LAYER not at all. Each task's signal is a random
     direction unless `vlm_signatures` (tasks x vlm_width) gives them, e.g. a linear image of the
-    tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. The last episode of task 1 ends before the last step, as short episodes do.
+    tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. The last episode of task 1 ends before the
+    last step, as short episodes do.
     """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -3234,26 +4541,30 @@ def write_demo_dataset(
             episode_steps = steps[:-1] if (task_id == 1 and episode == num_episodes - 1 and len(steps) > 1) else steps
             rollout_steps = {}
             for step in episode_steps:
-                step_data = {"timestep": step, "action": rng.standard_normal(7).tolist(), "prompt": description}
-                for time_value in DEMO_TIMES:
-                    step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, action_signature, action_signal, num_layers)
-                step_data["vlm_layer_output"] = demo_expert_entry(rng, vlm_signature, vlm_signal, num_layers)
-                step_data["vision_latents"] = {  # SigLIP output per camera; LIBERO's right wrist image is all zeros
-                    camera: {"pre_logits": (rng.standard_normal((256, vlm_width), dtype=np.float32) + rng.standard_normal(vlm_width, dtype=np.float32)
-                                            + strength * vlm_signature).astype(np.float32)}
-                    for camera, strength in DEMO_CAMERA_SIGNAL.items()
-                }
-                step_data["observation"] = {
-                    "agentview_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
-                    "wrist_image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
-                    "robot_state": rng.standard_normal(3).tolist(),
-                }
-                rollout_steps[f"step_{step}"] = step_data
+                rollout_steps[f"step_{step}"] = demo_step(
+                    rng,
+                    step,
+                    description,
+                    (vlm_signature, vlm_signal),
+                    (action_signature, action_signal),
+                    num_layers,
+                    image_size,
+                    action_key_format,
+                )
             episodes[f"episode_{episode}"] = {
                 "rollout_steps": rollout_steps,
-                "metadata": {"success": bool(episode % 2), "total_steps": episode_steps[-1] + 5, "episode_idx": episode},
+                "metadata": {
+                    "success": bool(episode % 2),
+                    "total_steps": episode_steps[-1] + 5,
+                    "episode_idx": episode,
+                },
             }
-        task_data = {"task_name": description.replace(" ", "_"), "task_id": task_id, "task_description": description, "episodes": episodes}
+        task_data = {
+            "task_name": description.replace(" ", "_"),
+            "task_id": task_id,
+            "task_description": description,
+            "episodes": episodes,
+        }
         path = directory / f"task_{task_id}_{task_data['task_name']}.pkl"
         write_atomically(path, pickle.dumps(task_data, protocol=protocol))
     return descriptions
@@ -3287,8 +4598,17 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0, d_mod
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2, num_heads=4,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     directory.mkdir(parents=True, exist_ok=True)
     T5EncoderModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -3304,397 +4624,6 @@ def prepare_demo(directory: Path) -> None:
     descriptions = write_demo_dataset(directory)
     build_tiny_t5(directory / "t5_tiny", descriptions)
     write_atomically(marker, json.dumps(settings).encode())
-
-
-# -----------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------
-
-DEMO_DEFAULTS = {"rollout_step": [10], "expert": "text_only", "layer": [5], "task_range": [0, 10], "episode_range": [0, 6]}
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a float in (0, 1)."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def index_list(words: tuple[str, ...], ranges_kept: bool = False):
-    """argparse type factory: '5', '0,5,10', '0-17' (inclusive) or one of `words` ('all', 'each'). With `ranges_kept`
-    a range stays a `range`, resolved later to the keys that exist in it (rollout steps are sparse: 10, 20, ...)."""
-
-    def parse(text: str) -> list[int | range] | str:
-        if text in words:
-            return text
-        values: list[int | range] = []
-        for part in text.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-            if not match:
-                raise argparse.ArgumentTypeError(f"expected N, N,M,..., N-M or {' or '.join(words)}; got {text!r}")
-            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-            if last < first:
-                raise argparse.ArgumentTypeError(f"range {part.strip()} runs backwards")
-            if ranges_kept and last > first:
-                values.append(range(first, last + 1))
-                continue
-            values += [v for v in range(first, last + 1) if v not in values]
-        return values
-
-    return parse
-
-
-def baseline_value(text: str) -> tuple[str, int | str]:
-    """argparse type: EXPERT:LAYER (vlm:0, image:5, text_only:0, action:3) or visual[:CAMERA]."""
-    expert, _, where = text.partition(":")
-    if expert not in EXPERTS:
-        raise argparse.ArgumentTypeError(f"expected EXPERT:LAYER or visual[:CAMERA] with EXPERT one of {', '.join(EXPERTS)}; got {text!r}")
-    if expert == "visual":
-        return expert, where or "base_0_rgb"
-    if not where.isdigit():
-        raise argparse.ArgumentTypeError(f"--baseline {expert} needs a layer: {expert}:LAYER, e.g. {expert}:0")
-    return expert, int(where)
-
-
-def baseline_spec_text(baseline: tuple[str, int | str]) -> str:
-    """--baseline as the user writes it."""
-    return f"{baseline[0]}:{baseline[1]}"
-
-
-def shard_value(text: str) -> tuple[int, int]:
-    """argparse type: INDEX/COUNT with 0 <= INDEX < COUNT."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not match or not int(match.group(1)) < int(match.group(2)):
-        raise argparse.ArgumentTypeError(f"expected INDEX/COUNT with 0 <= INDEX < COUNT, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface: the guide's options plus ours."""
-    parser = argparse.ArgumentParser(
-        description="Linear probe from one layer of a Pi0 expert to the T5 embedding of the task instruction, evaluated on held-out episodes. "
-        "Several layers, rollout steps or denoising steps make a sweep: one result pair per combination, trained together.",
-    )
-    what = parser.add_argument_group("what to probe (required unless --demo or --report)")
-    what.add_argument("--rollout_step", type=index_list(("all",), ranges_kept=True), help="environment step N of the key 'step_N' (not a position); several: 10,20, 10-30 (the keys that exist in it) or all (every step present)")
-    what.add_argument("--expert", choices=EXPERTS, help="vlm: VLM tokens 0-815; text_only: 768-815; image: 0-767; action: the action expert's own tokens; visual: SigLIP output of --camera")
-    what.add_argument("--layer", type=index_list(("all",)), help="layer index (0-17 for Pi0; 0 is the input embeddings), checked against the data; several: 0,5,10, 0-17 or all")
-    what.add_argument("--data_path", help="directory of task_{id}_{name}.pkl files")
-    what.add_argument("--task_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="task ids START..END-1 (end-exclusive: '0 10' is ten tasks)")
-    what.add_argument("--episode_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="episodes START..END-1 of each task (end-exclusive)")
-    what.add_argument("--feature_type", default=None, help="key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: hidden_states; pre_logits for visual)")
-    what.add_argument("--inference_step", type=index_list(("all", "each")), default="all", metavar="{all,each,K,K-L,...}",
-                      help="action expert: all = every denoising entry as its own sample, pooled in one result (default); each = one result per denoising step; K = the K-th (0 = t 1.0, 9 = t 0.1); several: 0,9 or 0-4")
-    what.add_argument("--token_range", nargs=2, type=non_negative_int, metavar=("START", "END"), help="pool token positions START..END-1 instead of the expert's")
-    what.add_argument("--pooling", choices=("mean", "max", "last"), default="mean", help="over the token positions (default: %(default)s)")
-    what.add_argument("--camera", default="base_0_rgb", help="--expert visual: which vision_latents camera (default: %(default)s)")
-    what.add_argument("--baseline", type=baseline_value, default=None, metavar="EXPERT:LAYER",
-                      help="conditional probing: also train on this baseline's features alone and joined with the layer's, and report what the layer adds (e.g. visual, visual:left_wrist_0_rgb, image:5, text_only:0, vlm:0)")
-    what.add_argument("--strict", action="store_true", help="stop at the first unreadable or malformed task file instead of skipping it with a warning")
-    what.add_argument("--trust_pickle", action="store_true", help="UNSAFE: let task files name any Python global, which runs code from the file; only for files you made, with custom classes")
-    labels = parser.add_argument_group("labels")
-    labels.add_argument("--target", choices=("t5", "concepts"), default="t5", help="t5: the description's T5 embedding (default); concepts: one logistic probe per word that varies between the analyzed tasks (or per --concepts attribute), on held-out tasks by default")
-    labels.add_argument("--concepts", metavar="FILE", default=None, help="--target concepts: a TSV of task_id, attribute, value giving the concepts instead of the words")
-    labels.add_argument("--t5_model", default="t5-small", help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)")
-    labels.add_argument("--no_center_labels", action="store_true", help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task embedding")
-    labels.add_argument("--label_space", choices=("span", "full"), default="span",
-                        help="span: the probe predicts coordinates in the span of the training tasks' embeddings (at most tasks - 1 "
-                        "directions; exact for the loss and retrieval, and as many times cheaper as T5 is wider); full: all of T5's axes, "
-                        "the guide's recipe literally (512 outputs for t5-small: about 15x the training time) (default: %(default)s)")
-    labels.add_argument("--label_dim", type=positive_int, default=None, help="project the T5 embeddings on the training tasks' top K principal directions (default: off)")
-    labels.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="where T5 labels, task-file indexes and compiled JAX programs are cached (default: %(default)s)")
-    training = parser.add_argument_group("training")
-    training.add_argument("--learning_rate", type=positive_float, default=0.001, help="Adam learning rate (default: %(default)s)")
-    training.add_argument("--num_epochs", type=positive_int, default=100, help="at most this many epochs; early stopping usually ends sooner (default: %(default)s)")
-    training.add_argument("--batch_size", type=positive_int, default=32, help="minibatch size (default: %(default)s)")
-    training.add_argument("--seed", type=int, default=42, help="seeds the folds, initialisation, shuffling, control labels and bootstrap (default: %(default)s)")
-    training.add_argument("--patience", type=positive_int, default=10, help="epochs without validation improvement before stopping (default: %(default)s)")
-    training.add_argument("--validation_fraction", type=fraction, default=0.2, help="share of each fold's training episodes (tasks, with --split task) used for early stopping (default: %(default)s)")
-    training.add_argument("--probe", choices=("linear", "ridge"), default="linear", help="linear: trained Dense layer; ridge: the same map in closed form, penalty by inner cross-validation (default: %(default)s)")
-    training.add_argument("--loss", choices=("cosine", "mse", "contrastive"), default="cosine", help="cosine: 1 - cos (the guide's); contrastive: InfoNCE over the analyzed tasks' embeddings (default: %(default)s)")
-    training.add_argument("--no_standardize", action="store_true", help="do not standardize features with training-set statistics")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--cv_folds", type=positive_int, default=5, help="cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: %(default)s)")
-    evaluation.add_argument("--split", choices=("episode", "task"), default=None, help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe never sees (default: episode; task with --target concepts)")
-    evaluation.add_argument("--no_control", action="store_true", help="skip the control task and the permutation null (probes trained on task -> embedding assignments permuted across tasks)")
-    evaluation.add_argument("--permutations", type=positive_int, default=None, metavar="N",
-                            help=f"permuted assignments trained like the probe; the first is the control; with several, a permutation p-value (default: {DEFAULT_TASK_SPLIT_PERMUTATIONS} with --split task, else 1)")
-    evaluation.add_argument("--repeats", type=positive_int, default=1, metavar="K", help="seeds of folds and initialisation; metrics are their mean, intervals widened by their spread (default: %(default)s)")
-    evaluation.add_argument("--mdl", action="store_true", help="also the online (prequential) codelength of the task labels, over blocks of whole episodes (tasks with --split task)")
-    evaluation.add_argument("--bootstrap", type=non_negative_int, default=1000, help="BCa resamples of whole episodes (tasks with --split task) for 95%% intervals; 0 for none (default: %(default)s)")
-    output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="results/linear_probing", help="created if missing (default: %(default)s)")
-    output.add_argument("--skip_existing", action="store_true", help="leave combinations whose two result files exist (resume a killed sweep)")
-    output.add_argument("--shard", type=shard_value, default=None, metavar="INDEX/COUNT", help="run only every COUNT-th combination, starting at INDEX (0-based), e.g. from a job array")
-    output.add_argument("--plot", action="store_true", help="also write each run's training curves, confusion matrix, similarity heatmap and feature PCA (PNG)")
-    output.add_argument("--report", metavar="DIR", help="read every results_*.pkl in DIR, write DIR/sweep.csv and accuracy/cosine-by-layer plots, print the table; nothing else runs")
-    output.add_argument("--demo", action="store_true", help=f"write demo data and a tiny T5 under {DEMO_DIR} (once), then probe it; other options override the demo's")
-    verbosity = output.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    verbosity.add_argument("--quiet", action="store_true", help="print only warnings and errors: no summary, no progress bars")
-    return parser
-
-
-def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    """Parse and check options; exit 2 with a one-line message on a bad combination."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.report:
-        return args
-    if args.expert == "visual" and args.layer is None:
-        args.layer = [None]  # SigLIP's output has no layers
-    if args.demo:
-        for name, value in DEMO_DEFAULTS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        args.data_path = args.data_path or str(DEMO_DIR)
-        if args.t5_model == parser.get_default("t5_model"):
-            args.t5_model = str(Path(args.data_path) / "t5_tiny")
-    missing = [f"--{name}" for name in ("rollout_step", "expert", "layer", "data_path", "task_range", "episode_range") if getattr(args, name) is None]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
-    for name in ("task_range", "episode_range", "token_range"):
-        if getattr(args, name) is not None and args.__dict__[name][0] >= args.__dict__[name][1]:
-            start, end = getattr(args, name)
-            parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
-    if args.cv_folds < 2:
-        parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
-    if args.baseline and args.target == "concepts":
-        parser.error("--baseline applies to --target t5")
-    if args.baseline and args.baseline[0] == "action" and args.expert != "action":
-        parser.error("--baseline action:L needs --expert action: its denoising entries pair with the probed ones")
-    if args.concepts and args.target != "concepts":
-        parser.error("--concepts applies to --target concepts")
-    if args.target == "concepts" and (args.probe != "linear" or args.mdl or args.repeats > 1 or args.permutations):
-        parser.error("--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations apply to --target t5")
-    args.split = args.split or ("task" if args.target == "concepts" else "episode")
-    if args.no_control and args.permutations is not None:
-        parser.error("--permutations needs the control: drop --no_control")
-    if args.mdl and args.label_dim:
-        parser.error("--mdl codes blocks with probes trained on a few tasks, fewer than --label_dim needs: use one or the other")
-    if args.probe == "ridge" and args.loss != "cosine":
-        parser.error("--loss applies to --probe linear; ridge fits squared error in closed form")
-    if args.inference_step != "all" and args.expert != "action":
-        parser.error(f"--inference_step applies to --expert action only, not {args.expert}")
-    if args.expert == "visual" and args.layer != [None]:
-        parser.error("--layer does not apply to --expert visual: SigLIP's output (vision_latents) has no layer axis")
-    if args.expert != "visual" and args.camera != parser.get_default("camera"):
-        parser.error("--camera applies to --expert visual only")
-    return args
-
-
-def check_paths(args: argparse.Namespace) -> None:
-    """Refuse path options that would fail only after the work is done (OptionError: one line, exit 2)."""
-    if args.report:
-        return
-    if unwritable_reason(Path(args.output_dir)):
-        raise OptionError(f"--output_dir {args.output_dir}: {unwritable_reason(Path(args.output_dir))}")
-    if not args.demo and missing_model_directory(args.t5_model):  # --demo makes its own T5
-        raise OptionError(missing_model_directory(args.t5_model))
-
-
-def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelConfig, TrainingConfig]:
-    """Turn parsed options into the three configurations (the data one for the first combination)."""
-    data = DataConfig(
-        data_path=args.data_path,
-        task_range=tuple(args.task_range),
-        episode_range=tuple(args.episode_range),
-        rollout_step=0,  # a placeholder: every combination names its own (see sweep_items)
-        expert=args.expert,
-        layer=args.layer[0] if isinstance(args.layer, list) else 0,
-        feature_type=args.feature_type or ("pre_logits" if args.expert == "visual" else "hidden_states"),
-        inference_step=None,
-        token_range=tuple(args.token_range) if args.token_range else None,
-        pooling=args.pooling,
-        camera=args.camera,
-        trust_pickle=args.trust_pickle,
-        strict=args.strict,
-        index_dir=str(Path(args.cache_dir) / "file_index"),
-        baseline=args.baseline,
-    )
-    labels = LabelConfig(target=args.target, concepts_file=args.concepts, t5_model=args.t5_model,
-                         center_labels=not args.no_center_labels, label_space=args.label_space, label_dim=args.label_dim,
-                         cache_dir=args.cache_dir)
-    training = TrainingConfig(
-        learning_rate=args.learning_rate,
-        num_epochs=args.num_epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        patience=args.patience,
-        cv_folds=args.cv_folds,
-        split=args.split,
-        validation_fraction=args.validation_fraction,
-        standardize=not args.no_standardize,
-        control=not args.no_control,
-        permutations=args.permutations,
-        repeats=args.repeats,
-        mdl=args.mdl,
-        bootstrap=args.bootstrap,
-        probe=args.probe,
-        loss=args.loss,
-    )
-    return data, labels, training
-
-
-# -----------------------------------------------------------------------------
-# Main
-# -----------------------------------------------------------------------------
-
-
-def run(args: argparse.Namespace, command: list[str], started: float) -> list[tuple[dict, Path, Path]]:
-    """Resolve the sweep, then read, train, evaluate and write one rollout step at a time; return what was written
-    (a sweep's results without their per-sample parts)."""
-    if args.demo:
-        prepare_demo(Path(args.data_path))
-    base, labels, training = configs_from_arguments(args)
-    # "all" layers or steps and "each" denoising step come from the data; so do the denoising times in file names.
-    # Several steps: the files' structure (their indexes) says which exist before the first is trained.
-    step_ranges = args.rollout_step == "all" or any(isinstance(step, range) for step in args.rollout_step)
-    if step_ranges or len(args.rollout_step) > 1 or args.layer == "all" or args.inference_step != "all":
-        structure = read_files(base, None, None if step_ranges else args.rollout_step)[1]
-    else:
-        structure = ReadReport()
-    items = sweep_items(base, args.layer, args.rollout_step, args.inference_step, structure)
-    output_dir = Path(args.output_dir)
-    stems = {item: result_stem(item, structure.inference_times, labels.target) for item in items}
-    if args.shard:
-        index, count = args.shard
-        items = items[index::count]
-    if args.skip_existing:
-        done = [item for item in items if all((output_dir / f"{kind}_{stems[item]}{ext}").is_file() for kind, ext in (("results", ".pkl"), ("summary", ".txt")))]
-        if done:
-            log.info("skipping %d combination(s) already written in %s", len(done), output_dir)
-        items = [item for item in items if item not in done]
-    if not items:
-        log.warning("nothing to do: no combination is left for this shard, or all are already written")
-        return []
-    layers = sorted({item.layer for item in items}, key=lambda layer: -1 if layer is None else layer)
-    steps = sorted({item.rollout_step for item in items})
-    for step in steps if structure.files else []:  # every step checked before the first is trained
-        if step not in structure.steps_seen:
-            existing = ", ".join(map(str, sorted(structure.steps_seen))) or "none"
-            raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
-    written = []
-    for step in steps:
-        # One rollout step at a time: memory follows one step's features, not the sweep's. A later pass reads the
-        # files' indexes and that step's slices only.
-        samples_by_step, report = collect_samples(base, layers, [step])
-        report.inference_times = report.inference_times or structure.inference_times
-        log.info("step %d: %d combination(s), %d task files, feature width %d", step, len(items), len(report.files),
-                 samples_by_step[step].features.shape[2])
-        for results, *paths in run_sweep([item for item in items if item.rollout_step == step], report, samples_by_step,
-                                         layers, labels, training, output_dir, args.plot, started, command):
-            if len(items) > 1:
-                results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
-            written.append((results, *paths))
-        del samples_by_step, results  # before the next step is read
-        release_freed_memory()
-    return written
-
-
-PER_SAMPLE_PARTS = ("samples", "heldout", "probe")  # of a written result: not kept once on disk (a sweep's memory)
-
-
-def release_freed_memory() -> None:
-    """Hand freed memory back to the system: glibc keeps it for reuse, and each step of a sweep then adds to the peak.
-    Without glibc: nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class WarnOnce(logging.Filter):
-    """Drops a warning already given in this run: each rollout step of a sweep is its own pass over the files."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        message = record.getMessage()
-        if message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the program; return the exit status."""
-    args = parse_arguments(argv)
-    logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
-    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    for existing in [one for one in log.filters if isinstance(one, WarnOnce)]:
-        log.removeFilter(existing)
-    log.addFilter(WarnOnce())
-    cache_problem = None if args.report else unwritable_reason(Path(args.cache_dir))
-    if cache_problem:  # one line of ours, not JAX's multi-line warning nor one per file
-        log.warning("--cache_dir %s: %s; T5 labels, file indexes and compiled programs will not be cached",
-                    args.cache_dir, cache_problem)
-    elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # repeated runs in a bash loop reuse the compiled probe
-        jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir) / "jax"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    started = time.perf_counter()
-    try:
-        check_paths(args)
-        if args.report:
-            table = write_report(Path(args.report))
-            if not args.quiet:
-                print(table)
-            return 0
-        written = run(args, list(sys.argv if argv is None else argv), started)
-    except ProbeError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    if not args.quiet:
-        if len(written) == 1:
-            print(format_summary(written[0][0]))
-        for results, results_path, _ in written if len(written) > 1 else []:
-            metrics = results["metrics"]
-            if results.get("target") == "concepts":
-                print(f"{results_path.name}: {metrics['num_concepts']} concepts, mean balanced accuracy "
-                      f"{metrics['mean_balanced_accuracy']:.4f}")
-                continue
-            line = (f"{results_path.name}: accuracy {metrics['accuracy']:.4f} (chance {metrics['chance_accuracy']:.4f}), "
-                    f"information {metrics['information_bits']:.3f} of {metrics['max_information_bits']:.3f} bits")
-            if "permutation_p_value" in metrics:
-                line += f", permutation p {metrics['permutation_p_value']:.3f}"
-            print(line)
-        if args.demo:
-            print(
-                f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
-                f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
-                "Compare --expert vlm, --expert action, --layer 3."
-            )
-        print(f"done in {time.perf_counter() - started:.1f} s: {len(written)} result pair(s) in {args.output_dir}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

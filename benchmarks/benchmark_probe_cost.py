@@ -45,7 +45,10 @@ PLACES = ["stove", "cabinet", "rack", "tray", "shelf", "drawer", "table", "box",
 
 def descriptions(count: int) -> list[str]:
     """Distinct LIBERO-like instructions."""
-    return [f"put the {thing} on the {place}" for thing, place in itertools.islice(itertools.product(OBJECTS, PLACES), count)]
+    return [
+        f"put the {thing} on the {place}"
+        for thing, place in itertools.islice(itertools.product(OBJECTS, PLACES), count)
+    ]
 
 
 def pooled_features(tasks: int, episodes: int, seed: int = 0) -> np.ndarray:
@@ -66,20 +69,59 @@ def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra
     lpi.log.setLevel("WARNING")
     texts = descriptions(tasks)
     features = pooled_features(tasks, episodes)
-    samples = lpi.Samples(features, np.repeat(np.arange(tasks), episodes), np.tile(np.arange(episodes), tasks),
-                          np.full(tasks * episodes, STEP), np.full(tasks * episodes, np.nan), np.zeros(tasks * episodes, int))
-    report = lpi.ReadReport(files={t: f"task_{t}.pkl" for t in range(tasks)}, descriptions=dict(enumerate(texts)),
-                            layer_count=LAYERS, steps_seen={STEP})
+    samples = lpi.Samples(
+        features,
+        np.repeat(np.arange(tasks), episodes),
+        np.tile(np.arange(episodes), tasks),
+        np.full(tasks * episodes, STEP),
+        np.full(tasks * episodes, np.nan),
+        np.zeros(tasks * episodes, int),
+    )
+    report = lpi.ReadReport(
+        files={t: f"task_{t}.pkl" for t in range(tasks)},
+        descriptions=dict(enumerate(texts)),
+        layer_count=LAYERS,
+        steps_seen={STEP},
+    )
     seconds, accuracy = [], None
     for run in range(runs):
         output = work / f"out_{tasks}x{episodes}_{t5.name}_{run}_{os.getpid()}"
-        args = lpi.parse_arguments(["--data_path", str(work), "--rollout_step", str(STEP), "--expert", "vlm", "--layer", "all",
-                                    "--task_range", "0", str(tasks), "--episode_range", "0", str(episodes), "--t5_model", str(t5),
-                                    "--cache_dir", str(work / f"cache_{os.getpid()}"), "--output_dir", str(output), "--quiet", *extra])
+        args = lpi.parse_arguments(
+            [
+                "--data_path",
+                str(work),
+                "--rollout_step",
+                str(STEP),
+                "--expert",
+                "vlm",
+                "--layer",
+                "all",
+                "--task_range",
+                "0",
+                str(tasks),
+                "--episode_range",
+                "0",
+                str(episodes),
+                "--t5_model",
+                str(t5),
+                "--cache_dir",
+                str(work / f"cache_{os.getpid()}"),
+                "--output_dir",
+                str(output),
+                "--quiet",
+                *extra,
+            ]
+        )
         base, labels, training = lpi.configs_from_arguments(args)
         items = lpi.sweep_items(base, "all", [STEP], "all", report)
         start = time.perf_counter()
-        written = lpi.run_sweep(items, report, {STEP: samples}, list(range(LAYERS)), labels, training, output, False, start, [])
+        if hasattr(lpi, "Destination"):  # this version: one rollout step's samples, and where results go
+            destination = lpi.Destination(output, False, start, [])
+            written = lpi.run_sweep(items, report, samples, list(range(LAYERS)), labels, training, destination)
+        else:  # earlier versions, for before/after tables
+            written = lpi.run_sweep(
+                items, report, {STEP: samples}, list(range(LAYERS)), labels, training, output, False, start, []
+            )
         seconds.append(time.perf_counter() - start)
         accuracy = [round(float(results["metrics"]["accuracy"]), 3) for results, *_ in written]
         shutil.rmtree(output, ignore_errors=True)
@@ -91,7 +133,9 @@ def child(arguments: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(arguments.repo).resolve()))
     lpi = importlib.import_module("linear_probing_inference")
     case = json.loads(arguments.child)
-    figures = in_process_sweep(lpi, Path(arguments.dir), case["tasks"], case["episodes"], Path(case["t5"]), case["extra"], case["runs"])
+    figures = in_process_sweep(
+        lpi, Path(arguments.dir), case["tasks"], case["episodes"], Path(case["t5"]), case["extra"], case["runs"]
+    )
     print(json.dumps(figures))
 
 
@@ -114,31 +158,74 @@ def tiny_t5(lpi, work: Path, width: int, tasks: int) -> Path:
     return directory
 
 
-def sweep_case(arguments, work: Path, lpi, tasks: int, episodes: int, width: int, extra: list[str], runs: int = 2) -> dict:
+def sweep_case(
+    arguments, work: Path, lpi, tasks: int, episodes: int, width: int, extra: list[str], runs: int = 2
+) -> dict:
     """One in-process sweep case in its own process."""
-    case = {"tasks": tasks, "episodes": episodes, "t5": str(tiny_t5(lpi, work, width, tasks)), "extra": extra, "runs": runs}
+    case = {
+        "tasks": tasks,
+        "episodes": episodes,
+        "t5": str(tiny_t5(lpi, work, width, tasks)),
+        "extra": extra,
+        "runs": runs,
+    }
     command = [sys.executable, __file__, "--repo", arguments.repo, "--dir", str(work), "--child", json.dumps(case)]
     wall, peak, output = measured(command)
     figures = json.loads(output.strip().splitlines()[-1])
-    return {"case": f"{tasks}x{episodes}, labels {width}-dim {' '.join(extra)}".strip(), "process_s": wall, "peak_mb": peak, **figures}
+    return {
+        "case": f"{tasks}x{episodes}, labels {width}-dim {' '.join(extra)}".strip(),
+        "process_s": wall,
+        "peak_mb": peak,
+        **figures,
+    }
 
 
 def steps_case(arguments, work: Path, lpi) -> list[dict]:
     """Peak memory of a whole command over 1 and over 8 rollout steps (files written once)."""
     data = work / "steps_data"
     if not data.exists():
-        lpi.write_demo_dataset(data, num_tasks=10, num_episodes=3, steps=tuple(range(10, 90, 10)), vlm_width=16, action_width=1024)
+        lpi.write_demo_dataset(
+            data, num_tasks=10, num_episodes=3, steps=tuple(range(10, 90, 10)), vlm_width=16, action_width=1024
+        )
     t5 = tiny_t5(lpi, work, 512, 10)
     rows = []
     for steps in ("10", "all"):
         output = work / f"steps_out_{steps}"
         shutil.rmtree(output, ignore_errors=True)
-        command = [sys.executable, str(Path(arguments.repo) / "linear_probing_inference.py"), "--data_path", str(data),
-                   "--t5_model", str(t5), "--cache_dir", str(work / "steps_cache"), "--output_dir", str(output), "--expert", "action",
-                   "--layer", "all", "--rollout_step", steps, "--task_range", "0", "10", "--episode_range", "0", "3", "--quiet"]
+        command = [
+            sys.executable,
+            str(Path(arguments.repo) / "linear_probing_inference.py"),
+            "--data_path",
+            str(data),
+            "--t5_model",
+            str(t5),
+            "--cache_dir",
+            str(work / "steps_cache"),
+            "--output_dir",
+            str(output),
+            "--expert",
+            "action",
+            "--layer",
+            "all",
+            "--rollout_step",
+            steps,
+            "--task_range",
+            "0",
+            "10",
+            "--episode_range",
+            "0",
+            "3",
+            "--quiet",
+        ]
         wall, peak, _ = measured(command)
-        rows.append({"case": f"files, --expert action --layer all --rollout_step {steps}", "process_s": wall, "peak_mb": peak,
-                     "results": len(list(output.glob("results_*.pkl")))})
+        rows.append(
+            {
+                "case": f"files, --expert action --layer all --rollout_step {steps}",
+                "process_s": wall,
+                "peak_mb": peak,
+                "results": len(list(output.glob("results_*.pkl"))),
+            }
+        )
     return rows
 
 
@@ -147,7 +234,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["sweep", "scale", "steps"], choices=["sweep", "scale", "steps"])
     parser.add_argument("--full", action="store_true", help="also the 10 x 50 sweep with --label_space full (minutes)")
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose program is measured (default: this one)")
-    parser.add_argument("--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)")
+    parser.add_argument(
+        "--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:

@@ -7,8 +7,8 @@ episodes x 2 steps at 1x, with 2x and 4x adding episodes the run does not ask fo
 extracts layer 5 at step_10 of episodes 0-2 (text_only, vlm or action tokens, mean-pooled)
 with the program's own `samples_from_file`; for pickle.load, its file reader is swapped for
 `pickle.load`.
-Every measurement is a fresh child process (the median of --repeats runs is reported): wall time of read + extraction, peak resident
-memory added by it, and bytes read from storage (/proc/self/io read_bytes), with a warm page
+Every measurement is a fresh child process (the median of --repeats runs is reported): wall time of read +
+extraction, peak resident memory added by it, and bytes read from storage (/proc/self/io read_bytes), with a warm page
 cache and a cold one (the file evicted with posix_fadvise DONTNEED first). Ours is measured
 twice: "first" parses the file and writes its index, "indexed" is every later run (index in
 the cache directory). All three must give identical features.
@@ -66,12 +66,16 @@ def write_task_file(path: Path, episodes: int, steps=(10, 20)) -> None:
                     "pre_mlp_norm_scales": np.ones((18, 1024), np.float32),
                 }
             rollout_steps[f"step_{step}"] = entry
-        data["episodes"][f"episode_{episode}"] = {"rollout_steps": rollout_steps, "metadata": {"success": True, "total_steps": 30}}
+        data["episodes"][f"episode_{episode}"] = {
+            "rollout_steps": rollout_steps,
+            "metadata": {"success": True, "total_steps": 30},
+        }
     with open(path, "wb") as file:
         pickle.dump(data, file)
 
 
-CHILD = r"""
+CHILD = (
+    r"""
 import json, pickle, sys, time
 import numpy as np
 import linear_probing_inference as lpi
@@ -84,7 +88,8 @@ def peak_rss():  # VmHWM belongs to this process image; ru_maxrss would inherit 
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 
 mode, path, expert, out, index_dir = sys.argv[1:6]
-config = lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, EPISODES), rollout_step=STEP, expert=expert, layer=LAYER, index_dir=index_dir)
+config = lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, EPISODES), rollout_step=STEP, expert=expert,
+                        layer=LAYER, index_dir=index_dir)
 if mode == "pickle":  # the obvious alternative: load everything, then the same extraction
     lpi.read_task_file = lambda path, trust, index_dir: pickle.load(open(path, "rb"))
 read_before, rss_before = storage_bytes_read(), peak_rss()
@@ -92,8 +97,12 @@ start = time.perf_counter()
 rows = lpi.samples_from_file(lpi.Path(path), 0, config, [LAYER], [STEP], lpi.ReadReport())
 seconds = time.perf_counter() - start
 np.save(out, np.stack([row.layers[0] for row in rows]))
-print(json.dumps({"seconds": seconds, "peak_rss_added": max(peak_rss() - rss_before, 0), "read_bytes": storage_bytes_read() - read_before}))
-""".replace("EPISODES", str(EPISODES)).replace("STEP", str(STEP)).replace("LAYER", str(LAYER))
+added = max(peak_rss() - rss_before, 0)
+print(json.dumps({"seconds": seconds, "peak_rss_added": added, "read_bytes": storage_bytes_read() - read_before}))
+""".replace("EPISODES", str(EPISODES))
+    .replace("STEP", str(STEP))
+    .replace("LAYER", str(LAYER))
+)
 
 
 def evict(path: Path) -> None:
@@ -120,16 +129,24 @@ def measure(mode: str, path: Path, expert: str, cold: bool, work: Path, index_di
 
 def requested_bytes(expert: str) -> int:
     """Bytes of the array slices the extraction asks for."""
-    tokens, width, entries = {"text_only": (48, 2048, 1), "vlm": (816, 2048, 1), "action": (51, 1024, len(TIMES))}[expert]
+    tokens, width, entries = {"text_only": (48, 2048, 1), "vlm": (816, 2048, 1), "action": (51, 1024, len(TIMES))}[
+        expert
+    ]
     return EPISODES * entries * tokens * width * 4
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default=None, help="where the generated files go and stay (default: a temporary directory, removed)")
-    parser.add_argument("--scales", nargs="+", type=int, default=[1, 2, 4], help="file sizes, as multiples of 3 episodes x 2 steps")
+    parser.add_argument(
+        "--dir", default=None, help="where the generated files go and stay (default: a temporary directory, removed)"
+    )
+    parser.add_argument(
+        "--scales", nargs="+", type=int, default=[1, 2, 4], help="file sizes, as multiples of 3 episodes x 2 steps"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median time is reported")
-    parser.add_argument("--experts", nargs="+", default=["text_only", "vlm", "action"], choices=["text_only", "vlm", "action"])
+    parser.add_argument(
+        "--experts", nargs="+", default=["text_only", "vlm", "action"], choices=["text_only", "vlm", "action"]
+    )
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="reader_benchmark_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -144,7 +161,8 @@ def main() -> None:
                 for cache in ("warm", "cold"):
                     index_dir = Path(tempfile.mkdtemp(dir=work, prefix="index_"))  # empty: "first" builds it
                     figures = {}
-                    for repeat in range(args.repeats):  # the median run of each mode is reported
+                    reference = None  # pickle.load's features, the first mode of each repeat
+                    for _ in range(args.repeats):  # the median run of each mode is reported
                         for mode in ("pickle", "first", "indexed"):
                             if mode == "first":
                                 shutil.rmtree(index_dir)  # "first" parses the file and writes the index anew
@@ -152,17 +170,30 @@ def main() -> None:
                             figures.setdefault(mode, []).append(result)
                             reference = features if mode == "pickle" else reference
                             assert np.array_equal(features, reference), f"{mode} disagrees with pickle.load"
-                    figures = {mode: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2] for mode, runs in figures.items()}
+                    figures = {
+                        mode: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2] for mode, runs in figures.items()
+                    }
                     shutil.rmtree(index_dir)
                     requested = requested_bytes(expert)
-                    rows.append({"scale": scale, "file_bytes": size, "expert": expert, "cache": cache, "requested_bytes": requested, **figures})
+                    rows.append(
+                        {
+                            "scale": scale,
+                            "file_bytes": size,
+                            "expert": expert,
+                            "cache": cache,
+                            "requested_bytes": requested,
+                            **figures,
+                        }
+                    )
                     loaded = figures["pickle"]
                     for mode in ("first", "indexed"):
                         ours = figures[mode]
                         print(
                             f"{scale}x {size / 1e9:4.2f} GB {expert:9s} {cache} {mode:7s}: "
-                            f"time {loaded['seconds']:6.3f} s vs {ours['seconds']:6.4f} s = {loaded['seconds'] / ours['seconds']:5.0f}x | "
-                            f"peak RSS +{loaded['peak_rss_added'] / 1e6:5.0f} MB vs +{ours['peak_rss_added'] / 1e6:5.1f} MB = "
+                            f"time {loaded['seconds']:6.3f} s vs {ours['seconds']:6.4f} s = "
+                            f"{loaded['seconds'] / ours['seconds']:5.0f}x | "
+                            f"peak RSS +{loaded['peak_rss_added'] / 1e6:5.0f} MB vs "
+                            f"+{ours['peak_rss_added'] / 1e6:5.1f} MB = "
                             f"{loaded['peak_rss_added'] / max(ours['peak_rss_added'], 1):4.0f}x | "
                             f"storage read {loaded['read_bytes'] / 1e6:5.0f} MB vs {ours['read_bytes'] / 1e6:6.2f} MB "
                             f"= {ours['read_bytes'] / requested:4.2f}x the {requested / 1e6:5.2f} MB requested",

@@ -39,9 +39,31 @@ def program(data: Path, t5: Path, cache: Path, output: Path, expert: str, layers
     """The command line of one invocation."""
     tasks = str(len(list(data.glob("task_*.pkl"))))
     episodes = str(SIZES[data.name]["num_episodes"])
-    return [sys.executable, str(REPO / "linear_probing_inference.py"), "--data_path", str(data), "--t5_model", str(t5), "--cache_dir", str(cache),
-            "--output_dir", str(output), "--rollout_step", "10", "--expert", expert, "--layer", layers, "--task_range", "0", tasks,
-            "--episode_range", "0", episodes, "--quiet"]
+    return [
+        sys.executable,
+        str(REPO / "linear_probing_inference.py"),
+        "--data_path",
+        str(data),
+        "--t5_model",
+        str(t5),
+        "--cache_dir",
+        str(cache),
+        "--output_dir",
+        str(output),
+        "--rollout_step",
+        "10",
+        "--expert",
+        expert,
+        "--layer",
+        layers,
+        "--task_range",
+        "0",
+        tasks,
+        "--episode_range",
+        "0",
+        episodes,
+        "--quiet",
+    ]
 
 
 def timed(commands: list[list[str]]) -> float:
@@ -64,11 +86,15 @@ def comparable(path: Path) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)")
+    parser.add_argument(
+        "--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)"
+    )
     parser.add_argument("--sizes", nargs="+", default=["demo", "full"], choices=list(SIZES))
     parser.add_argument("--expert", default="vlm", choices=lpi.EXPERTS)
     parser.add_argument("--caches", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
-    parser.add_argument("--label_width", type=int, default=512, help="the random-weight T5's embedding width (t5-small: 512)")
+    parser.add_argument(
+        "--label_width", type=int, default=512, help="the random-weight T5's embedding width (t5-small: 512)"
+    )
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="sweep_benchmark_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -85,21 +111,34 @@ def main() -> None:
             for cache_state in args.caches:
                 figures = {}
                 for way in ("loop", "sweep"):
-                    cache, output = work / f"cache_{size}", work / f"out_{size}_{way}"  # one cache path: it is recorded in the results
+                    cache, output = (
+                        work / f"cache_{size}",
+                        work / f"out_{size}_{way}",
+                    )  # one cache path: it is recorded in the results
                     shutil.rmtree(cache, ignore_errors=True)
                     shutil.rmtree(output, ignore_errors=True)
-                    commands = [program(data, t5, cache, output, args.expert, str(layer)) for layer in range(18)] if way == "loop" else \
-                        [program(data, t5, cache, output, args.expert, "0-17")]
+                    commands = (
+                        [program(data, t5, cache, output, args.expert, str(layer)) for layer in range(18)]
+                        if way == "loop"
+                        else [program(data, t5, cache, output, args.expert, "0-17")]
+                    )
                     if cache_state == "warm":
                         timed(commands)  # fills the caches
                     figures[way] = timed(commands)
                 loop_files = sorted((work / f"out_{size}_loop").glob("results_*.pkl"))
                 assert len(loop_files) == 18
                 for path in loop_files:
-                    assert comparable(path) == comparable(work / f"out_{size}_sweep" / path.name), f"{path.name} differs"
+                    assert comparable(path) == comparable(work / f"out_{size}_sweep" / path.name), (
+                        f"{path.name} differs"
+                    )
                 rows.append({"size": size, "gigabytes": gigabytes, "cache": cache_state, **figures})
-                print(f"{size:4s} ({gigabytes:5.2f} GB, --expert {args.expert}, {args.label_width}-dim labels) {cache_state} caches: 18 invocations {figures['loop']:6.1f} s, "
-                      f"one 18-layer sweep {figures['sweep']:5.1f} s = {figures['loop'] / figures['sweep']:4.1f}x faster; all 18 results identical", flush=True)
+                print(
+                    f"{size:4s} ({gigabytes:5.2f} GB, --expert {args.expert}, {args.label_width}-dim labels) "
+                    f"{cache_state} caches: 18 invocations {figures['loop']:6.1f} s, "
+                    f"one 18-layer sweep {figures['sweep']:5.1f} s = {figures['loop'] / figures['sweep']:4.1f}x "
+                    "faster; all 18 results identical",
+                    flush=True,
+                )
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

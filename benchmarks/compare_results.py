@@ -44,8 +44,19 @@ def comparable_summary(path: Path) -> bytes:
 
 
 def run(checkout: Path, data: Path, output: Path, cache: Path, options: list[str]) -> None:
-    command = [sys.executable, str(checkout / "linear_probing_inference.py"), "--demo", "--data_path", str(data),
-               "--output_dir", str(output), "--cache_dir", str(cache), "--quiet", *options]
+    command = [
+        sys.executable,
+        str(checkout / "linear_probing_inference.py"),
+        "--demo",
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(output),
+        "--cache_dir",
+        str(cache),
+        "--quiet",
+        *options,
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -53,7 +64,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="the checkout to compare against")
     parser.add_argument("--after", default=str(REPO), help="default: this checkout")
-    parser.add_argument("--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)")
+    parser.add_argument(
+        "--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)"
+    )
     arguments = parser.parse_args()
     work = Path(arguments.dir or tempfile.mkdtemp(prefix="compare_results_"))
     differences = 0
@@ -64,10 +77,13 @@ def main() -> int:
             for side in ("before", "after"):
                 outputs[side] = work / "out" / name.replace(" ", "_") / side
                 shutil.rmtree(outputs[side], ignore_errors=True)
-                run(Path(getattr(arguments, side)).resolve(), data, outputs[side], work / "cache", options)  # one path: it is recorded
+                run(
+                    Path(getattr(arguments, side)).resolve(), data, outputs[side], work / "cache", options
+                )  # one path: it is recorded
             files = sorted(path.name for path in outputs["before"].iterdir())
             different = [
-                name_ for name_ in files
+                name_
+                for name_ in files
                 if not (outputs["after"] / name_).is_file()
                 or (comparable_results if name_.endswith(".pkl") else comparable_summary)(outputs["before"] / name_)
                 != (comparable_results if name_.endswith(".pkl") else comparable_summary)(outputs["after"] / name_)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import linear_probing_inference as lpi
@@ -82,8 +81,16 @@ def test_output_files_hold_the_guide_block_and_everything_needed(run_cli):
     assert status == 0
     summary = (output / "summary_text_only_layer5_step10.txt").read_text().splitlines()
     assert summary[:4] == ["Linear Probing Results", "=====================", "", "Expert: text_only"]
-    for line in ("Layer: 5", "Rollout Step: 10", "Feature Type: hidden_states", "Number of Samples: 60", "Number of Tasks: 10",
-                 "Task Descriptions:", "  0: pick up the alphabet soup and place it in the basket", "Missing Task Files: 10, 11"):
+    for line in (
+        "Layer: 5",
+        "Rollout Step: 10",
+        "Feature Type: hidden_states",
+        "Number of Samples: 60",
+        "Number of Tasks: 10",
+        "Task Descriptions:",
+        "  0: pick up the alphabet soup and place it in the basket",
+        "Missing Task Files: 10, 11",
+    ):
         assert line in summary
     assert any(line.startswith("Accuracy: ") for line in summary)
     assert any(line.startswith("Control (task -> embedding assignment permuted): accuracy ") for line in summary)
@@ -91,22 +98,33 @@ def test_output_files_hold_the_guide_block_and_everything_needed(run_cli):
     assert any(line.startswith("Positive control: text tokens are the prompt itself") for line in summary)
     results = load_results(output, "text_only_layer5_step10")
     assert results["config"]["data"]["expert"] == "text_only" and results["config"]["labels"]["center_labels"] is True
-    assert results["probe"]["kernel"].shape == (10, 16, 9)  # 5 folds, then 5 controls; 9 = the span of 10 centered task embeddings
+    assert results["probe"]["kernel"].shape == (
+        10,
+        16,
+        9,
+    )  # 5 folds, then 5 controls; 9 = the span of 10 centered task embeddings
     heldout = results["heldout"]
     assert heldout["prediction"].shape == (60, 32) and heldout["target"].shape == (60, 32)
     assert len(results["samples"]["task_id"]) == len(results["samples"]["inference_time"]) == 60
     assert results["history"]["train_loss"].shape == (10, 100)
     assert results["versions"]["jax"] and results["data_report"]["missing_tasks"] == [10, 11]
-    assert sorted(p.name for p in output.iterdir()) == ["results_text_only_layer5_step10.pkl", "summary_text_only_layer5_step10.txt"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        "results_text_only_layer5_step10.pkl",
+        "summary_text_only_layer5_step10.txt",
+    ]
 
 
 def test_same_seed_same_results_file_other_seed_other_folds(run_cli, tmp_path):
     first = load_results(run_cli("--expert", "vlm", "--layer", "5", output_dir=tmp_path / "a")[1], "vlm_layer5_step10")
     again = load_results(run_cli("--expert", "vlm", "--layer", "5", output_dir=tmp_path / "b")[1], "vlm_layer5_step10")
-    other = load_results(run_cli("--expert", "vlm", "--layer", "5", "--seed", "7", output_dir=tmp_path / "c")[1], "vlm_layer5_step10")
+    other = load_results(
+        run_cli("--expert", "vlm", "--layer", "5", "--seed", "7", output_dir=tmp_path / "c")[1], "vlm_layer5_step10"
+    )
     for results in (first, again, other):
         results.pop("wall_time_seconds")
-        results["command"] = [a for a in results["command"] if "results" not in a and not a.endswith(("/a", "/b", "/c"))]
+        results["command"] = [
+            a for a in results["command"] if "results" not in a and not a.endswith(("/a", "/b", "/c"))
+        ]
     assert pickle.dumps(first) == pickle.dumps(again)
     assert list(first["samples"]["fold"]) != list(other["samples"]["fold"])
 
@@ -128,7 +146,7 @@ def test_raw_labels_are_available_and_recorded(run_cli):
         (["--layer", "-1"], "argument --layer: expected N, N,M,..., N-M or all"),
         (["--layer", "5-2"], "range 5-2 runs backwards"),
         (["--shard", "2/2"], "expected INDEX/COUNT with 0 <= INDEX < COUNT"),
-        (["--learning_rate", "0"], "must be a positive number"),
+        (["--learning_rate", "0"], "must be > 0, got 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(run_cli, capsys, options, message):
@@ -158,12 +176,30 @@ def test_data_dependent_errors_are_one_line_and_write_nothing(run_cli, capsys, o
 
 def test_cli_as_a_program_and_a_warm_label_cache_skips_torch(demo_data, tiny_t5, tmp_path):
     command = [
-        sys.executable, "-c",
+        sys.executable,
+        "-c",
         "import sys, linear_probing_inference as l; code = l.main(sys.argv[1:]); "
         "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)",
-        "--data_path", str(demo_data), "--t5_model", str(tiny_t5), "--cache_dir", str(tmp_path / "cache"),
-        "--output_dir", str(tmp_path / "out"), "--rollout_step", "10", "--expert", "text_only", "--layer", "5",
-        "--task_range", "0", "10", "--episode_range", "0", "6",
+        "--data_path",
+        str(demo_data),
+        "--t5_model",
+        str(tiny_t5),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--rollout_step",
+        "10",
+        "--expert",
+        "text_only",
+        "--layer",
+        "5",
+        "--task_range",
+        "0",
+        "10",
+        "--episode_range",
+        "0",
+        "6",
     ]
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     cold = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
@@ -176,9 +212,32 @@ def test_cli_as_a_program_and_a_warm_label_cache_skips_torch(demo_data, tiny_t5,
 
 def test_script_error_exit_status(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "linear_probing_inference.py"), "--data_path", str(tmp_path / "nowhere"), "--rollout_step", "10",
-         "--expert", "vlm", "--layer", "5", "--task_range", "0", "10", "--episode_range", "0", "5", "--cache_dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "linear_probing_inference.py"),
+            "--data_path",
+            str(tmp_path / "nowhere"),
+            "--rollout_step",
+            "10",
+            "--expert",
+            "vlm",
+            "--layer",
+            "5",
+            "--task_range",
+            "0",
+            "10",
+            "--episode_range",
+            "0",
+            "5",
+            "--cache_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"linear_probing_inference.py: error: --data_path {tmp_path / 'nowhere'}: not a directory"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"linear_probing_inference.py: error: --data_path {tmp_path / 'nowhere'}: not a directory"
+    )

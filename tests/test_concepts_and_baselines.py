@@ -35,11 +35,34 @@ def planted(tmp_path_factory) -> Path:
 
 def concept_run(root: Path, data: str, output: Path, *options: str) -> dict:
     """Run the concept probes of layer 5 (unless options say otherwise); return layer 5's results."""
-    status = lpi.main([
-        "--data_path", str(root / data), "--t5_model", str(root / "t5"), "--cache_dir", str(root / "cache"),
-        "--output_dir", str(output), "--rollout_step", "10", "--expert", "text_only", "--layer", "5",
-        "--task_range", "0", "20", "--episode_range", "0", "4", "--target", "concepts", "--quiet", *options,
-    ])
+    status = lpi.main(
+        [
+            "--data_path",
+            str(root / data),
+            "--t5_model",
+            str(root / "t5"),
+            "--cache_dir",
+            str(root / "cache"),
+            "--output_dir",
+            str(output),
+            "--rollout_step",
+            "10",
+            "--expert",
+            "text_only",
+            "--layer",
+            "5",
+            "--task_range",
+            "0",
+            "20",
+            "--episode_range",
+            "0",
+            "4",
+            "--target",
+            "concepts",
+            "--quiet",
+            *options,
+        ]
+    )
     assert status == 0
     with open(output / "results_text_only_layer5_step10_concepts.pkl", "rb") as file:
         return pickle.load(file)
@@ -79,14 +102,42 @@ def test_concepts_from_a_file_are_multi_valued_attributes(planted, tmp_path):
 
 def test_decodability_split_and_bad_concept_files(planted, tmp_path, capsys):
     decodable = concept_run(planted, "random", tmp_path / "episode", "--split", "episode")
-    assert "decodability, not transfer" in (tmp_path / "episode" / "summary_text_only_layer5_step10_concepts.txt").read_text()
+    assert (
+        "decodability, not transfer"
+        in (tmp_path / "episode" / "summary_text_only_layer5_step10_concepts.txt").read_text()
+    )
     assert decodable["config"]["training"]["split"] == "episode"
     bad = tmp_path / "bad.tsv"
     bad.write_text("0\tobject\n")
-    status = lpi.main(["--data_path", str(planted / "both"), "--t5_model", str(planted / "t5"), "--output_dir",
-                       str(tmp_path / "none"), "--rollout_step", "10", "--expert", "text_only", "--layer", "5",
-                       "--task_range", "0", "20", "--episode_range", "0", "4", "--target", "concepts", "--concepts",
-                       str(bad), "--cache_dir", str(planted / "cache"), "--quiet"])
+    status = lpi.main(
+        [
+            "--data_path",
+            str(planted / "both"),
+            "--t5_model",
+            str(planted / "t5"),
+            "--output_dir",
+            str(tmp_path / "none"),
+            "--rollout_step",
+            "10",
+            "--expert",
+            "text_only",
+            "--layer",
+            "5",
+            "--task_range",
+            "0",
+            "20",
+            "--episode_range",
+            "0",
+            "4",
+            "--target",
+            "concepts",
+            "--concepts",
+            str(bad),
+            "--cache_dir",
+            str(planted / "cache"),
+            "--quiet",
+        ]
+    )
     assert status == 2 and "line 1: expected task_id<TAB>attribute<TAB>value" in capsys.readouterr().err
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
@@ -108,8 +159,19 @@ def test_report_draws_concepts_against_layers(planted, tmp_path, capsys):
 
 
 def baseline_run(run_cli, output: Path, baseline: str, **where) -> dict:
-    status, output = run_cli("--expert", "text_only", "--layer", "5", "--baseline", baseline, "--no_control",
-                             "--bootstrap", "0", output_dir=output, **where)
+    status, output = run_cli(
+        "--expert",
+        "text_only",
+        "--layer",
+        "5",
+        "--baseline",
+        baseline,
+        "--no_control",
+        "--bootstrap",
+        "0",
+        output_dir=output,
+        **where,
+    )
     assert status == 0
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         return pickle.load(file)

@@ -1,7 +1,6 @@
 """Reviewer-grade numbers: cross-validation, control task, intervals, retrieval metrics, unseen tasks, ridge."""
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,11 +27,34 @@ def composed(tmp_path_factory) -> dict:
 
 def run_composed(composed, tmp_path, data: str, *options: str) -> dict:
     output = tmp_path / "out"
-    status = lpi.main([
-        "--data_path", str(composed["root"] / data), "--t5_model", str(composed["t5"]), "--cache_dir", str(composed["root"] / "cache"),
-        "--output_dir", str(output), "--rollout_step", "10", "--expert", "text_only", "--layer", "5", "--task_range", "0", "20",
-        "--episode_range", "0", "4", "--bootstrap", "300", "--quiet", *options,
-    ])
+    status = lpi.main(
+        [
+            "--data_path",
+            str(composed["root"] / data),
+            "--t5_model",
+            str(composed["t5"]),
+            "--cache_dir",
+            str(composed["root"] / "cache"),
+            "--output_dir",
+            str(output),
+            "--rollout_step",
+            "10",
+            "--expert",
+            "text_only",
+            "--layer",
+            "5",
+            "--task_range",
+            "0",
+            "20",
+            "--episode_range",
+            "0",
+            "4",
+            "--bootstrap",
+            "300",
+            "--quiet",
+            *options,
+        ]
+    )
     assert status == 0
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         return pickle.load(file)
@@ -76,13 +98,17 @@ def test_ridge_and_trained_probe_agree_where_the_signal_is_strong(run_cli, tmp_p
         with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
             results[probe] = pickle.load(file)
     assert results["linear"]["metrics"]["accuracy"] >= 0.9 and results["ridge"]["metrics"]["accuracy"] >= 0.9
-    agreement = np.mean(results["linear"]["heldout"]["predicted_class"] == results["ridge"]["heldout"]["predicted_class"])
+    agreement = np.mean(
+        results["linear"]["heldout"]["predicted_class"] == results["ridge"]["heldout"]["predicted_class"]
+    )
     assert agreement >= 0.9
     assert results["ridge"]["history"]["penalty"].shape == (10,)
 
 
 def interval_width(run_cli, tmp_path, episodes: int) -> tuple[float, tuple[float, float], float]:
-    status, output = run_cli("--expert", "vlm", "--layer", "5", "--episode_range", "0", str(episodes), output_dir=tmp_path / str(episodes))
+    status, output = run_cli(
+        "--expert", "vlm", "--layer", "5", "--episode_range", "0", str(episodes), output_dir=tmp_path / str(episodes)
+    )
     assert status == 0
     with open(output / "results_vlm_layer5_step10.pkl", "rb") as file:
         metrics = pickle.load(file)["metrics"]
@@ -124,7 +150,9 @@ def test_control_permutation_keeps_no_task_in_place(count):
 
 
 def test_label_projection_and_loss_choice_are_applied_and_recorded(run_cli, tmp_path):
-    status, output = run_cli("--expert", "text_only", "--layer", "5", "--label_dim", "8", "--loss", "contrastive", "--no_control")
+    status, output = run_cli(
+        "--expert", "text_only", "--layer", "5", "--label_dim", "8", "--loss", "contrastive", "--no_control"
+    )
     assert status == 0
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         results = pickle.load(file)

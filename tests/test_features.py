@@ -23,7 +23,9 @@ def layer_feature(entry: dict, cfg: lpi.DataConfig) -> np.ndarray:
 
 
 def config(expert: str, layer: int = 2, **kwargs) -> lpi.DataConfig:
-    return lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, 1), rollout_step=10, expert=expert, layer=layer, **kwargs)
+    return lpi.DataConfig(
+        data_path="", task_range=(0, 1), episode_range=(0, 1), rollout_step=10, expert=expert, layer=layer, **kwargs
+    )
 
 
 @pytest.mark.parametrize("batch_axis", [True, False])
@@ -43,14 +45,21 @@ def test_slicing_works_on_a_memmap_and_on_bfloat16(tmp_path):
     path = tmp_path / "array.bin"
     array.tofile(path)
     view = np.memmap(path, dtype=np.float32, mode="r", shape=array.shape)
-    np.testing.assert_array_equal(layer_feature({"hidden_states": view}, config("text_only", 1)), layer_feature({"hidden_states": array}, config("text_only", 1)))
-    small = (np.arange(816, dtype=np.float32)[None, None, :, None] % 4 + np.zeros((2, 1, 816, 2), np.float32)).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(
+        layer_feature({"hidden_states": view}, config("text_only", 1)),
+        layer_feature({"hidden_states": array}, config("text_only", 1)),
+    )
+    small = (np.arange(816, dtype=np.float32)[None, None, :, None] % 4 + np.zeros((2, 1, 816, 2), np.float32)).astype(
+        ml_dtypes.bfloat16
+    )
     np.testing.assert_allclose(layer_feature({"hidden_states": small}, config("vlm", 1)), 1.5)
 
 
 def test_per_layer_vector_features_need_no_tokens_but_text_only_refuses_them():
     entry = {"pre_attn_norm_scales": np.arange(12, dtype=np.float32).reshape(3, 4)}
-    np.testing.assert_array_equal(layer_feature(entry, config("vlm", 1, feature_type="pre_attn_norm_scales")), [4, 5, 6, 7])
+    np.testing.assert_array_equal(
+        layer_feature(entry, config("vlm", 1, feature_type="pre_attn_norm_scales")), [4, 5, 6, 7]
+    )
     with pytest.raises(lpi.OptionError, match="token axis"):
         layer_feature(entry, config("text_only", 1, feature_type="pre_attn_norm_scales"))
 
@@ -68,7 +77,10 @@ def test_short_prefix_is_an_error_for_vlm_experts():
         layer_feature({"hidden_states": token_index_array(3, 700, 2)}, config("text_only", 0))
 
 
-@pytest.mark.parametrize("style", ["action_expert_state_time{:.1f}", "action_expert_hidden_state_t{:.1f}", "action_expert_hidden_states_t{:.1f}"])
+@pytest.mark.parametrize(
+    "style",
+    ["action_expert_state_time{:.1f}", "action_expert_hidden_state_t{:.1f}", "action_expert_hidden_states_t{:.1f}"],
+)
 def test_action_keys_are_found_in_both_namings_and_ordered_by_time(style):
     times = [0.3, 1.0, 0.1, 0.5, 0.9, 0.2, 0.7, 0.4, 0.8, 0.6]  # inserted out of order
     step = {style.format(t): {"hidden_states": np.zeros((1, 1, 51, 2))} for t in times}
@@ -91,11 +103,16 @@ def vlm_step(value: float) -> dict:
 def test_rollout_step_is_chosen_by_key_and_missing_steps_are_skipped(tmp_path):
     # Episode 0 has steps 10 and 30; episode 1 only 10. "step 30" is the second key of
     # episode 0: a positional reader would take step_30's place wrongly or fail on episode 1.
-    write_task(tmp_path / "task_0_t.pkl", {
-        "episode_0": {"rollout_steps": {"step_10": vlm_step(10.0), "step_30": vlm_step(30.0)}},
-        "episode_1": {"rollout_steps": {"step_10": vlm_step(11.0)}},
-    })
-    cfg = lpi.DataConfig(data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 3), rollout_step=30, expert="vlm", layer=1)
+    write_task(
+        tmp_path / "task_0_t.pkl",
+        {
+            "episode_0": {"rollout_steps": {"step_10": vlm_step(10.0), "step_30": vlm_step(30.0)}},
+            "episode_1": {"rollout_steps": {"step_10": vlm_step(11.0)}},
+        },
+    )
+    cfg = lpi.DataConfig(
+        data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 3), rollout_step=30, expert="vlm", layer=1
+    )
     by_step, report = lpi.collect_samples(cfg, [1], [30])
     samples = by_step[30]
     np.testing.assert_array_equal(samples.features, [[[30.0] * 3]])

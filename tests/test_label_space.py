@@ -22,14 +22,26 @@ def test_predictions_in_the_span_rank_and_score_as_in_full_space():
     similarity_full = lpi.unit_rows(in_t5) @ lpi.unit_rows(full["classes"][0]).T
     np.testing.assert_allclose(similarity_span, similarity_full, atol=1e-5)
     own = rng.integers(0, 10, 50)
-    np.testing.assert_array_equal(lpi.retrieval(similarity_span, own)["rank"], lpi.retrieval(similarity_full, own)["rank"])
+    np.testing.assert_array_equal(
+        lpi.retrieval(similarity_span, own)["rank"], lpi.retrieval(similarity_full, own)["rank"]
+    )
 
 
 def test_span_and_full_width_training_agree_on_planted_data(run_cli, tmp_path):
     results = {}
     for space in ("span", "full"):
-        status, output = run_cli("--expert", "text_only", "--layer", "5", "--label_space", space, "--no_control",
-                                 "--bootstrap", "0", output_dir=tmp_path / space)
+        status, output = run_cli(
+            "--expert",
+            "text_only",
+            "--layer",
+            "5",
+            "--label_space",
+            space,
+            "--no_control",
+            "--bootstrap",
+            "0",
+            output_dir=tmp_path / space,
+        )
         assert status == 0
         with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
             results[space] = pickle.load(file)

@@ -24,7 +24,12 @@ def test_batched_label_pooling_equals_encoding_each_description_alone(tiny_t5):
     batched = lpi.encode_descriptions(descriptions, str(tiny_t5))
     tokenizer, model = AutoTokenizer.from_pretrained(tiny_t5), T5EncoderModel.from_pretrained(tiny_t5)
     with torch.no_grad():  # the guide's recipe: one description at a time, mean over every token
-        alone = np.stack([model(**tokenizer(d, return_tensors="pt")).last_hidden_state.mean(dim=1).squeeze().numpy() for d in descriptions])
+        alone = np.stack(
+            [
+                model(**tokenizer(d, return_tensors="pt")).last_hidden_state.mean(dim=1).squeeze().numpy()
+                for d in descriptions
+            ]
+        )
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
 
 
@@ -99,13 +104,22 @@ def test_fit_probes_recovers_a_linear_map_and_stops_early():
     validation = np.arange(180) % 3 == 0
     config = lpi.TrainingConfig(num_epochs=400, learning_rate=0.01)
     copies = lpi.Copies(
-        repeat=np.zeros(1, int), assignment=np.zeros(1, int), fold=np.zeros(1, int), block=np.full(1, -1),
-        classes=classes[None], known=np.ones((1, 6), bool), train=train[None], validation=validation[None],
-        label_mean=np.zeros((1, 4)), label_basis=np.eye(4)[None],
+        repeat=np.zeros(1, int),
+        assignment=np.zeros(1, int),
+        fold=np.zeros(1, int),
+        block=np.full(1, -1),
+        classes=classes[None],
+        known=np.ones((1, 6), bool),
+        train=train[None],
+        validation=validation[None],
+        label_mean=np.zeros((1, 4)),
+        label_basis=np.eye(4)[None],
     )
     fitted = lpi.train_linear_probes(features[None], sample_class, copies, config)
     fitted = {key: value[0] for key, value in fitted.items()}  # the one item
-    prediction = ((features - fitted["feature_mean"][0]) / fitted["feature_std"][0]) @ fitted["kernel"][0] + fitted["bias"][0]
+    prediction = ((features - fitted["feature_mean"][0]) / fitted["feature_std"][0]) @ fitted["kernel"][0] + fitted[
+        "bias"
+    ][0]
     assert lpi.row_cosine(prediction, classes[sample_class]).mean() > 0.99
     epochs = int(fitted["epochs_run"][0])
     assert epochs < 400

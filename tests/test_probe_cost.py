@@ -19,9 +19,16 @@ def planted_copies(seed: int = 0):
     train = np.stack([fold != 0, fold != 1, fold != 0]) & (np.arange(120) % 5 != 0)
     validation = np.stack([fold != 0, fold != 1, fold != 0]) & (np.arange(120) % 5 == 0)
     copies = lpi.Copies(
-        repeat=np.zeros(3, int), assignment=np.array([0, 0, 1]), fold=np.array([0, 1, 0]), block=np.full(3, -1),
-        classes=np.stack([classes, classes, classes[[1, 2, 3, 4, 5, 0]]]), known=np.ones((3, 6), bool),
-        train=train, validation=validation, label_mean=np.zeros((3, 4)), label_basis=np.stack([np.eye(4)] * 3),
+        repeat=np.zeros(3, int),
+        assignment=np.array([0, 0, 1]),
+        fold=np.array([0, 1, 0]),
+        block=np.full(3, -1),
+        classes=np.stack([classes, classes, classes[[1, 2, 3, 4, 5, 0]]]),
+        known=np.ones((3, 6), bool),
+        train=train,
+        validation=validation,
+        label_mean=np.zeros((3, 4)),
+        label_basis=np.stack([np.eye(4)] * 3),
     )
     return features, sample_class, copies
 
@@ -29,9 +36,22 @@ def planted_copies(seed: int = 0):
 def fit(features, sample_class, copies, in_sequence: bool) -> dict:
     centered = features - features.mean(0)
     fitted = lpi.fit_probes(
-        centered[None, None], sample_class, copies.classes, copies.known, copies.train, copies.validation, np.int32(3),
-        copies.identity(), loss="cosine", learning_rate=0.01, num_epochs=60, batch_size=16, patience=5, steps_per_epoch=25,
-        standardize=True, copies_in_sequence=in_sequence,
+        centered[None, None],
+        sample_class,
+        copies.classes,
+        copies.known,
+        copies.train,
+        copies.validation,
+        np.int32(3),
+        copies.identity(),
+        loss="cosine",
+        learning_rate=0.01,
+        num_epochs=60,
+        batch_size=16,
+        patience=5,
+        steps_per_epoch=25,
+        standardize=True,
+        copies_in_sequence=in_sequence,
     )
     return {key: np.asarray(value)[0, 0] for key, value in fitted.items()}
 
@@ -111,4 +131,3 @@ def test_each_pass_over_the_files_does_not_repeat_a_warning(run_cli, demo_data, 
     status, _ = run_cli("--expert", "vlm", "--layer", "5", "--rollout_step", "10,20", data_path=partial)
     assert status == 0  # three passes: the structure, step 10, step 20
     assert capsys.readouterr().err.count("task 9: no file") == 1
-

@@ -2,7 +2,6 @@
 
 import collections
 import fractions
-import json
 import os
 import pickle
 import pickletools
@@ -132,7 +131,9 @@ def test_code_in_a_data_file_is_refused_before_it_runs(tmp_path, protocol, make,
 
 def test_trust_pickle_allows_custom_classes(tmp_path):
     path = tmp_path / "task_0_x.pkl"
-    path.write_bytes(pickle.dumps({"episodes": {}, "ratio": fractions.Fraction(1, 3), "big": np.ones(5000)}, protocol=4))
+    path.write_bytes(
+        pickle.dumps({"episodes": {}, "ratio": fractions.Fraction(1, 3), "big": np.ones(5000)}, protocol=4)
+    )
     with pytest.raises(lpi.BadFileError, match="refused global fractions.Fraction"):
         lpi.read_task_file(path)
     assert lpi.read_task_file(path, trust=True)["ratio"] == fractions.Fraction(1, 3)
@@ -179,7 +180,11 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path, content, message):
 @pytest.mark.parametrize("protocol", [3, 4, 5])
 def test_payload_past_the_end_of_the_file(tmp_path, protocol):
     whole = pickle.dumps({"episodes": {}, "hidden": np.ones((18, 1, 816, 8), np.float32)}, protocol=protocol)
-    payload_start = max(position for op, arg, position in pickletools.genops(whole) if isinstance(arg, (bytes, bytearray)) and len(arg) > 65536)
+    payload_start = max(
+        position
+        for op, arg, position in pickletools.genops(whole)
+        if isinstance(arg, (bytes, bytearray)) and len(arg) > 65536
+    )
     path = tmp_path / "task_0_short.pkl"
     path.write_bytes(whole[: payload_start + 1000])  # the array's bytes end early
     with pytest.raises(lpi.BadFileError, match="runs past the end of the file"):
@@ -190,19 +195,36 @@ def structure_cases() -> dict[str, dict]:
     hidden = np.zeros((3, 1, 816, 4), np.float32)
     return {
         "step_is_a_list": {"task_description": "x", "episodes": {"episode_0": {"rollout_steps": {"step_10": [1, 2]}}}},
-        "array_for_a_dict": {"task_description": "x", "episodes": {"episode_0": {"rollout_steps": {"step_10": {"vlm_layer_output": hidden}}}}},
+        "array_for_a_dict": {
+            "task_description": "x",
+            "episodes": {"episode_0": {"rollout_steps": {"step_10": {"vlm_layer_output": hidden}}}},
+        },
         "no_rollout_steps": {"task_description": "x", "episodes": {"episode_0": {"steps": {}}}},
-        "no_description": {"episodes": {"episode_0": {"rollout_steps": {"step_10": {"vlm_layer_output": {"hidden_states": hidden}}}}}},
+        "no_description": {
+            "episodes": {"episode_0": {"rollout_steps": {"step_10": {"vlm_layer_output": {"hidden_states": hidden}}}}}
+        },
     }
 
 
 @pytest.mark.parametrize("case", list(structure_cases()))
 def test_wrong_structure_skips_the_file_by_default_and_stops_under_strict(tmp_path, case, caplog):
-    good = {"task_description": "good", "episodes": {f"episode_{e}": {"rollout_steps": {"step_10": {"vlm_layer_output": {"hidden_states": np.ones((3, 1, 816, 4), np.float32)}}}} for e in range(2)}}
+    good = {
+        "task_description": "good",
+        "episodes": {
+            f"episode_{e}": {
+                "rollout_steps": {
+                    "step_10": {"vlm_layer_output": {"hidden_states": np.ones((3, 1, 816, 4), np.float32)}}
+                }
+            }
+            for e in range(2)
+        },
+    }
     (tmp_path / "task_0_good.pkl").write_bytes(pickle.dumps(good, protocol=4))
     bad = tmp_path / "task_1_bad.pkl"
     bad.write_bytes(pickle.dumps(structure_cases()[case], protocol=4))
-    config = lpi.DataConfig(data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 2), rollout_step=10, expert="vlm", layer=1)
+    config = lpi.DataConfig(
+        data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 2), rollout_step=10, expert="vlm", layer=1
+    )
     by_step, report = lpi.collect_samples(config, [1], [10])
     assert set(by_step[10].task_id) == {0}
     assert list(report.skipped_files) == [str(bad)] and str(bad) in report.skipped_files[str(bad)]
@@ -222,13 +244,27 @@ def test_cli_skips_a_bad_file_lists_it_and_strict_exits_1(run_cli, demo_data, tm
     assert status == 0
     summary = (output / "summary_text_only_layer5_step10.txt").read_text()
     assert "Skipped Files: 1" in summary and "task_10_broken.pkl: not a readable latent pickle" in summary
-    status, output = run_cli("--expert", "text_only", "--layer", "5", "--task_range", "0", "11", "--strict", data_path=data, output_dir=tmp_path / "strict")
+    status, output = run_cli(
+        "--expert",
+        "text_only",
+        "--layer",
+        "5",
+        "--task_range",
+        "0",
+        "11",
+        "--strict",
+        data_path=data,
+        output_dir=tmp_path / "strict",
+    )
     assert status == 1 and not (tmp_path / "strict").exists()
     assert "task_10_broken.pkl: not a readable latent pickle" in capsys.readouterr().err
 
 
 def snapshot(directory: Path) -> dict:
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes()[:64] + p.read_bytes()[-64:]) for p in sorted(directory.iterdir())}
+    return {
+        p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes()[:64] + p.read_bytes()[-64:])
+        for p in sorted(directory.iterdir())
+    }
 
 
 def test_a_run_changes_nothing_under_data_path(run_cli, demo_data):
@@ -249,7 +285,9 @@ path, mode = lpi.Path(sys.argv[1]), sys.argv[2]
 before = peak_rss()
 if mode == "full":
     lpi.read_task_file = lambda path, trust, index_dir: pickle.load(open(path, "rb"))
-config = lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, 3), rollout_step=10, expert="text_only", layer=5)
+config = lpi.DataConfig(
+    data_path="", task_range=(0, 1), episode_range=(0, 3), rollout_step=10, expert="text_only", layer=5
+)
 rows = lpi.samples_from_file(path, 0, config, [5], [10], lpi.ReadReport())
 assert len(rows) == 3
 print(peak_rss() - before)
@@ -258,7 +296,10 @@ print(peak_rss() - before)
 
 def test_extracting_one_layer_needs_a_few_mb_where_full_loading_needs_the_file(tmp_path):
     hidden = np.ones((18, 1, 816, 2048), np.float32)  # 120 MB, as in the real files
-    episodes = {f"episode_{e}": {"rollout_steps": {"step_10": {"vlm_layer_output": {"hidden_states": hidden + e}}}} for e in range(3)}
+    episodes = {
+        f"episode_{e}": {"rollout_steps": {"step_10": {"vlm_layer_output": {"hidden_states": hidden + e}}}}
+        for e in range(3)
+    }
     path = tmp_path / "task_0_big.pkl"
     with open(path, "wb") as file:
         pickle.dump({"task_description": "x", "episodes": episodes}, file, protocol=4)
@@ -266,7 +307,13 @@ def test_extracting_one_layer_needs_a_few_mb_where_full_loading_needs_the_file(t
     environment = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     added = {}
     for mode in ("mapped", "full"):
-        result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path), mode], capture_output=True, text=True, env=environment, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(path), mode],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         added[mode] = int(result.stdout.split()[-1])
     bound = 60 * 2**20

@@ -40,12 +40,36 @@ def compositional(tmp_path_factory) -> dict:
 
 
 def run_compositional(compositional, output: Path, data: str, *options: str) -> dict:
-    status = lpi.main([
-        "--data_path", str(compositional["root"] / data), "--t5_model", str(compositional["t5"]),
-        "--cache_dir", str(compositional["root"] / "cache"), "--output_dir", str(output), "--rollout_step", "10",
-        "--expert", "text_only", "--layer", "5", "--task_range", "0", "20", "--episode_range", "0", "4",
-        "--bootstrap", "200", "--quiet", "--split", "task", *options,
-    ])
+    status = lpi.main(
+        [
+            "--data_path",
+            str(compositional["root"] / data),
+            "--t5_model",
+            str(compositional["t5"]),
+            "--cache_dir",
+            str(compositional["root"] / "cache"),
+            "--output_dir",
+            str(output),
+            "--rollout_step",
+            "10",
+            "--expert",
+            "text_only",
+            "--layer",
+            "5",
+            "--task_range",
+            "0",
+            "20",
+            "--episode_range",
+            "0",
+            "4",
+            "--bootstrap",
+            "200",
+            "--quiet",
+            "--split",
+            "task",
+            *options,
+        ]
+    )
     assert status == 0
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         return pickle.load(file)
@@ -75,8 +99,16 @@ def test_mdl_compresses_the_true_assignment_better_than_the_control(compositiona
 def test_information_in_bits_follows_the_planted_signal(run_cli, tmp_path):
     metrics = {}
     for layer in (5, lpi.DEMO_SILENT_LAYER):
-        status, output = run_cli("--expert", "text_only", "--layer", str(layer), "--no_control", "--bootstrap", "0",
-                                 output_dir=tmp_path / str(layer))
+        status, output = run_cli(
+            "--expert",
+            "text_only",
+            "--layer",
+            str(layer),
+            "--no_control",
+            "--bootstrap",
+            "0",
+            output_dir=tmp_path / str(layer),
+        )
         assert status == 0
         with open(output / f"results_text_only_layer{layer}_step10.pkl", "rb") as file:
             metrics[layer] = pickle.load(file)["metrics"]
@@ -96,7 +128,9 @@ def one_nan_sample(tmp_path) -> Path:
     path = next(directory.glob("task_3_*.pkl"))
     with open(path, "rb") as file:
         data = pickle.load(file)
-    data["episodes"]["episode_2"]["rollout_steps"]["step_10"]["vlm_layer_output"]["hidden_states"][5, 0, 770, 3] = np.nan
+    data["episodes"]["episode_2"]["rollout_steps"]["step_10"]["vlm_layer_output"]["hidden_states"][5, 0, 770, 3] = (
+        np.nan
+    )
     with open(path, "wb") as file:
         pickle.dump(data, file)
     return directory
@@ -124,11 +158,13 @@ def test_a_non_finite_sample_is_named_skipped_and_counted(run_cli, one_nan_sampl
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         results = pickle.load(file)
     assert results["metrics"]["num_samples"] == 59
-    (task, episode, step, time_value), = results["data_report"]["nonfinite_samples"]
+    ((task, episode, step, time_value),) = results["data_report"]["nonfinite_samples"]
     assert (task, episode, step) == (3, 2, 10) and math.isnan(time_value)
     scored = {key: value for key, value in results["metrics"].items() if key != "confidence_intervals"}
     assert all(math.isfinite(number) for number in all_numbers(scored))
-    for low, high in results["metrics"]["confidence_intervals"].values():  # n/a (no variation) is (nan, nan), never half
+    for low, high in results["metrics"][
+        "confidence_intervals"
+    ].values():  # n/a (no variation) is (nan, nan), never half
         assert math.isnan(low) == math.isnan(high)
     assert results["metrics"]["accuracy"] >= 0.9  # the NaN is not scored, as right or as wrong
     summary = (output / "summary_text_only_layer5_step10.txt").read_text()
@@ -212,8 +248,18 @@ def test_task_split_intervals_resample_tasks_and_are_wider(compositional, tmp_pa
 def test_repeats_average_several_seeds_and_widen_the_interval(run_cli, tmp_path):
     runs = {}
     for repeats in (1, 3):
-        status, output = run_cli("--expert", "vlm", "--layer", "5", "--repeats", str(repeats), "--no_control",
-                                 "--bootstrap", "300", output_dir=tmp_path / str(repeats))
+        status, output = run_cli(
+            "--expert",
+            "vlm",
+            "--layer",
+            "5",
+            "--repeats",
+            str(repeats),
+            "--no_control",
+            "--bootstrap",
+            "300",
+            output_dir=tmp_path / str(repeats),
+        )
         assert status == 0
         with open(output / "results_vlm_layer5_step10.pkl", "rb") as file:
             runs[repeats] = pickle.load(file)
@@ -250,12 +296,12 @@ def test_results_file_recomputed_independently(run_cli, demo_data):
         targets /= np.linalg.norm(targets, axis=1, keepdims=True)
         share = 1 / (samples["validation"][fold].sum() + 2)  # the uniform code's weight: rule of succession
 
-        def cosines(rows):  # this fold's probe on the given samples
+        def cosines(rows, fold=fold, targets=targets):  # this fold's probe on the given samples
             x = (features[rows] - probe["feature_mean"][fold]) / probe["feature_std"][fold]
             prediction = x @ probe["kernel"][fold] + probe["bias"][fold]
             return prediction / np.linalg.norm(prediction, axis=1, keepdims=True) @ targets.T
 
-        def code(cosine, own, tau):
+        def code(cosine, own, tau, share=share):
             logits = cosine / tau
             softmax = np.exp(logits - logits.max(1, keepdims=True))
             softmax /= softmax.sum(1, keepdims=True)
@@ -288,17 +334,28 @@ def test_standardization_is_exact_far_from_zero_and_for_tiny_features():
     features = classes[sample_class] @ rng.standard_normal((4, 8)) + 0.3 * rng.standard_normal((180, 8))
     train, validation = np.arange(180) % 3 != 0, np.arange(180) % 3 == 0
     copies = lpi.Copies(
-        repeat=np.zeros(1, int), assignment=np.zeros(1, int), fold=np.zeros(1, int), block=np.full(1, -1),
-        classes=classes[None], known=np.ones((1, 6), bool), train=train[None], validation=validation[None],
-        label_mean=np.zeros((1, 4)), label_basis=np.eye(4)[None],
+        repeat=np.zeros(1, int),
+        assignment=np.zeros(1, int),
+        fold=np.zeros(1, int),
+        block=np.full(1, -1),
+        classes=classes[None],
+        known=np.ones((1, 6), bool),
+        train=train[None],
+        validation=validation[None],
+        label_mean=np.zeros((1, 4)),
+        label_basis=np.eye(4)[None],
     )
     config = lpi.TrainingConfig(num_epochs=100, learning_rate=0.01)
     cosines, stopped = {}, {}
     for name, scaled in (("plain", features), ("far from zero", features + 1e6), ("tiny", features * 1e-9)):
         scaled = scaled.astype(np.float32)
-        fitted = {key: value[0] for key, value in lpi.train_linear_probes(scaled[None], sample_class, copies, config).items()}
+        fitted = {
+            key: value[0] for key, value in lpi.train_linear_probes(scaled[None], sample_class, copies, config).items()
+        }
         x = (scaled.astype(np.float64) - fitted["feature_mean"][0]) / fitted["feature_std"][0]
-        cosines[name] = lpi.row_cosine(x @ fitted["kernel"][0] + fitted["bias"][0], classes[sample_class])[validation].mean()
+        cosines[name] = lpi.row_cosine(x @ fitted["kernel"][0] + fitted["bias"][0], classes[sample_class])[
+            validation
+        ].mean()
         stopped[name] = (int(fitted["epochs_run"][0]), int(fitted["best_epoch"][0]))
     assert cosines["plain"] > 0.9
     # The mean is subtracted before the weights see it: the same validation losses, so the same early stop.
@@ -309,8 +366,9 @@ def test_standardization_is_exact_far_from_zero_and_for_tiny_features():
 
 def test_contrastive_negatives_and_label_spaces_come_from_training_tasks_only(tiny_t5, tmp_path):
     task_id, episode = np.repeat(np.arange(10), 3), np.tile(np.arange(3), 10)
-    samples = lpi.Samples(np.zeros((1, 30, 4), np.float32), task_id, episode, np.full(30, 10), np.full(30, np.nan),
-                          np.zeros(30, int))
+    samples = lpi.Samples(
+        np.zeros((1, 30, 4), np.float32), task_id, episode, np.full(30, 10), np.full(30, np.nan), np.zeros(30, int)
+    )
     descriptions = {t: d for t, d in enumerate(lpi.DEMO_DESCRIPTIONS)}
     labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path))
     design = lpi.design_for(samples, descriptions, labels, lpi.TrainingConfig(split="task", permutations=3))
@@ -329,8 +387,9 @@ def test_contrastive_negatives_and_label_spaces_come_from_training_tasks_only(ti
 
 
 def test_contrastive_loss_trains_on_unseen_tasks_without_failing(compositional, tmp_path):
-    results = run_compositional(compositional, tmp_path / "contrastive", "aligned", "--loss", "contrastive",
-                                "--permutations", "2")
+    results = run_compositional(
+        compositional, tmp_path / "contrastive", "aligned", "--loss", "contrastive", "--permutations", "2"
+    )
     assert not results["copies"]["failed"].any()
     assert np.isfinite(results["history"]["validation_loss"][:, 0]).all()  # validation tasks are scored
     assert results["metrics"]["accuracy"] >= 0.6
@@ -340,7 +399,9 @@ def test_stratified_intervals_do_not_collapse_when_each_task_is_constant():
     task = np.repeat(np.arange(10), 5)
     units = task * 100 + np.tile(np.arange(5), 10)
     correct = (task != 3).astype(float)  # nine tasks always right, one always wrong
-    intervals = lpi.unit_intervals({"accuracy": correct, "information_bits": np.full(50, 2.0)}, units, task, 500, seed=0)
+    intervals = lpi.unit_intervals(
+        {"accuracy": correct, "information_bits": np.full(50, 2.0)}, units, task, 500, seed=0
+    )
     low, high = intervals["accuracy"]
     assert low < 0.9 < high  # Wilson over the 50 episodes, not the zero-width (0.9, 0.9)
     assert all(math.isnan(bound) for bound in intervals["information_bits"])  # n/a, not (2, 2)
@@ -376,8 +437,18 @@ def test_report_skips_results_of_an_older_format(run_cli, tmp_path, capsys):
 
 
 def test_uncentered_projected_labels_keep_the_mean_direction(run_cli):
-    status, output = run_cli("--expert", "text_only", "--layer", "5", "--no_center_labels", "--label_dim", "5",
-                             "--bootstrap", "0", "--no_control")
+    status, output = run_cli(
+        "--expert",
+        "text_only",
+        "--layer",
+        "5",
+        "--no_center_labels",
+        "--label_dim",
+        "5",
+        "--bootstrap",
+        "0",
+        "--no_control",
+    )
     assert status == 0
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         metrics = pickle.load(file)["metrics"]

@@ -28,12 +28,27 @@ def same_results(first: dict, second: dict) -> bool:
 
 
 def test_a_sweep_writes_exactly_what_single_runs_write(run_cli, tmp_path):
-    status, sweep = run_cli("--expert", "vlm", "--layer", "2-5", "--rollout_step", "10,20", output_dir=tmp_path / "sweep")
+    status, sweep = run_cli(
+        "--expert", "vlm", "--layer", "2-5", "--rollout_step", "10,20", output_dir=tmp_path / "sweep"
+    )
     assert status == 0
     names = sorted(p.name for p in sweep.iterdir())
-    assert names == sorted(f"{kind}_vlm_layer{l}_step{s}.{ext}" for l in range(2, 6) for s in (10, 20) for kind, ext in (("results", "pkl"), ("summary", "txt")))
+    assert names == sorted(
+        f"{kind}_vlm_layer{layer}_step{s}.{ext}"
+        for layer in range(2, 6)
+        for s in (10, 20)
+        for kind, ext in (("results", "pkl"), ("summary", "txt"))
+    )
     for layer, step in ((3, 20), (5, 10)):
-        status, single = run_cli("--expert", "vlm", "--layer", str(layer), "--rollout_step", str(step), output_dir=tmp_path / f"single{layer}")
+        status, single = run_cli(
+            "--expert",
+            "vlm",
+            "--layer",
+            str(layer),
+            "--rollout_step",
+            str(step),
+            output_dir=tmp_path / f"single{layer}",
+        )
         assert status == 0
         stem = f"vlm_layer{layer}_step{step}"
         assert same_results(load(sweep / f"results_{stem}.pkl"), load(single / f"results_{stem}.pkl"))
@@ -54,28 +69,57 @@ def test_each_denoising_step_gets_its_own_result_named_by_its_time(run_cli, demo
         wanted = float(path.stem.split("_t")[-1])
         assert set(data["samples"]["inference_time"]) == {wanted} and data["metrics"]["num_samples"] == 60
     # the same as asking for one denoising step alone
-    status, single = run_cli("--expert", "action", "--layer", "5", "--inference_step", "3", output_dir=tmp_path / "single")
+    status, single = run_cli(
+        "--expert", "action", "--layer", "5", "--inference_step", "3", output_dir=tmp_path / "single"
+    )
     stem = f"action_layer5_step10_t{times[3]:g}"
     assert same_results(load(output / f"results_{stem}.pkl"), load(single / f"results_{stem}.pkl"))
 
 
 def test_all_layers_and_all_steps_come_from_the_data(run_cli):
-    status, output = run_cli("--expert", "text_only", "--layer", "all", "--rollout_step", "all", "--bootstrap", "0", "--no_control")
+    status, output = run_cli(
+        "--expert", "text_only", "--layer", "all", "--rollout_step", "all", "--bootstrap", "0", "--no_control"
+    )
     assert status == 0
     assert len(list(output.glob("results_*.pkl"))) == 18 * 2
 
 
 @pytest.mark.parametrize(
     "expert, options, first, last",
-    [("image", [], 0, 767), ("vlm", ["--token_range", "100", "200"], 100, 199), ("action", ["--token_range", "0", "1"], 0, 0)],
+    [
+        ("image", [], 0, 767),
+        ("vlm", ["--token_range", "100", "200"], 100, 199),
+        ("action", ["--token_range", "0", "1"], 0, 0),
+    ],
 )
 def test_experts_and_token_range_pick_the_documented_positions(tmp_path, expert, options, first, last):
-    hidden = (np.arange(816, dtype=np.float32)[None, None, :, None] + np.zeros((2, 1, 816, 2), np.float32)) if expert != "action" else \
-        (np.arange(51, dtype=np.float32)[None, None, :, None] + np.zeros((2, 1, 51, 2), np.float32))
+    hidden = (
+        (np.arange(816, dtype=np.float32)[None, None, :, None] + np.zeros((2, 1, 816, 2), np.float32))
+        if expert != "action"
+        else (np.arange(51, dtype=np.float32)[None, None, :, None] + np.zeros((2, 1, 51, 2), np.float32))
+    )
     step = {"vlm_layer_output": {"hidden_states": hidden}, "action_expert_state_time1.0": {"hidden_states": hidden}}
     with open(tmp_path / "task_0_x.pkl", "wb") as file:
         pickle.dump({"task_description": "x", "episodes": {"episode_0": {"rollout_steps": {"step_10": step}}}}, file)
-    parsed = lpi.parse_arguments(["--data_path", str(tmp_path), "--rollout_step", "10", "--expert", expert, "--layer", "1", "--task_range", "0", "1", "--episode_range", "0", "1", *options])
+    parsed = lpi.parse_arguments(
+        [
+            "--data_path",
+            str(tmp_path),
+            "--rollout_step",
+            "10",
+            "--expert",
+            expert,
+            "--layer",
+            "1",
+            "--task_range",
+            "0",
+            "1",
+            "--episode_range",
+            "0",
+            "1",
+            *options,
+        ]
+    )
     config = lpi.configs_from_arguments(parsed)[0]
     by_step, _ = lpi.collect_samples(config, [1], [10])
     np.testing.assert_allclose(by_step[10].features[0, 0], (first + last) / 2)
@@ -122,7 +166,9 @@ def test_skip_existing_writes_only_what_is_missing(run_cli, tmp_path, caplog):
     after = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
     assert after["results_vlm_layer0_step10.pkl"] == before["results_vlm_layer0_step10.pkl"]
     assert after["results_vlm_layer1_step10.pkl"] != before["results_vlm_layer1_step10.pkl"]
-    assert {"results_vlm_layer2_step10.pkl", "results_vlm_layer3_step10.pkl", "summary_vlm_layer1_step10.txt"} <= set(after)
+    assert {"results_vlm_layer2_step10.pkl", "results_vlm_layer3_step10.pkl", "summary_vlm_layer1_step10.txt"} <= set(
+        after
+    )
 
 
 def test_report_makes_a_table_and_plots_covering_every_layer(run_cli, tmp_path, capsys):
@@ -134,10 +180,26 @@ def test_report_makes_a_table_and_plots_covering_every_layer(run_cli, tmp_path, 
     printed = capsys.readouterr().out
     with open(output / "sweep.csv") as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == 21 and set(rows[0]) >= {"expert", "layer", "rollout_step", "inference_step", "feature_type", "accuracy", "cosine_similarity", "chance_accuracy", "num_samples", "num_tasks", "selectivity", "probe", "loss"}
+    assert len(rows) == 21 and set(rows[0]) >= {
+        "expert",
+        "layer",
+        "rollout_step",
+        "inference_step",
+        "feature_type",
+        "accuracy",
+        "cosine_similarity",
+        "chance_accuracy",
+        "num_samples",
+        "num_tasks",
+        "selectivity",
+        "probe",
+        "loss",
+    }
     assert sorted(int(r["layer"]) for r in rows if r["expert"] == "vlm") == list(range(18))
     silent = next(r for r in rows if r["expert"] == "vlm" and r["layer"] == str(lpi.DEMO_SILENT_LAYER))
-    assert float(silent["accuracy"]) < float(next(r for r in rows if r["expert"] == "vlm" and r["layer"] == "5")["accuracy"])
+    assert float(silent["accuracy"]) < float(
+        next(r for r in rows if r["expert"] == "vlm" and r["layer"] == "5")["accuracy"]
+    )
     assert "vlm" in printed and "text_only" in printed and printed.count("\n") >= 22
     plt = lpi.pyplot()
     for name in ("accuracy_by_layer.png", "cosine_by_layer.png"):
@@ -157,14 +219,41 @@ def test_plot_writes_the_run_figures(run_cli):
 
 
 def test_two_devices_give_the_same_results_as_one(demo_data, tiny_t5, tmp_path):
-    command = [sys.executable, str(REPO / "linear_probing_inference.py"), "--data_path", str(demo_data), "--t5_model", str(tiny_t5),
-               "--cache_dir", str(tmp_path / "cache"), "--rollout_step", "10", "--expert", "vlm", "--layer", "0-2", "--task_range", "0", "10",
-               "--episode_range", "0", "6", "--bootstrap", "100"]
+    command = [
+        sys.executable,
+        str(REPO / "linear_probing_inference.py"),
+        "--data_path",
+        str(demo_data),
+        "--t5_model",
+        str(tiny_t5),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--rollout_step",
+        "10",
+        "--expert",
+        "vlm",
+        "--layer",
+        "0-2",
+        "--task_range",
+        "0",
+        "10",
+        "--episode_range",
+        "0",
+        "6",
+        "--bootstrap",
+        "100",
+    ]
     outputs = {}
     for devices in (1, 2):
-        environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        environment = {
+            **os.environ,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu",
+        }
         output = tmp_path / f"devices{devices}"
-        result = subprocess.run([*command, "--output_dir", str(output)], capture_output=True, text=True, env=environment, timeout=300)
+        result = subprocess.run(
+            [*command, "--output_dir", str(output)], capture_output=True, text=True, env=environment, timeout=300
+        )
         assert result.returncode == 0, result.stderr
         assert ("spread over 2 devices" in result.stderr) == (devices == 2)
         outputs[devices] = output
@@ -179,10 +268,35 @@ def test_two_devices_give_the_same_results_as_one(demo_data, tiny_t5, tmp_path):
 
 def test_progress_bars_stay_out_of_logs_and_a_final_line_says_where(demo_data, tiny_t5, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "linear_probing_inference.py"), "--data_path", str(demo_data), "--t5_model", str(tiny_t5), "--cache_dir",
-         str(tmp_path / "cache"), "--rollout_step", "10", "--expert", "vlm", "--layer", "0-1", "--task_range", "0", "10", "--episode_range", "0", "6",
-         "--output_dir", str(tmp_path / "out"), "--bootstrap", "50"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "linear_probing_inference.py"),
+            "--data_path",
+            str(demo_data),
+            "--t5_model",
+            str(tiny_t5),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--rollout_step",
+            "10",
+            "--expert",
+            "vlm",
+            "--layer",
+            "0-1",
+            "--task_range",
+            "0",
+            "10",
+            "--episode_range",
+            "0",
+            "6",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--bootstrap",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr  # stderr is not a terminal: no bars
