@@ -364,6 +364,7 @@ class ReadReport:
         default_factory=dict
     )  # step -> (task, episode)
     steps_seen: set[int] = dataclasses.field(default_factory=set)  # rollout steps present in the episodes read
+    step_episodes: dict[int, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)  # step -> (task, episode)
     without_baseline: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (task, episode, step)
     layer_count: int = 0  # layers of the feature (from the first entry read)
     inference_count: int = 0  # denoising entries per step (action expert; fewest seen)
@@ -430,6 +431,7 @@ def samples_from_file(
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
     views, missing, without_step, steps_seen, counts = [], [], {}, set(), {"layers": 0, "inference": math.inf}
+    with_step: dict[int, list[tuple[int, int]]] = {}
     without_baseline = []
     episodes = tqdm(
         episodes_of(task_data, path, config),
@@ -448,6 +450,7 @@ def samples_from_file(
             if step not in present:
                 without_step.setdefault(step, []).append((task_id, episode))
                 continue
+            with_step.setdefault(step, []).append((task_id, episode))
             step_data = episode_steps[present[step]]
             if not isinstance(step_data, dict):
                 raise BadFileError(
@@ -478,6 +481,8 @@ def samples_from_file(
     report.without_baseline += without_baseline
     for step, pairs in without_step.items():
         report.episodes_without_step.setdefault(step, []).extend(pairs)
+    for step, pairs in with_step.items():
+        report.step_episodes.setdefault(step, []).extend(pairs)
     report.steps_seen |= steps_seen
     report.layer_count = report.layer_count or counts["layers"]
     report.inference_times = report.inference_times or counts.get("times", [])
@@ -519,9 +524,11 @@ def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> 
     for step, pairs in report.episodes_without_step.items():
         log.warning("%d episode(s) have no step_%d and were skipped for it", len(pairs), step)
     if report.without_baseline:
+        steps_lacking = ", ".join(f"step_{step}" for step in sorted({step for *_, step in report.without_baseline}))
         log.warning(
-            "%d step(s) have no %s entry for --baseline; their samples are dropped",
+            "%d episode step(s) (%s) have no %s entry for --baseline; their samples are dropped",
             len(report.without_baseline),
+            steps_lacking,
             config.baseline[0],
         )
     by_step = {}
@@ -1204,13 +1211,15 @@ def fit_probes(
     def fit_one(item_features, classes, known, train, validation, key):
         train_weight = train.astype(jnp.float32)
         train_count = train_weight.sum()
-        if standardize:  # training-set statistics only, as products with the mask: masked sums broadcast the
-            # features to every copy and took ~0.5 s per layer at 500 samples. The features are centered over all
-            # samples (train_linear_probes), so E[x^2] - E[x]^2 has no cancellation to fear.
+        if standardize:  # training-set statistics only, as products with the mask (masked sums over a (copies,
+            # samples, width) broadcast took ~0.5 s per layer at 500 samples). Measured from one training row, so a
+            # feature constant on the training rows has exactly zero spread, wherever the other samples sit.
             sums = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-            mean = sums(train_weight, item_features) / train_count
-            variance = sums(train_weight, item_features * item_features) / train_count - mean**2
-            std = usable_std(jnp.sqrt(jnp.maximum(variance, 0.0)))
+            reference = item_features[jnp.argmax(train)]
+            shifted_mean = sums(train_weight, item_features - reference) / train_count
+            deviation = item_features - reference - shifted_mean
+            mean = reference + shifted_mean
+            std = usable_std(jnp.sqrt(sums(train_weight, deviation * deviation) / train_count))
         else:
             mean, std = jnp.zeros(item_features.shape[1]), jnp.ones(item_features.shape[1])
 
@@ -2764,7 +2773,9 @@ def finite_rows(
             )
     if len(skipped) > NONFINITE_WARNINGS_SHOWN:
         log.warning(
-            "... and %d more non-finite sample(s) for this combination", len(skipped) - NONFINITE_WARNINGS_SHOWN
+            "... and %d more non-finite sample(s) for %s",
+            len(skipped) - NONFINITE_WARNINGS_SHOWN,
+            result_stem(item, report.inference_times),
         )
     if rows.any() and not (rows & finite).any():
         raise ProbeError(f"{result_stem(item, report.inference_times)}: every sample has non-finite features")
@@ -3480,7 +3491,8 @@ def bounded(kind: type, at_least: float | None = None, above: float | None = Non
     def parse(text: str):
         value = kind(text)
         low_ok = (at_least is None or value >= at_least) and (above is None or value > above)
-        if not (math.isfinite(value) and low_ok and (below is None or value < below)):
+        finite = kind is not float or math.isfinite(value)  # an int of any size is finite (isfinite overflows)
+        if not (finite and low_ok and (below is None or value < below)):
             limits = [
                 f">= {at_least}" if at_least is not None else None,
                 f"> {above}" if above is not None else None,
@@ -3711,7 +3723,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     training.add_argument(
         "--seed",
-        type=int,
+        type=bounded(int, at_least=0),  # numpy's generators take no negative seed
         default=default(TrainingConfig, "seed"),
         help="seeds the folds, initialisation, shuffling, control labels and bootstrap (default: %(default)s)",
     )
@@ -3963,19 +3975,19 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
     if args.demo:
         prepare_demo(Path(args.data_path))
     base, labels, training = configs_from_arguments(args)
-    items, structure = resolve_sweep(args, base, labels)
+    items, structure = resolve_sweep(args, base, labels, training)
     if not items:
         log.warning("nothing to do: no combination is left for this shard, or all are already written")
         return []
     destination = Destination(Path(args.output_dir), args.plot, started, command)
-    layers = sorted({item.layer for item in items}, key=lambda layer: -1 if layer is None else layer)
     written = []
     for step in sorted({item.rollout_step for item in items}):
         # One rollout step at a time: memory follows one step's features, not the sweep's. A later pass reads the
         # files' indexes and that step's slices only.
+        step_items = [item for item in items if item.rollout_step == step]
+        layers = sorted({item.layer for item in step_items}, key=lambda layer: -1 if layer is None else layer)
         samples_by_step, report = collect_samples(base, layers, [step])
         report.inference_times = report.inference_times or structure.inference_times
-        step_items = [item for item in items if item.rollout_step == step]
         width = samples_by_step[step].features.shape[2]
         log.info("step %d: %d combination(s), %d task files, width %d", step, len(step_items), len(report.files), width)
         for results, *paths in run_sweep(
@@ -3984,26 +3996,24 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
             if len(items) > 1:
                 results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
             written.append((results, *paths))
-        del results  # before the next step is read
-        release_freed_memory()
+        release_freed_memory()  # before the next step is read
     return written
 
 
 def resolve_sweep(
-    args: argparse.Namespace, base: DataConfig, labels: LabelConfig
+    args: argparse.Namespace, base: DataConfig, labels: LabelConfig, training: TrainingConfig
 ) -> tuple[list[DataConfig], ReadReport]:
     """The combinations this run writes (--shard and --skip_existing applied), and the files' structure when the
     request needs it: "all" layers or steps and "each" denoising step come from the data, and so do the denoising
-    times in file names; with several steps, every one is checked to exist before the first is trained."""
+    times in file names; with several steps, every one is checked before the first is trained."""
     step_ranges = args.rollout_step == "all" or any(isinstance(step, range) for step in args.rollout_step)
     structure = ReadReport()
     if step_ranges or len(args.rollout_step) > 1 or args.layer == "all" or args.inference_step != "all":
         structure = read_files(base, None, None if step_ranges else args.rollout_step)[1]
     items = sweep_items(base, args.layer, args.rollout_step, args.inference_step, structure)
-    for step in sorted({item.rollout_step for item in items}) if structure.files else []:
-        if step not in structure.steps_seen:
-            existing = ", ".join(map(str, sorted(structure.steps_seen))) or "none"
-            raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+    steps = sorted({item.rollout_step for item in items})
+    if structure.files and len(steps) > 1:
+        check_steps(steps, structure, labels, training)
     stems = {item: result_stem(item, structure.inference_times, labels.target) for item in items}
     if args.shard:
         index, count = args.shard
@@ -4018,6 +4028,30 @@ def resolve_sweep(
             log.info("skipping %d combination(s) already written in %s", len(done), output_dir)
         items = [item for item in items if item not in done]
     return items, structure
+
+
+def check_steps(steps: list[int], structure: ReadReport, labels: LabelConfig, training: TrainingConfig) -> None:
+    """Before a sweep over several steps trains anything: each step exists, and its episodes make a design (folds,
+    validation, label space), so that a late step with, e.g., one episode of some task does not stop the sweep after
+    the earlier steps were written. Non-finite features are found only when a step is read (see --strict)."""
+    for step in steps:
+        if step not in structure.steps_seen:
+            existing = ", ".join(map(str, sorted(structure.steps_seen))) or "none"
+            raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+        pairs = np.array(structure.step_episodes[step], dtype=np.int64).reshape(-1, 2)
+        count = len(pairs)
+        episodes = Samples(
+            np.zeros((0, count, 0), np.float32),
+            pairs[:, 0],
+            pairs[:, 1],
+            np.full(count, step),
+            np.full(count, np.nan),
+            np.zeros(count, np.int64),
+        )  # one sample per episode: no features
+        try:
+            make_design(episodes, structure.descriptions, labels, training)
+        except ProbeError as error:
+            raise type(error)(f"step_{step}: {error} (checked before anything was trained)") from None
 
 
 PER_SAMPLE_PARTS = ("samples", "heldout", "probe")  # of a written result: not kept once on disk (a sweep's memory)

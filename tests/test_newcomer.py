@@ -152,3 +152,12 @@ def test_unwritable_cache_dir_is_one_warning_line_of_ours(demo_data, tiny_t5, tm
     )
     with open(tmp_path / "out" / "results_text_only_layer5_step10.pkl", "rb") as file:
         assert pickle.load(file)["metrics"]["num_samples"] == 24
+
+
+@pytest.mark.parametrize("option", [["--bootstrap", "-" + "9" * 400], ["--seed", "-1"], ["--learning_rate", "nan"]])
+def test_out_of_range_numbers_are_one_line_errors(run_cli, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--expert", "vlm", "--layer", "5", *option)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{option[0]}: must be" in error and "Traceback" not in error

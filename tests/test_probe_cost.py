@@ -131,3 +131,26 @@ def test_each_pass_over_the_files_does_not_repeat_a_warning(run_cli, demo_data, 
     status, _ = run_cli("--expert", "vlm", "--layer", "5", "--rollout_step", "10,20", data_path=partial)
     assert status == 0  # three passes: the structure, step 10, step 20
     assert capsys.readouterr().err.count("task 9: no file") == 1
+
+
+def test_a_feature_constant_on_a_copys_training_rows_counts_as_constant_even_far_from_the_overall_mean():
+    features, sample_class, copies = planted_copies()
+    features = features.copy()
+    train = copies.train[0]
+    features[train, 0] = 1000.0  # constant where copy 0 trains, far from where the other samples sit
+    features[~train, 0] = -1000.0 + 5.0 * np.random.default_rng(1).standard_normal((~train).sum())
+    fitted = fit(features, sample_class, copies, True)
+    assert fitted["feature_std"][0][0] == 1.0  # the floor's stand-in: no division by rounding noise
+    assert 3 < fitted["feature_std"][1][0] < 7  # copy 1 trains where the feature varies: its real spread
+
+
+def test_a_late_step_that_cannot_make_folds_stops_a_sweep_before_any_file(run_cli, tmp_path, capsys):
+    # The demo's task 1 lacks step 20 in its last episode (5): episodes 4-5 give it one episode at step 20.
+    output = tmp_path / "out"
+    status, _ = run_cli(
+        "--expert", "vlm", "--layer", "5", "--rollout_step", "10,20", "--episode_range", "4", "6", output_dir=output
+    )
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "step_20: task 1 has 1 episode(s)" in error and "checked before anything was trained" in error
+    assert not output.exists() or not list(output.iterdir())
