@@ -430,65 +430,85 @@ def samples_from_file(
     description = task_data.get("task_description")
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
-    views, missing, without_step, steps_seen, counts = [], [], {}, set(), {"layers": 0, "inference": math.inf}
-    with_step: dict[int, list[tuple[int, int]]] = {}
-    without_baseline = []
-    episodes = tqdm(
-        episodes_of(task_data, path, config),
-        desc=f"task {task_id} episodes",
-        unit="episode",
-        disable=progress_disabled(),
-        leave=False,
-    )
-    for episode, episode_steps in episodes:
+    found = ReadReport(descriptions={task_id: description})  # this file's, added to the report once read whole
+    views = []
+    episodes = episodes_of(task_data, path, config)
+    for episode, episode_steps in tqdm(
+        episodes, desc=f"task {task_id} episodes", unit="episode", disable=progress_disabled(), leave=False
+    ):
         if episode_steps is None:
-            missing.append((task_id, episode))
+            found.missing_episodes.append((task_id, episode))
             continue
         present = {n: key for key, n in ((key, step_number(key)) for key in episode_steps) if n is not None}
-        steps_seen |= set(present)
+        found.steps_seen |= set(present)
         for step in sorted(present) if steps is None else steps:
-            if step not in present:
-                without_step.setdefault(step, []).append((task_id, episode))
-                continue
-            with_step.setdefault(step, []).append((task_id, episode))
-            step_data = episode_steps[present[step]]
-            if not isinstance(step_data, dict):
-                raise BadFileError(
-                    f"{path}: episode_{episode}/{present[step]} is a {type(step_data).__name__}, not a dict"
-                )
-            try:
-                entries = expert_entries(step_data, config)
-                counts["layers"] = counts["layers"] or layer_count(entries[0][1], config)
-                counts["inference"] = min(counts["inference"], len(entries))
-                counts["times"] = counts.get("times") or [time for time, _ in entries]
-                baselines = baseline_views(step_data, config, len(entries)) if layers is not None else []
-                if baselines is None:
-                    without_baseline.append((task_id, episode, step))
-                    continue
-                for index, (inference_time, entry) in enumerate(entries if layers is not None else []):
-                    layer_views = [token_view(entry, config, layer) for layer in layers]
-                    views.append(
-                        SampleRow(step, task_id, episode, inference_time, index, layer_views, baselines[index])
-                    )
-            except OptionError:
-                raise
-            except ProbeError as error:
-                raise BadFileError(f"{path}: episode_{episode}/{present[step]}: {error}") from None
+            pairs = found.step_episodes if step in present else found.episodes_without_step
+            pairs.setdefault(step, []).append((task_id, episode))
+            if step in present:
+                views += step_views(path, (task_id, episode, step), episode_steps, present[step], config, layers, found)
     rows = pooled_rows(views, config.pooling)
-    # Recorded only once the whole file has been read: a skipped file leaves no trace but its skip.
-    report.descriptions[task_id] = description
-    report.missing_episodes += missing
-    report.without_baseline += without_baseline
-    for step, pairs in without_step.items():
-        report.episodes_without_step.setdefault(step, []).extend(pairs)
-    for step, pairs in with_step.items():
-        report.step_episodes.setdefault(step, []).extend(pairs)
-    report.steps_seen |= steps_seen
-    report.layer_count = report.layer_count or counts["layers"]
-    report.inference_times = report.inference_times or counts.get("times", [])
-    if counts["inference"] != math.inf:
-        report.inference_count = min(report.inference_count or counts["inference"], counts["inference"])
+    add_to_report(report, found)  # only now: a skipped file leaves no trace but its skip
     return rows
+
+
+def step_views(
+    path: Path,
+    ids: tuple[int, int, int],
+    episode_steps: dict,
+    key: str,
+    config: DataConfig,
+    layers: list[int] | None,
+    found: ReadReport,
+) -> list[SampleRow]:
+    """The samples of one rollout step of one episode (ids: task, episode, step), as token views not yet pooled; its
+    structure (layers, denoising entries) is recorded in `found`."""
+    task_id, episode, step = ids
+    step_data = episode_steps[key]
+    if not isinstance(step_data, dict):
+        raise BadFileError(f"{path}: episode_{episode}/{key} is a {type(step_data).__name__}, not a dict")
+    try:
+        entries = expert_entries(step_data, config)
+        found.layer_count = found.layer_count or layer_count(entries[0][1], config)
+        found.inference_count = min(found.inference_count or len(entries), len(entries))  # the fewest seen
+        found.inference_times = found.inference_times or [time for time, _ in entries]
+        if layers is None:
+            return []
+        baselines = baseline_views(step_data, config, len(entries))
+        if baselines is None:
+            found.without_baseline.append(ids)
+            return []
+        return [
+            SampleRow(
+                step,
+                task_id,
+                episode,
+                time,
+                index,
+                [token_view(entry, config, layer) for layer in layers],
+                baselines[index],
+            )
+            for index, (time, entry) in enumerate(entries)
+        ]
+    except OptionError:
+        raise
+    except ProbeError as error:
+        raise BadFileError(f"{path}: episode_{episode}/{key}: {error}") from None
+
+
+def add_to_report(report: ReadReport, found: ReadReport) -> None:
+    """Add what one file's read found to the run's report."""
+    report.descriptions.update(found.descriptions)
+    report.missing_episodes += found.missing_episodes
+    report.without_baseline += found.without_baseline
+    for step, pairs in found.episodes_without_step.items():
+        report.episodes_without_step.setdefault(step, []).extend(pairs)
+    for step, pairs in found.step_episodes.items():
+        report.step_episodes.setdefault(step, []).extend(pairs)
+    report.steps_seen |= found.steps_seen
+    report.layer_count = report.layer_count or found.layer_count
+    report.inference_times = report.inference_times or found.inference_times
+    if found.inference_count:
+        report.inference_count = min(report.inference_count or found.inference_count, found.inference_count)
 
 
 def read_files(config: DataConfig, layers: list[int] | None, steps: list[int] | None) -> tuple[list[tuple], ReadReport]:
@@ -1348,54 +1368,50 @@ def train_linear_probes(
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
     steps_per_epoch = max(-(-int(copies.train.sum(1).max()) // batch_size), config.min_steps_per_epoch)
-    items, devices, shape = len(features), jax.local_devices(), features[0].shape
-    per_call = max(PROGRAM_BLOCK_BYTES // max(features[0].nbytes, 1), 1)
-    size = -(-items // -(-items // per_call))  # as equal as the calls can be
+    program = functools.partial(
+        fit_probes,
+        loss=config.loss,
+        learning_rate=config.learning_rate,
+        num_epochs=config.num_epochs,
+        batch_size=batch_size,
+        patience=config.patience,
+        steps_per_epoch=steps_per_epoch,
+        standardize=config.standardize,
+        # Side by side (vmap), every copy runs until the last one stops early: 2.5x the updates of an 18-layer
+        # sweep. A CPU does a copy's update no faster side by side than alone (0.15 vs 0.12 ms at width 2048), so
+        # there each copy runs alone and stops at its own epoch; accelerators run copies side by side.
+        copies_in_sequence=jax.default_backend() == "cpu",
+    )
+    per_copy = [jnp.asarray(value) for value in (copies.classes, copies.known, copies.train, copies.validation)]
+    shared = (jnp.asarray(sample_class), *per_copy, np.int32(config.seed), jnp.asarray(copies.identity()))
+    items, devices = len(features), jax.local_devices()
+    size = -(-items // -(-items // max(PROGRAM_BLOCK_BYTES // max(features[0].nbytes, 1), 1)))  # equal calls
     size += -size % len(devices)  # equal blocks per device
-    sharding = None
-    if len(devices) > 1:
-        log.info("training %d item(s) in blocks spread over %d devices", items, len(devices))
-        sharding = jax.sharding.NamedSharding(
-            jax.sharding.Mesh(np.array(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
-        )
+    sharding = item_sharding(devices)
     shift = np.stack([item_features.mean(axis=0, keepdims=True, dtype=np.float64) for item_features in features])
     calls = []
     for start in range(0, items, size):
         block = [min(item, items - 1) for item in range(start, start + size)]
         centered = np.stack([(features[item] - shift[item]).astype(np.float32) for item in block])
-        fitted = fit_probes(
-            jax.device_put(centered.reshape(len(devices), -1, *shape), sharding),
-            jnp.asarray(sample_class),
-            jnp.asarray(copies.classes),
-            jnp.asarray(copies.known),
-            jnp.asarray(copies.train),
-            jnp.asarray(copies.validation),
-            np.int32(config.seed),
-            jnp.asarray(copies.identity()),
-            loss=config.loss,
-            learning_rate=config.learning_rate,
-            num_epochs=config.num_epochs,
-            batch_size=batch_size,
-            patience=config.patience,
-            steps_per_epoch=steps_per_epoch,
-            standardize=config.standardize,
-            # Side by side (vmap), every copy runs until the last one stops early: 2.5x the updates of an 18-layer
-            # sweep. A CPU does a copy's update no faster side by side than alone (0.15 vs 0.12 ms at width 2048), so
-            # there each copy runs alone and stops at its own epoch; accelerators run copies side by side.
-            copies_in_sequence=jax.default_backend() == "cpu",
-        )
+        fitted = program(jax.device_put(centered.reshape(len(devices), -1, *features[0].shape), sharding), *shared)
         del centered
-        calls.append(
-            {
-                key: np.asarray(value).reshape(-1, *value.shape[2:])[: min(size, items - start)]
-                for key, value in fitted.items()
-            }
-        )
+        kept = min(size, items - start)
+        calls.append({key: np.asarray(value).reshape(-1, *value.shape[2:])[:kept] for key, value in fitted.items()})
     fitted = {key: np.concatenate([call[key] for call in calls]) for key in calls[0]}
     fitted["feature_mean"] = fitted["feature_mean"] + shift.astype(np.float32)  # back in the features' own coordinates
     fitted["failed"] = fitted["best_epoch"] == 0  # never improved: a non-finite loss from the first epoch on
     fitted.update(batch_size=np.full(items, batch_size), steps_per_epoch=np.full(items, steps_per_epoch))
     return fitted
+
+
+def item_sharding(devices: list) -> jax.sharding.NamedSharding | None:
+    """With several local devices, the items axis spread over them; None with one."""
+    if len(devices) == 1:
+        return None
+    log.info("training in blocks of items spread over %d devices", len(devices))
+    return jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
+    )
 
 
 RIDGE_PENALTIES = 10.0 ** np.arange(-3, 4)  # times the number of training samples
@@ -2360,6 +2376,12 @@ def describe_token_positions(config: DataConfig) -> str:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers (a copy: each result gets its own dict)."""
+    return dict(installed_versions())
+
+
+@functools.cache  # read once per run: 18 metadata reads per layer sweep were 0.2 s
+def installed_versions() -> dict[str, str]:
     """Versions of the packages that shape the numbers (read from metadata: imports nothing)."""
     versions = {"python": platform.python_version()}
     for name in ("numpy", "jax", "jaxlib", "flax", "optax", "torch", "transformers", "sentencepiece", "ml_dtypes"):
@@ -4573,33 +4595,18 @@ def write_demo_dataset(
         episodes = {}
         for episode in range(num_episodes):
             episode_steps = steps[:-1] if (task_id == 1 and episode == num_episodes - 1 and len(steps) > 1) else steps
-            rollout_steps = {}
-            for step in episode_steps:
-                rollout_steps[f"step_{step}"] = demo_step(
-                    rng,
-                    step,
-                    description,
-                    (vlm_signature, vlm_signal),
-                    (action_signature, action_signal),
-                    num_layers,
-                    image_size,
-                    action_key_format,
+            vlm, action = (vlm_signature, vlm_signal), (action_signature, action_signal)
+            rollout_steps = {
+                f"step_{step}": demo_step(
+                    rng, step, description, vlm, action, num_layers, image_size, action_key_format
                 )
-            episodes[f"episode_{episode}"] = {
-                "rollout_steps": rollout_steps,
-                "metadata": {
-                    "success": bool(episode % 2),
-                    "total_steps": episode_steps[-1] + 5,
-                    "episode_idx": episode,
-                },
+                for step in episode_steps
             }
-        task_data = {
-            "task_name": description.replace(" ", "_"),
-            "task_id": task_id,
-            "task_description": description,
-            "episodes": episodes,
-        }
-        path = directory / f"task_{task_id}_{task_data['task_name']}.pkl"
+            metadata = {"success": bool(episode % 2), "total_steps": episode_steps[-1] + 5, "episode_idx": episode}
+            episodes[f"episode_{episode}"] = {"rollout_steps": rollout_steps, "metadata": metadata}
+        name = description.replace(" ", "_")
+        task_data = {"task_name": name, "task_id": task_id, "task_description": description, "episodes": episodes}
+        path = directory / f"task_{task_id}_{name}.pkl"
         write_atomically(path, pickle.dumps(task_data, protocol=protocol))
     return descriptions
 

@@ -8,7 +8,7 @@ Cases, each run in its own process (its peak resident memory is that process's, 
   stages from the pooled features on (labels, folds, control, training, evaluation, bootstrap, files). The raw
   files behind these samples would be 60 GB (120 MB of hidden states per sample), so the features are made in
   memory with a planted task signal; reading is measured by benchmark_reader.py and the `steps` case.
-  `--full` adds the same sweep with `--label_space full` (the guide's 512 outputs).
+- full: the 512-dim sweep with `--label_space full` (the guide's 512 outputs), once (minutes; not by default).
 - scale: the same at LIBERO-90 size (90 tasks x 50 episodes), 512-dim labels.
 - steps: whole commands on task files (the action expert, width 1024, 18 layers, 8 rollout steps): peak memory of
   `--rollout_step all` against one step.
@@ -16,7 +16,7 @@ Cases, each run in its own process (its peak resident memory is that process's, 
 Each 10 x 50 sweep runs twice in its process: the first pays for T5, XLA compilation and caches; the second is what
 a warm run costs. The scale case runs once. Run on an idle machine (timings are wall clock).
 
-    python benchmarks/benchmark_probe_cost.py [--cases sweep scale steps] [--repo DIR] [--dir DIR]
+    python benchmarks/benchmark_probe_cost.py [--cases sweep full scale steps] [--repo DIR] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -231,8 +231,9 @@ def steps_case(arguments, work: Path, lpi) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["sweep", "scale", "steps"], choices=["sweep", "scale", "steps"])
-    parser.add_argument("--full", action="store_true", help="also the 10 x 50 sweep with --label_space full (minutes)")
+    parser.add_argument(
+        "--cases", nargs="+", default=["sweep", "scale", "steps"], choices=["sweep", "full", "scale", "steps"]
+    )
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose program is measured (default: this one)")
     parser.add_argument(
         "--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)"
@@ -254,9 +255,9 @@ def main() -> None:
             for width in (512, 32):
                 rows.append(sweep_case(arguments, work, lpi, 10, 50, width, []))
                 print(json.dumps(rows[-1]), flush=True)
-            if arguments.full:
-                rows.append(sweep_case(arguments, work, lpi, 10, 50, 512, ["--label_space", "full"]))
-                print(json.dumps(rows[-1]), flush=True)
+        if "full" in arguments.cases:
+            rows.append(sweep_case(arguments, work, lpi, 10, 50, 512, ["--label_space", "full"], runs=1))
+            print(json.dumps(rows[-1]), flush=True)
         if "scale" in arguments.cases:
             rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, [], runs=1))  # minutes: once
             print(json.dumps(rows[-1]), flush=True)
