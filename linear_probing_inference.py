@@ -1969,6 +1969,14 @@ def interval_estimates(
     return intervals
 
 
+class ItemContext(NamedTuple):
+    """What the sweep knows of one item beyond its samples and probes, for its results file."""
+
+    nonfinite: list[tuple]  # (task, episode, step, denoising time) of each sample skipped as non-finite
+    baseline: dict | None = None  # --baseline: its spec and the conditional-probing metrics
+    without_baseline: list[tuple] | None = None  # --baseline: (task, episode, step) lacking its entry
+
+
 def evaluate_item(
     samples: Samples,
     fitted: dict,
@@ -1977,6 +1985,7 @@ def evaluate_item(
     data: DataConfig,
     labels: LabelConfig,
     training: TrainingConfig,
+    context: ItemContext,
 ) -> dict:
     """Held-out metrics of one item (one layer's samples, its fitted copies); everything the results file holds."""
     features = samples.features[0]
@@ -2017,6 +2026,8 @@ def evaluate_item(
         if null:
             metrics["mdl"]["control"] = online_codelength(features, fitted, design, temperatures, 1)
     metrics["confidence_intervals"] = interval_estimates(design, values, repeats[0], null, metrics, training)
+    if context.baseline is not None:
+        metrics["baseline"] = context.baseline
     return results_record(
         samples,
         fitted,
@@ -2030,6 +2041,7 @@ def evaluate_item(
         raw_predictions[0],
         null,
         temperatures,
+        context,
     )
 
 
@@ -2049,8 +2061,10 @@ def results_record(
     raw_prediction: np.ndarray,
     null: list[Scores],
     temperatures: np.ndarray,
+    context: ItemContext,
 ) -> dict:
-    """The results file's contents: the one place its layout is defined (builtins and numpy only). One literal,
+    """The results file's contents: the one place its layout is defined (builtins and numpy only; the writer adds
+    the run's wall time so far and its command line, see write_item). One literal,
     longer than a screen on purpose: it reads as the file holds it."""
     copies = design.copies
     history_keys = (
@@ -2136,7 +2150,8 @@ def results_record(
             "episodes_without_step": report.episodes_without_step.get(data.rollout_step, []),
             "steps_seen": sorted(report.steps_seen),
             "skipped_files": report.skipped_files,
-            "nonfinite_samples": [],  # filled in by run_sweep: (task, episode, step, denoising time) skipped
+            "nonfinite_samples": context.nonfinite,  # (task, episode, step, denoising time) skipped
+            **({} if context.baseline is None else {"steps_without_baseline": context.without_baseline}),
         },
         "versions": package_versions(),
     }
@@ -2186,6 +2201,7 @@ def evaluate_concepts(
     data: DataConfig,
     labels: LabelConfig,
     training: TrainingConfig,
+    context: ItemContext,
 ) -> dict:
     """Every concept's held-out numbers for one item; the results file of a concept run (its one layout)."""
     features = samples.features[0]
@@ -2234,7 +2250,7 @@ def evaluate_concepts(
             "missing_episodes": report.missing_episodes,
             "episodes_without_step": report.episodes_without_step.get(data.rollout_step, []),
             "skipped_files": report.skipped_files,
-            "nonfinite_samples": [],
+            "nonfinite_samples": context.nonfinite,
         },
         "versions": package_versions(),
     }
@@ -2735,14 +2751,11 @@ def run_sweep(
                 conditional = conditional_metrics(features, members[0][1], report, labels, training)
             for position, (item, selected) in enumerate(members):
                 item_fit = {key: value[position] for key, value in fitted.items()}
-                results = evaluate(selected, item_fit, design, report, item, labels, training)
+                context = ItemContext(nonfinite[item])
                 if conditional:
-                    results["metrics"]["baseline"] = {
-                        "spec": baseline_spec_text(item.baseline),
-                        **conditional[position],
-                    }
-                    results["data_report"]["steps_without_baseline"] = report.without_baseline
-                results["data_report"]["nonfinite_samples"] = nonfinite[item]
+                    baseline = {"spec": baseline_spec_text(item.baseline), **conditional[position]}
+                    context = ItemContext(nonfinite[item], baseline, report.without_baseline)
+                results = evaluate(selected, item_fit, design, report, item, labels, training, context)
                 written.append(write_item(results, item, selected, report, labels, destination))
                 progress.update()
     return written
