@@ -536,6 +536,12 @@ def read_files(config: DataConfig, layers: list[int] | None, steps: list[int] | 
     return rows, report
 
 
+def missing_step(step: int, steps_seen: set[int]) -> ProbeError:
+    """The error for a requested rollout step that gives no sample, naming the steps that exist."""
+    existing = ", ".join(map(str, sorted(steps_seen))) or "none"
+    return ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+
+
 def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> tuple[dict[int, Samples], ReadReport]:
     """Read the task files once and extract, per rollout step, one feature vector per sample and layer."""
     rows, report = read_files(config, layers, steps)
@@ -556,8 +562,7 @@ def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> 
         step_rows = [row for row in rows if row.step == step]
         rows = [row for row in rows if row.step != step]
         if not step_rows:
-            existing = ", ".join(map(str, sorted(report.steps_seen))) or "none"
-            raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+            raise missing_step(step, report.steps_seen)
         for name in ("layers", "baseline"):
             widths = {np.shape(getattr(row, name)) for row in step_rows}
             if len(widths) > 1:
@@ -4071,8 +4076,7 @@ def check_steps(steps: list[int], structure: ReadReport, labels: LabelConfig, tr
     the earlier steps were written. Non-finite features are found only when a step is read (see --strict)."""
     for step in steps:
         if step not in structure.steps_seen:
-            existing = ", ".join(map(str, sorted(structure.steps_seen))) or "none"
-            raise ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+            raise missing_step(step, structure.steps_seen)
         pairs = np.array(structure.step_episodes[step], dtype=np.int64).reshape(-1, 2)
         count = len(pairs)
         episodes = Samples(
