@@ -342,9 +342,9 @@ class Samples:
 class SampleRow(NamedTuple):
     """One sample as read: who it is, and its views (indexing only; pooled once every slice was announced)."""
 
-    step: int
     task_id: int
     episode: int
+    step: int
     inference_time: float
     inference_index: int
     layers: list  # the token view of each requested layer (pooled: (layers, width) float32)
@@ -356,7 +356,6 @@ class ReadReport:
     """What the reader found, skipped and missed: written to the summary."""
 
     files: dict[int, str] = dataclasses.field(default_factory=dict)
-    descriptions: dict[int, str] = dataclasses.field(default_factory=dict)
     missing_tasks: list[int] = dataclasses.field(default_factory=list)
     skipped_files: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why
     missing_episodes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) not in the file
@@ -406,102 +405,120 @@ def pooled_rows(rows: list[SampleRow], pooling: str) -> list[SampleRow]:
     return pooled
 
 
-def episodes_of(task_data: dict, path: Path, config: DataConfig) -> list[tuple[int, dict | None]]:
-    """(episode, rollout_steps or None when the episode is missing) for the episode range."""
-    episodes = []
-    for episode in range(*config.episode_range):
-        episode_data = task_data["episodes"].get(f"episode_{episode}")
-        if episode_data is None:
-            episodes.append((episode, None))
+class TaskFile(NamedTuple):
+    """A readable task file, walked once: its description and the asked rollout steps of each episode in the range
+    (arrays mapped, not read: a step's bytes are read when that step is trained)."""
+
+    task_id: int
+    path: Path
+    description: str
+    episodes: dict[int, dict[int, dict]]  # episode -> step N -> the step's dict, for the steps asked that it has
+
+
+class Dataset(NamedTuple):
+    """The run's task files, each walked once, and what the walk found: every rollout step's samples come from it."""
+
+    source: DataConfig
+    files: list[TaskFile]
+    report: ReadReport
+
+    @property
+    def descriptions(self) -> dict[int, str]:
+        """Each readable task's description: what its T5 label embeds."""
+        return {file.task_id: file.description for file in self.files}
+
+
+def read_dataset(source: DataConfig, steps: list[int] | None, layer: int | None) -> Dataset:
+    """Walk every task file of the range once (steps: those asked, None: every step; layer: the highest asked, checked
+    to exist). Unreadable files are skipped unless --strict; the walk's warnings are given here, once."""
+    paths, missing_tasks = find_task_files(Path(source.data_path), source.task_range)
+    for task_id in missing_tasks:
+        log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, source.data_path)
+    if not paths:
+        raise ProbeError(
+            f"--data_path {source.data_path}: no task_*.pkl files for tasks "
+            f"{source.task_range[0]}-{source.task_range[1] - 1}"
+        )
+    report = ReadReport(files={t: str(p) for t, p in paths.items()}, missing_tasks=missing_tasks)
+    files = []
+    for task_id, path in tqdm(paths.items(), desc="task files", unit="file", disable=progress_disabled(), leave=False):
+        found = ReadReport()  # this file's, added to the report once walked whole: a skipped file leaves only its skip
+        try:
+            files.append(walk_task_file(path, task_id, source, steps, layer, found))
+        except BadFileError as error:
+            if source.strict:
+                raise
+            log.warning("skipping %s (--strict makes this fatal)", error)
+            report.skipped_files[str(path)] = str(error)
             continue
-        steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
-        if not isinstance(steps, dict):
-            raise BadFileError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
-        episodes.append((episode, steps))
-    return episodes
+        add_to_report(report, found)
+    if not files:
+        raise ProbeError(f"no samples: all {len(paths)} task file(s) were skipped as unreadable")
+    episodes = [(file.task_id, episode) for file in files for episode in file.episodes]
+    for step in sorted(report.steps_seen) if steps is None else steps:
+        having = set(report.step_episodes.get(step, []))
+        if len(having) < len(episodes):
+            report.episodes_without_step[step] = [pair for pair in episodes if pair not in having]
+    warn_about_gaps(report, source)
+    return Dataset(source, files, report)
 
 
-def samples_from_file(
-    path: Path, task_id: int, config: DataConfig, layers: list[int] | None, steps: list[int] | None, report: ReadReport
-) -> list[SampleRow]:
-    """The samples of one task file, pooled, for the given steps (None: every step) and layers (None: only record
-    the structure). With --baseline, a step that lacks the baseline's entry gives no sample, and is counted."""
-    task_data = read_task_file(path, config.trust_pickle, config.index_dir)
+def walk_task_file(
+    path: Path, task_id: int, source: DataConfig, steps: list[int] | None, layer: int | None, found: ReadReport
+) -> TaskFile:
+    """One task file's description, episodes and rollout steps; each asked step checked and recorded (check_step)."""
+    task_data = read_task_file(path, source.trust_pickle, source.index_dir)
     description = task_data.get("task_description")
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
-    found = ReadReport(descriptions={task_id: description})  # this file's, added to the report once read whole
-    views = []
-    episodes = episodes_of(task_data, path, config)
-    for episode, episode_steps in tqdm(
-        episodes, desc=f"task {task_id} episodes", unit="episode", disable=progress_disabled(), leave=False
-    ):
-        if episode_steps is None:
+    episodes = {}
+    for episode in range(*source.episode_range):
+        episode_data = task_data["episodes"].get(f"episode_{episode}")
+        if episode_data is None:
             found.missing_episodes.append((task_id, episode))
             continue
+        episode_steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
+        if not isinstance(episode_steps, dict):
+            raise BadFileError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
         present = {n: key for key, n in ((key, step_number(key)) for key in episode_steps) if n is not None}
         found.steps_seen |= set(present)
-        for step in sorted(present) if steps is None else steps:
-            pairs = found.step_episodes if step in present else found.episodes_without_step
-            pairs.setdefault(step, []).append((task_id, episode))
-            if step in present:
-                views += step_views(path, (task_id, episode, step), episode_steps, present[step], config, layers, found)
-    rows = pooled_rows(views, config.pooling)
-    add_to_report(report, found)  # only now: a skipped file leaves no trace but its skip
-    return rows
+        episodes[episode] = {}
+        for step in sorted(present) if steps is None else [step for step in steps if step in present]:
+            found.step_episodes.setdefault(step, []).append((task_id, episode))
+            step_data = episode_steps[present[step]]
+            where = f"{path}: episode_{episode}/{present[step]}"
+            check_step(where, (task_id, episode, step), step_data, source, layer, found)
+            episodes[episode][step] = step_data
+    return TaskFile(task_id, path, description, episodes)
 
 
-def step_views(
-    path: Path,
-    ids: tuple[int, int, int],
-    episode_steps: dict,
-    key: str,
-    config: DataConfig,
-    layers: list[int] | None,
-    found: ReadReport,
-) -> list[SampleRow]:
-    """The samples of one rollout step of one episode (ids: task, episode, step), as token views not yet pooled; its
-    structure (layers, denoising entries) is recorded in `found`."""
-    task_id, episode, step = ids
-    step_data = episode_steps[key]
+def check_step(
+    where: str, ids: tuple[int, int, int], step_data, source: DataConfig, layer: int | None, found: ReadReport
+) -> None:
+    """Record a rollout step's structure (layers, denoising entries, whether it has the --baseline's entry) in
+    `found`, and check that the asked slices can be cut from each of its entries (indexing only: nothing is read).
+    A malformed step makes the file unreadable."""
     if not isinstance(step_data, dict):
-        raise BadFileError(f"{path}: episode_{episode}/{key} is a {type(step_data).__name__}, not a dict")
+        raise BadFileError(f"{where} is a {type(step_data).__name__}, not a dict")
     try:
-        entries = expert_entries(step_data, config)
-        found.layer_count = found.layer_count or layer_count(entries[0][1], config)
+        entries = expert_entries(step_data, source)
+        found.layer_count = found.layer_count or layer_count(entries[0][1], source)
         found.inference_count = min(found.inference_count or len(entries), len(entries))  # the fewest seen
         found.inference_times = found.inference_times or [time for time, _ in entries]
-        if layers is None:
-            return []
-        baselines = baseline_views(step_data, config, len(entries))
-        if baselines is None:
+        for _, entry in entries:
+            token_view(entry, source, 0 if layer is None else layer)
+        if baseline_views(step_data, source, len(entries)) is None:
             found.without_baseline.append(ids)
-            return []
-        return [
-            SampleRow(
-                step,
-                task_id,
-                episode,
-                time,
-                index,
-                [token_view(entry, config, layer) for layer in layers],
-                baselines[index],
-            )
-            for index, (time, entry) in enumerate(entries)
-        ]
     except OptionError:
         raise
     except ProbeError as error:
-        raise BadFileError(f"{path}: episode_{episode}/{key}: {error}") from None
+        raise BadFileError(f"{where}: {error}") from None
 
 
 def add_to_report(report: ReadReport, found: ReadReport) -> None:
-    """Add what one file's read found to the run's report."""
-    report.descriptions.update(found.descriptions)
+    """Add what one file's walk found to the run's report."""
     report.missing_episodes += found.missing_episodes
     report.without_baseline += found.without_baseline
-    for step, pairs in found.episodes_without_step.items():
-        report.episodes_without_step.setdefault(step, []).extend(pairs)
     for step, pairs in found.step_episodes.items():
         report.step_episodes.setdefault(step, []).extend(pairs)
     report.steps_seen |= found.steps_seen
@@ -511,40 +528,8 @@ def add_to_report(report: ReadReport, found: ReadReport) -> None:
         report.inference_count = min(report.inference_count or found.inference_count, found.inference_count)
 
 
-def read_files(config: DataConfig, layers: list[int] | None, steps: list[int] | None) -> tuple[list[tuple], ReadReport]:
-    """Rows of every task file of the range (see samples_from_file); unreadable files are skipped unless --strict."""
-    files, missing_tasks = find_task_files(Path(config.data_path), config.task_range)
-    for task_id in missing_tasks:
-        log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, config.data_path)
-    if not files:
-        raise ProbeError(
-            f"--data_path {config.data_path}: no task_*.pkl files for tasks "
-            f"{config.task_range[0]}-{config.task_range[1] - 1}"
-        )
-    report = ReadReport(files={t: str(p) for t, p in files.items()}, missing_tasks=missing_tasks)
-    rows: list[tuple] = []
-    for task_id, path in tqdm(files.items(), desc="task files", unit="file", disable=progress_disabled(), leave=False):
-        try:
-            rows += samples_from_file(path, task_id, config, layers, steps, report)
-        except BadFileError as error:
-            if config.strict:
-                raise
-            log.warning("skipping %s (--strict makes this fatal)", error)
-            report.skipped_files[str(path)] = str(error)
-    if len(report.skipped_files) == len(files):
-        raise ProbeError(f"no samples: all {len(files)} task file(s) were skipped as unreadable")
-    return rows, report
-
-
-def missing_step(step: int, steps_seen: set[int]) -> ProbeError:
-    """The error for a requested rollout step that gives no sample, naming the steps that exist."""
-    existing = ", ".join(map(str, sorted(steps_seen))) or "none"
-    return ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
-
-
-def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> tuple[dict[int, Samples], ReadReport]:
-    """Read the task files once and extract, per rollout step, one feature vector per sample and layer."""
-    rows, report = read_files(config, layers, steps)
+def warn_about_gaps(report: ReadReport, source: DataConfig) -> None:
+    """Warn about episodes missing from their files, or lacking a step or the --baseline's entry."""
     if report.missing_episodes:
         log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
     for step, pairs in report.episodes_without_step.items():
@@ -555,32 +540,62 @@ def collect_samples(config: DataConfig, layers: list[int], steps: list[int]) -> 
             "%d episode step(s) (%s) have no %s entry for --baseline; their samples are dropped",
             len(report.without_baseline),
             steps_lacking,
-            config.baseline[0],
+            source.baseline[0],
         )
-    by_step = {}
-    for step in steps:
-        step_rows = [row for row in rows if row.step == step]
-        rows = [row for row in rows if row.step != step]
-        if not step_rows:
-            raise missing_step(step, report.steps_seen)
-        for name in ("layers", "baseline"):
-            widths = {np.shape(getattr(row, name)) for row in step_rows}
-            if len(widths) > 1:
-                raise ProbeError(f"feature widths differ between files: {sorted(widths)}")
-        features = np.empty((len(layers), len(step_rows), step_rows[0].layers.shape[-1]), dtype=np.float32)
-        for column, row in enumerate(step_rows):  # each row let go once copied: one copy of the features at the peak
-            features[:, column] = row.layers
-            step_rows[column] = row._replace(layers=None)
-        by_step[step] = Samples(
-            features=features,
-            task_id=np.array([row.task_id for row in step_rows], dtype=np.int64),
-            episode=np.array([row.episode for row in step_rows], dtype=np.int64),
-            step=np.full(len(step_rows), step, dtype=np.int64),
-            inference_time=np.array([row.inference_time for row in step_rows], dtype=np.float64),
-            inference_index=np.array([row.inference_index for row in step_rows], dtype=np.int64),
-            baseline=None if config.baseline is None else np.stack([row.baseline for row in step_rows]),
-        )
-    return by_step, report
+
+
+def missing_step(step: int, steps_seen: set[int]) -> ProbeError:
+    """The error for a requested rollout step that gives no sample, naming the steps that exist."""
+    existing = ", ".join(map(str, sorted(steps_seen))) or "none"
+    return ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+
+
+def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
+    """One rollout step's samples from the walked files: one pooled feature vector per sample and asked layer (this
+    reads the step's slices, and only them)."""
+    source = dataset.source
+    views = [
+        view
+        for file in dataset.files
+        for episode, steps in file.episodes.items()
+        if step in steps
+        for view in sample_views(steps[step], source, (file.task_id, episode, step), layers)
+    ]
+    rows = pooled_rows(views, source.pooling)
+    if not rows:
+        if step in dataset.report.steps_seen:
+            raise ProbeError(f"no samples: every episode with step_{step} lacks the --baseline entry")
+        raise missing_step(step, dataset.report.steps_seen)
+    for name in ("layers", "baseline"):
+        widths = {np.shape(getattr(row, name)) for row in rows}
+        if len(widths) > 1:
+            raise ProbeError(f"feature widths differ between files: {sorted(widths)}")
+    features = np.empty((len(layers), len(rows), rows[0].layers.shape[-1]), dtype=np.float32)
+    for column, row in enumerate(rows):  # each row let go once copied: one copy of the features at the peak
+        features[:, column] = row.layers
+        rows[column] = row._replace(layers=None)
+    return Samples(
+        features=features,
+        task_id=np.array([row.task_id for row in rows], dtype=np.int64),
+        episode=np.array([row.episode for row in rows], dtype=np.int64),
+        step=np.full(len(rows), step, dtype=np.int64),
+        inference_time=np.array([row.inference_time for row in rows], dtype=np.float64),
+        inference_index=np.array([row.inference_index for row in rows], dtype=np.int64),
+        baseline=None if source.baseline is None else np.stack([row.baseline for row in rows]),
+    )
+
+
+def sample_views(step_data: dict, source: DataConfig, ids: tuple[int, int, int], layers: list) -> list[SampleRow]:
+    """The samples of one rollout step of one episode (ids: task, episode, step), as token views not yet pooled; none
+    when the step lacks the --baseline's entry."""
+    entries = expert_entries(step_data, source)
+    baselines = baseline_views(step_data, source, len(entries))
+    if baselines is None:
+        return []
+    return [
+        SampleRow(*ids, time, index, [token_view(entry, source, layer) for layer in layers], baselines[index])
+        for index, (time, entry) in enumerate(entries)
+    ]
 
 
 def baseline_source(config: DataConfig) -> DataConfig:
@@ -1986,7 +2001,7 @@ def evaluate_item(
     samples: Samples,
     fitted: dict,
     design: Design,
-    report: ReadReport,
+    dataset: Dataset,
     data: DataConfig,
     labels: LabelConfig,
     training: TrainingConfig,
@@ -2014,7 +2029,7 @@ def evaluate_item(
         if count:
             log.warning(
                 "%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as wrong%s",
-                result_stem(data, report.inference_times),
+                result_stem(data, dataset.report.inference_times),
                 count,
                 role,
                 "; no permutation p-value" if role == "null" else "",
@@ -2037,7 +2052,7 @@ def evaluate_item(
         samples,
         fitted,
         design,
-        report,
+        dataset,
         data,
         labels,
         training,
@@ -2057,7 +2072,7 @@ def results_record(
     samples: Samples,
     fitted: dict,
     design: Design,
-    report: ReadReport,
+    dataset: Dataset,
     data: DataConfig,
     labels: LabelConfig,
     training: TrainingConfig,
@@ -2071,7 +2086,7 @@ def results_record(
     """The results file's contents: the one place its layout is defined (builtins and numpy only; the writer adds
     the run's wall time so far and its command line, see write_item). One literal,
     longer than a screen on purpose: it reads as the file holds it."""
-    copies = design.copies
+    copies, report = design.copies, dataset.report
     history_keys = (
         "epochs_run",
         "best_epoch",
@@ -2081,7 +2096,7 @@ def results_record(
         "steps_per_epoch",
         "penalty",
     )
-    descriptions_of_tasks = [report.descriptions[t] for t in design.task_ids]
+    descriptions_of_tasks = [dataset.descriptions[t] for t in design.task_ids]
     probe_folds = copies.fold_copies(0, 0)
     kept = np.concatenate([probe_folds, copies.fold_copies(0, 1)])  # the permutation null's weights are not kept
     full_space = labels.label_space == "full" and not labels.label_dim  # T5's own axes: no basis to store
@@ -2163,12 +2178,16 @@ def results_record(
 
 
 def conditional_metrics(
-    features: ItemFeatures, samples: Samples, report: ReadReport, labels: LabelConfig, training: TrainingConfig
+    features: ItemFeatures,
+    samples: Samples,
+    descriptions: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
 ) -> list[dict]:
     """Conditional probing (Hewitt et al. 2021), per item: the same probe (folds, budget, per-feature standardization)
     on the --baseline features alone and on [baseline, layer]; the gain is what the layer adds beyond the baseline."""
     plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
-    design = design_for(samples, report.descriptions, labels, plain)
+    design = design_for(samples, descriptions, labels, plain)
     alone = fit_items(samples.baseline[None], design, plain)
     baseline = heldout_summary(samples.baseline, {key: value[0] for key, value in alone.items()}, design)
     joint_features = [np.concatenate([item_features, samples.baseline], axis=1) for item_features in features]
@@ -2202,7 +2221,7 @@ def evaluate_concepts(
     samples: Samples,
     fitted: dict,
     design: ConceptDesign,
-    report: ReadReport,
+    dataset: Dataset,
     data: DataConfig,
     labels: LabelConfig,
     training: TrainingConfig,
@@ -2237,7 +2256,7 @@ def evaluate_concepts(
         },
         "tasks": {
             "task_ids": np.array(design.task_ids),
-            "descriptions": [report.descriptions[t] for t in design.task_ids],
+            "descriptions": [dataset.descriptions[t] for t in design.task_ids],
         },
         "samples": {
             "task_id": samples.task_id,
@@ -2250,11 +2269,11 @@ def evaluate_concepts(
         "probe": {key: fitted[key] for key in ("kernel", "bias", "feature_mean", "feature_std", "failed")},
         "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
         "data_report": {
-            "files": report.files,
-            "missing_tasks": report.missing_tasks,
-            "missing_episodes": report.missing_episodes,
-            "episodes_without_step": report.episodes_without_step.get(data.rollout_step, []),
-            "skipped_files": report.skipped_files,
+            "files": dataset.report.files,
+            "missing_tasks": dataset.report.missing_tasks,
+            "missing_episodes": dataset.report.missing_episodes,
+            "episodes_without_step": dataset.report.episodes_without_step.get(data.rollout_step, []),
+            "skipped_files": dataset.report.skipped_files,
             "nonfinite_samples": context.nonfinite,
         },
         "versions": package_versions(),
@@ -2732,7 +2751,7 @@ def sweep_groups(
 
 def run_sweep(
     items: list[DataConfig],
-    report: ReadReport,
+    dataset: Dataset,
     samples: Samples,
     layers: list,
     labels: LabelConfig,
@@ -2741,10 +2760,10 @@ def run_sweep(
 ) -> list[tuple[dict, Path, Path]]:
     """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`);
     items that share their samples are trained together in one program."""
-    groups, nonfinite = sweep_groups(items, report, samples, layers)
+    groups, nonfinite = sweep_groups(items, dataset.report, samples, layers)
     # Every design before any training: a combination left without enough samples stops the run before a file is
     # written.
-    designs = [make_design(members[0][1], report.descriptions, labels, training) for members in groups]
+    designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
     evaluate = evaluate_concepts if labels.target == "concepts" else evaluate_item
     written = []
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
@@ -2753,15 +2772,16 @@ def run_sweep(
             fitted = fit_items(features, design, training)
             conditional = None
             if items[0].baseline:
-                conditional = conditional_metrics(features, members[0][1], report, labels, training)
+                conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training)
             for position, (item, selected) in enumerate(members):
                 item_fit = {key: value[position] for key, value in fitted.items()}
                 context = ItemContext(nonfinite[item])
                 if conditional:
                     baseline = {"spec": baseline_spec_text(item.baseline), **conditional[position]}
-                    context = ItemContext(nonfinite[item], baseline, report.without_baseline)
-                results = evaluate(selected, item_fit, design, report, item, labels, training, context)
-                written.append(write_item(results, item, selected, report, labels, destination))
+                    lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
+                    context = ItemContext(nonfinite[item], baseline, lacking)
+                results = evaluate(selected, item_fit, design, dataset, item, labels, training, context)
+                written.append(write_item(results, item, selected, dataset.report, labels, destination))
                 progress.update()
     return written
 
@@ -4010,51 +4030,50 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelC
 
 
 def run(args: argparse.Namespace, command: list[str], started: float) -> list[tuple[dict, Path, Path]]:
-    """Resolve the sweep, then read, train, evaluate and write one rollout step at a time; return what was written
-    (a sweep's results without their per-sample parts)."""
+    """Walk the task files once and resolve the sweep, then read, train, evaluate and write one rollout step at a
+    time; return what was written (a sweep's results without their per-sample parts)."""
     if args.demo:
         prepare_demo(Path(args.data_path))
-    base, labels, training = configs_from_arguments(args)
-    items, structure = resolve_sweep(args, base, labels, training)
+    source, labels, training = configs_from_arguments(args)
+    step_ranges = args.rollout_step == "all" or any(isinstance(step, range) for step in args.rollout_step)
+    highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
+    dataset = read_dataset(source, None if step_ranges else args.rollout_step, highest_layer)
+    items = resolve_sweep(args, dataset, labels, training)
     if not items:
         log.warning("nothing to do: no combination is left for this shard, or all are already written")
         return []
     destination = Destination(Path(args.output_dir), args.plot, started, command)
     written = []
     for step in sorted({item.rollout_step for item in items}):
-        # One rollout step at a time: memory follows one step's features, not the sweep's. A later pass reads the
-        # files' indexes and that step's slices only.
+        # One rollout step at a time: memory follows one step's features, not the sweep's. Its slices are cut from
+        # the files as walked above: nothing is parsed again.
         step_items = [item for item in items if item.rollout_step == step]
         layers = sorted({item.layer for item in step_items}, key=lambda layer: -1 if layer is None else layer)
-        samples_by_step, report = collect_samples(base, layers, [step])
-        report.inference_times = report.inference_times or structure.inference_times
-        width = samples_by_step[step].features.shape[2]
-        log.info("step %d: %d combination(s), %d task files, width %d", step, len(step_items), len(report.files), width)
-        for results, *paths in run_sweep(
-            step_items, report, samples_by_step.pop(step), layers, labels, training, destination
-        ):
+        samples = step_samples(dataset, layers, step)
+        width = samples.features.shape[2]
+        log.info(
+            "step %d: %d combination(s), %d task files, width %d", step, len(step_items), len(dataset.files), width
+        )
+        for results, *paths in run_sweep(step_items, dataset, samples, layers, labels, training, destination):
             if len(items) > 1:
                 results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
             written.append((results, *paths))
+        del samples
         release_freed_memory()  # before the next step is read
     return written
 
 
 def resolve_sweep(
-    args: argparse.Namespace, base: DataConfig, labels: LabelConfig, training: TrainingConfig
-) -> tuple[list[DataConfig], ReadReport]:
-    """The combinations this run writes (--shard and --skip_existing applied), and the files' structure when the
-    request needs it: "all" layers or steps and "each" denoising step come from the data, and so do the denoising
-    times in file names; with several steps, every one is checked before the first is trained."""
-    step_ranges = args.rollout_step == "all" or any(isinstance(step, range) for step in args.rollout_step)
-    structure = ReadReport()
-    if step_ranges or len(args.rollout_step) > 1 or args.layer == "all" or args.inference_step != "all":
-        structure = read_files(base, None, None if step_ranges else args.rollout_step)[1]
-    items = sweep_items(base, args.layer, args.rollout_step, args.inference_step, structure)
+    args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig
+) -> list[DataConfig]:
+    """The combinations this run writes (--shard and --skip_existing applied): "all" layers or steps and "each"
+    denoising step come from the walked files, and so do the denoising times in file names; with several steps,
+    every one is checked before the first is trained."""
+    items = sweep_items(dataset.source, args.layer, args.rollout_step, args.inference_step, dataset.report)
     steps = sorted({item.rollout_step for item in items})
-    if structure.files and len(steps) > 1:
-        check_steps(steps, structure, labels, training)
-    stems = {item: result_stem(item, structure.inference_times, labels.target) for item in items}
+    if len(steps) > 1:
+        check_steps(steps, dataset, labels, training)
+    stems = {item: result_stem(item, dataset.report.inference_times, labels.target) for item in items}
     if args.shard:
         index, count = args.shard
         items = items[index::count]
@@ -4067,17 +4086,17 @@ def resolve_sweep(
         if done:
             log.info("skipping %d combination(s) already written in %s", len(done), output_dir)
         items = [item for item in items if item not in done]
-    return items, structure
+    return items
 
 
-def check_steps(steps: list[int], structure: ReadReport, labels: LabelConfig, training: TrainingConfig) -> None:
+def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
     """Before a sweep over several steps trains anything: each step exists, and its episodes make a design (folds,
     validation, label space), so that a late step with, e.g., one episode of some task does not stop the sweep after
     the earlier steps were written. Non-finite features are found only when a step is read (see --strict)."""
     for step in steps:
-        if step not in structure.steps_seen:
-            raise missing_step(step, structure.steps_seen)
-        pairs = np.array(structure.step_episodes[step], dtype=np.int64).reshape(-1, 2)
+        if step not in dataset.report.steps_seen:
+            raise missing_step(step, dataset.report.steps_seen)
+        pairs = np.array(dataset.report.step_episodes[step], dtype=np.int64).reshape(-1, 2)
         count = len(pairs)
         episodes = Samples(
             np.zeros((0, count, 0), np.float32),
@@ -4088,7 +4107,7 @@ def check_steps(steps: list[int], structure: ReadReport, labels: LabelConfig, tr
             np.zeros(count, np.int64),
         )  # one sample per episode: no features
         try:
-            make_design(episodes, structure.descriptions, labels, training)
+            make_design(episodes, dataset.descriptions, labels, training)
         except ProbeError as error:
             raise type(error)(f"step_{step}: {error} (checked before anything was trained)") from None
 
@@ -4103,23 +4122,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-class WarnOnce(logging.Filter):
-    """Drops a warning already given in this run: each rollout step of a sweep is its own pass over the files."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        message = record.getMessage()
-        if message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
 
 
 def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespace) -> None:
@@ -4152,9 +4154,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    for existing in [one for one in log.filters if isinstance(one, WarnOnce)]:
-        log.removeFilter(existing)
-    log.addFilter(WarnOnce())
     cache_problem = None if args.report else unwritable_reason(Path(args.cache_dir))
     if cache_problem:  # one line of ours, not JAX's multi-line warning nor one per file
         log.warning(

@@ -77,12 +77,7 @@ def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra
         np.full(tasks * episodes, np.nan),
         np.zeros(tasks * episodes, int),
     )
-    report = lpi.ReadReport(
-        files={t: f"task_{t}.pkl" for t in range(tasks)},
-        descriptions=dict(enumerate(texts)),
-        layer_count=LAYERS,
-        steps_seen={STEP},
-    )
+    report = lpi.ReadReport(files={t: f"task_{t}.pkl" for t in range(tasks)}, layer_count=LAYERS, steps_seen={STEP})
     seconds, accuracy = [], None
     for run in range(runs):
         output = work / f"out_{tasks}x{episodes}_{t5.name}_{run}_{os.getpid()}"
@@ -115,10 +110,17 @@ def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra
         base, labels, training = lpi.configs_from_arguments(args)
         items = lpi.sweep_items(base, "all", [STEP], "all", report)
         start = time.perf_counter()
-        if hasattr(lpi, "Destination"):  # this version: one rollout step's samples, and where results go
+        if hasattr(lpi, "Dataset"):  # this version: the walked files carry the descriptions
+            files = [lpi.TaskFile(t, Path(f"task_{t}.pkl"), text, {}) for t, text in enumerate(texts)]
+            destination = lpi.Destination(output, False, start, [])
+            dataset = lpi.Dataset(base, files, report)
+            written = lpi.run_sweep(items, dataset, samples, list(range(LAYERS)), labels, training, destination)
+        elif hasattr(lpi, "Destination"):  # earlier versions, for before/after tables: one step's samples
+            report.descriptions = dict(enumerate(texts))
             destination = lpi.Destination(output, False, start, [])
             written = lpi.run_sweep(items, report, samples, list(range(LAYERS)), labels, training, destination)
-        else:  # earlier versions, for before/after tables
+        else:
+            report.descriptions = dict(enumerate(texts))
             written = lpi.run_sweep(
                 items, report, {STEP: samples}, list(range(LAYERS)), labels, training, output, False, start, []
             )

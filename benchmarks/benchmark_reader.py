@@ -5,7 +5,7 @@ Generates task files at full Pi0 width (per step: VLM hidden_states and post_att
 18x1x816x2048 float32, 10 action-expert entries of 18x1x51x1024, two camera images), 3
 episodes x 2 steps at 1x, with 2x and 4x adding episodes the run does not ask for. Each run
 extracts layer 5 at step_10 of episodes 0-2 (text_only, vlm or action tokens, mean-pooled)
-with the program's own `samples_from_file`; for pickle.load, its file reader is swapped for
+with the program's own `walk_task_file` and `step_samples`; for pickle.load, its file reader is swapped for
 `pickle.load`.
 Every measurement is a fresh child process (the median of --repeats runs is reported): wall time of read +
 extraction, peak resident memory added by it, and bytes read from storage (/proc/self/io read_bytes), with a warm page
@@ -94,9 +94,11 @@ if mode == "pickle":  # the obvious alternative: load everything, then the same 
     lpi.read_task_file = lambda path, trust, index_dir: pickle.load(open(path, "rb"))
 read_before, rss_before = storage_bytes_read(), peak_rss()
 start = time.perf_counter()
-rows = lpi.samples_from_file(lpi.Path(path), 0, config, [LAYER], [STEP], lpi.ReadReport())
+report = lpi.ReadReport()
+walked = lpi.walk_task_file(lpi.Path(path), 0, config, [STEP], LAYER, report)
+samples = lpi.step_samples(lpi.Dataset(config, [walked], report), [LAYER], STEP)
 seconds = time.perf_counter() - start
-np.save(out, np.stack([row.layers[0] for row in rows]))
+np.save(out, samples.features[0])
 added = max(peak_rss() - rss_before, 0)
 print(json.dumps({"seconds": seconds, "peak_rss_added": added, "read_bytes": storage_bytes_read() - read_before}))
 """.replace("EPISODES", str(EPISODES))

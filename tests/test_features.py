@@ -113,8 +113,8 @@ def test_rollout_step_is_chosen_by_key_and_missing_steps_are_skipped(tmp_path):
     cfg = lpi.DataConfig(
         data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 3), rollout_step=30, expert="vlm", layer=1
     )
-    by_step, report = lpi.collect_samples(cfg, [1], [30])
-    samples = by_step[30]
+    dataset = lpi.read_dataset(cfg, [30], 1)
+    samples, report = lpi.step_samples(dataset, [1], 30), dataset.report
     np.testing.assert_array_equal(samples.features, [[[30.0] * 3]])
     assert samples.episode.tolist() == [0] and samples.step.tolist() == [30]
     assert report.episodes_without_step == {30: [(0, 1)]}
@@ -122,7 +122,7 @@ def test_rollout_step_is_chosen_by_key_and_missing_steps_are_skipped(tmp_path):
     assert report.missing_tasks == [1]
     assert report.steps_seen == {10, 30}
     with pytest.raises(lpi.ProbeError, match="no episode in the ranges has step_20; rollout steps present: 10, 30"):
-        lpi.collect_samples(cfg, [1], [20])
+        lpi.step_samples(lpi.read_dataset(cfg, [20], 1), [1], 20)
 
 
 def test_task_files_are_matched_by_exact_id(tmp_path):

@@ -95,18 +95,48 @@ def test_items_in_several_calls_equal_items_in_one(monkeypatch):
         np.testing.assert_array_equal(several[key], one_call[key], err_msg=key)
 
 
-def test_a_sweep_reads_one_rollout_step_at_a_time_and_equals_single_runs(run_cli, tmp_path, monkeypatch):
-    read = []
-    collect = lpi.collect_samples
+def test_a_sweep_walks_each_file_once_reads_one_step_at_a_time_and_equals_single_runs(
+    run_cli, demo_data, tmp_path, monkeypatch
+):
+    read, parsed = [], []
+    step_samples, read_task_file = lpi.step_samples, lpi.read_task_file
 
-    def recorded(config, layers, steps):
-        read.append(list(steps))
-        return collect(config, layers, steps)
+    def recorded_step(dataset, layers, step):
+        read.append(step)
+        return step_samples(dataset, layers, step)
 
-    monkeypatch.setattr(lpi, "collect_samples", recorded)
-    status, sweep = run_cli("--expert", "vlm", "--layer", "4,5", "--rollout_step", "all", output_dir=tmp_path / "sweep")
-    assert status == 0 and read == [[10], [20]]
-    status, single = run_cli("--expert", "vlm", "--layer", "5", "--rollout_step", "20", output_dir=tmp_path / "single")
+    def recorded_parse(path, trust, index_dir):
+        parsed.append(path.name)
+        return read_task_file(path, trust, index_dir)
+
+    monkeypatch.setattr(lpi, "step_samples", recorded_step)
+    monkeypatch.setattr(lpi, "read_task_file", recorded_parse)
+    unwritable = tmp_path / "cache_is_a_file"  # no index cache: a second walk would parse a file again
+    unwritable.write_text("")
+    status, sweep = run_cli(
+        "--expert",
+        "vlm",
+        "--layer",
+        "4,5",
+        "--rollout_step",
+        "all",
+        "--cache_dir",
+        str(unwritable),
+        output_dir=tmp_path / "sweep",
+    )
+    assert status == 0 and read == [10, 20]
+    assert sorted(parsed) == sorted(path.name for path in demo_data.glob("task_*.pkl"))  # each file once
+    status, single = run_cli(
+        "--expert",
+        "vlm",
+        "--layer",
+        "5",
+        "--rollout_step",
+        "20",
+        "--cache_dir",
+        str(unwritable),
+        output_dir=tmp_path / "single",
+    )
     assert status == 0
     stem = "results_vlm_layer5_step20.pkl"
     first, second = (pickle.loads((directory / stem).read_bytes()) for directory in (sweep, single))
@@ -129,7 +159,7 @@ def test_each_pass_over_the_files_does_not_repeat_a_warning(run_cli, demo_data, 
         if not path.name.startswith("task_9_"):
             (partial / path.name).symlink_to(path)
     status, _ = run_cli("--expert", "vlm", "--layer", "5", "--rollout_step", "10,20", data_path=partial)
-    assert status == 0  # three passes: the structure, step 10, step 20
+    assert status == 0  # one walk of the files for both steps
     assert capsys.readouterr().err.count("task 9: no file") == 1
 
 

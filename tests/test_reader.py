@@ -225,13 +225,14 @@ def test_wrong_structure_skips_the_file_by_default_and_stops_under_strict(tmp_pa
     config = lpi.DataConfig(
         data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 2), rollout_step=10, expert="vlm", layer=1
     )
-    by_step, report = lpi.collect_samples(config, [1], [10])
-    assert set(by_step[10].task_id) == {0}
+    dataset = lpi.read_dataset(config, [10], 1)
+    assert set(lpi.step_samples(dataset, [1], 10).task_id) == {0}
+    report = dataset.report
     assert list(report.skipped_files) == [str(bad)] and str(bad) in report.skipped_files[str(bad)]
-    assert 1 not in report.descriptions
+    assert 1 not in dataset.descriptions and [file.task_id for file in dataset.files] == [0]
     assert "skipping" in caplog.text and "task_1_bad.pkl" in caplog.text
     with pytest.raises(lpi.BadFileError, match="task_1_bad.pkl"):
-        lpi.collect_samples(lpi.dataclasses.replace(config, strict=True), [1], [10])
+        lpi.read_dataset(lpi.dataclasses.replace(config, strict=True), [10], 1)
 
 
 def test_cli_skips_a_bad_file_lists_it_and_strict_exits_1(run_cli, demo_data, tmp_path, capsys):
@@ -286,10 +287,10 @@ before = peak_rss()
 if mode == "full":
     lpi.read_task_file = lambda path, trust, index_dir: pickle.load(open(path, "rb"))
 config = lpi.DataConfig(
-    data_path="", task_range=(0, 1), episode_range=(0, 3), rollout_step=10, expert="text_only", layer=5
+    data_path=str(path.parent), task_range=(0, 1), episode_range=(0, 3), rollout_step=10, expert="text_only", layer=5
 )
-rows = lpi.samples_from_file(path, 0, config, [5], [10], lpi.ReadReport())
-assert len(rows) == 3
+samples = lpi.step_samples(lpi.read_dataset(config, [10], 5), [5], 10)
+assert samples.features.shape == (1, 3, 2048)
 print(peak_rss() - before)
 """
 

@@ -121,8 +121,8 @@ def test_experts_and_token_range_pick_the_documented_positions(tmp_path, expert,
         ]
     )
     config = lpi.configs_from_arguments(parsed)[0]
-    by_step, _ = lpi.collect_samples(config, [1], [10])
-    np.testing.assert_allclose(by_step[10].features[0, 0], (first + last) / 2)
+    samples = lpi.step_samples(lpi.read_dataset(config, [10], 1), [1], 10)
+    np.testing.assert_allclose(samples.features[0, 0], (first + last) / 2)
     assert f"{first}-{last}" in lpi.describe_token_positions(config) or expert == "action"
 
 
