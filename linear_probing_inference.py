@@ -77,17 +77,14 @@ DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What one result is about: which samples, and how each becomes one feature vector."""
+class Source:
+    """How a run reads its samples: which files and episodes, and how each sample becomes one feature vector."""
 
     data_path: str
     task_range: tuple[int, int]  # end-exclusive, like range()
     episode_range: tuple[int, int]  # end-exclusive, like range()
-    rollout_step: int  # the N of the key "step_N", never a position
     expert: str  # one of EXPERTS
-    layer: int | None  # None for "visual" (SigLIP output has no layer axis)
     feature_type: str = "hidden_states"  # "pre_logits" for "visual"
-    inference_step: int | None = None  # action expert: position in denoising order; None = every entry, pooled
     token_range: tuple[int, int] | None = None  # overrides the expert's token positions (end-exclusive)
     pooling: str = "mean"  # over the token positions: "mean", "max" or "last"
     camera: str = "base_0_rgb"  # "visual" only: which vision_latents camera
@@ -95,6 +92,14 @@ class DataConfig:
     strict: bool = False  # an unreadable task file stops the run instead of being skipped
     index_dir: str | None = None  # where each task file's structure is cached (None: no cache)
     baseline: tuple[str, int | str | None] | None = None  # --baseline: (expert, layer or camera) read in the same pass
+
+
+class Item(NamedTuple):
+    """What one result is about: a layer (or camera) at one rollout step, and one denoising step or all of them."""
+
+    rollout_step: int  # the N of the key "step_N", never a position
+    layer: int | None  # None for "visual" (SigLIP output has no layer axis)
+    inference_step: int | None = None  # action expert: position in denoising order; None = every entry, pooled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,24 +208,24 @@ def action_expert_keys(step_data: dict) -> list[str]:
     return sorted(keys, key=denoising_time, reverse=True)
 
 
-def token_positions(config: DataConfig, token_count: int) -> slice:
+def token_positions(source: Source, token_count: int) -> slice:
     """Token positions pooled for the expert (or --token_range), given the length of the token axis."""
-    if config.token_range is not None:
-        start, end = config.token_range
+    if source.token_range is not None:
+        start, end = source.token_range
         if end > token_count:
             raise OptionError(
-                f"--token_range {start} {end} is past the {token_count} tokens of feature {config.feature_type!r}"
+                f"--token_range {start} {end} is past the {token_count} tokens of feature {source.feature_type!r}"
             )
         return slice(start, end)
-    if config.expert in EXPERT_TOKENS:
-        positions = EXPERT_TOKENS[config.expert]
+    if source.expert in EXPERT_TOKENS:
+        positions = EXPERT_TOKENS[source.expert]
         if token_count < positions.stop:
             raise ProbeError(
-                f"feature {config.feature_type!r} has {token_count} tokens; --expert {config.expert} needs the "
+                f"feature {source.feature_type!r} has {token_count} tokens; --expert {source.expert} needs the "
                 f"{PREFIX_TOKEN_COUNT}-token VLM prefix"
             )
         return positions
-    if config.expert == "action" and token_count > PREFIX_TOKEN_COUNT:  # an entry holding the whole sequence
+    if source.expert == "action" and token_count > PREFIX_TOKEN_COUNT:  # an entry holding the whole sequence
         return slice(PREFIX_TOKEN_COUNT, None)
     return slice(0, None)
 
@@ -241,33 +246,33 @@ def pool_tokens(tokens: np.ndarray, pooling: str) -> np.ndarray:
     return np.asarray(pooled, dtype=np.float32)
 
 
-def feature_array(entry: dict, config: DataConfig) -> np.ndarray:
+def feature_array(entry: dict, source: Source) -> np.ndarray:
     """The entry's array for --feature_type, checked to be an array."""
-    if config.feature_type not in entry:
+    if source.feature_type not in entry:
         available = ", ".join(sorted(entry)) or "none"
-        raise OptionError(f"--feature_type {config.feature_type!r} is not in the expert entry (it has: {available})")
-    array = entry[config.feature_type]
+        raise OptionError(f"--feature_type {source.feature_type!r} is not in the expert entry (it has: {available})")
+    array = entry[source.feature_type]
     if not hasattr(array, "ndim") or array.ndim < 1:
-        raise ProbeError(f"feature {config.feature_type!r} is not an array")
+        raise ProbeError(f"feature {source.feature_type!r} is not an array")
     return array
 
 
-def layer_count(entry: dict, config: DataConfig) -> int:
+def layer_count(entry: dict, source: Source) -> int:
     """How many layers the entry's feature has (1 for SigLIP's per-camera arrays, which have no layer axis)."""
-    array = feature_array(entry, config)
-    return 1 if config.expert == "visual" else array.shape[0]
+    array = feature_array(entry, source)
+    return 1 if source.expert == "visual" else array.shape[0]
 
 
-def token_view(entry: dict, config: DataConfig, layer: int) -> np.ndarray:
+def token_view(entry: dict, source: Source, layer: int) -> np.ndarray:
     """One layer of one expert entry, cut to the token positions: (tokens, width), or (width,) for
     per-layer vectors. Indexing only: on a mapped array nothing is read yet.
     """
-    array = feature_array(entry, config)
-    if config.expert == "visual":  # vision_latents[camera][feature]: ([batch,] patch, width), no layers
+    array = feature_array(entry, source)
+    if source.expert == "visual":  # vision_latents[camera][feature]: ([batch,] patch, width), no layers
         layer_array = array
     else:
         if array.ndim < 2:
-            raise ProbeError(f"feature {config.feature_type!r} is not a (layer, ...) array")
+            raise ProbeError(f"feature {source.feature_type!r} is not a (layer, ...) array")
         if not 0 <= layer < array.shape[0]:
             raise OptionError(
                 f"--layer {layer} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})"
@@ -277,30 +282,30 @@ def token_view(entry: dict, config: DataConfig, layer: int) -> np.ndarray:
         layer_array = layer_array[0]
     if layer_array.ndim == 1:  # a per-layer vector (e.g. norm scales): no tokens to choose
         if (
-            config.expert in ("text_only", "image") or config.token_range is not None
+            source.expert in ("text_only", "image") or source.token_range is not None
         ):  # a part of the tokens was asked for
-            raise OptionError(f"--expert {config.expert} needs a token axis; feature {config.feature_type!r} has none")
+            raise OptionError(f"--expert {source.expert} needs a token axis; feature {source.feature_type!r} has none")
         return layer_array
     if layer_array.ndim != 2:
         raise ProbeError(
-            f"feature {config.feature_type!r} has shape {array.shape}; expected ([layer,] [batch,] token, width)"
+            f"feature {source.feature_type!r} has shape {array.shape}; expected ([layer,] [batch,] token, width)"
         )
-    return layer_array[token_positions(config, layer_array.shape[0])]
+    return layer_array[token_positions(source, layer_array.shape[0])]
 
 
-def expert_entries(step_data: dict, config: DataConfig) -> list[tuple[float, dict]]:
+def expert_entries(step_data: dict, source: Source) -> list[tuple[float, dict]]:
     """(denoising time, entry) pairs a step contributes, every denoising entry for the action
     expert (in denoising order); time is NaN for the others."""
-    if config.expert == "visual":
+    if source.expert == "visual":
         cameras = step_data.get("vision_latents")
         if not isinstance(cameras, dict):
             raise ProbeError("step has no 'vision_latents' dict (written by newer collectors only)")
-        if not isinstance(cameras.get(config.camera), dict):
+        if not isinstance(cameras.get(source.camera), dict):
             raise OptionError(
-                f"--camera {config.camera!r} is not in vision_latents (it has: {', '.join(sorted(cameras)) or 'none'})"
+                f"--camera {source.camera!r} is not in vision_latents (it has: {', '.join(sorted(cameras)) or 'none'})"
             )
-        return [(math.nan, cameras[config.camera])]
-    if config.expert != "action":
+        return [(math.nan, cameras[source.camera])]
+    if source.expert != "action":
         entry = step_data.get("vlm_layer_output")
         if not isinstance(entry, dict):
             raise ProbeError("step has no 'vlm_layer_output' dict")
@@ -418,7 +423,7 @@ class TaskFile(NamedTuple):
 class Dataset(NamedTuple):
     """The run's task files, each walked once, and what the walk found: every rollout step's samples come from it."""
 
-    source: DataConfig
+    source: Source
     files: list[TaskFile]
     report: ReadReport
 
@@ -428,7 +433,7 @@ class Dataset(NamedTuple):
         return {file.task_id: file.description for file in self.files}
 
 
-def read_dataset(source: DataConfig, steps: list[int] | None, layer: int | None) -> Dataset:
+def read_dataset(source: Source, steps: list[int] | None, layer: int | None) -> Dataset:
     """Walk every task file of the range once (steps: those asked, None: every step; layer: the highest asked, checked
     to exist). Unreadable files are skipped unless --strict; the walk's warnings are given here, once."""
     paths, missing_tasks = find_task_files(Path(source.data_path), source.task_range)
@@ -464,7 +469,7 @@ def read_dataset(source: DataConfig, steps: list[int] | None, layer: int | None)
 
 
 def walk_task_file(
-    path: Path, task_id: int, source: DataConfig, steps: list[int] | None, layer: int | None, found: ReadReport
+    path: Path, task_id: int, source: Source, steps: list[int] | None, layer: int | None, found: ReadReport
 ) -> TaskFile:
     """One task file's description, episodes and rollout steps; each asked step checked and recorded (check_step)."""
     task_data = read_task_file(path, source.trust_pickle, source.index_dir)
@@ -493,7 +498,7 @@ def walk_task_file(
 
 
 def check_step(
-    where: str, ids: tuple[int, int, int], step_data, source: DataConfig, layer: int | None, found: ReadReport
+    where: str, ids: tuple[int, int, int], step_data, source: Source, layer: int | None, found: ReadReport
 ) -> None:
     """Record a rollout step's structure (layers, denoising entries, whether it has the --baseline's entry) in
     `found`, and check that the asked slices can be cut from each of its entries (indexing only: nothing is read).
@@ -528,7 +533,7 @@ def add_to_report(report: ReadReport, found: ReadReport) -> None:
         report.inference_count = min(report.inference_count or found.inference_count, found.inference_count)
 
 
-def warn_about_gaps(report: ReadReport, source: DataConfig) -> None:
+def warn_about_gaps(report: ReadReport, source: Source) -> None:
     """Warn about episodes missing from their files, or lacking a step or the --baseline's entry."""
     if report.missing_episodes:
         log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
@@ -585,7 +590,7 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
     )
 
 
-def sample_views(step_data: dict, source: DataConfig, ids: tuple[int, int, int], layers: list) -> list[SampleRow]:
+def sample_views(step_data: dict, source: Source, ids: tuple[int, int, int], layers: list) -> list[SampleRow]:
     """The samples of one rollout step of one episode (ids: task, episode, step), as token views not yet pooled; none
     when the step lacks the --baseline's entry."""
     entries = expert_entries(step_data, source)
@@ -598,34 +603,35 @@ def sample_views(step_data: dict, source: DataConfig, ids: tuple[int, int, int],
     ]
 
 
-def baseline_source(config: DataConfig) -> DataConfig:
-    """How the --baseline features are read: its expert and layer (or camera), the default feature, all its tokens."""
-    expert, where = config.baseline
-    return dataclasses.replace(
-        config,
+def baseline_source(source: Source) -> tuple[Source, int | None]:
+    """How the --baseline features are read: its expert, the default feature, all its tokens; and its layer (None for
+    SigLIP's output, where the camera names it)."""
+    expert, where = source.baseline
+    baseline = dataclasses.replace(
+        source,
         expert=expert,
-        layer=None if expert == "visual" else where,
         baseline=None,
         token_range=None,
-        camera=where if expert == "visual" else config.camera,
+        camera=where if expert == "visual" else source.camera,
         feature_type="pre_logits" if expert == "visual" else "hidden_states",
     )
+    return baseline, None if expert == "visual" else where
 
 
-def baseline_views(step_data: dict, config: DataConfig, entry_count: int) -> list | None:
+def baseline_views(step_data: dict, source: Source, entry_count: int) -> list | None:
     """The --baseline token view for each of the step's samples (one per denoising entry for the action expert, the
     step's own view repeated otherwise); [None] * count without a baseline; None when the step lacks its entry."""
-    if config.baseline is None:
+    if source.baseline is None:
         return [None] * entry_count
-    source = baseline_source(config)
+    baseline, layer = baseline_source(source)
     try:
-        entries = expert_entries(step_data, source)
+        entries = expert_entries(step_data, baseline)
     except OptionError:
         raise
     except ProbeError:
         return None
-    views = [token_view(entry, source, source.layer) for _, entry in entries]
-    if source.expert == "action":
+    views = [token_view(entry, baseline, layer) for _, entry in entries]
+    if baseline.expert == "action":
         return views if len(views) == entry_count else None
     return views * entry_count
 
@@ -2002,7 +2008,7 @@ def evaluate_item(
     fitted: dict,
     design: Design,
     dataset: Dataset,
-    data: DataConfig,
+    item: Item,
     labels: LabelConfig,
     training: TrainingConfig,
     context: ItemContext,
@@ -2029,7 +2035,7 @@ def evaluate_item(
         if count:
             log.warning(
                 "%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as wrong%s",
-                result_stem(data, dataset.report.inference_times),
+                result_stem(dataset.source, item, dataset.report.inference_times),
                 count,
                 role,
                 "; no permutation p-value" if role == "null" else "",
@@ -2053,7 +2059,7 @@ def evaluate_item(
         fitted,
         design,
         dataset,
-        data,
+        item,
         labels,
         training,
         metrics,
@@ -2073,7 +2079,7 @@ def results_record(
     fitted: dict,
     design: Design,
     dataset: Dataset,
-    data: DataConfig,
+    item: Item,
     labels: LabelConfig,
     training: TrainingConfig,
     metrics: dict,
@@ -2103,12 +2109,12 @@ def results_record(
     return {
         "format_version": RESULTS_FORMAT,
         "config": {
-            "data": dataclasses.asdict(data),
+            "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
             "labels": dataclasses.asdict(labels),
             "training": {**dataclasses.asdict(training), "permutations": training.null_size},
             "first_repeat_only": "heldout, probe, samples.fold and samples.validation hold the first repeat's",
             "split": describe_split(training, design.folds),
-            "token_positions": describe_token_positions(data),
+            "token_positions": describe_token_positions(dataset.source),
             "label_space": describe_label_space(labels),
             "accuracy_definition": "a held-out prediction's nearest (cosine) analyzed-task embedding is its own task's",
             "information_definition": INFORMATION_DEFINITION,
@@ -2167,7 +2173,7 @@ def results_record(
             "files": report.files,
             "missing_tasks": report.missing_tasks,
             "missing_episodes": report.missing_episodes,
-            "episodes_without_step": report.episodes_without_step.get(data.rollout_step, []),
+            "episodes_without_step": report.episodes_without_step.get(item.rollout_step, []),
             "steps_seen": sorted(report.steps_seen),
             "skipped_files": report.skipped_files,
             "nonfinite_samples": context.nonfinite,  # (task, episode, step, denoising time) skipped
@@ -2222,7 +2228,7 @@ def evaluate_concepts(
     fitted: dict,
     design: ConceptDesign,
     dataset: Dataset,
-    data: DataConfig,
+    item: Item,
     labels: LabelConfig,
     training: TrainingConfig,
     context: ItemContext,
@@ -2238,11 +2244,11 @@ def evaluate_concepts(
         "format_version": RESULTS_FORMAT,
         "target": "concepts",
         "config": {
-            "data": dataclasses.asdict(data),
+            "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
             "labels": dataclasses.asdict(labels),
             "training": {**dataclasses.asdict(training), "loss": "softmax"},
             "split": describe_split(training, design.folds),
-            "token_positions": describe_token_positions(data),
+            "token_positions": describe_token_positions(dataset.source),
             "concept_definition": CONCEPT_DEFINITION,
         },
         "concepts": concepts,
@@ -2272,7 +2278,7 @@ def evaluate_concepts(
             "files": dataset.report.files,
             "missing_tasks": dataset.report.missing_tasks,
             "missing_episodes": dataset.report.missing_episodes,
-            "episodes_without_step": dataset.report.episodes_without_step.get(data.rollout_step, []),
+            "episodes_without_step": dataset.report.episodes_without_step.get(item.rollout_step, []),
             "skipped_files": dataset.report.skipped_files,
             "nonfinite_samples": context.nonfinite,
         },
@@ -2396,23 +2402,23 @@ def describe_label_space(labels: LabelConfig) -> str:
     return text + "; the probe predicts all of T5's axes (--label_space full)"
 
 
-def describe_token_positions(config: DataConfig) -> str:
+def describe_token_positions(source: Source) -> str:
     """Human-readable token positions pooled for the expert."""
-    if config.token_range is not None:
-        where = f"tokens {config.token_range[0]}-{config.token_range[1] - 1} (--token_range)"
-    elif config.expert in EXPERT_TOKENS:
-        positions = EXPERT_TOKENS[config.expert]
+    if source.token_range is not None:
+        where = f"tokens {source.token_range[0]}-{source.token_range[1] - 1} (--token_range)"
+    elif source.expert in EXPERT_TOKENS:
+        positions = EXPERT_TOKENS[source.expert]
         part = {
             "vlm": "images 0-767 and text 768-815",
             "text_only": "prompt text",
             "image": "3 cameras x 256 SigLIP patches",
-        }[config.expert]
+        }[source.expert]
         where = f"VLM prefix tokens {positions.start}-{positions.stop - 1} ({part})"
-    elif config.expert == "action":
+    elif source.expert == "action":
         where = f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence)"
     else:
-        where = f"SigLIP patches of camera {config.camera} (vision_latents)"
-    return f"{where}, {config.pooling}-pooled"
+        where = f"SigLIP patches of camera {source.camera} (vision_latents)"
+    return f"{where}, {source.pooling}-pooled"
 
 
 def package_versions() -> dict[str, str]:
@@ -2437,18 +2443,18 @@ def installed_versions() -> dict[str, str]:
 # -----------------------------------------------------------------------------
 
 
-def result_stem(data: DataConfig, inference_times: list[float], target: str = "t5") -> str:
+def result_stem(source: Source, item: Item, inference_times: list[float], target: str = "t5") -> str:
     """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
     ({camera} in place of the layer for SigLIP's output) and _concepts for concept probes."""
-    where = f"_{data.camera}" if data.expert == "visual" else f"_layer{data.layer}"
-    stem = f"{data.expert}{where}_step{data.rollout_step}"
-    if data.inference_step is not None:
-        if data.inference_step >= len(inference_times):
+    where = f"_{source.camera}" if source.expert == "visual" else f"_layer{item.layer}"
+    stem = f"{source.expert}{where}_step{item.rollout_step}"
+    if item.inference_step is not None:
+        if item.inference_step >= len(inference_times):
             raise OptionError(
-                f"--inference_step {data.inference_step} is out of range: the steps have {len(inference_times)} "
+                f"--inference_step {item.inference_step} is out of range: the steps have {len(inference_times)} "
                 f"denoising entries (0-{len(inference_times) - 1})"
             )
-        stem = f"{stem}_t{inference_times[data.inference_step]:g}"
+        stem = f"{stem}_t{inference_times[item.inference_step]:g}"
     return f"{stem}_concepts" if target == "concepts" else stem
 
 
@@ -2690,20 +2696,15 @@ def write_results(results: dict, output_dir: Path, stem: str) -> tuple[Path, Pat
     return results_path, summary_path
 
 
-def sweep_items(base: DataConfig, layers, steps, inference, report: ReadReport) -> list[DataConfig]:
+def sweep_items(source: Source, layers, steps, inference, report: ReadReport) -> list[Item]:
     """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all" and "each" resolved
     from the data."""
-    layers = [None] if base.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
+    layers = [None] if source.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
     steps = sorted(report.steps_seen) if steps == "all" else steps_asked(steps, report.steps_seen)
     inference = (
         [None] if inference == "all" else list(range(report.inference_count)) if inference == "each" else inference
     )
-    return [
-        dataclasses.replace(base, rollout_step=s, inference_step=k, layer=layer)
-        for s in steps
-        for k in inference
-        for layer in layers
-    ]
+    return [Item(step, layer, k) for step in steps for k in inference for layer in layers]
 
 
 def steps_asked(steps: list[int | range], steps_seen: set[int]) -> list[int]:
@@ -2730,27 +2731,27 @@ class Destination(NamedTuple):
 
 
 def sweep_groups(
-    items: list[DataConfig], report: ReadReport, samples: Samples, layers: list
-) -> tuple[list[list[tuple[DataConfig, Samples]]], dict[DataConfig, list[tuple]]]:
+    items: list[Item], dataset: Dataset, samples: Samples, layers: list
+) -> tuple[list[list[tuple[Item, Samples]]], dict[Item, list[tuple]]]:
     """The items grouped by the samples they share (trained together), each with its finite samples; and the samples
     each item skipped as non-finite. --strict stops here, before any training, when any was skipped."""
     groups: dict[tuple, list] = {}
-    nonfinite: dict[DataConfig, list[tuple]] = {}
+    nonfinite: dict[Item, list[tuple]] = {}
     for item in items:
         rows = np.ones(len(samples.task_id), bool)
         if item.inference_step is not None:
             rows = samples.inference_index == item.inference_step
-        rows, nonfinite[item] = finite_rows(samples, rows, layers.index(item.layer), item, report)
+        rows, nonfinite[item] = finite_rows(samples, rows, layers.index(item.layer), item, dataset)
         key = (samples.task_id[rows].tobytes(), samples.episode[rows].tobytes())
         groups.setdefault(key, []).append((item, samples.select(np.flatnonzero(rows), layers.index(item.layer))))
     skipped = sum(len(skips) for skips in nonfinite.values())
-    if skipped and items[0].strict:
+    if skipped and dataset.source.strict:
         raise ProbeError(f"{skipped} sample(s) have non-finite features (see the warnings above); --strict stops here")
     return list(groups.values()), nonfinite
 
 
 def run_sweep(
-    items: list[DataConfig],
+    items: list[Item],
     dataset: Dataset,
     samples: Samples,
     layers: list,
@@ -2760,7 +2761,7 @@ def run_sweep(
 ) -> list[tuple[dict, Path, Path]]:
     """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`);
     items that share their samples are trained together in one program."""
-    groups, nonfinite = sweep_groups(items, dataset.report, samples, layers)
+    groups, nonfinite = sweep_groups(items, dataset, samples, layers)
     # Every design before any training: a combination left without enough samples stops the run before a file is
     # written.
     designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
@@ -2771,28 +2772,28 @@ def run_sweep(
             features = [selected.features[0] for _, selected in members]  # views where possible: no stacked copy
             fitted = fit_items(features, design, training)
             conditional = None
-            if items[0].baseline:
+            if dataset.source.baseline:
                 conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training)
             for position, (item, selected) in enumerate(members):
                 item_fit = {key: value[position] for key, value in fitted.items()}
                 context = ItemContext(nonfinite[item])
                 if conditional:
-                    baseline = {"spec": baseline_spec_text(item.baseline), **conditional[position]}
+                    baseline = {"spec": baseline_spec_text(dataset.source.baseline), **conditional[position]}
                     lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
                     context = ItemContext(nonfinite[item], baseline, lacking)
                 results = evaluate(selected, item_fit, design, dataset, item, labels, training, context)
-                written.append(write_item(results, item, selected, dataset.report, labels, destination))
+                written.append(write_item(results, item, selected, dataset, labels, destination))
                 progress.update()
     return written
 
 
 def write_item(
-    results: dict, item: DataConfig, samples: Samples, report: ReadReport, labels: LabelConfig, destination: Destination
+    results: dict, item: Item, samples: Samples, dataset: Dataset, labels: LabelConfig, destination: Destination
 ) -> tuple[dict, Path, Path]:
     """Write one item's results, with the run's wall time so far and its command, and with --plot its figures."""
     results["wall_time_seconds"] = time.perf_counter() - destination.started
     results["command"] = destination.command
-    stem = result_stem(item, report.inference_times, labels.target)
+    stem = result_stem(dataset.source, item, dataset.report.inference_times, labels.target)
     paths = write_results(results, destination.output_dir, stem)
     if destination.plot and labels.target == "t5":
         write_run_plots(results, samples.features[0], destination.output_dir, stem)
@@ -2803,7 +2804,7 @@ NONFINITE_WARNINGS_SHOWN = 20  # per combination; the rest are counted
 
 
 def finite_rows(
-    samples: Samples, rows: np.ndarray, layer_position: int, item: DataConfig, report: ReadReport
+    samples: Samples, rows: np.ndarray, layer_position: int, item: Item, dataset: Dataset
 ) -> tuple[np.ndarray, list[tuple]]:
     """The rows whose pooled feature is finite, and (task, episode, step, denoising time) of each skipped one.
 
@@ -2825,20 +2826,21 @@ def finite_rows(
                 "%s: episode_%d, step_%d%s, %s: non-finite values in the pooled feature (or its --baseline); sample "
                 "skipped "
                 "(--strict makes this fatal)",
-                report.files[task],
+                dataset.report.files[task],
                 episode,
                 samples.step[row],
                 denoising,
-                "camera " + item.camera if item.layer is None else f"layer {item.layer}",
+                "camera " + dataset.source.camera if item.layer is None else f"layer {item.layer}",
             )
     if len(skipped) > NONFINITE_WARNINGS_SHOWN:
         log.warning(
             "... and %d more non-finite sample(s) for %s",
             len(skipped) - NONFINITE_WARNINGS_SHOWN,
-            result_stem(item, report.inference_times),
+            result_stem(dataset.source, item, dataset.report.inference_times),
         )
     if rows.any() and not (rows & finite).any():
-        raise ProbeError(f"{result_stem(item, report.inference_times)}: every sample has non-finite features")
+        stem = result_stem(dataset.source, item, dataset.report.inference_times)
+        raise ProbeError(f"{stem}: every sample has non-finite features")
     return rows & finite, skipped
 
 
@@ -3622,7 +3624,7 @@ def shard_value(text: str) -> tuple[int, int]:
 
 
 def add_what_options(parser: argparse.ArgumentParser) -> None:
-    """Options that choose the samples and how each becomes a feature vector (DataConfig)."""
+    """Options that choose the samples and how each becomes a feature vector (Source)."""
     what = parser.add_argument_group("what to probe (required unless --demo or --report)")
     what.add_argument(
         "--rollout_step",
@@ -3681,12 +3683,12 @@ def add_what_options(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--pooling",
         choices=("mean", "max", "last"),
-        default=default(DataConfig, "pooling"),
+        default=default(Source, "pooling"),
         help="over the token positions (default: %(default)s)",
     )
     what.add_argument(
         "--camera",
-        default=default(DataConfig, "camera"),
+        default=default(Source, "camera"),
         help="--expert visual: which vision_latents camera (default: %(default)s)",
     )
     what.add_argument(
@@ -4007,21 +4009,19 @@ def config_from(config: type, args: argparse.Namespace, **derived):
     return config(**{**named, **derived})
 
 
-def configs_from_arguments(args: argparse.Namespace) -> tuple[DataConfig, LabelConfig, TrainingConfig]:
-    """Turn parsed options into the three configurations (the data one for the first combination)."""
-    data = config_from(
-        DataConfig,
+def configs_from_arguments(args: argparse.Namespace) -> tuple[Source, LabelConfig, TrainingConfig]:
+    """Turn parsed options into the three configurations; the items (layer, step, denoising step) come from the data
+    (sweep_items)."""
+    source = config_from(
+        Source,
         args,
         task_range=tuple(args.task_range),
         episode_range=tuple(args.episode_range),
-        rollout_step=0,  # a placeholder: every combination names its own (see sweep_items)
-        layer=args.layer[0] if isinstance(args.layer, list) else 0,
         feature_type=args.feature_type or ("pre_logits" if args.expert == "visual" else "hidden_states"),
-        inference_step=None,
         token_range=tuple(args.token_range) if args.token_range else None,
         index_dir=str(Path(args.cache_dir) / "file_index"),
     )
-    return data, config_from(LabelConfig, args), config_from(TrainingConfig, args)
+    return source, config_from(LabelConfig, args), config_from(TrainingConfig, args)
 
 
 # -----------------------------------------------------------------------------
@@ -4065,7 +4065,7 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
 
 def resolve_sweep(
     args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig
-) -> list[DataConfig]:
+) -> list[Item]:
     """The combinations this run writes (--shard and --skip_existing applied): "all" layers or steps and "each"
     denoising step come from the walked files, and so do the denoising times in file names; with several steps,
     every one is checked before the first is trained."""
@@ -4073,7 +4073,7 @@ def resolve_sweep(
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
         check_steps(steps, dataset, labels, training)
-    stems = {item: result_stem(item, dataset.report.inference_times, labels.target) for item in items}
+    stems = {item: result_stem(dataset.source, item, dataset.report.inference_times, labels.target) for item in items}
     if args.shard:
         index, count = args.shard
         items = items[index::count]

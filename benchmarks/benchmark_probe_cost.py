@@ -12,11 +12,14 @@ Cases, each run in its own process (its peak resident memory is that process's, 
 - scale: the same at LIBERO-90 size (90 tasks x 50 episodes), 512-dim labels.
 - steps: whole commands on task files (the action expert, width 1024, 18 layers, 8 rollout steps): peak memory of
   `--rollout_step all` against one step.
+- walk: the same files without a file index (an unwritable --cache_dir, as on a read-only cache or a first run):
+  `--layer 5 --rollout_step all`, with the files in the page cache and evicted from it (cold). It shows how often
+  a run parses each file.
 
 Each 10 x 50 sweep runs twice in its process: the first pays for T5, XLA compilation and caches; the second is what
 a warm run costs. The scale case runs once. Run on an idle machine (timings are wall clock).
 
-    python benchmarks/benchmark_probe_cost.py [--cases sweep full scale steps] [--repo DIR] [--dir DIR]
+    python benchmarks/benchmark_probe_cost.py [--cases sweep full scale steps walk] [--repo DIR] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -182,44 +185,50 @@ def sweep_case(
     }
 
 
-def steps_case(arguments, work: Path, lpi) -> list[dict]:
-    """Peak memory of a whole command over 1 and over 8 rollout steps (files written once)."""
+def steps_data(work: Path, lpi) -> Path:
+    """Task files of the action expert at width 1024, 18 layers, 8 rollout steps (10 tasks x 3 episodes, 9 GB)."""
     data = work / "steps_data"
     if not data.exists():
         lpi.write_demo_dataset(
             data, num_tasks=10, num_episodes=3, steps=tuple(range(10, 90, 10)), vlm_width=16, action_width=1024
         )
-    t5 = tiny_t5(lpi, work, 512, 10)
+    return data
+
+
+def files_command(arguments, work: Path, lpi, cache: Path, output: Path, options: list[str]) -> list[str]:
+    """A whole command of the measured checkout on the steps case's files."""
+    shutil.rmtree(output, ignore_errors=True)
+    return [
+        sys.executable,
+        str(Path(arguments.repo) / "linear_probing_inference.py"),
+        "--data_path",
+        str(steps_data(work, lpi)),
+        "--t5_model",
+        str(tiny_t5(lpi, work, 512, 10)),
+        "--cache_dir",
+        str(cache),
+        "--output_dir",
+        str(output),
+        "--expert",
+        "action",
+        "--task_range",
+        "0",
+        "10",
+        "--episode_range",
+        "0",
+        "3",
+        "--quiet",
+        *options,
+    ]
+
+
+def steps_case(arguments, work: Path, lpi) -> list[dict]:
+    """Peak memory of a whole command over 1 and over 8 rollout steps (files written once)."""
     rows = []
     for steps in ("10", "all"):
         output = work / f"steps_out_{steps}"
-        shutil.rmtree(output, ignore_errors=True)
-        command = [
-            sys.executable,
-            str(Path(arguments.repo) / "linear_probing_inference.py"),
-            "--data_path",
-            str(data),
-            "--t5_model",
-            str(t5),
-            "--cache_dir",
-            str(work / "steps_cache"),
-            "--output_dir",
-            str(output),
-            "--expert",
-            "action",
-            "--layer",
-            "all",
-            "--rollout_step",
-            steps,
-            "--task_range",
-            "0",
-            "10",
-            "--episode_range",
-            "0",
-            "3",
-            "--quiet",
-        ]
-        wall, peak, _ = measured(command)
+        options = ["--layer", "all", "--rollout_step", steps]
+        wall, peak, _ = measured(files_command(arguments, work, lpi, work / "steps_cache", output, options))
         rows.append(
             {
                 "case": f"files, --expert action --layer all --rollout_step {steps}",
@@ -231,10 +240,49 @@ def steps_case(arguments, work: Path, lpi) -> list[dict]:
     return rows
 
 
+def page_cache(paths: list[Path], keep: bool) -> None:
+    """Read the files into the page cache (keep) or drop them from it (works without privileges)."""
+    for path in paths:
+        if keep:
+            subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+            continue
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
+def walk_case(arguments, work: Path, lpi) -> list[dict]:
+    """One layer over 8 rollout steps without a file index, warm and cold."""
+    unwritable = work / "cache_is_a_file"
+    unwritable.write_text("")
+    files = sorted(steps_data(work, lpi).glob("task_*.pkl"))
+    rows = []
+    for cache in ("warm", "cold"):
+        page_cache(files, keep=cache == "warm")
+        output = work / f"walk_out_{cache}"
+        options = ["--layer", "5", "--rollout_step", "all"]
+        wall, peak, _ = measured(files_command(arguments, work, lpi, unwritable, output, options))
+        rows.append(
+            {
+                "case": f"files, no index, --layer 5 --rollout_step all, {cache}",
+                "process_s": wall,
+                "peak_mb": peak,
+                "results": len(list(output.glob("results_*.pkl"))),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--cases", nargs="+", default=["sweep", "scale", "steps"], choices=["sweep", "full", "scale", "steps"]
+        "--cases",
+        nargs="+",
+        default=["sweep", "scale", "steps", "walk"],
+        choices=["sweep", "full", "scale", "steps", "walk"],
     )
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose program is measured (default: this one)")
     parser.add_argument(
@@ -263,8 +311,8 @@ def main() -> None:
         if "scale" in arguments.cases:
             rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, [], runs=1))  # minutes: once
             print(json.dumps(rows[-1]), flush=True)
-        if "steps" in arguments.cases:
-            for row in steps_case(arguments, work, lpi):
+        for name, case in (("steps", steps_case), ("walk", walk_case)):
+            for row in case(arguments, work, lpi) if name in arguments.cases else []:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:

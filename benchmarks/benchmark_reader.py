@@ -88,8 +88,7 @@ def peak_rss():  # VmHWM belongs to this process image; ru_maxrss would inherit 
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 
 mode, path, expert, out, index_dir = sys.argv[1:6]
-config = lpi.DataConfig(data_path="", task_range=(0, 1), episode_range=(0, EPISODES), rollout_step=STEP, expert=expert,
-                        layer=LAYER, index_dir=index_dir)
+config = lpi.Source(data_path="", task_range=(0, 1), episode_range=(0, EPISODES), expert=expert, index_dir=index_dir)
 if mode == "pickle":  # the obvious alternative: load everything, then the same extraction
     lpi.read_task_file = lambda path, trust, index_dir: pickle.load(open(path, "rb"))
 read_before, rss_before = storage_bytes_read(), peak_rss()

@@ -2,8 +2,9 @@
 """Byte-identity check between two checkouts of the program: the same demo commands, the same files.
 
 Runs each command below with the program of --before and of --after (one shared demo dataset, separate output
-and cache directories) and compares every results pickle (without its wall time and command line) and every
-summary (without its wall-time line) byte for byte. Prints one line per command; exit 1 on any difference.
+and cache directories) and compares every results pickle (without its wall time and command line, dict keys in
+one order) and every summary (without its wall-time line) byte for byte. Prints one line per command; exit 1 on any
+difference.
 
     python benchmarks/compare_results.py --before ../old-checkout [--after .] [--dir DIR]
 """
@@ -31,12 +32,21 @@ COMMANDS = {  # name: options after --demo
 }
 
 
+def key_order_free(value):
+    """The value with every dict's keys in one fixed order: the order of a dict's keys carries no meaning."""
+    if isinstance(value, dict):
+        return {key: key_order_free(value[key]) for key in sorted(value, key=repr)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(key_order_free(item) for item in value)
+    return value
+
+
 def comparable_results(path: Path) -> bytes:
     with open(path, "rb") as file:
         results = pickle.load(file)
     for key in ("wall_time_seconds", "command"):
         results.pop(key, None)
-    return pickle.dumps(results, protocol=4)
+    return pickle.dumps(key_order_free(results), protocol=4)
 
 
 def comparable_summary(path: Path) -> bytes:

@@ -17,15 +17,15 @@ def token_index_array(layers: int, tokens: int, width: int, batch_axis: bool = T
     return values.astype(np.float32)
 
 
-def layer_feature(entry: dict, cfg: lpi.DataConfig) -> np.ndarray:
+def layer_feature(entry: dict, chosen: tuple[lpi.Source, int]) -> np.ndarray:
     """What the reader does per entry: cut the view, then pool it."""
-    return lpi.pool_tokens(lpi.token_view(entry, cfg, cfg.layer), cfg.pooling)
+    source, layer = chosen
+    return lpi.pool_tokens(lpi.token_view(entry, source, layer), source.pooling)
 
 
-def config(expert: str, layer: int = 2, **kwargs) -> lpi.DataConfig:
-    return lpi.DataConfig(
-        data_path="", task_range=(0, 1), episode_range=(0, 1), rollout_step=10, expert=expert, layer=layer, **kwargs
-    )
+def config(expert: str, layer: int = 2, **kwargs) -> tuple[lpi.Source, int]:
+    """A source reading `expert`, and the layer asked."""
+    return lpi.Source(data_path="", task_range=(0, 1), episode_range=(0, 1), expert=expert, **kwargs), layer
 
 
 @pytest.mark.parametrize("batch_axis", [True, False])
@@ -87,8 +87,8 @@ def test_action_keys_are_found_in_both_namings_and_ordered_by_time(style):
     step.update({"vlm_layer_output": {}, "action": [0.0] * 7, "action_expert_note": "not a dict", "timestep": 10})
     keys = lpi.action_expert_keys(step)
     assert [lpi.denoising_time(k) for k in keys] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
-    assert [t for t, _ in lpi.expert_entries(step, config("action", 0))] == sorted(times, reverse=True)
-    assert math.isnan(lpi.expert_entries({"vlm_layer_output": {}}, config("vlm"))[0][0])
+    assert [t for t, _ in lpi.expert_entries(step, config("action", 0)[0])] == sorted(times, reverse=True)
+    assert math.isnan(lpi.expert_entries({"vlm_layer_output": {}}, config("vlm")[0])[0][0])
 
 
 def write_task(path, episodes: dict) -> None:
@@ -110,9 +110,7 @@ def test_rollout_step_is_chosen_by_key_and_missing_steps_are_skipped(tmp_path):
             "episode_1": {"rollout_steps": {"step_10": vlm_step(11.0)}},
         },
     )
-    cfg = lpi.DataConfig(
-        data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 3), rollout_step=30, expert="vlm", layer=1
-    )
+    cfg = lpi.Source(data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 3), expert="vlm")
     dataset = lpi.read_dataset(cfg, [30], 1)
     samples, report = lpi.step_samples(dataset, [1], 30), dataset.report
     np.testing.assert_array_equal(samples.features, [[[30.0] * 3]])

@@ -222,9 +222,7 @@ def test_wrong_structure_skips_the_file_by_default_and_stops_under_strict(tmp_pa
     (tmp_path / "task_0_good.pkl").write_bytes(pickle.dumps(good, protocol=4))
     bad = tmp_path / "task_1_bad.pkl"
     bad.write_bytes(pickle.dumps(structure_cases()[case], protocol=4))
-    config = lpi.DataConfig(
-        data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 2), rollout_step=10, expert="vlm", layer=1
-    )
+    config = lpi.Source(data_path=str(tmp_path), task_range=(0, 2), episode_range=(0, 2), expert="vlm")
     dataset = lpi.read_dataset(config, [10], 1)
     assert set(lpi.step_samples(dataset, [1], 10).task_id) == {0}
     report = dataset.report
@@ -286,9 +284,7 @@ path, mode = lpi.Path(sys.argv[1]), sys.argv[2]
 before = peak_rss()
 if mode == "full":
     lpi.read_task_file = lambda path, trust, index_dir: pickle.load(open(path, "rb"))
-config = lpi.DataConfig(
-    data_path=str(path.parent), task_range=(0, 1), episode_range=(0, 3), rollout_step=10, expert="text_only", layer=5
-)
+config = lpi.Source(data_path=str(path.parent), task_range=(0, 1), episode_range=(0, 3), expert="text_only")
 samples = lpi.step_samples(lpi.read_dataset(config, [10], 5), [5], 10)
 assert samples.features.shape == (1, 3, 2048)
 print(peak_rss() - before)
