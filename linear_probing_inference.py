@@ -2031,15 +2031,7 @@ def evaluate_item(
     metrics = heldout_metrics(design, values, repeats, null, constant, fitted["failed"])
     metrics["training_accuracy"] = training_accuracy(features, fitted, design)
     metrics["num_episodes"] = len(set(zip(samples.task_id.tolist(), samples.episode.tolist())))
-    for role, count in metrics["failed_copies"].items():
-        if count:
-            log.warning(
-                "%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as wrong%s",
-                result_stem(dataset.source, item, dataset.report.inference_times),
-                count,
-                role,
-                "; no permutation p-value" if role == "null" else "",
-            )
+    warn_about_failures(metrics["failed_copies"], result_stem(dataset.source, item, dataset.report.inference_times))
     metrics["per_task_accuracy"] = {
         int(t): {
             "accuracy": float(values["accuracy"][samples.task_id == t].mean()),
@@ -2069,6 +2061,19 @@ def evaluate_item(
         temperatures,
         context,
     )
+
+
+def warn_about_failures(failed_copies: dict[str, int], stem: str) -> None:
+    """One warning per kind of copy (probe, null, mdl) that has probes which never improved on validation."""
+    for role, count in failed_copies.items():
+        if count:
+            log.warning(
+                "%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as wrong%s",
+                stem,
+                count,
+                role,
+                "; no permutation p-value" if role == "null" else "",
+            )
 
 
 RESULTS_FORMAT = 3  # results files of earlier formats lack what the report reads
@@ -2577,6 +2582,15 @@ def evidence_lines(results: dict) -> list[str]:
     ]
     if results["config"]["data"]["expert"] == "text_only":
         lines.append("Positive control: text tokens are the prompt itself, so high accuracy is expected at every layer")
+    lines += failure_lines(metrics)
+    lines.append("Per-task Accuracy:")
+    lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()]
+    return lines
+
+
+def failure_lines(metrics: dict) -> list[str]:
+    """Probes that never improved on validation, named: their samples count as wrong."""
+    lines = []
     if metrics["failed_probes"]:
         folds = ", ".join(f"repeat {r} fold {f}" for r, f in metrics["failed_probes"])
         lines.append(
@@ -2585,8 +2599,6 @@ def evidence_lines(results: dict) -> list[str]:
     for role in ("null", "mdl"):
         if metrics["failed_copies"][role]:
             lines.append(f"FAILED {role.upper()} PROBES: {metrics['failed_copies'][role]} never improved on validation")
-    lines.append("Per-task Accuracy:")
-    lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()]
     return lines
 
 
