@@ -558,15 +558,15 @@ def missing_step(step: int, steps_seen: set[int]) -> ProbeError:
 def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
     """One rollout step's samples from the walked files: one pooled feature vector per sample and asked layer (this
     reads the step's slices, and only them)."""
-    source = dataset.source
-    views = [
-        view
-        for file in dataset.files
-        for episode, steps in file.episodes.items()
-        if step in steps
-        for view in sample_views(steps[step], source, (file.task_id, episode, step), layers)
-    ]
-    rows = pooled_rows(views, source.pooling)
+    source, rows = dataset.source, []
+    for file in dataset.files:  # file by file: the pages touched at once are one file's slices (see pooled_rows)
+        views = [
+            view
+            for episode, steps in file.episodes.items()
+            if step in steps
+            for view in sample_views(steps[step], source, (file.task_id, episode, step), layers)
+        ]
+        rows += pooled_rows(views, source.pooling)
     if not rows:
         if step in dataset.report.steps_seen:
             raise ProbeError(f"no samples: every episode with step_{step} lacks the --baseline entry")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Probe cost and memory at the widths users run: t5-small-wide labels (512) on full-width Pi0 features (2048).
 
-Cases, each run in its own process (its peak resident memory is that process's, from wait4):
+Cases, each run in its own process (its peak resident memory is that process's VmHWM, read as it exits):
 
 - sweep: an 18-layer sweep of pooled VLM-width features (10 tasks x 50 episodes, width 2048), labelled by a
   random-weight T5 of t5-small's width (512) and, side by side, of the demo's width (32); the program's own
@@ -144,15 +144,30 @@ def child(arguments: argparse.Namespace) -> None:
     print(json.dumps(figures))
 
 
+# Runs a Python script (argv[2:]) and, as it exits, writes its peak resident memory (VmHWM) to argv[1]. VmHWM belongs
+# to the process image; wait4's ru_maxrss would also count this benchmark's own peak, which a child inherits.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+peak_file = sys.argv.pop(1)
+def write_peak():
+    status = open("/proc/self/status").read().splitlines()
+    open(peak_file, "w").write(next(line for line in status if line.startswith("VmHWM")).split()[1])
+atexit.register(write_peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def measured(command: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak resident MB and stdout of one process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, env={**os.environ, "PYTHONHASHSEED": "0"})
-    output = process.stdout.read().decode()
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise SystemExit(f"failed ({status}): {' '.join(command)}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, output
+    """Wall seconds, peak resident MB and stdout of one Python process (command: [sys.executable, script, ...])."""
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak:
+        start = time.perf_counter()
+        wrapped = [command[0], "-c", PEAK_WRAPPER, peak.name, *command[1:]]
+        result = subprocess.run(wrapped, stdout=subprocess.PIPE, env={**os.environ, "PYTHONHASHSEED": "0"})
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}")
+        return seconds, int(Path(peak.name).read_text()) / 1024, result.stdout.decode()
 
 
 def tiny_t5(lpi, work: Path, width: int, tasks: int) -> Path:
