@@ -91,7 +91,7 @@ class Source:
     trust_pickle: bool = False  # allow any global in the task files (unsafe)
     strict: bool = False  # an unreadable task file stops the run instead of being skipped
     index_dir: str | None = None  # where each task file's structure is cached (None: no cache)
-    baseline: tuple[str, int | str | None] | None = None  # --baseline: (expert, layer or camera) read in the same pass
+    baseline: tuple[str, int | str | None] | None = None  # --baseline: (expert, layer or camera) read in the same walk
 
 
 class Item(NamedTuple):
@@ -257,17 +257,15 @@ def feature_array(entry: dict, source: Source) -> np.ndarray:
     return array
 
 
-def layer_count(entry: dict, source: Source) -> int:
-    """How many layers the entry's feature has (1 for SigLIP's per-camera arrays, which have no layer axis)."""
-    array = feature_array(entry, source)
-    return 1 if source.expert == "visual" else array.shape[0]
-
-
 def token_view(entry: dict, source: Source, layer: int) -> np.ndarray:
-    """One layer of one expert entry, cut to the token positions: (tokens, width), or (width,) for
+    """One layer of one expert entry, cut to the token positions (see layer_tokens)."""
+    return layer_tokens(feature_array(entry, source), source, layer)
+
+
+def layer_tokens(array: np.ndarray, source: Source, layer: int) -> np.ndarray:
+    """One layer of an entry's feature array, cut to the token positions: (tokens, width), or (width,) for
     per-layer vectors. Indexing only: on a mapped array nothing is read yet.
     """
-    array = feature_array(entry, source)
     if source.expert == "visual":  # vision_latents[camera][feature]: ([batch,] patch, width), no layers
         layer_array = array
     else:
@@ -349,7 +347,6 @@ class SampleRow(NamedTuple):
 
     task_id: int
     episode: int
-    step: int
     inference_time: float
     inference_index: int
     layers: list  # the token view of each requested layer (pooled: (layers, width) float32)
@@ -363,6 +360,7 @@ class ReadReport:
     files: dict[int, str] = dataclasses.field(default_factory=dict)
     missing_tasks: list[int] = dataclasses.field(default_factory=list)
     skipped_files: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why
+    skipped_steps: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)  # step -> path -> why
     missing_episodes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (task, episode) not in the file
     episodes_without_step: dict[int, list[tuple[int, int]]] = dataclasses.field(
         default_factory=dict
@@ -410,14 +408,24 @@ def pooled_rows(rows: list[SampleRow], pooling: str) -> list[SampleRow]:
     return pooled
 
 
+class StepArrays(NamedTuple):
+    """One episode's asked rollout step as read: each sample's feature array (whole; one per denoising entry for the
+    action expert, in denoising order) and its --baseline token view. Views of the file: nothing is read yet."""
+
+    times: list[float]  # each entry's denoising time (NaN but for the action expert)
+    arrays: list[np.ndarray]  # each entry's --feature_type array: ([layer,] [batch,] token, width)
+    baselines: list | None  # each sample's --baseline token view ([None, ...] without one); None: the step lacks it
+
+
 class TaskFile(NamedTuple):
-    """A readable task file, walked once: its description and the asked rollout steps of each episode in the range
-    (arrays mapped, not read: a step's bytes are read when that step is trained)."""
+    """A readable task file, walked once: its description, its episodes in the range, and each asked rollout step's
+    arrays. A file that cannot be mapped (protocols 0-2) holds none: it is read again when a step is trained."""
 
     task_id: int
     path: Path
     description: str
-    episodes: dict[int, dict[int, dict]]  # episode -> step N -> the step's dict, for the steps asked that it has
+    episodes: list[int]  # the episodes of the range that the file has
+    steps: dict[int, dict[int, StepArrays | None]]  # step N -> episode -> its arrays (None in a file not mapped)
 
 
 class Dataset(NamedTuple):
@@ -433,9 +441,10 @@ class Dataset(NamedTuple):
         return {file.task_id: file.description for file in self.files}
 
 
-def read_dataset(source: Source, steps: list[int] | None, layer: int | None) -> Dataset:
-    """Walk every task file of the range once (steps: those asked, None: every step; layer: the highest asked, checked
-    to exist). Unreadable files are skipped unless --strict; the walk's warnings are given here, once."""
+def read_dataset(source: Source, steps: str | list[int | range], layer: int | None) -> Dataset:
+    """Walk every task file of the range once (steps: --rollout_step, "all" or steps and ranges; layer: the highest
+    asked, checked to exist, None for "all"). Unreadable files are skipped unless --strict; the walk's warnings are
+    given here, once."""
     paths, missing_tasks = find_task_files(Path(source.data_path), source.task_range)
     for task_id in missing_tasks:
         log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, source.data_path)
@@ -459,65 +468,107 @@ def read_dataset(source: Source, steps: list[int] | None, layer: int | None) -> 
         add_to_report(report, found)
     if not files:
         raise ProbeError(f"no samples: all {len(paths)} task file(s) were skipped as unreadable")
-    episodes = [(file.task_id, episode) for file in files for episode in file.episodes]
-    for step in sorted(report.steps_seen) if steps is None else steps:
+    for step in sorted(report.steps_seen) if steps == "all" else steps_asked(steps, report.steps_seen):
+        skipped = report.skipped_steps.get(step, {})
+        walked = [(file.task_id, e) for file in files if str(file.path) not in skipped for e in file.episodes]
         having = set(report.step_episodes.get(step, []))
-        if len(having) < len(episodes):
-            report.episodes_without_step[step] = [pair for pair in episodes if pair not in having]
+        if len(having) < len(walked):
+            report.episodes_without_step[step] = [pair for pair in walked if pair not in having]
     warn_about_gaps(report, source)
     return Dataset(source, files, report)
 
 
 def walk_task_file(
-    path: Path, task_id: int, source: Source, steps: list[int] | None, layer: int | None, found: ReadReport
+    path: Path, task_id: int, source: Source, steps: str | list[int | range], layer: int | None, found: ReadReport
 ) -> TaskFile:
-    """One task file's description, episodes and rollout steps; each asked step checked and recorded (check_step)."""
+    """One task file: its description, its episodes in the range, and each asked rollout step's arrays, checked (see
+    step_arrays). A malformed step skips the file for that step only, as a run of that step alone would."""
     task_data = read_task_file(path, source.trust_pickle, source.index_dir)
+    held_in_memory = not mappable(path)
+    if held_in_memory:
+        log.warning("%s: a pickle protocol below 3 stores bytes as text and cannot be mapped; reading it whole", path)
     description = task_data.get("task_description")
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
+    episodes = episode_steps(task_data, path, task_id, source, found)
+    present = {step for steps_of_episode in episodes.values() for step in steps_of_episode}
+    found.steps_seen |= present
+    held = {}
+    for step in sorted(step for step in present if step_is_asked(step, steps)):
+        try:
+            held[step] = file_step(path, episodes, step, source, layer)
+        except BadFileError as error:
+            if source.strict:
+                raise
+            log.warning("skipping step_%d of %s (--strict makes this fatal)", step, error)
+            found.skipped_steps[step] = {str(path): str(error)}
+            continue
+        record_step(found, task_id, step, held[step], source)
+        if held_in_memory:  # not kept: memory stays one file's, and the file is read again for each step
+            held[step] = dict.fromkeys(held[step])
+    return TaskFile(task_id, path, description, list(episodes), held)
+
+
+def episode_steps(task_data: dict, path: Path, task_id: int, source: Source, found: ReadReport) -> dict[int, dict]:
+    """episode -> {step N: (key, the step's dict)} for the episodes of the range the file has (the others are noted)."""
     episodes = {}
     for episode in range(*source.episode_range):
         episode_data = task_data["episodes"].get(f"episode_{episode}")
         if episode_data is None:
             found.missing_episodes.append((task_id, episode))
             continue
-        episode_steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
-        if not isinstance(episode_steps, dict):
+        steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
+        if not isinstance(steps, dict):
             raise BadFileError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
-        present = {n: key for key, n in ((key, step_number(key)) for key in episode_steps) if n is not None}
-        found.steps_seen |= set(present)
-        episodes[episode] = {}
-        for step in sorted(present) if steps is None else [step for step in steps if step in present]:
-            found.step_episodes.setdefault(step, []).append((task_id, episode))
-            step_data = episode_steps[present[step]]
-            where = f"{path}: episode_{episode}/{present[step]}"
-            check_step(where, (task_id, episode, step), step_data, source, layer, found)
-            episodes[episode][step] = step_data
-    return TaskFile(task_id, path, description, episodes)
+        numbered = ((step_number(key), key) for key in steps)
+        episodes[episode] = {number: (key, steps[key]) for number, key in numbered if number is not None}
+    return episodes
 
 
-def check_step(
-    where: str, ids: tuple[int, int, int], step_data, source: Source, layer: int | None, found: ReadReport
-) -> None:
-    """Record a rollout step's structure (layers, denoising entries, whether it has the --baseline's entry) in
-    `found`, and check that the asked slices can be cut from each of its entries (indexing only: nothing is read).
-    A malformed step makes the file unreadable."""
+def step_is_asked(step: int, steps: str | list[int | range]) -> bool:
+    """Whether --rollout_step asks for step N: "all", N itself, or a range that holds it."""
+    return steps == "all" or any(step == asked if isinstance(asked, int) else step in asked for asked in steps)
+
+
+def file_step(
+    path: Path, episodes: dict[int, dict], step: int, source: Source, layer: int | None
+) -> dict[int, StepArrays]:
+    """The arrays of one rollout step in each episode that has it; BadFileError when any is malformed."""
+    arrays = {}
+    for episode, steps in episodes.items():
+        if step in steps:
+            key, step_data = steps[step]
+            arrays[episode] = step_arrays(f"{path}: episode_{episode}/{key}", step_data, source, layer)
+    return arrays
+
+
+def step_arrays(where: str, step_data, source: Source, layer: int | None) -> StepArrays:
+    """A rollout step's entries for the expert, checked: each has the feature, and the asked slices can be cut from
+    it (indexing only: nothing is read); with --baseline, the baseline's views (None when the step lacks its entry)."""
     if not isinstance(step_data, dict):
         raise BadFileError(f"{where} is a {type(step_data).__name__}, not a dict")
     try:
         entries = expert_entries(step_data, source)
-        found.layer_count = found.layer_count or layer_count(entries[0][1], source)
-        found.inference_count = min(found.inference_count or len(entries), len(entries))  # the fewest seen
-        found.inference_times = found.inference_times or [time for time, _ in entries]
-        for _, entry in entries:
-            token_view(entry, source, 0 if layer is None else layer)
-        if baseline_views(step_data, source, len(entries)) is None:
-            found.without_baseline.append(ids)
+        arrays = [feature_array(entry, source) for _, entry in entries]
+        for array in arrays:
+            layer_tokens(array, source, 0 if layer is None else layer)
+        baselines = baseline_views(step_data, source, len(entries))
     except OptionError:
         raise
     except ProbeError as error:
         raise BadFileError(f"{where}: {error}") from None
+    return StepArrays([time for time, _ in entries], arrays, baselines)
+
+
+def record_step(found: ReadReport, task_id: int, step: int, arrays: dict[int, StepArrays], source: Source) -> None:
+    """Note one file's step in its report: its episodes, those lacking the --baseline's entry, the layers and
+    denoising entries (the fewest seen)."""
+    found.step_episodes[step] = [(task_id, episode) for episode in arrays]
+    found.without_baseline += [(task_id, e, step) for e, one in arrays.items() if one.baselines is None]
+    for one in arrays.values():
+        found.layer_count = found.layer_count or (1 if source.expert == "visual" else one.arrays[0].shape[0])
+        found.inference_count = min(found.inference_count or len(one.times), len(one.times))
+        found.inference_times = found.inference_times or one.times
 
 
 def add_to_report(report: ReadReport, found: ReadReport) -> None:
@@ -526,6 +577,8 @@ def add_to_report(report: ReadReport, found: ReadReport) -> None:
     report.without_baseline += found.without_baseline
     for step, pairs in found.step_episodes.items():
         report.step_episodes.setdefault(step, []).extend(pairs)
+    for step, skipped in found.skipped_steps.items():
+        report.skipped_steps.setdefault(step, {}).update(skipped)
     report.steps_seen |= found.steps_seen
     report.layer_count = report.layer_count or found.layer_count
     report.inference_times = report.inference_times or found.inference_times
@@ -549,28 +602,31 @@ def warn_about_gaps(report: ReadReport, source: Source) -> None:
         )
 
 
-def missing_step(step: int, steps_seen: set[int]) -> ProbeError:
-    """The error for a requested rollout step that gives no sample, naming the steps that exist."""
-    existing = ", ".join(map(str, sorted(steps_seen))) or "none"
-    return ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+def no_samples(step: int, report: ReadReport) -> ProbeError:
+    """The error for a requested rollout step that gives no sample: the steps that exist, or why it has none."""
+    if step not in report.steps_seen:
+        existing = ", ".join(map(str, sorted(report.steps_seen))) or "none"
+        return ProbeError(f"no samples: no episode in the ranges has step_{step}; rollout steps present: {existing}")
+    return ProbeError(
+        f"no samples at step_{step}: each episode that has it is in a file skipped for it or lacks the --baseline entry"
+    )
 
 
 def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
     """One rollout step's samples from the walked files: one pooled feature vector per sample and asked layer (this
     reads the step's slices, and only them)."""
     source, rows = dataset.source, []
-    for file in dataset.files:  # file by file: the pages touched at once are one file's slices (see pooled_rows)
+    files = tqdm(dataset.files, desc=f"step_{step} files", unit="file", disable=progress_disabled(), leave=False)
+    for file in files:  # file by file: the pages touched at once are one file's slices (see pooled_rows)
+        episodes = file.steps.get(step, {})
+        if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
+            episodes = read_step_again(file, source, step)
         views = [
-            view
-            for episode, steps in file.episodes.items()
-            if step in steps
-            for view in sample_views(steps[step], source, (file.task_id, episode, step), layers)
+            view for e, arrays in episodes.items() for view in sample_views(arrays, file.task_id, e, layers, source)
         ]
         rows += pooled_rows(views, source.pooling)
     if not rows:
-        if step in dataset.report.steps_seen:
-            raise ProbeError(f"no samples: every episode with step_{step} lacks the --baseline entry")
-        raise missing_step(step, dataset.report.steps_seen)
+        raise no_samples(step, dataset.report)
     for name in ("layers", "baseline"):
         widths = {np.shape(getattr(row, name)) for row in rows}
         if len(widths) > 1:
@@ -590,16 +646,21 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
     )
 
 
-def sample_views(step_data: dict, source: Source, ids: tuple[int, int, int], layers: list) -> list[SampleRow]:
-    """The samples of one rollout step of one episode (ids: task, episode, step), as token views not yet pooled; none
-    when the step lacks the --baseline's entry."""
-    entries = expert_entries(step_data, source)
-    baselines = baseline_views(step_data, source, len(entries))
-    if baselines is None:
+def read_step_again(file: TaskFile, source: Source, step: int) -> dict[int, StepArrays]:
+    """One step's arrays of a file that cannot be mapped, from the file read again (let go once the step is pooled)."""
+    task_data = read_task_file(file.path, source.trust_pickle, source.index_dir)
+    episodes = episode_steps(task_data, file.path, file.task_id, source, ReadReport())
+    return file_step(file.path, episodes, step, source, None)
+
+
+def sample_views(arrays: StepArrays, task_id: int, episode: int, layers: list, source: Source) -> list[SampleRow]:
+    """The samples of one rollout step of one episode, as token views not yet pooled; none when the step lacks the
+    --baseline's entry."""
+    if arrays.baselines is None:
         return []
     return [
-        SampleRow(*ids, time, index, [token_view(entry, source, layer) for layer in layers], baselines[index])
-        for index, (time, entry) in enumerate(entries)
+        SampleRow(task_id, episode, time, index, [layer_tokens(array, source, layer) for layer in layers], baseline)
+        for index, (time, array, baseline) in enumerate(zip(arrays.times, arrays.arrays, arrays.baselines))
     ]
 
 
@@ -2180,7 +2241,7 @@ def results_record(
             "missing_episodes": report.missing_episodes,
             "episodes_without_step": report.episodes_without_step.get(item.rollout_step, []),
             "steps_seen": sorted(report.steps_seen),
-            "skipped_files": report.skipped_files,
+            "skipped_files": {**report.skipped_files, **report.skipped_steps.get(item.rollout_step, {})},
             "nonfinite_samples": context.nonfinite,  # (task, episode, step, denoising time) skipped
             **({} if context.baseline is None else {"steps_without_baseline": context.without_baseline}),
         },
@@ -2284,7 +2345,10 @@ def evaluate_concepts(
             "missing_tasks": dataset.report.missing_tasks,
             "missing_episodes": dataset.report.missing_episodes,
             "episodes_without_step": dataset.report.episodes_without_step.get(item.rollout_step, []),
-            "skipped_files": dataset.report.skipped_files,
+            "skipped_files": {
+                **dataset.report.skipped_files,
+                **dataset.report.skipped_steps.get(item.rollout_step, {}),
+            },
             "nonfinite_samples": context.nonfinite,
         },
         "versions": package_versions(),
@@ -4047,9 +4111,8 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
     if args.demo:
         prepare_demo(Path(args.data_path))
     source, labels, training = configs_from_arguments(args)
-    step_ranges = args.rollout_step == "all" or any(isinstance(step, range) for step in args.rollout_step)
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
-    dataset = read_dataset(source, None if step_ranges else args.rollout_step, highest_layer)
+    dataset = read_dataset(source, args.rollout_step, highest_layer)
     items = resolve_sweep(args, dataset, labels, training)
     if not items:
         log.warning("nothing to do: no combination is left for this shard, or all are already written")
@@ -4106,8 +4169,8 @@ def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, trainin
     validation, label space), so that a late step with, e.g., one episode of some task does not stop the sweep after
     the earlier steps were written. Non-finite features are found only when a step is read (see --strict)."""
     for step in steps:
-        if step not in dataset.report.steps_seen:
-            raise missing_step(step, dataset.report.steps_seen)
+        if not dataset.report.step_episodes.get(step):
+            raise no_samples(step, dataset.report)
         pairs = np.array(dataset.report.step_episodes[step], dtype=np.int64).reshape(-1, 2)
         count = len(pairs)
         episodes = Samples(
@@ -4414,13 +4477,7 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
             size = os.fstat(file.fileno()).st_size
             if size == 0:
                 raise BadFileError(f"{path}: empty file")
-            header = file.read(2)
-            if header[:1] != pickle.PROTO or header[1] < 3:
-                log.warning(
-                    "%s: pickle protocol %s stores bytes as text and cannot be mapped; reading the whole file",
-                    path,
-                    header[1] if header[:1] == pickle.PROTO else "0/1",
-                )
+            if not mappable(path):
                 with open(path, "rb") as whole:
                     data = RestrictedUnpickler(whole, trust).load()
             else:
@@ -4458,6 +4515,13 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
     if not isinstance(data, dict) or not isinstance(data.get("episodes"), dict):
         raise BadFileError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
     return data
+
+
+def mappable(path: Path) -> bool:
+    """Whether a pickle's arrays can be mapped: protocols 3-5 (0-2 store bytes as text: such a file is read whole)."""
+    with open(path, "rb") as file:
+        header = file.read(2)
+    return len(header) == 2 and header[:1] == pickle.PROTO and header[1] >= 3
 
 
 def read_index(index_file: Path, mapped: mmap.mmap, trust: bool) -> dict | None:

@@ -2,9 +2,9 @@
 """Byte-identity check between two checkouts of the program: the same demo commands, the same files.
 
 Runs each command below with the program of --before and of --after (one shared demo dataset, separate output
-and cache directories) and compares every results pickle (without its wall time and command line, dict keys in
-one order) and every summary (without its wall-time line) byte for byte. Prints one line per command; exit 1 on any
-difference.
+and cache directories) and compares every results pickle (without its wall time and command line) and every summary
+(without its wall-time line) byte for byte. A results file that differs only in the order of some dict's keys is
+counted as identical and named in the line. Prints one line per command; exit 1 on any difference.
 
     python benchmarks/compare_results.py --before ../old-checkout [--after .] [--dir DIR]
 """
@@ -41,16 +41,27 @@ def key_order_free(value):
     return value
 
 
-def comparable_results(path: Path) -> bytes:
+def comparable_results(path: Path, ordered: bool = True) -> bytes:
     with open(path, "rb") as file:
         results = pickle.load(file)
     for key in ("wall_time_seconds", "command"):
         results.pop(key, None)
-    return pickle.dumps(key_order_free(results), protocol=4)
+    return pickle.dumps(results if ordered else key_order_free(results), protocol=4)
 
 
 def comparable_summary(path: Path) -> bytes:
     return re.sub(rb"(?m)^.*wall time.*$", b"", path.read_bytes())
+
+
+def verdict(before: Path, after: Path) -> str:
+    """ "same", "reordered" (a results file equal once every dict's keys are put in one order) or "differ"."""
+    if not after.is_file():
+        return "differ"
+    if before.suffix != ".pkl":
+        return "same" if comparable_summary(before) == comparable_summary(after) else "differ"
+    if comparable_results(before) == comparable_results(after):
+        return "same"
+    return "reordered" if comparable_results(before, False) == comparable_results(after, False) else "differ"
 
 
 def run(checkout: Path, data: Path, output: Path, cache: Path, options: list[str]) -> None:
@@ -91,17 +102,17 @@ def main() -> int:
                     Path(getattr(arguments, side)).resolve(), data, outputs[side], work / "cache", options
                 )  # one path: it is recorded
             files = sorted(path.name for path in outputs["before"].iterdir())
-            different = [
-                name_
-                for name_ in files
-                if not (outputs["after"] / name_).is_file()
-                or (comparable_results if name_.endswith(".pkl") else comparable_summary)(outputs["before"] / name_)
-                != (comparable_results if name_.endswith(".pkl") else comparable_summary)(outputs["after"] / name_)
-            ]
+            verdicts = {
+                file_name: verdict(outputs["before"] / file_name, outputs["after"] / file_name) for file_name in files
+            }
+            different = [file_name for file_name, one in verdicts.items() if one == "differ"]
+            reordered = [file_name for file_name, one in verdicts.items() if one == "reordered"]
             extra = sorted(set(path.name for path in outputs["after"].iterdir()) - set(files))
             differences += len(different) + len(extra)
-            verdict = "identical" if not different and not extra else f"DIFFER: {different + extra}"
-            print(f"{name:11s} {len(files):3d} files: {verdict}", flush=True)
+            line = "identical" if not different and not extra else f"DIFFER: {different + extra}"
+            if reordered and not different and not extra:
+                line += f" ({len(reordered)} results file(s) identical but for the order of dict keys)"
+            print(f"{name:11s} {len(files):3d} files: {line}", flush=True)
     finally:
         if arguments.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -540,13 +540,23 @@ def test_numpy_1x_global_names_are_read_in_every_protocol(tmp_path, protocol):
     assert_same_content(content, lpi.read_task_file(path, index_dir=str(tmp_path / "index")))
 
 
-@pytest.mark.parametrize("protocol", [0, 1])
-def test_protocols_0_and_1_are_read_whole_with_a_warning(tmp_path, caplog, protocol):
+@pytest.mark.parametrize("protocol", [0, 1, 2])
+def test_protocols_0_to_2_are_read_whole_with_one_warning_and_held_only_while_their_step_is_pooled(
+    tmp_path, caplog, protocol
+):
     path = tmp_path / "task_0_old.pkl"
     path.write_bytes(pickle.dumps(old_pickle_content(), protocol=protocol))
+    assert_same_content(old_pickle_content(), lpi.read_task_file(path))
+    assert not lpi.mappable(path)
+    source = lpi.Source(str(tmp_path), (0, 1), (0, 1), expert="vlm", token_range=(0, 50))
     with caplog.at_level(logging.WARNING, logger="linear_probing"):
-        assert_same_content(old_pickle_content(), lpi.read_task_file(path))
-    assert "cannot be mapped" in caplog.text and str(path) in caplog.text
+        dataset = lpi.read_dataset(source, [10], 1)
+        first, again = (lpi.step_samples(dataset, [0, 1], 10) for _ in range(2))  # the file is read for each
+    assert caplog.text.count("cannot be mapped") == 1 and str(path) in caplog.text
+    assert dataset.files[0].steps == {10: {0: None}}  # no array of the file is kept between steps
+    hidden = old_pickle_content()["episodes"]["episode_0"]["rollout_steps"]["step_10"]["vlm_layer_output"]
+    np.testing.assert_allclose(first.features[:, 0], hidden["hidden_states"][:, 0].mean(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(first.features, again.features)
 
 
 # --- Options with no other test: --demo, -v, --quiet -----------------------------------------------

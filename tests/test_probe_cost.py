@@ -152,7 +152,7 @@ def test_a_missing_step_stops_a_sweep_before_anything_is_written(run_cli, tmp_pa
     assert not output.exists() or not list(output.iterdir())
 
 
-def test_each_pass_over_the_files_does_not_repeat_a_warning(run_cli, demo_data, tmp_path, capsys):
+def test_a_sweep_over_several_steps_gives_each_warning_once(run_cli, demo_data, tmp_path, capsys):
     partial = tmp_path / "partial"
     partial.mkdir()
     for path in demo_data.glob("task_*.pkl"):
@@ -184,3 +184,39 @@ def test_a_late_step_that_cannot_make_folds_stops_a_sweep_before_any_file(run_cl
     error = capsys.readouterr().err
     assert "step_20: task 1 has 1 episode(s)" in error and "checked before anything was trained" in error
     assert not output.exists() or not list(output.iterdir())
+
+
+def results_without_run_details(path) -> dict:
+    results = pickle.loads(path.read_bytes())
+    results.pop("wall_time_seconds"), results.pop("command")
+    return results
+
+
+def test_a_malformed_step_skips_its_file_for_that_step_only_as_a_single_run_would(run_cli, demo_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in demo_data.glob("task_*.pkl"):
+        if not path.name.startswith("task_3_"):
+            (data / path.name).symlink_to(path)
+            continue
+        bad = data / path.name
+        content = pickle.loads(path.read_bytes())
+        content["episodes"]["episode_0"]["rollout_steps"]["step_20"] = ["not", "a", "step"]
+        bad.write_bytes(pickle.dumps(content, protocol=4))
+    options = ("--expert", "vlm", "--layer", "5", "--probe", "ridge", "--no_control")
+    status, sweep = run_cli(*options, "--rollout_step", "10,20", data_path=data, output_dir=tmp_path / "sweep")
+    assert status == 0 and "skipping" in capsys.readouterr().err
+    status, single = run_cli(*options, data_path=data, output_dir=tmp_path / "single")
+    assert status == 0
+    alone = results_without_run_details(single / "results_vlm_layer5_step10.pkl")
+    step10 = results_without_run_details(sweep / "results_vlm_layer5_step10.pkl")
+    step20 = results_without_run_details(sweep / "results_vlm_layer5_step20.pkl")
+    assert pickle.dumps(step10) == pickle.dumps(alone)
+    assert 3 in step10["tasks"]["task_ids"] and not step10["data_report"]["skipped_files"]
+    assert 3 not in step20["tasks"]["task_ids"]
+    assert list(step20["data_report"]["skipped_files"]) == [str(bad)]
+    assert "episode_0/step_20 is a list" in step20["data_report"]["skipped_files"][str(bad)]
+    capsys.readouterr()
+    status, ranged = run_cli(*options, "--rollout_step", "5-15", data_path=data, output_dir=tmp_path / "ranged")
+    assert status == 0 and "step_20" not in capsys.readouterr().err  # a step outside the range is not looked at
+    assert pickle.dumps(results_without_run_details(ranged / "results_vlm_layer5_step10.pkl")) == pickle.dumps(alone)
