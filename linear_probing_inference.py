@@ -625,6 +625,8 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
             view for e, arrays in episodes.items() for view in sample_views(arrays, file.task_id, e, layers, source)
         ]
         rows += pooled_rows(views, source.pooling)
+        if views:
+            let_go_of_file(views[0].layers[0])
     if not rows:
         raise no_samples(step, dataset.report)
     for name in ("layers", "baseline"):
@@ -4111,9 +4113,11 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
     if args.demo:
         prepare_demo(Path(args.data_path))
     source, labels, training = configs_from_arguments(args)
+    named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
+    finished = bool(named) and not left_to_run(args, named, source, [])[0]  # then no file is read
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
-    dataset = read_dataset(source, args.rollout_step, highest_layer)
-    items = resolve_sweep(args, dataset, labels, training)
+    dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
+    items = resolve_sweep(args, dataset, labels, training) if dataset else []
     if not items:
         log.warning("nothing to do: no combination is left for this shard, or all are already written")
         return []
@@ -4148,7 +4152,24 @@ def resolve_sweep(
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
         check_steps(steps, dataset, labels, training)
-    stems = {item: result_stem(dataset.source, item, dataset.report.inference_times, labels.target) for item in items}
+    items, done = left_to_run(args, items, dataset.source, dataset.report.inference_times)
+    if done:
+        log.info("skipping %d combination(s) already written in %s", done, args.output_dir)
+    return items
+
+
+def named_by_options(args: argparse.Namespace) -> bool:
+    """Whether the options name every combination (steps and layers listed, every denoising entry pooled), so that
+    which are left to run is known before any file is read."""
+    listed_steps = args.rollout_step != "all" and all(isinstance(step, int) for step in args.rollout_step)
+    return listed_steps and args.layer != "all" and args.inference_step == "all"
+
+
+def left_to_run(
+    args: argparse.Namespace, items: list[Item], source: Source, inference_times: list[float]
+) -> tuple[list[Item], int]:
+    """The combinations this job runs: its --shard less those --skip_existing finds written; and how many those are."""
+    stems = {item: result_stem(source, item, inference_times, args.target) for item in items}
     if args.shard:
         index, count = args.shard
         items = items[index::count]
@@ -4158,10 +4179,8 @@ def resolve_sweep(
         done = [
             item for item in items if all((output_dir / f"{kind}_{stems[item]}{ext}").is_file() for kind, ext in kinds)
         ]
-        if done:
-            log.info("skipping %d combination(s) already written in %s", len(done), output_dir)
-        items = [item for item in items if item not in done]
-    return items
+        return [item for item in items if item not in done], len(done)
+    return items, 0
 
 
 def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
@@ -4555,13 +4574,27 @@ def write_index(index_file: Path, skeleton: dict) -> None:
         log.warning("could not write the file index %s: %s", index_file, error)
 
 
-def advise(view: np.ndarray, advice: int) -> None:
-    """madvise the pages under a mapped view: MADV_WILLNEED reads them in large requests (cold, page-by-page faults
-    are slow); MADV_DONTNEED lets them go from this process (they stay in the page cache). Other arrays: nothing."""
+def file_map(view: np.ndarray) -> mmap.mmap | None:
+    """The memory map under a view of a task file (None for other arrays, or where madvise is missing)."""
     root = view
     while isinstance(root, np.ndarray):
         root = root.base
-    if not isinstance(root, mmap.mmap) or not hasattr(root, "madvise") or view.size == 0:
+    return root if isinstance(root, mmap.mmap) and hasattr(root, "madvise") else None
+
+
+def let_go_of_file(view: np.ndarray) -> None:
+    """Let go of every page of the file mapped into this process: the kernel maps pages next to those touched
+    (fault-around), which the per-batch MADV_DONTNEED does not cover. They stay in the page cache."""
+    root = file_map(view)
+    if root is not None:
+        root.madvise(mmap.MADV_DONTNEED)
+
+
+def advise(view: np.ndarray, advice: int) -> None:
+    """madvise the pages under a mapped view: MADV_WILLNEED reads them in large requests (cold, page-by-page faults
+    are slow); MADV_DONTNEED lets them go from this process (they stay in the page cache). Other arrays: nothing."""
+    root = file_map(view)
+    if root is None or view.size == 0:
         return
     start, end = np.lib.array_utils.byte_bounds(view)
     base = np.frombuffer(root, dtype=np.uint8).ctypes.data

@@ -196,9 +196,16 @@ def test_samples_without_the_baseline_are_dropped_from_both_sides_and_counted(ru
     with open(path, "rb") as file:
         data = pickle.load(file)
     del data["episodes"]["episode_4"]["rollout_steps"]["step_10"]["vision_latents"]
+    del data["episodes"]["episode_3"]["rollout_steps"]["step_20"]["vision_latents"]
     with open(path, "wb") as file:
         pickle.dump(data, file)
     results = baseline_run(run_cli, tmp_path / "out", "visual", data_path=directory)
     assert results["metrics"]["num_samples"] == 59
     assert results["data_report"]["steps_without_baseline"] == [(2, 4, 10)]
     assert not ((results["samples"]["task_id"] == 2) & (results["samples"]["episode"] == 4)).any()
+    options = ("--expert", "text_only", "--layer", "5", "--baseline", "visual", "--no_control", "--bootstrap", "0")
+    status, sweep = run_cli(*options, "--rollout_step", "10,20", data_path=directory, output_dir=tmp_path / "sweep")
+    assert status == 0
+    for step, lacking in ((10, [(2, 4, 10)]), (20, [(2, 3, 20)])):  # each result lists its own step's only
+        stepped = pickle.loads((sweep / f"results_text_only_layer5_step{step}.pkl").read_bytes())
+        assert stepped["data_report"]["steps_without_baseline"] == lacking

@@ -171,6 +171,25 @@ def test_skip_existing_writes_only_what_is_missing(run_cli, tmp_path, caplog):
     )
 
 
+def test_a_finished_job_reads_no_file_and_a_job_left_with_work_reads_them(run_cli, tmp_path, monkeypatch, capsys):
+    options = ("--expert", "vlm", "--layer", "4,5", "--probe", "ridge", "--no_control", "--skip_existing")
+    output = tmp_path / "done"
+    assert run_cli(*options, output_dir=output)[0] == 0
+    parsed = []
+    read_task_file = lpi.read_task_file
+
+    def recorded(path, trust, index_dir):
+        parsed.append(path)
+        return read_task_file(path, trust, index_dir)
+
+    monkeypatch.setattr(lpi, "read_task_file", recorded)
+    assert run_cli(*options, output_dir=output)[0] == 0
+    assert parsed == [] and "nothing to do" in capsys.readouterr().err
+    (output / "summary_vlm_layer5_step10.txt").unlink()
+    assert run_cli(*options, output_dir=output)[0] == 0
+    assert len(parsed) == 10 and (output / "summary_vlm_layer5_step10.txt").is_file()
+
+
 def test_report_makes_a_table_and_plots_covering_every_layer(run_cli, tmp_path, capsys):
     status, output = run_cli("--expert", "vlm", "--layer", "0-17", "--bootstrap", "200")
     assert status == 0
