@@ -910,7 +910,7 @@ def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, tem
 
 
 def concept_temperature(
-    features: np.ndarray, fitted: dict, copies: Copies, copy: int, value: np.ndarray, present: np.ndarray
+    features: np.ndarray, fitted: ProbeFit, copies: Copies, copy: int, value: np.ndarray, present: np.ndarray
 ) -> float:
     """A concept probe's softmax temperature, fitted on its calibration (validation) samples; 1 without any."""
     rows = calibration_rows(copies, copy)
@@ -920,7 +920,7 @@ def concept_temperature(
     return fit_temperature(logits, value[rows], np.broadcast_to(present, logits.shape))
 
 
-def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c: int, task_id: np.ndarray) -> dict:
+def concept_metrics(features: np.ndarray, fitted: ProbeFit, design: ConceptDesign, c: int, task_id: np.ndarray) -> dict:
     """Held-out numbers of one concept: accuracy, balanced accuracy, majority baseline, information over the training
     prior, how many tasks have it, and folds whose training side lacks a value their held-out side has."""
     concept, copies, fold = design.concepts[c], design.copies, design.fold[0]
@@ -953,7 +953,7 @@ def concept_metrics(features: np.ndarray, fitted: dict, design: ConceptDesign, c
         "tasks_without": sum(1 for v in task_values.values() if concept.values[v] in ("without", NO_VALUE)),
         "values": concept.values,
         "folds_missing_values": [f for f, missing in enumerate(held_values) if missing],
-        "failed_probes": [int(copies.fold[m]) for m in members if fitted["failed"][m]],
+        "failed_probes": [int(copies.fold[m]) for m in members if fitted.failed[m]],
     }
 
 
@@ -1281,6 +1281,37 @@ def sample_losses(
         "copies_in_sequence",
     ),
 )
+class ProbeFit(NamedTuple):
+    """Fitted probes, one per copy (from the trainers, one set per item first): a Dense kernel and bias on features
+    standardized with the copy's training statistics, whether it failed, and how its training went."""
+
+    kernel: np.ndarray  # ([items,] copies, width, outputs)
+    bias: np.ndarray  # ([items,] copies, outputs)
+    feature_mean: np.ndarray  # ([items,] copies, width): the copy's training-set statistics
+    feature_std: np.ndarray  # ([items,] copies, width)
+    failed: np.ndarray  # ([items,] copies) bool: never improved on validation (a non-finite loss from the start)
+    history: dict[str, np.ndarray]  # per copy: epochs and losses (trained), or the chosen penalty (ridge)
+
+    def item(self, position: int) -> ProbeFit:
+        """One item's copies."""
+        history = {key: value[position] for key, value in self.history.items()}
+        parts = (self.kernel, self.bias, self.feature_mean, self.feature_std, self.failed)
+        return ProbeFit(*(part[position] for part in parts), history)
+
+
+class TrainState(NamedTuple):
+    """The epoch loop's state for one copy (a pytree the while_loop carries)."""
+
+    epoch: jnp.ndarray  # epochs run
+    params: dict
+    optimizer_state: tuple
+    best_params: dict  # the parameters of the best validation epoch so far
+    best_loss: jnp.ndarray
+    best_epoch: jnp.ndarray  # 0-based; -1 before any improvement
+    train_loss: jnp.ndarray  # (num_epochs,) NaN where not run
+    validation_loss: jnp.ndarray  # (num_epochs,) NaN where not run or without validation samples
+
+
 def fit_probes(
     features: jnp.ndarray,
     sample_class: jnp.ndarray,
@@ -1299,7 +1330,7 @@ def fit_probes(
     steps_per_epoch: int,
     standardize: bool,
     copies_in_sequence: bool,
-) -> dict:
+) -> ProbeFit:
     """Train one probe per item and copy: Adam, shuffled minibatches, early stopping.
 
     Shapes: features (devices, items, n, d_in) — the layers (or denoising steps) of a sweep, one block
@@ -1357,8 +1388,8 @@ def fit_probes(
         validation_weight = validation.astype(jnp.float32)
         has_validation = validation_weight.sum() > 0
 
-        def run_epoch(state):
-            epoch = state["epoch"]
+        def run_epoch(state: TrainState) -> TrainState:
+            epoch = state.epoch
             # A fresh random order of the training rows (the rest sort last), cut into minibatches.
             order = jnp.argsort(
                 jnp.where(train, jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (sample_count,)), 2.0)
@@ -1366,57 +1397,54 @@ def fit_probes(
             rows = order[jnp.arange(steps_per_epoch * batch_size) % train_count.astype(jnp.int32)].reshape(
                 steps_per_epoch, batch_size
             )
-            (params, optimizer_state), _ = jax.lax.scan(step, (state["params"], state["optimizer_state"]), rows)
+            (params, optimizer_state), _ = jax.lax.scan(step, (state.params, state.optimizer_state), rows)
             predictions = predict_all(params)
             train_loss = mean_loss(predictions, every_row, train_weight)
             validation_loss = mean_loss(predictions, every_row, validation_weight)
             monitored = jnp.where(has_validation, validation_loss, train_loss)
-            improved = monitored < state["best_loss"]
-            return {
-                "epoch": epoch + 1,
-                "params": params,
-                "optimizer_state": optimizer_state,
-                "best_params": jax.tree_util.tree_map(
-                    lambda new, old: jnp.where(improved, new, old), params, state["best_params"]
+            improved = monitored < state.best_loss
+            return TrainState(
+                epoch=epoch + 1,
+                params=params,
+                optimizer_state=optimizer_state,
+                best_params=jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(improved, new, old), params, state.best_params
                 ),
-                "best_loss": jnp.where(improved, monitored, state["best_loss"]),
-                "best_epoch": jnp.where(improved, epoch, state["best_epoch"]),
-                "train_loss": state["train_loss"].at[epoch].set(train_loss),
-                "validation_loss": state["validation_loss"]
-                .at[epoch]
-                .set(jnp.where(has_validation, validation_loss, jnp.nan)),
-            }
+                best_loss=jnp.where(improved, monitored, state.best_loss),
+                best_epoch=jnp.where(improved, epoch, state.best_epoch),
+                train_loss=state.train_loss.at[epoch].set(train_loss),
+                validation_loss=state.validation_loss.at[epoch].set(
+                    jnp.where(has_validation, validation_loss, jnp.nan)
+                ),
+            )
 
-        def keep_going(state):
-            patient = (state["epoch"] - 1 - state["best_epoch"]) < patience
-            return (state["epoch"] < num_epochs) & (patient | ~has_validation)
+        def keep_going(state: TrainState):
+            patient = (state.epoch - 1 - state.best_epoch) < patience
+            return (state.epoch < num_epochs) & (patient | ~has_validation)
 
         empty_history = jnp.full((num_epochs,), jnp.nan, dtype=jnp.float32)
         state = jax.lax.while_loop(
             keep_going,
             run_epoch,
-            {
-                "epoch": jnp.array(0),
-                "params": params,
-                "optimizer_state": optimizer.init(params),
-                "best_params": params,
-                "best_loss": jnp.array(jnp.inf, dtype=jnp.float32),
-                "best_epoch": jnp.array(-1),
-                "train_loss": empty_history,
-                "validation_loss": empty_history,
-            },
+            TrainState(
+                epoch=jnp.array(0),
+                params=params,
+                optimizer_state=optimizer.init(params),
+                best_params=params,
+                best_loss=jnp.array(jnp.inf, dtype=jnp.float32),
+                best_epoch=jnp.array(-1),
+                train_loss=empty_history,
+                validation_loss=empty_history,
+            ),
         )
-        dense = state["best_params"]["Dense_0"]
-        return {
-            "kernel": dense["kernel"],
-            "bias": dense["bias"],
-            "feature_mean": mean,
-            "feature_std": std,
-            "epochs_run": state["epoch"],
-            "best_epoch": state["best_epoch"] + 1,  # 1-based, as people count epochs
-            "train_loss": state["train_loss"],
-            "validation_loss": state["validation_loss"],
+        dense = state.best_params["Dense_0"]
+        history = {
+            "epochs_run": state.epoch,
+            "best_epoch": state.best_epoch + 1,  # 1-based, as people count epochs
+            "train_loss": state.train_loss,
+            "validation_loss": state.validation_loss,
         }
+        return ProbeFit(dense["kernel"], dense["bias"], mean, std, state.best_epoch < 0, history)
 
     fit_copies = jax.vmap(fit_one, in_axes=(None, 0, 0, 0, 0, 0))
     if copies_in_sequence:  # a vmapped while_loop runs every copy until the last one stops: see train_linear_probes
@@ -1442,7 +1470,7 @@ PROGRAM_BLOCK_BYTES = 64 * 2**20  # features handed to the compiled program per 
 
 def train_linear_probes(
     features: ItemFeatures, sample_class: np.ndarray, copies: Copies, config: TrainingConfig
-) -> dict:
+) -> ProbeFit:
     """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes.
 
     Each item's features are first centered over all its samples (in float64): a shift that changes no probe, but
@@ -1484,13 +1512,15 @@ def train_linear_probes(
         centered = np.stack([(features[item] - shift[item]).astype(np.float32) for item in block])
         fitted = program(jax.device_put(centered.reshape(len(devices), -1, *features[0].shape), sharding), *shared)
         del centered
-        kept = min(size, items - start)
-        calls.append({key: np.asarray(value).reshape(-1, *value.shape[2:])[:kept] for key, value in fitted.items()})
-    fitted = {key: np.concatenate([call[key] for call in calls]) for key in calls[0]}
-    fitted["feature_mean"] = fitted["feature_mean"] + shift.astype(np.float32)  # back in the features' own coordinates
-    fitted["failed"] = fitted["best_epoch"] == 0  # never improved: a non-finite loss from the first epoch on
-    fitted.update(batch_size=np.full(items, batch_size), steps_per_epoch=np.full(items, steps_per_epoch))
-    return fitted
+        calls.append(jax.tree_util.tree_map(lambda value: np.asarray(value).reshape(-1, *value.shape[2:]), fitted))
+    fitted = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[:items], *calls)  # the last call's padding off
+    history = {
+        **fitted.history,
+        "batch_size": np.full(items, batch_size),
+        "steps_per_epoch": np.full(items, steps_per_epoch),
+    }
+    # feature_mean back in the features' own coordinates
+    return fitted._replace(feature_mean=fitted.feature_mean + shift.astype(np.float32), history=history)
 
 
 def item_sharding(devices: list) -> jax.sharding.NamedSharding | None:
@@ -1521,12 +1551,12 @@ def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[
 
 def train_ridge_probes(
     features: ItemFeatures, sample_class: np.ndarray, copies: Copies, units: np.ndarray, config: TrainingConfig
-) -> dict:
+) -> ProbeFit:
     """Fit every item's and copy's linear map in closed form; the penalty is chosen by inner cross-validation over
     whole resampling units (episodes, or tasks under split "task"; mean cosine). Results (items, copies, ...)."""
-    fitted = {name: [] for name in ("kernel", "bias", "feature_mean", "feature_std", "penalty")}
+    parts = {name: [] for name in ("kernel", "bias", "feature_mean", "feature_std", "penalty")}
     for item_features in features:
-        per_copy = {name: [] for name in fitted}
+        per_copy = {name: [] for name in parts}
         for classes, train in zip(copies.classes, copies.train):  # validation samples fit the softmax temperature only
             x_train = item_features[train].astype(np.float64)
             mean = x_train.mean(0) if config.standardize else np.zeros(x_train.shape[1])
@@ -1553,11 +1583,10 @@ def train_ridge_probes(
                 ("penalty", best),
             ):
                 per_copy[name].append(np.asarray(value, dtype=np.float32) if name != "penalty" else value)
-        for name in fitted:
-            fitted[name].append(np.asarray(per_copy[name]))
-    fitted = {key: np.asarray(value) for key, value in fitted.items()}
-    fitted["failed"] = ~np.isfinite(fitted["kernel"]).all(axis=(2, 3))
-    return fitted
+        for name in parts:
+            parts[name].append(np.asarray(per_copy[name]))
+    kernel, bias, mean, std, penalty = (np.asarray(value) for value in parts.values())
+    return ProbeFit(kernel, bias, mean, std, ~np.isfinite(kernel).all(axis=(2, 3)), {"penalty": penalty})
 
 
 # -----------------------------------------------------------------------------
@@ -1781,7 +1810,7 @@ def make_design(
     return design_for(samples, descriptions_by_task, labels, training)
 
 
-def fit_items(features: ItemFeatures, design: Design | ConceptDesign, training: TrainingConfig) -> dict:
+def fit_items(features: ItemFeatures, design: Design | ConceptDesign, training: TrainingConfig) -> ProbeFit:
     """Fit the probes of every item and copy; results (items, copies, ...)."""
     if isinstance(design, ConceptDesign):  # softmax probes over each concept's values
         return train_linear_probes(
@@ -1792,14 +1821,14 @@ def fit_items(features: ItemFeatures, design: Design | ConceptDesign, training: 
     return train_linear_probes(features, design.sample_class, design.copies, training)
 
 
-def copy_predictions(features: np.ndarray, fitted: dict, copy_of_sample: np.ndarray) -> np.ndarray:
+def copy_predictions(features: np.ndarray, fitted: ProbeFit, copy_of_sample: np.ndarray) -> np.ndarray:
     """(n, d) label-space prediction of every sample by the copy named for it; NaN where none is (-1) or it failed."""
-    prediction = np.full((len(features), fitted["kernel"].shape[-1]), np.nan, dtype=np.float32)
+    prediction = np.full((len(features), fitted.kernel.shape[-1]), np.nan, dtype=np.float32)
     for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
         rows = copy_of_sample == copy
-        if not fitted["failed"][copy]:
-            x = (features[rows].astype(np.float64) - fitted["feature_mean"][copy]) / fitted["feature_std"][copy]
-            prediction[rows] = x @ fitted["kernel"][copy] + fitted["bias"][copy]
+        if not fitted.failed[copy]:
+            x = (features[rows].astype(np.float64) - fitted.feature_mean[copy]) / fitted.feature_std[copy]
+            prediction[rows] = x @ fitted.kernel[copy] + fitted.bias[copy]
     return prediction
 
 
@@ -1812,7 +1841,7 @@ def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np
     return similarity
 
 
-def copy_temperatures(features: np.ndarray, fitted: dict, design: Design) -> np.ndarray:
+def copy_temperatures(features: np.ndarray, fitted: ProbeFit, design: Design) -> np.ndarray:
     """Every copy's softmax temperature, fitted on its calibration (validation) samples; 1 for a copy without any."""
     copies = design.copies
     temperatures = np.ones(len(copies.train))
@@ -1839,7 +1868,9 @@ class Scores:
     cosine: np.ndarray  # (n,) label-space cosine to the own target
 
 
-def scores_of(features: np.ndarray, fitted: dict, design: Design, temperatures: np.ndarray, copy: np.ndarray) -> Scores:
+def scores_of(
+    features: np.ndarray, fitted: ProbeFit, design: Design, temperatures: np.ndarray, copy: np.ndarray
+) -> Scores:
     """Scores of every sample under the copies named per sample."""
     prediction = copy_predictions(features, fitted, copy)
     similarity = copy_similarities(prediction, design.copies, copy)
@@ -1894,7 +1925,7 @@ def raw_space_predictions(prediction: np.ndarray, design: Design, copy: np.ndarr
     return raw_prediction
 
 
-def rows_similarity(features: np.ndarray, fitted: dict, copies: Copies, copy: int, rows: np.ndarray) -> np.ndarray:
+def rows_similarity(features: np.ndarray, fitted: ProbeFit, copies: Copies, copy: int, rows: np.ndarray) -> np.ndarray:
     """(rows, C) cosine of one copy's predictions of the given rows to every class's target."""
     chosen = np.where(rows, copy, -1)
     return copy_similarities(copy_predictions(features, fitted, chosen), copies, chosen)[rows]
@@ -1905,7 +1936,7 @@ def information(bits: np.ndarray, classes: int) -> np.ndarray:
     return math.log2(classes) - bits
 
 
-def training_accuracy(features: np.ndarray, fitted: dict, design: Design) -> float:
+def training_accuracy(features: np.ndarray, fitted: ProbeFit, design: Design) -> float:
     """Retrieval accuracy of the first repeat's fold probes on the samples they were fitted on."""
     correct = []
     for copy in design.copies.fold_copies(0, 0):
@@ -1928,7 +1959,7 @@ def majority_correct(design: Design) -> np.ndarray:
 
 
 def online_codelength(
-    features: np.ndarray, fitted: dict, design: Design, temperatures: np.ndarray, assignment: int
+    features: np.ndarray, fitted: ProbeFit, design: Design, temperatures: np.ndarray, assignment: int
 ) -> dict:
     """Prequential code of the samples' classes (Voita & Titov 2020): the first block by the uniform code, each later
     block by the probe trained on the blocks before it. Bits in total; compression = uniform / online."""
@@ -2068,7 +2099,7 @@ class ItemContext(NamedTuple):
 
 def evaluate_item(
     samples: Samples,
-    fitted: dict,
+    fitted: ProbeFit,
     design: Design,
     dataset: Dataset,
     item: Item,
@@ -2091,7 +2122,7 @@ def evaluate_item(
     raw_cosines = [np.nan_to_num(row_cosine(prediction, own)) for prediction in raw_predictions]
     constant = np.mean([row_cosine(design.copies.label_mean[scores.copy], own) for scores in repeats], axis=0)
     values = sample_means(repeats, raw_cosines, len(design.descriptions))
-    metrics = heldout_metrics(design, values, repeats, null, constant, fitted["failed"])
+    metrics = heldout_metrics(design, values, repeats, null, constant, fitted.failed)
     metrics["training_accuracy"] = training_accuracy(features, fitted, design)
     metrics["num_episodes"] = len(set(zip(samples.task_id.tolist(), samples.episode.tolist())))
     warn_about_failures(metrics["failed_copies"], result_stem(dataset.source, item, dataset.report.inference_times))
@@ -2144,7 +2175,7 @@ RESULTS_FORMAT = 3  # results files of earlier formats lack what the report read
 
 def results_record(
     samples: Samples,
-    fitted: dict,
+    fitted: ProbeFit,
     design: Design,
     dataset: Dataset,
     item: Item,
@@ -2161,15 +2192,6 @@ def results_record(
     the run's wall time so far and its command line, see write_item). One literal,
     longer than a screen on purpose: it reads as the file holds it."""
     copies, report = design.copies, dataset.report
-    history_keys = (
-        "epochs_run",
-        "best_epoch",
-        "train_loss",
-        "validation_loss",
-        "batch_size",
-        "steps_per_epoch",
-        "penalty",
-    )
     descriptions_of_tasks = [dataset.descriptions[t] for t in design.task_ids]
     probe_folds = copies.fold_copies(0, 0)
     kept = np.concatenate([probe_folds, copies.fold_copies(0, 1)])  # the permutation null's weights are not kept
@@ -2224,9 +2246,12 @@ def results_record(
             "similarity": first.similarity,  # (samples, classes): cosine of each prediction to each class's target
             "control_predicted_class": null[0].predicted if null else None,
         },
-        "history": {key: fitted[key] for key in history_keys if key in fitted},
+        "history": fitted.history,
         "probe": {  # the first repeat's fold probes, then the control's: Dense kernel and bias on standardized features
-            **{key: fitted[key][kept] for key in ("kernel", "bias", "feature_mean", "feature_std")},
+            "kernel": fitted.kernel[kept],
+            "bias": fitted.bias[kept],
+            "feature_mean": fitted.feature_mean[kept],
+            "feature_std": fitted.feature_std[kept],
             "copy": kept,
         },
         "copies": {  # every probe trained: who it is, whether it failed, its softmax temperature
@@ -2234,7 +2259,7 @@ def results_record(
             "assignment": copies.assignment,
             "fold": copies.fold,
             "block": copies.block,
-            "failed": fitted["failed"],
+            "failed": fitted.failed,
             "temperature": temperatures,
         },
         "data_report": {
@@ -2263,12 +2288,12 @@ def conditional_metrics(
     plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
     design = design_for(samples, descriptions, labels, plain)
     alone = fit_items(samples.baseline[None], design, plain)
-    baseline = heldout_summary(samples.baseline, {key: value[0] for key, value in alone.items()}, design)
+    baseline = heldout_summary(samples.baseline, alone.item(0), design)
     joint_features = [np.concatenate([item_features, samples.baseline], axis=1) for item_features in features]
     joint = fit_items(joint_features, design, plain)
     conditional = []
     for position, item_features in enumerate(joint_features):
-        both = heldout_summary(item_features, {key: value[position] for key, value in joint.items()}, design)
+        both = heldout_summary(item_features, joint.item(position), design)
         conditional.append(
             {
                 "accuracy": baseline["accuracy"],
@@ -2282,7 +2307,7 @@ def conditional_metrics(
     return conditional
 
 
-def heldout_summary(features: np.ndarray, fitted: dict, design: Design) -> dict[str, float]:
+def heldout_summary(features: np.ndarray, fitted: ProbeFit, design: Design) -> dict[str, float]:
     """Held-out accuracy and information of the first repeat's fold probes."""
     scores = scores_of(
         features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
@@ -2293,7 +2318,7 @@ def heldout_summary(features: np.ndarray, fitted: dict, design: Design) -> dict[
 
 def evaluate_concepts(
     samples: Samples,
-    fitted: dict,
+    fitted: ProbeFit,
     design: ConceptDesign,
     dataset: Dataset,
     item: Item,
@@ -2339,8 +2364,14 @@ def evaluate_concepts(
             "inference_time": samples.inference_time,
             "fold": design.fold[0],
         },
-        "history": {key: fitted[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
-        "probe": {key: fitted[key] for key in ("kernel", "bias", "feature_mean", "feature_std", "failed")},
+        "history": {key: fitted.history[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
+        "probe": {
+            "kernel": fitted.kernel,
+            "bias": fitted.bias,
+            "feature_mean": fitted.feature_mean,
+            "feature_std": fitted.feature_std,
+            "failed": fitted.failed,
+        },
         "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
         "data_report": {
             "files": dataset.report.files,
@@ -2853,7 +2884,7 @@ def run_sweep(
             if dataset.source.baseline:
                 conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training)
             for position, (item, selected) in enumerate(members):
-                item_fit = {key: value[position] for key, value in fitted.items()}
+                item_fit = fitted.item(position)
                 context = ItemContext(nonfinite[item])
                 if conditional:
                     baseline = {"spec": baseline_spec_text(dataset.source.baseline), **conditional[position]}

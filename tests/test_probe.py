@@ -115,13 +115,10 @@ def test_fit_probes_recovers_a_linear_map_and_stops_early():
         label_mean=np.zeros((1, 4)),
         label_basis=np.eye(4)[None],
     )
-    fitted = lpi.train_linear_probes(features[None], sample_class, copies, config)
-    fitted = {key: value[0] for key, value in fitted.items()}  # the one item
-    prediction = ((features - fitted["feature_mean"][0]) / fitted["feature_std"][0]) @ fitted["kernel"][0] + fitted[
-        "bias"
-    ][0]
+    fitted = lpi.train_linear_probes(features[None], sample_class, copies, config).item(0)  # the one item
+    prediction = ((features - fitted.feature_mean[0]) / fitted.feature_std[0]) @ fitted.kernel[0] + fitted.bias[0]
     assert lpi.row_cosine(prediction, classes[sample_class]).mean() > 0.99
-    epochs = int(fitted["epochs_run"][0])
+    epochs = int(fitted.history["epochs_run"][0])
     assert epochs < 400
-    history = fitted["validation_loss"][0][:epochs]
-    assert history[fitted["best_epoch"][0] - 1] == np.nanmin(history)
+    history = fitted.history["validation_loss"][0][:epochs]
+    assert history[fitted.history["best_epoch"][0] - 1] == np.nanmin(history)

@@ -202,9 +202,9 @@ def test_a_failed_probe_is_reported_and_its_samples_count_as_wrong(run_cli, monk
     train = lpi.train_linear_probes
 
     def first_fold_diverges(*args, **kwargs):
-        fitted = {key: np.array(value) for key, value in train(*args, **kwargs).items()}
-        fitted["best_epoch"][:, 0] = 0
-        fitted["failed"][:, 0] = True
+        fitted = lpi.jax.tree_util.tree_map(np.array, train(*args, **kwargs))  # writable copies
+        fitted.history["best_epoch"][:, 0] = 0
+        fitted.failed[:, 0] = True
         return fitted
 
     monkeypatch.setattr(lpi, "train_linear_probes", first_fold_diverges)
@@ -349,14 +349,10 @@ def test_standardization_is_exact_far_from_zero_and_for_tiny_features():
     cosines, stopped = {}, {}
     for name, scaled in (("plain", features), ("far from zero", features + 1e6), ("tiny", features * 1e-9)):
         scaled = scaled.astype(np.float32)
-        fitted = {
-            key: value[0] for key, value in lpi.train_linear_probes(scaled[None], sample_class, copies, config).items()
-        }
-        x = (scaled.astype(np.float64) - fitted["feature_mean"][0]) / fitted["feature_std"][0]
-        cosines[name] = lpi.row_cosine(x @ fitted["kernel"][0] + fitted["bias"][0], classes[sample_class])[
-            validation
-        ].mean()
-        stopped[name] = (int(fitted["epochs_run"][0]), int(fitted["best_epoch"][0]))
+        fitted = lpi.train_linear_probes(scaled[None], sample_class, copies, config).item(0)
+        x = (scaled.astype(np.float64) - fitted.feature_mean[0]) / fitted.feature_std[0]
+        cosines[name] = lpi.row_cosine(x @ fitted.kernel[0] + fitted.bias[0], classes[sample_class])[validation].mean()
+        stopped[name] = (int(fitted.history["epochs_run"][0]), int(fitted.history["best_epoch"][0]))
     assert cosines["plain"] > 0.9
     # The mean is subtracted before the weights see it: the same validation losses, so the same early stop.
     assert stopped["far from zero"] == stopped["plain"] and stopped["plain"][0] < 100
