@@ -1268,19 +1268,6 @@ def sample_losses(
 # -----------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "loss",
-        "learning_rate",
-        "num_epochs",
-        "batch_size",
-        "patience",
-        "steps_per_epoch",
-        "standardize",
-        "copies_in_sequence",
-    ),
-)
 class ProbeFit(NamedTuple):
     """Fitted probes, one per copy (from the trainers, one set per item first): a Dense kernel and bias on features
     standardized with the copy's training statistics, whether it failed, and how its training went."""
@@ -1312,6 +1299,19 @@ class TrainState(NamedTuple):
     validation_loss: jnp.ndarray  # (num_epochs,) NaN where not run or without validation samples
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "loss",
+        "learning_rate",
+        "num_epochs",
+        "batch_size",
+        "patience",
+        "steps_per_epoch",
+        "standardize",
+        "copies_in_sequence",
+    ),
+)
 def fit_probes(
     features: jnp.ndarray,
     sample_class: jnp.ndarray,
@@ -2326,7 +2326,8 @@ def evaluate_concepts(
     training: TrainingConfig,
     context: ItemContext,
 ) -> dict:
-    """Every concept's held-out numbers for one item; the results file of a concept run (its one layout)."""
+    """Every concept's held-out numbers for one item; the results file of a concept run (its one layout, one literal
+    as in results_record)."""
     features = samples.features[0]
     concepts = {
         concept.name: concept_metrics(features, fitted, design, c, samples.task_id)
@@ -2365,13 +2366,7 @@ def evaluate_concepts(
             "fold": design.fold[0],
         },
         "history": {key: fitted.history[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
-        "probe": {
-            "kernel": fitted.kernel,
-            "bias": fitted.bias,
-            "feature_mean": fitted.feature_mean,
-            "feature_std": fitted.feature_std,
-            "failed": fitted.failed,
-        },
+        "probe": {key: value for key, value in fitted._asdict().items() if key != "history"},
         "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
         "data_report": {
             "files": dataset.report.files,
