@@ -369,10 +369,8 @@ class ReadReport:
     step_episodes: dict[int, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)  # step -> (task, episode)
     without_baseline: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (task, episode, step)
     layer_count: int = 0  # layers of the feature (from the first entry read)
-    inference_count: int = 0  # denoising entries per step (action expert; fewest seen)
-    inference_times: list[float] = dataclasses.field(
-        default_factory=list
-    )  # their times, in denoising order (first step read)
+    # step -> its entries' denoising times, in denoising order (the file with the fewest, when files differ)
+    inference_times: dict[int, list[float]] = dataclasses.field(default_factory=dict)
 
 
 VIEW_BATCH_BYTES = 256 * 2**20  # mapped slices touched at once: read ahead together, let go once pooled
@@ -483,10 +481,13 @@ def walk_task_file(
 ) -> TaskFile:
     """One task file: its description, its episodes in the range, and each asked rollout step's arrays, checked (see
     step_arrays). A malformed step skips the file for that step only, as a run of that step alone would."""
-    task_data = read_task_file(path, source.trust_pickle, source.index_dir)
-    held_in_memory = not mappable(path)
-    if held_in_memory:
+    try:
+        held_in_memory = path.stat().st_size > 0 and not mappable(path)
+    except OSError:  # read_task_file says what is wrong
+        held_in_memory = False
+    if held_in_memory:  # said before the read: reading a big file whole takes minutes
         log.warning("%s: a pickle protocol below 3 stores bytes as text and cannot be mapped; reading it whole", path)
+    task_data = read_task_file(path, source.trust_pickle, source.index_dir)
     description = task_data.get("task_description")
     if not isinstance(description, str) or not description.strip():
         raise BadFileError(f"{path}: no 'task_description' string")
@@ -567,8 +568,9 @@ def record_step(found: ReadReport, task_id: int, step: int, arrays: dict[int, St
     found.without_baseline += [(task_id, e, step) for e, one in arrays.items() if one.baselines is None]
     for one in arrays.values():
         found.layer_count = found.layer_count or (1 if source.expert == "visual" else one.arrays[0].shape[0])
-        found.inference_count = min(found.inference_count or len(one.times), len(one.times))
-        found.inference_times = found.inference_times or one.times
+        known = found.inference_times.get(step)
+        if known is None or len(one.times) < len(known):
+            found.inference_times[step] = one.times
 
 
 def add_to_report(report: ReadReport, found: ReadReport) -> None:
@@ -581,9 +583,10 @@ def add_to_report(report: ReadReport, found: ReadReport) -> None:
         report.skipped_steps.setdefault(step, {}).update(skipped)
     report.steps_seen |= found.steps_seen
     report.layer_count = report.layer_count or found.layer_count
-    report.inference_times = report.inference_times or found.inference_times
-    if found.inference_count:
-        report.inference_count = min(report.inference_count or found.inference_count, found.inference_count)
+    for step, times in found.inference_times.items():
+        known = report.inference_times.get(step)
+        if known is None or len(times) < len(known):
+            report.inference_times[step] = times
 
 
 def warn_about_gaps(report: ReadReport, source: Source) -> None:
@@ -614,19 +617,11 @@ def no_samples(step: int, report: ReadReport) -> ProbeError:
 
 def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
     """One rollout step's samples from the walked files: one pooled feature vector per sample and asked layer (this
-    reads the step's slices, and only them)."""
+    reads the step's slices, and only them, but for a file that cannot be mapped: see read_step_again)."""
     source, rows = dataset.source, []
     files = tqdm(dataset.files, desc=f"step_{step} files", unit="file", disable=progress_disabled(), leave=False)
     for file in files:  # file by file: the pages touched at once are one file's slices (see pooled_rows)
-        episodes = file.steps.get(step, {})
-        if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
-            episodes = read_step_again(file, source, step)
-        views = [
-            view for e, arrays in episodes.items() for view in sample_views(arrays, file.task_id, e, layers, source)
-        ]
-        rows += pooled_rows(views, source.pooling)
-        if views:
-            let_go_of_file(views[0].layers[0])
+        rows += file_rows(file, source, layers, step)
     if not rows:
         raise no_samples(step, dataset.report)
     for name in ("layers", "baseline"):
@@ -646,6 +641,19 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
         inference_index=np.array([row.inference_index for row in rows], dtype=np.int64),
         baseline=None if source.baseline is None else np.stack([row.baseline for row in rows]),
     )
+
+
+def file_rows(file: TaskFile, source: Source, layers: list, step: int) -> list[SampleRow]:
+    """One file's samples of a step, pooled; then every page of the file this process mapped is let go (and a file
+    read again is let go with this function's locals)."""
+    episodes = file.steps.get(step, {})
+    if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
+        episodes = read_step_again(file, source, step)
+    views = [view for e, arrays in episodes.items() for view in sample_views(arrays, file.task_id, e, layers, source)]
+    rows = pooled_rows(views, source.pooling)
+    if views:
+        let_go_of_file(views[0].layers[0])
+    return rows
 
 
 def read_step_again(file: TaskFile, source: Source, step: int) -> dict[int, StepArrays]:
@@ -2540,18 +2548,19 @@ def installed_versions() -> dict[str, str]:
 # -----------------------------------------------------------------------------
 
 
-def result_stem(source: Source, item: Item, inference_times: list[float], target: str = "t5") -> str:
+def result_stem(source: Source, item: Item, inference_times: dict[int, list[float]], target: str = "t5") -> str:
     """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
     ({camera} in place of the layer for SigLIP's output) and _concepts for concept probes."""
     where = f"_{source.camera}" if source.expert == "visual" else f"_layer{item.layer}"
     stem = f"{source.expert}{where}_step{item.rollout_step}"
     if item.inference_step is not None:
-        if item.inference_step >= len(inference_times):
+        times = inference_times.get(item.rollout_step, [])
+        if item.inference_step >= len(times):
             raise OptionError(
-                f"--inference_step {item.inference_step} is out of range: the steps have {len(inference_times)} "
-                f"denoising entries (0-{len(inference_times) - 1})"
+                f"--inference_step {item.inference_step} is out of range: step_{item.rollout_step} has {len(times)} "
+                f"denoising entries (0-{len(times) - 1})"
             )
-        stem = f"{stem}_t{inference_times[item.inference_step]:g}"
+        stem = f"{stem}_t{times[item.inference_step]:g}"
     return f"{stem}_concepts" if target == "concepts" else stem
 
 
@@ -2802,13 +2811,16 @@ def write_results(results: dict, output_dir: Path, stem: str) -> tuple[Path, Pat
 
 def sweep_items(source: Source, layers, steps, inference, report: ReadReport) -> list[Item]:
     """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all" and "each" resolved
-    from the data."""
+    from the data ("each": every denoising entry that step has, in each file)."""
     layers = [None] if source.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
     steps = sorted(report.steps_seen) if steps == "all" else steps_asked(steps, report.steps_seen)
-    inference = (
-        [None] if inference == "all" else list(range(report.inference_count)) if inference == "each" else inference
-    )
-    return [Item(step, layer, k) for step in steps for k in inference for layer in layers]
+
+    def denoising(step: int) -> list[int | None]:
+        if inference == "each":
+            return list(range(len(report.inference_times.get(step, []))))
+        return [None] if inference == "all" else inference
+
+    return [Item(step, layer, k) for step in steps for k in denoising(step) for layer in layers]
 
 
 def steps_asked(steps: list[int | range], steps_seen: set[int]) -> list[int]:
@@ -4140,7 +4152,9 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
         prepare_demo(Path(args.data_path))
     source, labels, training = configs_from_arguments(args)
     named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
-    finished = bool(named) and not left_to_run(args, named, source, [])[0]  # then no file is read
+    if named:
+        find_task_files(Path(source.data_path), source.task_range)  # --data_path checked, though nothing may be read
+    finished = bool(named) and not left_to_run(args, named, source, {})[0]  # then no file is read
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
     dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
     items = resolve_sweep(args, dataset, labels, training) if dataset else []
@@ -4151,14 +4165,14 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
     written = []
     for step in sorted({item.rollout_step for item in items}):
         # One rollout step at a time: memory follows one step's features, not the sweep's. Its slices are cut from
-        # the files as walked above: nothing is parsed again.
+        # the arrays the walk kept (a file that cannot be mapped is read again).
         step_items = [item for item in items if item.rollout_step == step]
         layers = sorted({item.layer for item in step_items}, key=lambda layer: -1 if layer is None else layer)
         samples = step_samples(dataset, layers, step)
-        width = samples.features.shape[2]
-        log.info(
-            "step %d: %d combination(s), %d task files, width %d", step, len(step_items), len(dataset.files), width
-        )
+        for file in dataset.files:  # the step's array views are not needed again
+            file.steps.pop(step, None)
+        tasks, width = len(np.unique(samples.task_id)), samples.features.shape[2]
+        log.info("step %d: %d combination(s), %d tasks, width %d", step, len(step_items), tasks, width)
         for results, *paths in run_sweep(step_items, dataset, samples, layers, labels, training, destination):
             if len(items) > 1:
                 results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
@@ -4192,7 +4206,7 @@ def named_by_options(args: argparse.Namespace) -> bool:
 
 
 def left_to_run(
-    args: argparse.Namespace, items: list[Item], source: Source, inference_times: list[float]
+    args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict[int, list[float]]
 ) -> tuple[list[Item], int]:
     """The combinations this job runs: its --shard less those --skip_existing finds written; and how many those are."""
     stems = {item: result_stem(source, item, inference_times, args.target) for item in items}
@@ -4210,13 +4224,17 @@ def left_to_run(
 
 
 def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
-    """Before a sweep over several steps trains anything: each step exists, and its episodes make a design (folds,
-    validation, label space), so that a late step with, e.g., one episode of some task does not stop the sweep after
-    the earlier steps were written. Non-finite features are found only when a step is read (see --strict)."""
+    """Before a sweep over several steps trains anything: each step exists, and its episodes (those with the
+    --baseline's entry) make a design (folds, validation, label space), so that a late step with, e.g., one episode of
+    some task does not stop the sweep after the earlier steps were written. Non-finite features are found only when a
+    step is read (see --strict)."""
+    report = dataset.report
     for step in steps:
-        if not dataset.report.step_episodes.get(step):
-            raise no_samples(step, dataset.report)
-        pairs = np.array(dataset.report.step_episodes[step], dtype=np.int64).reshape(-1, 2)
+        lacking = {(task, episode) for task, episode, at in report.without_baseline if at == step}
+        pairs = [pair for pair in report.step_episodes.get(step, []) if pair not in lacking]
+        if not pairs:
+            raise no_samples(step, report)
+        pairs = np.array(pairs, dtype=np.int64)
         count = len(pairs)
         episodes = Samples(
             np.zeros((0, count, 0), np.float32),

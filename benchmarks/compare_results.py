@@ -4,7 +4,7 @@
 Runs each command below with the program of --before and of --after (one shared demo dataset, separate output
 and cache directories) and compares every results pickle (without its wall time and command line) and every summary
 (without its wall-time line) byte for byte. A results file that differs only in the order of some dict's keys is
-counted as identical and named in the line. Prints one line per command; exit 1 on any difference.
+counted as identical, and the line says how many. Prints one line per command; exit 1 on any difference.
 
     python benchmarks/compare_results.py --before ../old-checkout [--after .] [--dir DIR]
 """

@@ -209,3 +209,18 @@ def test_samples_without_the_baseline_are_dropped_from_both_sides_and_counted(ru
     for step, lacking in ((10, [(2, 4, 10)]), (20, [(2, 3, 20)])):  # each result lists its own step's only
         stepped = pickle.loads((sweep / f"results_text_only_layer5_step{step}.pkl").read_bytes())
         assert stepped["data_report"]["steps_without_baseline"] == lacking
+
+
+def test_a_step_whose_episodes_all_lack_the_baseline_stops_a_sweep_before_any_file(run_cli, tmp_path, capsys):
+    directory = tmp_path / "no_baseline_at_20"
+    lpi.write_demo_dataset(directory, num_layers=6)
+    for path in directory.glob("task_*.pkl"):
+        data = pickle.loads(path.read_bytes())
+        for episode in data["episodes"].values():
+            episode["rollout_steps"].get("step_20", {}).pop("vision_latents", None)
+        path.write_bytes(pickle.dumps(data, protocol=4))
+    options = ("--expert", "text_only", "--layer", "5", "--baseline", "visual", "--no_control", "--bootstrap", "0")
+    output = tmp_path / "out"
+    status, _ = run_cli(*options, "--rollout_step", "10,20", data_path=directory, output_dir=output)
+    assert status == 1 and "no samples at step_20" in capsys.readouterr().err
+    assert not output.exists() or not list(output.iterdir())

@@ -214,6 +214,9 @@ def test_a_malformed_step_skips_its_file_for_that_step_only_as_a_single_run_woul
     step10 = results_without_run_details(sweep / "results_vlm_layer5_step10.pkl")
     step20 = results_without_run_details(sweep / "results_vlm_layer5_step20.pkl")
     assert pickle.dumps(step10) == pickle.dumps(alone)
+    status, single20 = run_cli(*options, "--rollout_step", "20", data_path=data, output_dir=tmp_path / "single20")
+    assert status == 0
+    assert pickle.dumps(step20) == pickle.dumps(results_without_run_details(single20 / "results_vlm_layer5_step20.pkl"))
     assert 3 in step10["tasks"]["task_ids"] and not step10["data_report"]["skipped_files"]
     assert 3 not in step20["tasks"]["task_ids"]
     assert list(step20["data_report"]["skipped_files"]) == [str(bad)]
@@ -222,3 +225,34 @@ def test_a_malformed_step_skips_its_file_for_that_step_only_as_a_single_run_woul
     status, ranged = run_cli(*options, "--rollout_step", "5-15", data_path=data, output_dir=tmp_path / "ranged")
     assert status == 0 and "step_20" not in capsys.readouterr().err  # a step outside the range is not looked at
     assert pickle.dumps(results_without_run_details(ranged / "results_vlm_layer5_step10.pkl")) == pickle.dumps(alone)
+
+
+def test_a_probe_that_never_improves_is_marked_failed_inside_the_program():
+    features, sample_class, copies = planted_copies()
+    features = features.copy()
+    features[:, 0] = np.nan  # every loss is NaN: no epoch improves on the first
+    fitted = lpi.train_linear_probes(features[None], sample_class, copies, lpi.TrainingConfig(num_epochs=5))
+    assert fitted.failed.all() and (fitted.history["best_epoch"] == 0).all()
+
+
+def test_each_denoising_step_is_counted_per_rollout_step_as_single_runs_count_it(run_cli, demo_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in demo_data.glob("task_*.pkl"):
+        if not path.name.startswith("task_0_"):
+            (data / path.name).symlink_to(path)
+            continue
+        content = pickle.loads(path.read_bytes())
+        for episode in content["episodes"].values():  # step_20 of task 0 lacks its last denoising entry (t 0.1)
+            step = episode["rollout_steps"].get("step_20", {})
+            step.pop(min((key for key in step if key.startswith("action_expert")), key=lpi.denoising_time), None)
+        (data / path.name).write_bytes(pickle.dumps(content, protocol=4))
+    options = ("--expert", "action", "--layer", "2", "--inference_step", "each", "--probe", "ridge", "--no_control")
+    status, sweep = run_cli(*options, "--rollout_step", "10,20", data_path=data, output_dir=tmp_path / "sweep")
+    assert status == 0
+    status, single = run_cli(*options, data_path=data, output_dir=tmp_path / "single")
+    assert status == 0
+    written = sorted(path.name for path in sweep.glob("results_*.pkl"))
+    assert len([name for name in written if "_step10_" in name]) == 10  # step 10 keeps all its entries
+    assert len([name for name in written if "_step20_" in name]) == 9
+    assert {name for name in written if "_step10_" in name} == {path.name for path in single.glob("results_*.pkl")}

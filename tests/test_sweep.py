@@ -185,6 +185,9 @@ def test_a_finished_job_reads_no_file_and_a_job_left_with_work_reads_them(run_cl
     monkeypatch.setattr(lpi, "read_task_file", recorded)
     assert run_cli(*options, output_dir=output)[0] == 0
     assert parsed == [] and "nothing to do" in capsys.readouterr().err
+    assert (
+        run_cli(*options, data_path=tmp_path / "no_such_directory", output_dir=output)[0] == 1
+    )  # checked all the same
     (output / "summary_vlm_layer5_step10.txt").unlink()
     assert run_cli(*options, output_dir=output)[0] == 0
     assert len(parsed) == 10 and (output / "summary_vlm_layer5_step10.txt").is_file()
