@@ -371,6 +371,7 @@ class ReadReport:
     layer_count: int = 0  # layers of the feature (from the first entry read)
     # step -> its entries' denoising times, in denoising order (the file with the fewest, when files differ)
     inference_times: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+    uneven_steps: set[int] = dataclasses.field(default_factory=set)  # steps whose episodes' denoising entries differ
 
 
 VIEW_BATCH_BYTES = 256 * 2**20  # mapped slices touched at once: read ahead together, let go once pooled
@@ -569,6 +570,8 @@ def record_step(found: ReadReport, task_id: int, step: int, arrays: dict[int, St
     for one in arrays.values():
         found.layer_count = found.layer_count or (1 if source.expert == "visual" else one.arrays[0].shape[0])
         known = found.inference_times.get(step)
+        if known is not None and not np.array_equal(known, one.times, equal_nan=True):
+            found.uneven_steps.add(step)
         if known is None or len(one.times) < len(known):
             found.inference_times[step] = one.times
 
@@ -583,8 +586,11 @@ def add_to_report(report: ReadReport, found: ReadReport) -> None:
         report.skipped_steps.setdefault(step, {}).update(skipped)
     report.steps_seen |= found.steps_seen
     report.layer_count = report.layer_count or found.layer_count
+    report.uneven_steps |= found.uneven_steps
     for step, times in found.inference_times.items():
         known = report.inference_times.get(step)
+        if known is not None and not np.array_equal(known, times, equal_nan=True):
+            report.uneven_steps.add(step)
         if known is None or len(times) < len(known):
             report.inference_times[step] = times
 
@@ -595,6 +601,12 @@ def warn_about_gaps(report: ReadReport, source: Source) -> None:
         log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
     for step, pairs in report.episodes_without_step.items():
         log.warning("%d episode(s) have no step_%d and were skipped for it", len(pairs), step)
+    for step in sorted(report.uneven_steps):  # "inference step K" is a position (pi0-latents.md), not a time
+        log.warning(
+            "step_%d: the episodes' denoising entries differ (times or count); --inference_step K takes each one's "
+            "K-th entry in denoising order, and 'each' stops at the fewest",
+            step,
+        )
     if report.without_baseline:
         steps_lacking = ", ".join(f"step_{step}" for step in sorted({step for *_, step in report.without_baseline}))
         log.warning(

@@ -235,7 +235,7 @@ def test_a_probe_that_never_improves_is_marked_failed_inside_the_program():
     assert fitted.failed.all() and (fitted.history["best_epoch"] == 0).all()
 
 
-def test_each_denoising_step_is_counted_per_rollout_step_as_single_runs_count_it(run_cli, demo_data, tmp_path):
+def test_each_denoising_step_is_counted_per_rollout_step_as_single_runs_count_it(run_cli, demo_data, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     for path in demo_data.glob("task_*.pkl"):
@@ -249,7 +249,8 @@ def test_each_denoising_step_is_counted_per_rollout_step_as_single_runs_count_it
         (data / path.name).write_bytes(pickle.dumps(content, protocol=4))
     options = ("--expert", "action", "--layer", "2", "--inference_step", "each", "--probe", "ridge", "--no_control")
     status, sweep = run_cli(*options, "--rollout_step", "10,20", data_path=data, output_dir=tmp_path / "sweep")
-    assert status == 0
+    warnings = capsys.readouterr().err
+    assert status == 0 and "step_20: the episodes' denoising entries differ" in warnings and "step_10:" not in warnings
     status, single = run_cli(*options, data_path=data, output_dir=tmp_path / "single")
     assert status == 0
     written = sorted(path.name for path in sweep.glob("results_*.pkl"))
