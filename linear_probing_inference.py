@@ -373,6 +373,10 @@ class ReadReport:
     inference_times: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     uneven_steps: set[int] = dataclasses.field(default_factory=set)  # steps whose episodes' denoising entries differ
 
+    def skipped_at(self, step: int) -> dict[str, str]:
+        """The files a step's results list as skipped: unreadable ones, and those whose step is malformed."""
+        return {**self.skipped_files, **self.skipped_steps.get(step, {})}
+
 
 VIEW_BATCH_BYTES = 256 * 2**20  # mapped slices touched at once: read ahead together, let go once pooled
 
@@ -467,7 +471,7 @@ def read_dataset(source: Source, steps: str | list[int | range], layer: int | No
         add_to_report(report, found)
     if not files:
         raise ProbeError(f"no samples: all {len(paths)} task file(s) were skipped as unreadable")
-    for step in sorted(report.steps_seen) if steps == "all" else steps_asked(steps, report.steps_seen):
+    for step in steps_asked(steps, report.steps_seen):
         skipped = report.skipped_steps.get(step, {})
         walked = [(file.task_id, e) for file in files if str(file.path) not in skipped for e in file.episodes]
         having = set(report.step_episodes.get(step, []))
@@ -569,11 +573,16 @@ def record_step(found: ReadReport, task_id: int, step: int, arrays: dict[int, St
     found.without_baseline += [(task_id, e, step) for e, one in arrays.items() if one.baselines is None]
     for one in arrays.values():
         found.layer_count = found.layer_count or (1 if source.expert == "visual" else one.arrays[0].shape[0])
-        known = found.inference_times.get(step)
-        if known is not None and not np.array_equal(known, one.times, equal_nan=True):
-            found.uneven_steps.add(step)
-        if known is None or len(one.times) < len(known):
-            found.inference_times[step] = one.times
+        note_denoising_times(found, step, one.times)
+
+
+def note_denoising_times(report: ReadReport, step: int, times: list[float]) -> None:
+    """Keep a step's fewest denoising entries (their times); a step seen with other times or another count is uneven."""
+    known = report.inference_times.get(step)
+    if known is not None and not np.array_equal(known, times, equal_nan=True):
+        report.uneven_steps.add(step)
+    if known is None or len(times) < len(known):
+        report.inference_times[step] = times
 
 
 def add_to_report(report: ReadReport, found: ReadReport) -> None:
@@ -588,11 +597,7 @@ def add_to_report(report: ReadReport, found: ReadReport) -> None:
     report.layer_count = report.layer_count or found.layer_count
     report.uneven_steps |= found.uneven_steps
     for step, times in found.inference_times.items():
-        known = report.inference_times.get(step)
-        if known is not None and not np.array_equal(known, times, equal_nan=True):
-            report.uneven_steps.add(step)
-        if known is None or len(times) < len(known):
-            report.inference_times[step] = times
+        note_denoising_times(report, step, times)
 
 
 def warn_about_gaps(report: ReadReport, source: Source) -> None:
@@ -2288,7 +2293,7 @@ def results_record(
             "missing_episodes": report.missing_episodes,
             "episodes_without_step": report.episodes_without_step.get(item.rollout_step, []),
             "steps_seen": sorted(report.steps_seen),
-            "skipped_files": {**report.skipped_files, **report.skipped_steps.get(item.rollout_step, {})},
+            "skipped_files": report.skipped_at(item.rollout_step),
             "nonfinite_samples": context.nonfinite,  # (task, episode, step, denoising time) skipped
             **({} if context.baseline is None else {"steps_without_baseline": context.without_baseline}),
         },
@@ -2393,10 +2398,7 @@ def evaluate_concepts(
             "missing_tasks": dataset.report.missing_tasks,
             "missing_episodes": dataset.report.missing_episodes,
             "episodes_without_step": dataset.report.episodes_without_step.get(item.rollout_step, []),
-            "skipped_files": {
-                **dataset.report.skipped_files,
-                **dataset.report.skipped_steps.get(item.rollout_step, {}),
-            },
+            "skipped_files": dataset.report.skipped_at(item.rollout_step),
             "nonfinite_samples": context.nonfinite,
         },
         "versions": package_versions(),
@@ -2825,7 +2827,7 @@ def sweep_items(source: Source, layers, steps, inference, report: ReadReport) ->
     """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all" and "each" resolved
     from the data ("each": every denoising entry that step has, in each file)."""
     layers = [None] if source.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
-    steps = sorted(report.steps_seen) if steps == "all" else steps_asked(steps, report.steps_seen)
+    steps = steps_asked(steps, report.steps_seen)
 
     def denoising(step: int) -> list[int | None]:
         if inference == "each":
@@ -2835,8 +2837,11 @@ def sweep_items(source: Source, layers, steps, inference, report: ReadReport) ->
     return [Item(step, layer, k) for step in steps for k in denoising(step) for layer in layers]
 
 
-def steps_asked(steps: list[int | range], steps_seen: set[int]) -> list[int]:
-    """Rollout steps named one by one, then those present in each range asked for; an empty range is an error."""
+def steps_asked(steps: str | list[int | range], steps_seen: set[int]) -> list[int]:
+    """--rollout_step resolved: "all" present steps; or steps named one by one, then those present in each range asked
+    for (an empty range is an error)."""
+    if steps == "all":
+        return sorted(steps_seen)
     chosen = [step for step in steps if isinstance(step, int)]
     for span in (step for step in steps if isinstance(step, range)):
         present = [step for step in sorted(steps_seen) if step in span]

@@ -243,16 +243,15 @@ def steps_case(arguments, work: Path, lpi) -> list[dict]:
     for steps in ("10", "all"):
         output = work / f"steps_out_{steps}"
         options = ["--layer", "all", "--rollout_step", steps]
-        wall, peak, _ = measured(files_command(arguments, work, lpi, work / "steps_cache", output, options))
-        rows.append(
-            {
-                "case": f"files, --expert action --layer all --rollout_step {steps}",
-                "process_s": wall,
-                "peak_mb": peak,
-                "results": len(list(output.glob("results_*.pkl"))),
-            }
-        )
+        command = files_command(arguments, work, lpi, work / "steps_cache", output, options)
+        rows.append(files_row(f"files, --expert action --layer all --rollout_step {steps}", command, output))
     return rows
+
+
+def files_row(case: str, command: list[str], output: Path) -> dict:
+    """One whole command measured: its time, peak memory and how many results it wrote."""
+    wall, peak, _ = measured(command)
+    return {"case": case, "process_s": wall, "peak_mb": peak, "results": len(list(output.glob("results_*.pkl")))}
 
 
 def page_cache(paths: list[Path], keep: bool) -> None:
@@ -279,15 +278,8 @@ def walk_case(arguments, work: Path, lpi) -> list[dict]:
         page_cache(files, keep=cache == "warm")
         output = work / f"walk_out_{cache}"
         options = ["--layer", "5", "--rollout_step", "all"]
-        wall, peak, _ = measured(files_command(arguments, work, lpi, unwritable, output, options))
-        rows.append(
-            {
-                "case": f"files, no index, --layer 5 --rollout_step all, {cache}",
-                "process_s": wall,
-                "peak_mb": peak,
-                "results": len(list(output.glob("results_*.pkl"))),
-            }
-        )
+        command = files_command(arguments, work, lpi, unwritable, output, options)
+        rows.append(files_row(f"files, no index, --layer 5 --rollout_step all, {cache}", command, output))
     return rows
 
 

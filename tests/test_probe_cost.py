@@ -2,6 +2,7 @@
 items go to the program in bounded calls; a sweep reads one rollout step at a time and warns once."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 
@@ -188,6 +189,21 @@ def test_a_late_step_that_cannot_make_folds_stops_a_sweep_before_any_file(run_cl
     assert not output.exists() or not list(output.iterdir())
 
 
+def demo_with_one_task_changed(demo_data, directory, task: int, change) -> Path:
+    """The demo's task files in `directory` (links), but task `task`'s, which is written with change(content) applied;
+    returns that file's path."""
+    directory.mkdir()
+    for path in demo_data.glob("task_*.pkl"):
+        if not path.name.startswith(f"task_{task}_"):
+            (directory / path.name).symlink_to(path)
+            continue
+        changed = directory / path.name
+        content = pickle.loads(path.read_bytes())
+        change(content)
+        changed.write_bytes(pickle.dumps(content, protocol=4))
+    return changed
+
+
 def results_without_run_details(path) -> dict:
     results = pickle.loads(path.read_bytes())
     results.pop("wall_time_seconds"), results.pop("command")
@@ -195,16 +211,11 @@ def results_without_run_details(path) -> dict:
 
 
 def test_a_malformed_step_skips_its_file_for_that_step_only_as_a_single_run_would(run_cli, demo_data, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    for path in demo_data.glob("task_*.pkl"):
-        if not path.name.startswith("task_3_"):
-            (data / path.name).symlink_to(path)
-            continue
-        bad = data / path.name
-        content = pickle.loads(path.read_bytes())
+    def break_step_20(content):
         content["episodes"]["episode_0"]["rollout_steps"]["step_20"] = ["not", "a", "step"]
-        bad.write_bytes(pickle.dumps(content, protocol=4))
+
+    data = tmp_path / "data"
+    bad = demo_with_one_task_changed(demo_data, data, 3, break_step_20)
     options = ("--expert", "vlm", "--layer", "5", "--probe", "ridge", "--no_control")
     status, sweep = run_cli(*options, "--rollout_step", "10,20", data_path=data, output_dir=tmp_path / "sweep")
     assert status == 0 and "skipping" in capsys.readouterr().err
@@ -236,17 +247,13 @@ def test_a_probe_that_never_improves_is_marked_failed_inside_the_program():
 
 
 def test_each_denoising_step_is_counted_per_rollout_step_as_single_runs_count_it(run_cli, demo_data, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    for path in demo_data.glob("task_*.pkl"):
-        if not path.name.startswith("task_0_"):
-            (data / path.name).symlink_to(path)
-            continue
-        content = pickle.loads(path.read_bytes())
-        for episode in content["episodes"].values():  # step_20 of task 0 lacks its last denoising entry (t 0.1)
+    def drop_last_entry_at_step_20(content):  # step_20 of task 0 lacks its last denoising entry (t 0.1)
+        for episode in content["episodes"].values():
             step = episode["rollout_steps"].get("step_20", {})
             step.pop(min((key for key in step if key.startswith("action_expert")), key=lpi.denoising_time), None)
-        (data / path.name).write_bytes(pickle.dumps(content, protocol=4))
+
+    data = tmp_path / "data"
+    demo_with_one_task_changed(demo_data, data, 0, drop_last_entry_at_step_20)
     options = ("--expert", "action", "--layer", "2", "--inference_step", "each", "--probe", "ridge", "--no_control")
     status, sweep = run_cli(*options, "--rollout_step", "10,20", data_path=data, output_dir=tmp_path / "sweep")
     warnings = capsys.readouterr().err
