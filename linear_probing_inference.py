@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
+import contextlib
 import csv
 import ctypes
 import dataclasses
+import fcntl
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import io
@@ -35,18 +38,32 @@ import os
 import pickle
 import platform
 import re
+import signal
+import stat
 import struct
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 # JAX grabs 75% of a GPU at start-up; a probe needs megabytes and GPUs are shared.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while the libraries load (seconds, before main): one line, as everywhere else (see main)."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written\n".encode())
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_starting)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -163,17 +180,22 @@ class OptionError(ProbeError):
 # Features: expert entry -> layer -> token positions -> pooled vector
 # -----------------------------------------------------------------------------
 
-TASK_FILE_PATTERN = re.compile(r"^task_(\d+)_.*\.pkl$")
+TASK_FILE_PATTERN = re.compile(r"^task_([0-9]+)_.*\.pkl$")  # ASCII digits: int() reads "٣" as 3
 
 
 def find_task_files(data_path: Path, task_range: tuple[int, int]) -> tuple[dict[int, Path], list[int]]:
-    """Map each task id in the range to its file; also return the ids with no file."""
+    """Map each task id in the range to its file; also return the ids with no file. A name that is not a regular file
+    (a directory, a FIFO, a link to a device) is kept: reading it says what it is, and skips it."""
     if not data_path.is_dir():
         raise ProbeError(f"--data_path {data_path}: not a directory")
     files_by_task: dict[int, list[Path]] = {}
-    for path in sorted(data_path.iterdir()):
+    try:
+        names = sorted(data_path.iterdir())
+    except OSError as error:
+        raise ProbeError(f"--data_path {data_path}: cannot list it ({error.strerror})") from None
+    for path in names:
         match = TASK_FILE_PATTERN.match(path.name)
-        if match and path.is_file():
+        if match:
             files_by_task.setdefault(int(match.group(1)), []).append(path)
     found, missing = {}, []
     for task_id in range(*task_range):
@@ -190,13 +212,13 @@ def find_task_files(data_path: Path, task_range: tuple[int, int]) -> tuple[dict[
 
 def step_number(key: str) -> int | None:
     """The N of a rollout-step key "step_N", or None for other keys."""
-    match = re.fullmatch(r"step_(\d+)", key)
+    match = re.fullmatch(r"step_([0-9]+)", key)
     return int(match.group(1)) if match else None
 
 
 def denoising_time(key: str) -> float:
     """Flow-matching time written at the end of an action-expert key."""
-    match = re.search(r"(\d+(?:\.\d+)?)$", key)
+    match = re.search(r"([0-9]+(?:\.[0-9]+)?)$", key)
     if not match:
         raise ProbeError(f"action-expert key {key!r} does not end with its denoising time")
     return float(match.group(1))
@@ -257,14 +279,15 @@ def feature_array(entry: dict, source: Source) -> np.ndarray:
     return array
 
 
-def token_view(entry: dict, source: Source, layer: int) -> np.ndarray:
+def token_view(entry: dict, source: Source, layer: int, option: str | None = None) -> np.ndarray:
     """One layer of one expert entry, cut to the token positions (see layer_tokens)."""
-    return layer_tokens(feature_array(entry, source), source, layer)
+    return layer_tokens(feature_array(entry, source), source, layer, option)
 
 
-def layer_tokens(array: np.ndarray, source: Source, layer: int) -> np.ndarray:
+def layer_tokens(array: np.ndarray, source: Source, layer: int, option: str | None = None) -> np.ndarray:
     """One layer of an entry's feature array, cut to the token positions: (tokens, width), or (width,) for
-    per-layer vectors. Indexing only: on a mapped array nothing is read yet.
+    per-layer vectors. Indexing only: on a mapped array nothing is read yet. `option`: the option that chose the layer,
+    as an error names it (default --layer).
     """
     if source.expert == "visual":  # vision_latents[camera][feature]: ([batch,] patch, width), no layers
         layer_array = array
@@ -272,8 +295,9 @@ def layer_tokens(array: np.ndarray, source: Source, layer: int) -> np.ndarray:
         if array.ndim < 2:
             raise ProbeError(f"feature {source.feature_type!r} is not a (layer, ...) array")
         if not 0 <= layer < array.shape[0]:
+            option = option or f"--layer {layer}"
             raise OptionError(
-                f"--layer {layer} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})"
+                f"{option} is out of range: the data has {array.shape[0]} layers (0-{array.shape[0] - 1})"
             )
         layer_array = array[layer]
     if layer_array.ndim == 3:  # (batch, token, width): the batch axis is optional in the files
@@ -426,6 +450,7 @@ class TaskFile(NamedTuple):
 
     task_id: int
     path: Path
+    version: tuple  # (size, mtime, ctime, inode, device) before the walk: a file changed since is not read again
     description: str
     episodes: list[int]  # the episodes of the range that the file has
     steps: dict[int, dict[int, StepArrays | None]]  # step N -> episode -> its arrays (None in a file not mapped)
@@ -486,10 +511,8 @@ def walk_task_file(
 ) -> TaskFile:
     """One task file: its description, its episodes in the range, and each asked rollout step's arrays, checked (see
     step_arrays). A malformed step skips the file for that step only, as a run of that step alone would."""
-    try:
-        held_in_memory = path.stat().st_size > 0 and not mappable(path)
-    except OSError:  # read_task_file says what is wrong
-        held_in_memory = False
+    version = file_version(path)
+    held_in_memory = version is not None and version[0] > 0 and not mappable(path)
     if held_in_memory:  # said before the read: reading a big file whole takes minutes
         log.warning("%s: a pickle protocol below 3 stores bytes as text and cannot be mapped; reading it whole", path)
     task_data = read_task_file(path, source.trust_pickle, source.index_dir)
@@ -512,7 +535,16 @@ def walk_task_file(
         record_step(found, task_id, step, held[step], source)
         if held_in_memory:  # not kept: memory stays one file's, and the file is read again for each step
             held[step] = dict.fromkeys(held[step])
-    return TaskFile(task_id, path, description, list(episodes), held)
+    return TaskFile(task_id, path, version, description, list(episodes), held)
+
+
+def file_version(path: Path) -> tuple | None:
+    """What changes when a file is written: size, modification and change times, inode, device (None: no file)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev
 
 
 def episode_steps(task_data: dict, path: Path, task_id: int, source: Source, found: ReadReport) -> dict[int, dict]:
@@ -663,6 +695,10 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
 def file_rows(file: TaskFile, source: Source, layers: list, step: int) -> list[SampleRow]:
     """One file's samples of a step, pooled; then every page of the file this process mapped is let go (and a file
     read again is let go with this function's locals)."""
+    if file_version(file.path) != file.version:  # its mapped pages would now hold other bytes, or none (SIGBUS)
+        raise ProbeError(
+            f"{file.path}: changed while this run was reading it (before step_{step}); rerun once it is written"
+        )
     episodes = file.steps.get(step, {})
     if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
         episodes = read_step_again(file, source, step)
@@ -718,7 +754,9 @@ def baseline_views(step_data: dict, source: Source, entry_count: int) -> list | 
         raise
     except ProbeError:
         return None
-    views = [token_view(entry, baseline, layer) for _, entry in entries]
+    views = [
+        token_view(entry, baseline, layer, f"--baseline {baseline_spec_text(source.baseline)}") for _, entry in entries
+    ]
     if baseline.expert == "action":
         return views if len(views) == entry_count else None
     return views * entry_count
@@ -735,12 +773,14 @@ def progress_disabled() -> bool | None:
 
 
 def model_identity(model_name: str) -> str:
-    """A string that changes when the model changes: local files' sizes and times, or the hub name."""
+    """What names a model's weights wherever they lie: a local directory's files by name, size and the digest of both
+    ends (see file_identity), so that a copy elsewhere is the same model and retrained weights are not; or the hub
+    name."""
     path = Path(model_name)
-    if path.is_dir():
-        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
-        return json.dumps({"directory": str(path.resolve()), "files": files})
-    return json.dumps({"hub": model_name})
+    if not path.is_dir():
+        return f"hub {model_name}"
+    files = sorted(file_identity(file) for file in path.iterdir() if file.is_file())
+    return f"local files {hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}"
 
 
 def missing_model_directory(model_name: str) -> str | None:
@@ -784,17 +824,36 @@ def encode_descriptions(descriptions: list[str], model_name: str) -> np.ndarray:
     return pooled.numpy().astype(np.float32)
 
 
+def cached_labels(cache_file: Path, descriptions: list[str]) -> np.ndarray | None:
+    """The embeddings a label cache file holds for these descriptions; None when it has none. A file that cannot be
+    read (cut short by a full disk, garbled) is a miss with a warning: it is encoded again and written anew."""
+    if not cache_file.is_file():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as cached:
+            embeddings, cached_descriptions = cached["embeddings"], list(cached["descriptions"])
+        usable = embeddings.ndim == 2 and len(embeddings) == len(descriptions) and np.isfinite(embeddings).all()
+    except Exception as error:  # zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError...: numpy's own mix
+        log.warning("the label cache %s cannot be read (%s); encoding the descriptions again", cache_file, error)
+        return None
+    if cached_descriptions != descriptions:
+        return None
+    if not usable:
+        log.warning("the label cache %s holds no usable embeddings; encoding the descriptions again", cache_file)
+        return None
+    return embeddings
+
+
 def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
     """T5 embedding per description, from the on-disk cache when this model and text were seen."""
     key_source = json.dumps(
-        {"model": model_identity(config.t5_model), "descriptions": descriptions, "pooling": "mean-real-tokens-v1"}
+        {"model": model_identity(config.t5_model), "descriptions": descriptions, "pooling": "mean-real-tokens-v2"}
     )
     cache_file = Path(config.cache_dir) / "t5_labels" / f"{hashlib.sha256(key_source.encode()).hexdigest()}.npz"
-    if cache_file.is_file():
-        with np.load(cache_file, allow_pickle=False) as cached:
-            if list(cached["descriptions"]) == descriptions:
-                log.info("T5 labels from cache %s", cache_file)
-                return cached["embeddings"]
+    cached = cached_labels(cache_file, descriptions)
+    if cached is not None:
+        log.info("T5 labels from cache %s", cache_file)
+        return cached
     log.info("encoding %d task descriptions with T5 %s", len(descriptions), config.t5_model)
     embeddings = encode_descriptions(descriptions, config.t5_model)
     if unwritable_reason(cache_file.parent):  # main has warned once about --cache_dir
@@ -847,15 +906,24 @@ def read_concepts_file(path: str) -> dict[str, dict[int, str]]:
     except (OSError, UnicodeDecodeError) as error:
         raise OptionError(f"--concepts {path}: cannot read it ({error})") from None
     attributes: dict[str, dict[int, str]] = {}
+    line_of: dict[tuple[str, int], int] = {}  # (attribute, task) -> the line that gave its value
     for number, line in enumerate(lines, 1):
         fields = [field.strip() for field in line.split("\t")]
         if not line.strip() or line.startswith("#") or (number == 1 and fields[0] == "task_id"):
             continue
-        if len(fields) != 3 or not fields[0].isdigit() or not fields[1] or not fields[2]:
+        if len(fields) != 3 or not re.fullmatch(r"[0-9]+", fields[0]) or not fields[1] or not fields[2]:
             raise OptionError(
-                f"--concepts {path}, line {number}: expected task_id<TAB>attribute<TAB>value, got {line!r}"
+                f"--concepts {path}, line {number}: expected task_id<TAB>attribute<TAB>value (task_id in ASCII "
+                f"digits), got {line!r}"
             )
-        attributes.setdefault(fields[1], {})[int(fields[0])] = fields[2]
+        task, attribute, value = int(fields[0]), fields[1], fields[2]
+        known = attributes.setdefault(attribute, {}).setdefault(task, value)
+        if known != value:
+            raise OptionError(
+                f"--concepts {path}: lines {line_of[attribute, task]} and {number} give task {task} two values of "
+                f"{attribute!r} ({known!r} and {value!r})"
+            )
+        line_of.setdefault((attribute, task), number)
     return attributes
 
 
@@ -2118,6 +2186,7 @@ class ItemContext(NamedTuple):
     """What the sweep knows of one item beyond its samples and probes, for its results file."""
 
     nonfinite: list[tuple]  # (task, episode, step, denoising time) of each sample skipped as non-finite
+    made_with: dict  # the options and data it is made with (see made_with)
     baseline: dict | None = None  # --baseline: its spec and the conditional-probing metrics
     without_baseline: list[tuple] | None = None  # --baseline: (task, episode, step) lacking its entry
 
@@ -2237,6 +2306,8 @@ def results_record(
             "interval_definition": describe_intervals(training),
             "permuted_assignments": design.assignments[1:],  # row p-1: the class whose embedding class j's samples get
             "contrastive_temperature": CONTRASTIVE_TEMPERATURE,
+            "made_with": context.made_with,
+            "fingerprint": fingerprint(context.made_with),
         },
         "metrics": metrics,
         "tasks": {
@@ -2369,6 +2440,8 @@ def evaluate_concepts(
             "split": describe_split(training, design.folds),
             "token_positions": describe_token_positions(dataset.source),
             "concept_definition": CONCEPT_DEFINITION,
+            "made_with": context.made_with,
+            "fingerprint": fingerprint(context.made_with),
         },
         "concepts": concepts,
         "metrics": {
@@ -2432,6 +2505,7 @@ def format_concept_summary(results: dict) -> str:
         f"Held out: {results['config']['split']} ({reading})",
         f"Number of Samples: {metrics['num_samples']}; Number of Tasks: {metrics['num_tasks']}",
         f"Token Positions: {results['config']['token_positions']}",
+        MADE_WITH_LINE.format(results["config"]["fingerprint"]),
         "",
         f"{'concept':24} {'balanced':>8} {'accuracy':>8} {'majority':>8} {'bits':>7} {'tasks with/without':>18}  notes",
     ]
@@ -2562,6 +2636,80 @@ def installed_versions() -> dict[str, str]:
 # -----------------------------------------------------------------------------
 
 
+# Options that cannot change a number: how files are read and where caches live; and the names of the concepts file
+# and the model, whose contents run_made_with records instead.
+NOT_RESULT_OPTIONS = ("data_path", "trust_pickle", "strict", "index_dir", "cache_dir", "concepts_file", "t5_model")
+
+
+def run_made_with(source: Source, labels: LabelConfig, training: TrainingConfig) -> dict:
+    """What every result of a run is made with, bar its own layer and steps: "options", each option that can change a
+    number (the model and the concepts file by their contents), and "data", the task files as they are now (by
+    content, not path: a copy elsewhere is the same data). Each results file stores it with its item; --skip_existing
+    counts a result as done only when both are the same, and a result made with other options is replaced only with
+    --overwrite."""
+    every = {**dataclasses.asdict(source), **dataclasses.asdict(labels), **dataclasses.asdict(training)}
+    options = {name: value for name, value in every.items() if name not in NOT_RESULT_OPTIONS}
+    options.update(
+        results_format=RESULTS_FORMAT,
+        permutations=training.null_size,
+        t5_model=model_identity(labels.t5_model),
+        concepts=file_identity(Path(labels.concepts_file)).partition(": ")[2] if labels.concepts_file else None,
+    )
+    paths, _ = find_task_files(Path(source.data_path), source.task_range)
+    data = {f"task_file_{task}": file_identity(path) for task, path in paths.items()}
+    return json.loads(json.dumps({"options": options, "data": data}))  # as a results file gives it back: no tuples
+
+
+def file_identity(path: Path) -> str:
+    """A file as a result records it: name, size and the digest of both ends (see content_digest), which a rewrite
+    changes and a copy keeps; or why it cannot be read."""
+    try:
+        with open_regular(path) as file:
+            size = os.fstat(file.fileno()).st_size
+            return f"{path.name}: {size} bytes, ends sha256 {content_digest(file)[:16]}"
+    except BadFileError as error:
+        return f"{path.name}: {str(error).removeprefix(f'{path}: ')}"
+
+
+def made_with(run: dict, item: Item) -> dict:
+    """What one result is made with: the run's options and data, and its own layer, rollout and denoising step."""
+    return {"options": {**run["options"], **item._asdict()}, "data": run["data"]}
+
+
+MADE_WITH_LINE = "Made With: fingerprint {} (config['made_with'] in the results: the options and data files it used)"
+
+
+def fingerprint(record: dict) -> str:
+    """A short digest of what a result is made with: two results with one fingerprint were made the same way."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Difference(NamedTuple):
+    """How an existing result differs from the one a run would write."""
+
+    kind: str  # "options" (or unreadable: the run stops without --overwrite), or "data" (stale: made again)
+    text: str
+
+
+def recorded_difference(path: Path, wanted: dict) -> Difference | None:
+    """None when the results file at `path` was made with `wanted`; otherwise what differs, options before data, in
+    words (or why that cannot be told)."""
+    try:
+        with open_regular(path) as file:
+            recorded = load_restricted(io.BufferedReader(file))["config"]["made_with"]
+        parts = [(kind, dict(recorded[kind]), wanted[kind]) for kind in ("options", "data")]
+    except BadFileError as error:
+        return Difference("options", str(error))
+    except UNREADABLE:
+        return Difference("options", "it does not record what it was made with (another program, or an older version)")
+    for kind, old, new in parts:
+        differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        if differing:
+            words = ", ".join(f"{key} {old.get(key)!r} (now {new.get(key)!r})" for key in differing)
+            return Difference(kind, f"made with {words}")
+    return None
+
+
 def result_stem(source: Source, item: Item, inference_times: dict[int, list[float]], target: str = "t5") -> str:
     """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
     ({camera} in place of the layer for SigLIP's output) and _concepts for concept probes."""
@@ -2579,19 +2727,56 @@ def result_stem(source: Source, item: Item, inference_times: dict[int, list[floa
 
 
 def write_atomically(path: Path, content: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file. The temporary is locked
+    until it is renamed, so that a run starting meanwhile does not take it for one an interrupted run left (see
+    remove_stale_temporaries)."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks: the temporary is then only protected by its age
+                pass
             # mkstemp makes 0600, which hides results from colleagues: give the mode open() would (0666 less the umask).
             umask = os.umask(0o022)  # there is no getter: read the umask and put it back at once
             os.umask(umask)
             os.fchmod(file.fileno(), 0o666 & ~umask)
             file.write(content)
-        os.replace(temporary, path)
+            file.flush()
+            os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # write_atomically's: .{name}.{mkstemp's 8}.tmp
+
+
+def remove_stale_temporaries(directory: Path, started: float) -> None:
+    """Remove the temporaries of write_atomically that an interrupted run left in `directory`: those older than this
+    run that no writer holds locked (a run in progress holds its own)."""
+    try:
+        candidates = [path for path in directory.iterdir() if TEMPORARY_NAME.match(path.name)]
+    except OSError:  # no such directory yet
+        return
+    removed = 0
+    for path in candidates:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            status = os.fstat(descriptor)
+            if stat.S_ISREG(status.st_mode) and status.st_mtime < started:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a writer holds it
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
+    if removed:
+        log.warning("%s: removed %d temporary file(s) that an interrupted run left", directory, removed)
 
 
 def unwritable_reason(directory: Path) -> str | None:
@@ -2788,6 +2973,7 @@ def measured_lines(results: dict) -> list[str]:
         f"Features: {features}",
         f"Probe: {probe}",
         f"Seed: {training['seed']}; repeats {training['repeats']}; bootstrap resamples: {training['bootstrap']}",
+        MADE_WITH_LINE.format(results["config"]["fingerprint"]),
         f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; "
         f"Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
         f"Missing Task Files: {', '.join(map(str, report['missing_tasks'])) or 'none'}",
@@ -2814,13 +3000,43 @@ def measured_lines(results: dict) -> list[str]:
     return lines
 
 
-def write_results(results: dict, output_dir: Path, stem: str) -> tuple[Path, Path]:
-    """Write results_{stem}.pkl and summary_{stem}.txt; return their paths."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results_path, summary_path = output_dir / f"results_{stem}.pkl", output_dir / f"summary_{stem}.txt"
-    write_atomically(results_path, pickle.dumps(results, protocol=4))
-    write_atomically(summary_path, format_summary(results).encode())
-    return results_path, summary_path
+class ResultPaths(NamedTuple):
+    """The two files of one result."""
+
+    results: Path
+    summary: Path
+
+
+def result_paths(output_dir: Path, stem: str) -> ResultPaths:
+    """results_{stem}.pkl and summary_{stem}.txt: the one place their names are made (the writer and --skip_existing
+    both ask here)."""
+    return ResultPaths(output_dir / f"results_{stem}.pkl", output_dir / f"summary_{stem}.txt")
+
+
+def write_results(results: dict, output_dir: Path, stem: str) -> ResultPaths:
+    """Write a result's pair of files, each atomically. If the summary cannot be written (a full disk), the results
+    file just written is removed with it: no results file is ever left without its own summary."""
+    paths = result_paths(output_dir, stem)
+    # The summary's text may hold a path that is not UTF-8 (kept by Python as surrogates): written as \udcff escapes.
+    contents = (pickle.dumps(results, protocol=4), format_summary(results).encode(errors="backslashreplace"))
+    replaced = []
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for path, content in zip(paths, contents):
+            write_atomically(path, content)
+            replaced.append(path)
+    except BaseException as error:
+        if replaced:  # the results are new, the summary old or missing: neither stays
+            for path in paths:
+                path.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            failed = paths[len(replaced)]
+            raise ProbeError(
+                f"{failed}: cannot write it ({error.strerror or error}); the result {stem} was not written, so "
+                "nothing is half-written: free the space, then rerun with --skip_existing"
+            ) from None
+        raise
+    return paths
 
 
 def sweep_items(source: Source, layers, steps, inference, report: ReadReport) -> list[Item]:
@@ -2861,6 +3077,7 @@ class Destination(NamedTuple):
     plot: bool  # also each result's figures
     started: float  # time.perf_counter() at the start: each result records the wall time so far
     command: list[str]
+    made_with: dict  # the run's options and data, each result's record of them (see run_made_with)
 
 
 def sweep_groups(
@@ -2891,15 +3108,14 @@ def run_sweep(
     labels: LabelConfig,
     training: TrainingConfig,
     destination: Destination,
-) -> list[tuple[dict, Path, Path]]:
-    """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`);
-    items that share their samples are trained together in one program."""
+) -> Iterator[tuple[dict, Path, Path]]:
+    """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`),
+    yielding each as it is written; items that share their samples are trained together in one program."""
     groups, nonfinite = sweep_groups(items, dataset, samples, layers)
     # Every design before any training: a combination left without enough samples stops the run before a file is
     # written.
     designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
     evaluate = evaluate_concepts if labels.target == "concepts" else evaluate_item
-    written = []
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for design, members in zip(designs, groups):
             features = [selected.features[0] for _, selected in members]  # views where possible: no stacked copy
@@ -2909,15 +3125,14 @@ def run_sweep(
                 conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training)
             for position, (item, selected) in enumerate(members):
                 item_fit = fitted.item(position)
-                context = ItemContext(nonfinite[item])
+                context = ItemContext(nonfinite[item], made_with(destination.made_with, item))
                 if conditional:
                     baseline = {"spec": baseline_spec_text(dataset.source.baseline), **conditional[position]}
                     lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
-                    context = ItemContext(nonfinite[item], baseline, lacking)
+                    context = context._replace(baseline=baseline, without_baseline=lacking)
                 results = evaluate(selected, item_fit, design, dataset, item, labels, training, context)
-                written.append(write_item(results, item, selected, dataset, labels, destination))
+                yield write_item(results, item, selected, dataset, labels, destination)
                 progress.update()
-    return written
 
 
 def write_item(
@@ -3109,29 +3324,33 @@ def series_label(row: dict, varying: list[str]) -> str:
     return ", ".join(parts)
 
 
-def write_report(directory: Path) -> str:
-    """sweep.csv and by-layer plots from every results file in `directory`; return the printed table."""
+def write_report(directory: Path, strict: bool = False) -> str:
+    """sweep.csv and by-layer plots from every results file in `directory`; return the printed table. A file that is
+    not a readable results file of this version is skipped with a warning (--strict: the report stops)."""
     paths = sorted(directory.glob("results_*.pkl")) if directory.is_dir() else []
     if not paths:
         raise ProbeError(f"--report {directory}: no results_*.pkl files there")
     rows, concept_rows = [], []
     for path in paths:
-        with open(path, "rb") as file:
-            try:
-                results = RestrictedUnpickler(file).load()
-                if results.get("format_version", 0) < RESULTS_FORMAT:
-                    log.warning(
-                        "skipping %s: written by an older version of this program (format %s); rerun it",
-                        path,
-                        results.get("format_version"),
-                    )
-                    continue
-                if results.get("target") == "concepts":
-                    concept_rows += concept_report_rows(results, path)
-                else:
-                    rows.append(report_row(results, path))
-            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
-                log.warning("skipping %s: not a results file of this program (%s)", path, error)
+        try:
+            with open_regular(path) as file:
+                results = load_restricted(io.BufferedReader(file))
+            if results.get("format_version", 0) < RESULTS_FORMAT:
+                raise BadFileError(
+                    f"{path}: written by an older version of this program (format {results.get('format_version')}); "
+                    "rerun it"
+                )
+            if results.get("target") == "concepts":
+                concept_rows += concept_report_rows(results, path)
+            else:
+                rows.append(report_row(results, path))
+        except (BadFileError, *UNREADABLE) as error:
+            reason = str(error)
+            if not isinstance(error, BadFileError):
+                reason = f"{path}: not a results file of this program ({error or type(error).__name__})"
+            if strict:
+                raise BadFileError(f"--report: {reason}") from None
+            log.warning("skipping %s (--strict makes this fatal)", reason)
     if not rows and not concept_rows:
         raise ProbeError(f"--report {directory}: no readable results files")
     concept_lines = write_concept_report(concept_rows, directory) if concept_rows else []
@@ -3714,7 +3933,7 @@ def index_list(words: tuple[str, ...], ranges_kept: bool = False):
             return text
         values: list[int | range] = []
         for part in text.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            match = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part)
             if not match:
                 raise argparse.ArgumentTypeError(f"expected N, N,M,..., N-M or {' or '.join(words)}; got {text!r}")
             first, last = int(match.group(1)), int(match.group(2) or match.group(1))
@@ -3738,7 +3957,7 @@ def baseline_value(text: str) -> tuple[str, int | str]:
         )
     if expert == "visual":
         return expert, where or "base_0_rgb"
-    if not where.isdigit():
+    if not re.fullmatch(r"[0-9]+", where):
         raise argparse.ArgumentTypeError(f"--baseline {expert} needs a layer: {expert}:LAYER, e.g. {expert}:0")
     return expert, int(where)
 
@@ -3750,7 +3969,7 @@ def baseline_spec_text(baseline: tuple[str, int | str]) -> str:
 
 def shard_value(text: str) -> tuple[int, int]:
     """argparse type: INDEX/COUNT with 0 <= INDEX < COUNT."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
     if not match or not int(match.group(1)) < int(match.group(2)):
         raise argparse.ArgumentTypeError(f"expected INDEX/COUNT with 0 <= INDEX < COUNT, got {text!r}")
     return int(match.group(1)), int(match.group(2))
@@ -4021,7 +4240,14 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--skip_existing",
         action="store_true",
-        help="leave combinations whose two result files exist (resume a killed sweep)",
+        help="leave combinations whose two result files exist and were made with the same options and data (resume "
+        "a killed sweep)",
+    )
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results in --output_dir made with other options or data (without it, such a result stops the "
+        "run before anything is trained, naming what differs)",
     )
     output.add_argument(
         "--shard",
@@ -4162,23 +4388,37 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[Source, LabelConfi
 # -----------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, command: list[str], started: float) -> list[tuple[dict, Path, Path]]:
+@dataclasses.dataclass
+class Progress:
+    """How far a run got: what an interrupted run says."""
+
+    total: int | None = None  # the combinations this job writes, once they are known
+    written: int = 0
+
+    def interrupted(self) -> str:
+        """The line an interrupted run ends with."""
+        if self.total is None:
+            return "interrupted before any result was written; rerun to start again"
+        return f"interrupted after {self.written} of {self.total} combination(s); rerun with --skip_existing to finish"
+
+
+def run(args: argparse.Namespace, command: list[str], started: float, progress: Progress) -> list[tuple]:
     """Walk the task files once and resolve the sweep, then read, train, evaluate and write one rollout step at a
     time; return what was written (a sweep's results without their per-sample parts)."""
     if args.demo:
         prepare_demo(Path(args.data_path))
     source, labels, training = configs_from_arguments(args)
+    run_record = run_made_with(source, labels, training)  # checks --data_path, though nothing may be read
     named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
-    if named:
-        find_task_files(Path(source.data_path), source.task_range)  # --data_path checked, though nothing may be read
-    finished = bool(named) and not left_to_run(args, named, source, {})[0]  # then no file is read
+    finished = bool(named) and not left_to_run(args, named, source, {}, run_record)[0]  # then no file is read
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
     dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
-    items = resolve_sweep(args, dataset, labels, training) if dataset else []
+    items = resolve_sweep(args, dataset, labels, training, run_record) if dataset else []
+    progress.total = len(items)
     if not items:
         log.warning("nothing to do: no combination is left for this shard, or all are already written")
         return []
-    destination = Destination(Path(args.output_dir), args.plot, started, command)
+    destination = Destination(Path(args.output_dir), args.plot, started, command, run_record)
     written = []
     for step in sorted({item.rollout_step for item in items}):
         # One rollout step at a time: memory follows one step's features, not the sweep's. Its slices are cut from
@@ -4194,13 +4434,14 @@ def run(args: argparse.Namespace, command: list[str], started: float) -> list[tu
             if len(items) > 1:
                 results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
             written.append((results, *paths))
+            progress.written += 1
         del samples
         release_freed_memory()  # before the next step is read
     return written
 
 
 def resolve_sweep(
-    args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig
+    args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig, run_record: dict
 ) -> list[Item]:
     """The combinations this run writes (--shard and --skip_existing applied): "all" layers or steps and "each"
     denoising step come from the walked files, and so do the denoising times in file names; with several steps,
@@ -4209,7 +4450,7 @@ def resolve_sweep(
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
         check_steps(steps, dataset, labels, training)
-    items, done = left_to_run(args, items, dataset.source, dataset.report.inference_times)
+    items, done = left_to_run(args, items, dataset.source, dataset.report.inference_times, run_record)
     if done:
         log.info("skipping %d combination(s) already written in %s", done, args.output_dir)
     return items
@@ -4223,21 +4464,45 @@ def named_by_options(args: argparse.Namespace) -> bool:
 
 
 def left_to_run(
-    args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict[int, list[float]]
+    args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict, run_record: dict
 ) -> tuple[list[Item], int]:
-    """The combinations this job runs: its --shard less those --skip_existing finds written; and how many those are."""
-    stems = {item: result_stem(source, item, inference_times, args.target) for item in items}
+    """The combinations this job runs: its --shard, less those --skip_existing finds written, made with the same
+    options and data; and how many those are. A result in --output_dir made with other options stops the run before
+    anything is trained, naming what differs, unless --overwrite is given (file names do not hold every option); one
+    made from other data is made again, with a warning."""
     if args.shard:
         index, count = args.shard
         items = items[index::count]
-    if args.skip_existing:
-        output_dir = Path(args.output_dir)
-        kinds = (("results", ".pkl"), ("summary", ".txt"))
-        done = [
-            item for item in items if all((output_dir / f"{kind}_{stems[item]}{ext}").is_file() for kind, ext in kinds)
-        ]
-        return [item for item in items if item not in done], len(done)
-    return items, 0
+    output_dir, left, done, found = Path(args.output_dir), [], 0, {"options": {}, "data": {}}
+    for item in items:
+        paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
+        for path in paths:
+            if os.path.lexists(path) and not path.is_file():
+                raise ProbeError(f"{path}: exists and is not a regular file; move it away")
+        exists = paths.results.is_file()
+        difference = recorded_difference(paths.results, made_with(run_record, item)) if exists else None
+        if exists and difference is None and args.skip_existing and paths.summary.is_file():
+            done += 1
+            continue
+        if difference is not None:
+            found[difference.kind][paths.results.name] = difference.text
+        left.append(item)
+    if found["options"] and not args.overwrite:
+        name, text = next(iter(found["options"].items()))
+        raise ProbeError(
+            f"{len(found['options'])} result(s) in {output_dir} were made with other options, e.g. {name}: {text}. "
+            "--overwrite replaces them; another --output_dir keeps both"
+        )
+    if found["data"]:  # results of data that are no longer there: never reused, made again
+        name, text = next(iter(found["data"].items()))
+        log.warning(
+            "%d result(s) in %s were made from other data, e.g. %s: %s; made again",
+            len(found["data"]),
+            output_dir,
+            name,
+            text,
+        )
+    return left, done
 
 
 def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
@@ -4305,10 +4570,13 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the program; return the exit status."""
+    """Run the program; return the exit status. Every failure a user can meet ends in one line: a bad option (2), a
+    data or writing problem (1), Ctrl-C (130); a closed pipe (`| head`) ends quietly (141)."""
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 (held as surrogates) prints as \udcff escapes
+        sys.stdout.reconfigure(errors="backslashreplace")
     cache_problem = None if args.report else unwritable_reason(Path(args.cache_dir))
     if cache_problem:  # one line of ours, not JAX's multi-line warning nor one per file
         log.warning(
@@ -4319,25 +4587,125 @@ def main(argv: list[str] | None = None) -> int:
     elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # repeated runs in a bash loop reuse the compiled probe
         jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir) / "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    started = time.perf_counter()
+    progress = Progress()
     try:
-        check_paths(args)
-        if args.report:
-            table = write_report(Path(args.report))
-            if not args.quiet:
-                print(table)
-            return 0
-        written = run(args, list(sys.argv if argv is None else argv), started)
+        with interruptible(), compile_cache_repaired(args):
+            return run_command(args, list(sys.argv if argv is None else argv), progress)
     except ProbeError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return tell(f"error: {error}", error.exit_code)
+    except KeyboardInterrupt:
+        return tell("interrupted; the report was not finished" if args.report else progress.interrupted(), 130)
+    except BrokenPipeError:  # the reader of our output went away: nothing to say, and no one to say it to
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit stays quiet
+        return 141
+    except OSError as error:  # a disk or file-system failure outside the result files (figures, --report's files)
+        where = f": {error.filename}" if error.filename else ""
+        return tell(f"error: {error.strerror or error}{where}", 1)
+    except MemoryError:
+        return tell("error: out of memory; use fewer tasks, episodes, layers or rollout steps per run", 1)
+
+
+def run_command(args: argparse.Namespace, command: list[str], progress: Progress) -> int:
+    """--report, or a run: its results written and their summary (or one line each) printed."""
+    started, started_at = time.perf_counter(), time.time()
+    check_paths(args)
+    if args.report:
+        remove_stale_temporaries(Path(args.report), started_at)
+        table = write_report(Path(args.report), args.strict)
+        if not args.quiet:
+            print(table)
+            sys.stdout.flush()  # a closed pipe is met here, not in Python's flush at exit
+        return 0
+    for directory in (Path(args.output_dir), Path(args.cache_dir) / "t5_labels", Path(args.cache_dir) / "file_index"):
+        remove_stale_temporaries(directory, started_at)
+    written = run(args, command, started, progress)
     if not args.quiet:
         print_outcome(written, args)
+        sys.stdout.flush()  # a closed pipe is met here, not in Python's flush at exit
         print(
             f"done in {time.perf_counter() - started:.1f} s: {len(written)} result pair(s) in {args.output_dir}",
             file=sys.stderr,
         )
     return 0
+
+
+def tell(line: str, status: int) -> int:
+    """Print one line for the user on stderr (nothing if stderr is gone); return the exit status."""
+    with contextlib.suppress(OSError):
+        print(f"{Path(sys.argv[0]).name}: {line}", file=sys.stderr)
+    return status
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C raises KeyboardInterrupt where Python next runs (a compiled training call finishes first); a second
+    Ctrl-C ends the process at once, as whoever presses it again expects. Results are written atomically and pairs
+    whole, so either way nothing is left half-written."""
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield
+        return
+
+    def first_interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+COMPILE_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)")
+
+
+@contextlib.contextmanager
+def compile_cache_repaired(args: argparse.Namespace):
+    """JAX writes a compile-cache entry in place and never rewrites one it finds, so a write cut short (a full disk)
+    leaves an entry it refuses, with a warning, on every later run. Here its warning becomes one line of ours, and
+    the entries of that program that cannot be decompressed are removed: they are compiled and cached anew."""
+    directory = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(args.cache_dir) / "jax")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message="Error (reading|writing) persistent compilation cache entry")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            match = COMPILE_CACHE_ERROR.match(str(message))
+            if match is None:
+                return shown(message, category, filename, lineno, file, line)
+            removed = remove_unreadable_cache_entries(directory, match.group(2))
+            log.warning(
+                "compile cache %s: JAX could not %s an entry of %s (%s); removed %d unreadable entr(ies), compiled "
+                "and cached anew",
+                directory,
+                match.group(1).removesuffix("ing"),
+                match.group(2).split("-")[0],
+                match.group(3),
+                removed,
+            )
+
+        warnings.showwarning = show
+        yield
+
+
+def remove_unreadable_cache_entries(directory: Path, name: str) -> int:
+    """Remove the compile-cache entries of `name` (a program, or one entry's key) that cannot be decompressed."""
+    try:
+        from jax._src.compilation_cache import decompress_executable  # JAX's own reading, where it can be imported
+    except ImportError:
+        decompress_executable = None
+    removed = 0
+    for path in directory.glob(f"{glob.escape(name)}*-cache"):
+        try:
+            decompress_executable(path.read_bytes())
+            continue
+        except Exception:  # a cut-short stream (zlib.error, ZstdError...), or no JAX function to read it: remove it
+            pass
+        path.unlink(missing_ok=True)
+        path.with_name(path.name.removesuffix("-cache") + "-atime").unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 # -----------------------------------------------------------------------------
@@ -4370,6 +4738,20 @@ SAFE_GLOBALS = (
 )
 
 MAPPED_PAYLOAD_BYTES = 4096  # payloads from one page up are mapped, not read
+# What reading a damaged or hostile pickle can raise (restricted, so nothing else runs).
+UNREADABLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    KeyError,
+    IndexError,
+    struct.error,
+    RecursionError,
+    OSError,
+)
 
 
 class BadFileError(ProbeError):
@@ -4385,9 +4767,52 @@ class FileRegion:
 
 
 class PendingArray:
-    """What numpy's `_reconstruct` returns; the following BUILD turns it into an array."""
+    """What numpy's `_reconstruct` returns while a file is read; the following BUILD fills in the array once its dtype
+    and shape are checked against the payload (replace_arrays then puts the array in its place)."""
 
     array: np.ndarray | None = None
+
+    def __setstate__(self, state) -> None:
+        _version, shape, dtype, _fortran_order, data = state
+        check_array_layout(dtype, shape, len(data) if isinstance(data, (bytes, bytearray)) else None)
+        self.array = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+        self.array.__setstate__(state)
+
+
+def check_array_layout(dtype, shape, payload_length: int | None) -> None:
+    """Refuse an array that is not plain data or does not fit its payload: a zero-size dtype with a huge shape, or a
+    shape declaring more bytes than the file holds, would otherwise become gigabytes when the array is used."""
+    dtype = np.dtype(dtype)
+    plain = dtype.kind in "biufcSU" or dtype.type.__module__ == "ml_dtypes"  # numbers, bool, fixed-width text
+    if not plain or dtype.hasobject or dtype.itemsize == 0:
+        raise pickle.UnpicklingError(f"an array of dtype {dtype} is not numeric data")
+    if any(not isinstance(size, int) or size < 0 for size in shape):
+        raise pickle.UnpicklingError(f"an array has a malformed shape {tuple(shape)}")
+    if payload_length is None or math.prod(shape) * dtype.itemsize != payload_length:
+        raise pickle.UnpicklingError(
+            f"an array of shape {tuple(shape)} and dtype {dtype} does not fit its {payload_length}-byte payload"
+        )
+
+
+def checked_frombuffer(frombuffer):
+    """numpy's `_frombuffer` (protocol 5's array reconstructor), its layout checked first."""
+
+    def build(buffer, dtype, shape, order):
+        check_array_layout(dtype, shape, len(buffer))
+        return frombuffer(buffer, dtype, shape, order)
+
+    return build
+
+
+def data_not_size(constructor):
+    """`bytes` or `bytearray` for a pickle: from data, never from a size (bytes(10**12) would be 1 TB of zeros)."""
+
+    def build(*args):
+        if args and isinstance(args[0], int):
+            raise pickle.UnpicklingError(f"refused {constructor.__name__}({args[0]}): a size, not data")
+        return constructor(*args)
+
+    return build
 
 
 def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust: bool):
@@ -4398,7 +4823,14 @@ def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust:
         raise pickle.UnpicklingError(
             f"refused global {'.'.join(checked)}: not a data type (--trust_pickle lifts this, unsafely)"
         )
-    return super(type(unpickler), unpickler).find_class(module, name)
+    found = super(type(unpickler), unpickler).find_class(module, name)
+    if checked[1] == "_reconstruct" and checked[0].endswith("multiarray"):
+        return lambda cls, shape, typecode: PendingArray()
+    if checked[1] == "_frombuffer" and checked[0].endswith("numeric"):
+        return checked_frombuffer(found)
+    if checked in (("builtins", "bytes"), ("builtins", "bytearray")):
+        return data_not_size(found)
+    return found
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -4430,8 +4862,6 @@ class MappingUnpickler(pickle._Unpickler):
 
     def find_class(self, module: str, name: str):
         found = refuse_or_import(self, module, name, self.trust)
-        if name == "_reconstruct" and module.endswith("multiarray"):
-            return lambda cls, shape, typecode: PendingArray()
         if name == "_frombuffer" and module.endswith("numeric"):
             return lambda buffer, dtype, shape, order: (
                 self.mapped_array(buffer, dtype, shape, order)
@@ -4485,18 +4915,14 @@ class MappingUnpickler(pickle._Unpickler):
         _version, shape, dtype, fortran_order, data = state
         if isinstance(data, FileRegion):
             instance.array = self.mapped_array(data, dtype, shape, "F" if fortran_order else "C")
-        else:  # small payload or object array: numpy's own reconstruction, as pickle.load does
-            instance.array = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
-            instance.array.__setstate__(state)
+        else:  # small payload: numpy's own reconstruction, as pickle.load does
+            instance.__setstate__(state)
         self.stack[-1] = instance.array
 
     def mapped_array(self, region: FileRegion, dtype, shape, order: str) -> np.ndarray:
         """A read-only array over a payload's bytes in the memory map."""
+        check_array_layout(dtype, shape, region.length)
         dtype = np.dtype(dtype)
-        if dtype.hasobject or math.prod(shape) * dtype.itemsize != region.length:
-            raise pickle.UnpicklingError(
-                f"array of shape {tuple(shape)} and dtype {dtype} does not fit its {region.length}-byte payload"
-            )
         array = np.ndarray(shape, dtype=dtype, buffer=self.mapped, offset=region.offset, order=order)
         self.mapped_specs[id(array)] = (MAPPED_ARRAY, region.offset, dtype, tuple(shape), order)
         return array
@@ -4508,7 +4934,7 @@ class MappingUnpickler(pickle._Unpickler):
 
 
 MAPPED_ARRAY = "\x00mapped array"  # marks (MAPPED_ARRAY, offset, dtype, shape, order) in a file index
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: keyed by ctime and the content at both ends too
 
 
 def is_mapped_spec(value) -> bool:
@@ -4516,18 +4942,29 @@ def is_mapped_spec(value) -> bool:
     return isinstance(value, tuple) and len(value) == 5 and isinstance(value[0], str) and value[0] == MAPPED_ARRAY
 
 
-def replace_arrays(value, replace):
-    """Copy of a small object graph with each leaf (array, placeholder, ...) passed through `replace`."""
+def replace_arrays(value, replace, memo: dict | None = None):
+    """Copy of a small object graph with each leaf (array, placeholder, ...) passed through `replace`. An object reached
+    twice is copied once, as pickle's memo shares it: a graph of shared references (a = [a, a], 40 times) stays the
+    size of its file instead of growing to 2^40 nodes, and a container that holds itself is copied once."""
+    memo = {} if memo is None else memo
+    if id(value) in memo:
+        return memo[id(value)]
     if isinstance(value, dict):
-        return type(value)((key, replace_arrays(item, replace)) for key, item in value.items())  # OrderedDict stays one
+        copy = memo[id(value)] = type(value)()  # an OrderedDict stays one
+        copy.update((key, replace_arrays(item, replace, memo)) for key, item in value.items())
+        return copy
     if isinstance(value, list):
-        return [replace_arrays(item, replace) for item in value]
+        copy = memo[id(value)] = []
+        copy.extend(replace_arrays(item, replace, memo) for item in value)
+        return copy
     if isinstance(value, tuple) and not is_mapped_spec(value):
-        return tuple(replace_arrays(item, replace) for item in value)
-    return replace(value)
+        items = tuple(replace_arrays(item, replace, memo) for item in value)
+        return memo.setdefault(id(value), items)  # a copy made on the way (the tuple reached through itself) wins
+    copy = memo[id(value)] = replace(value)
+    return copy
 
 
-def resolve_pending(value, mapped: mmap.mmap):
+def resolve_pending(value, mapped: mmap.mmap | None = None):
     """A placeholder left in the graph (a shared array reference, a raw payload) replaced by its value."""
     if isinstance(value, PendingArray):
         if value.array is None:
@@ -4538,10 +4975,56 @@ def resolve_pending(value, mapped: mmap.mmap):
     return value
 
 
-def index_file_for(path: Path, index_dir: str) -> Path:
-    """Where the index of this exact file version lives: keyed by path, size, mtime and inode."""
-    stat = path.stat()
-    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, INDEX_FORMAT])
+def load_restricted(file, trust: bool = False):
+    """pickle.load through the allow-list, with numpy arrays checked (see check_array_layout)."""
+    return replace_arrays(RestrictedUnpickler(file, trust).load(), resolve_pending)
+
+
+def open_regular(path: Path) -> io.FileIO:
+    """Open a file to read, if it is a regular file (a link to one is fine): a FIFO would block the run, a device such
+    as /dev/zero never ends, a directory holds no pickle. Opened without blocking, then checked."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise BadFileError(f"{path}: cannot open it ({error.strerror})") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO"}.get(stat.S_IFMT(mode), "a device or socket")
+        raise BadFileError(f"{path}: not a regular file ({kind})")
+    os.set_blocking(descriptor, True)
+    return io.FileIO(descriptor, "rb")
+
+
+DIGEST_BYTES = 64 * 1024  # hashed at each end of a file: a rewrite that keeps size and times still changes these
+
+
+def content_digest(file: io.FileIO) -> str:
+    """sha256 of a file's size and its first and last DIGEST_BYTES: two reads, whatever the file's size."""
+    size = os.fstat(file.fileno()).st_size
+    digest = hashlib.sha256(str(size).encode())
+    for offset in (0, max(0, size - DIGEST_BYTES)):
+        digest.update(os.pread(file.fileno(), DIGEST_BYTES, offset))
+    return digest.hexdigest()
+
+
+def index_file_for(path: Path, file: io.FileIO, index_dir: str) -> Path:
+    """Where the index of this exact file version lives: keyed by path, size, modification and change times, inode,
+    and the content at both ends. ctime cannot be set back by a writer, so a file rewritten in place with its size,
+    inode and mtime restored gets a new index, as does one whose ends changed."""
+    status = os.fstat(file.fileno())
+    key = json.dumps(
+        [
+            str(path.resolve()),
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+            status.st_ino,
+            status.st_dev,
+            content_digest(file),
+            INDEX_FORMAT,
+        ]
+    )
     return Path(index_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
 
 
@@ -4553,20 +5036,17 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
     Protocols 0-2 store bytes as text, so such a file is read whole (still restricted).
     """
     try:
-        with open(path, "rb", buffering=0) as file:
-            size = os.fstat(file.fileno()).st_size
-            if size == 0:
+        with open_regular(path) as file:
+            if os.fstat(file.fileno()).st_size == 0:
                 raise BadFileError(f"{path}: empty file")
             if not mappable(path):
-                with open(path, "rb") as whole:
-                    data = RestrictedUnpickler(whole, trust).load()
+                data = load_restricted(io.BufferedReader(file), trust)
             else:
-                file.seek(0)
                 os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead between headers
                 mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
                 if hasattr(mapped, "madvise"):  # fault in only the pages indexed: read-ahead read 20x more here
                     mapped.madvise(mmap.MADV_RANDOM)
-                index_file = index_file_for(path, index_dir) if index_dir else None
+                index_file = index_file_for(path, file, index_dir) if index_dir else None
                 data = read_index(index_file, mapped, trust) if index_file else None
                 if data is None:
                     unpickler = MappingUnpickler(file, mapped, trust)
@@ -4575,19 +5055,7 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
                         write_index(index_file, replace_arrays(data, lambda v: unpickler.mapped_specs.get(id(v), v)))
     except BadFileError:
         raise
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        ImportError,
-        KeyError,
-        IndexError,
-        struct.error,
-        RecursionError,
-        OSError,
-    ) as error:
+    except UNREADABLE as error:
         reason = str(error) or type(error).__name__
         if isinstance(error, EOFError):
             reason = "truncated: the file ends before the pickle's STOP"
@@ -4599,7 +5067,7 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
 
 def mappable(path: Path) -> bool:
     """Whether a pickle's arrays can be mapped: protocols 3-5 (0-2 store bytes as text: such a file is read whole)."""
-    with open(path, "rb") as file:
+    with open_regular(path) as file:
         header = file.read(2)
     return len(header) == 2 and header[:1] == pickle.PROTO and header[1] >= 3
 
@@ -4608,7 +5076,7 @@ def read_index(index_file: Path, mapped: mmap.mmap, trust: bool) -> dict | None:
     """The file's structure from its index, arrays mapped again; None when there is no usable index."""
     try:
         with open(index_file, "rb") as file:
-            skeleton = RestrictedUnpickler(file, trust).load()
+            skeleton = load_restricted(file, trust)
     except FileNotFoundError:
         return None
     except Exception as error:  # a damaged index costs a re-read, never a wrong number

@@ -114,10 +114,10 @@ def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra
         items = lpi.sweep_items(base, "all", [STEP], "all", report)
         start = time.perf_counter()
         if hasattr(lpi, "Dataset"):  # this version: the walked files carry the descriptions
-            files = [lpi.TaskFile(t, Path(f"task_{t}.pkl"), text, [], {}) for t, text in enumerate(texts)]
-            destination = lpi.Destination(output, False, start, [])
+            files = [lpi.TaskFile(t, Path(f"task_{t}.pkl"), None, text, [], {}) for t, text in enumerate(texts)]
+            destination = lpi.Destination(output, False, start, [], {})
             dataset = lpi.Dataset(base, files, report)
-            written = lpi.run_sweep(items, dataset, samples, list(range(LAYERS)), labels, training, destination)
+            written = list(lpi.run_sweep(items, dataset, samples, list(range(LAYERS)), labels, training, destination))
         elif hasattr(lpi, "Destination"):  # earlier versions, for before/after tables: one step's samples
             report.descriptions = dict(enumerate(texts))
             destination = lpi.Destination(output, False, start, [])

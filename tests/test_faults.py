@@ -1,0 +1,464 @@
+"""Faults, interrupted runs and hostile inputs: nothing stale is reused, and every fault ends in one line."""
+
+import errno
+import fcntl
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import linear_probing_inference as lpi
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAM = str(REPO / "linear_probing_inference.py")
+FAST = ("--expert", "vlm", "--layer", "5", "--probe", "ridge", "--no_control", "--bootstrap", "100")
+CREAM, TOMATO = (
+    "cream cheese",
+    "tomato sauce",
+)  # the same length: a file rewritten with one for the other keeps its size
+
+
+def linked_demo(demo_data: Path, directory: Path) -> Path:
+    """A data directory of links to the demo's task files."""
+    directory.mkdir()
+    for path in demo_data.glob("task_*.pkl"):
+        (directory / path.name).symlink_to(path)
+    return directory
+
+
+def rewrite_in_place(path: Path) -> None:
+    """Rewrite a task file through the same inode, cream cheese turned into tomato sauce (one length), then put its
+    modification time back as it was: size, inode and mtime are those of the file its index was made from."""
+    before = path.stat()
+    data = path.read_bytes()
+    assert CREAM.encode() in data
+    with open(path, "r+b") as file:
+        file.write(data.replace(CREAM.encode(), TOMATO.encode()))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+def copy_of_task(demo_data: Path, directory: Path, task: int) -> Path:
+    """The demo's data as links, but task `task`'s file as a copy of its own (to be rewritten)."""
+    linked_demo(demo_data, directory)
+    link = next(directory.glob(f"task_{task}_*.pkl"))
+    link.unlink()
+    link.write_bytes(next(demo_data.glob(f"task_{task}_*.pkl")).read_bytes())
+    return link
+
+
+def program(*arguments: str, **options) -> subprocess.CompletedProcess:
+    """The program as a user runs it, in its own process."""
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, PROGRAM, *arguments], capture_output=True, env=environment, **options)
+
+
+def cli_arguments(demo_data: Path, tiny_t5: Path, cache: Path, output: Path, *options: str) -> list[str]:
+    """The run_cli fixture's arguments, for a run in its own process."""
+    return [
+        *("--data_path", str(demo_data), "--t5_model", str(tiny_t5), "--cache_dir", str(cache)),
+        *("--output_dir", str(output), "--task_range", "0", "10", "--episode_range", "0", "6"),
+        *("--rollout_step", "10", "--quiet", *options),
+    ]
+
+
+# --- Nothing stale ----------------------------------------------------------------------------------------------------
+
+
+def test_an_index_is_not_reused_after_a_rewrite_in_place_that_restores_size_inode_and_mtime(tmp_path, demo_data):
+    path = copy_of_task(demo_data, tmp_path / "data", 1)
+    index = str(tmp_path / "index")
+    assert CREAM in lpi.read_task_file(path, index_dir=index)["task_description"]
+    assert CREAM in lpi.read_task_file(path, index_dir=index)["task_description"]  # from the index
+    rewrite_in_place(path)
+    assert TOMATO in lpi.read_task_file(path, index_dir=index)["task_description"]
+
+
+def test_a_rewritten_task_file_gives_its_new_description_in_a_run(run_cli, demo_data, tmp_path):
+    data = tmp_path / "data"
+    path = copy_of_task(demo_data, data, 1)
+    assert run_cli(*FAST, data_path=data, output_dir=tmp_path / "before")[0] == 0
+    rewrite_in_place(path)
+    assert run_cli(*FAST, data_path=data, output_dir=tmp_path / "after")[0] == 0
+    summary = (tmp_path / "after" / "summary_vlm_layer5_step10.txt").read_text()
+    assert f"  1: pick up the {TOMATO} and place it in the basket" in summary
+
+
+def load(path: Path) -> dict:
+    with open(path, "rb") as file:
+        return pickle.load(file)
+
+
+def test_skip_existing_counts_a_result_as_done_only_when_made_with_the_same_options(run_cli, tmp_path, capsys):
+    output = tmp_path / "out"
+    results = output / "results_vlm_layer5_step10.pkl"
+    assert run_cli(*FAST, output_dir=output)[0] == 0
+    written = results.stat().st_mtime_ns
+    capsys.readouterr()
+    for other in (("--seed", "7"), ("--probe", "linear"), ("--split", "task"), ("--bootstrap", "200")):
+        for resume in (("--skip_existing",), ()):  # resuming or not, results of other options are not replaced
+            status, _ = run_cli(*FAST, *other, *resume, output_dir=output)
+            error = capsys.readouterr().err
+            assert status == 1 and "nothing to do" not in error
+            name = other[0].removeprefix("--")
+            assert f"made with other options, e.g. results_vlm_layer5_step10.pkl: made with {name}" in error
+            assert "--overwrite" in error and len(error.strip().splitlines()) == 1
+            assert results.stat().st_mtime_ns == written
+    assert run_cli(*FAST, "--seed", "7", "--overwrite", output_dir=output)[0] == 0
+    made_with = load(results)["config"]["made_with"]
+    assert made_with["options"]["seed"] == 7 and made_with["options"]["layer"] == 5
+    assert load(results)["config"]["fingerprint"] == lpi.fingerprint(made_with)
+    capsys.readouterr()
+    assert run_cli(*FAST, "--seed", "7", "--skip_existing", output_dir=output)[0] == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert run_cli(*FAST, "--seed", "7", output_dir=output)[0] == 0  # the same options: a rerun replaces freely
+
+
+def test_skip_existing_tells_a_concept_result_from_a_t5_result(run_cli, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert run_cli("--expert", "text_only", "--layer", "5", "--probe", "ridge", output_dir=output)[0] == 0
+    capsys.readouterr()
+    concepts = ("--expert", "text_only", "--layer", "5", "--target", "concepts", "--num_epochs", "5")
+    assert run_cli(*concepts, "--skip_existing", output_dir=output)[0] == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert load(output / "results_text_only_layer5_step10_concepts.pkl")["target"] == "concepts"
+
+
+def test_results_of_a_task_file_since_changed_are_made_again_not_reused(run_cli, demo_data, tmp_path, capsys):
+    data, output = tmp_path / "data", tmp_path / "out"
+    path = copy_of_task(demo_data, data, 1)
+    assert run_cli(*FAST, data_path=data, output_dir=output)[0] == 0
+    rewrite_in_place(path)
+    capsys.readouterr()
+    assert run_cli(*FAST, "--skip_existing", data_path=data, output_dir=output)[0] == 0
+    error = capsys.readouterr().err
+    assert "made from other data" in error and "task_file_1" in error and "nothing to do" not in error
+    assert TOMATO in (output / "summary_vlm_layer5_step10.txt").read_text()
+    assert run_cli(*FAST, "--skip_existing", data_path=data, output_dir=output)[0] == 0
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_a_file_changed_while_a_run_reads_it_stops_the_run(demo_data, tmp_path):
+    path = copy_of_task(demo_data, tmp_path / "data", 1)
+    source = lpi.Source(data_path=str(tmp_path / "data"), task_range=(0, 10), episode_range=(0, 6), expert="vlm")
+    dataset = lpi.read_dataset(source, [10, 20], 5)
+    lpi.step_samples(dataset, [5], 10)
+    rewrite_in_place(path)  # its change time moves
+    with pytest.raises(lpi.ProbeError, match="changed while this run was reading it"):
+        lpi.step_samples(dataset, [5], 20)
+
+
+# --- One line for every fault -----------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_mid_sweep_ends_in_one_line_and_a_rerun_finishes(demo_data, tiny_t5, tmp_path):
+    output = tmp_path / "out"
+    arguments = cli_arguments(demo_data, tiny_t5, tmp_path / "cache", output, *FAST)
+    arguments += ["--layer", "all", "--rollout_step", "all", "--bootstrap", "1000"]
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, PROGRAM, *arguments], stderr=subprocess.PIPE, text=True, env=environment)
+    deadline = time.monotonic() + 240
+    while not list(output.glob("results_*.pkl")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    error = child.communicate(timeout=120)[1]
+    assert child.returncode == 130, error
+    assert "Traceback" not in error
+    last = error.strip().splitlines()[-1]
+    assert "interrupted after" in last and "of 36 combination(s); rerun with --skip_existing to finish" in last
+    written = int(last.split("interrupted after ")[1].split()[0])
+    assert 1 <= written < 36
+    results = len(list(output.glob("results_*.pkl")))
+    assert results == len(list(output.glob("summary_*.txt"))) and results in (
+        written,
+        written + 1,
+    )  # + the one in flight
+    finished = program(*arguments, "--skip_existing", timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert len(list(output.glob("results_*.pkl"))) == 36 and not list(output.glob(".*.tmp"))
+
+
+def test_an_interruption_counts_what_was_written(run_cli, monkeypatch, capsys):
+    write_item = lpi.write_item
+    calls = []
+
+    def interrupted_second(*arguments):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write_item(*arguments)
+
+    monkeypatch.setattr(lpi, "write_item", interrupted_second)
+    status, output = run_cli(*FAST, "--layer", "4-6")
+    assert status == 130
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("interrupted after 1 of 3 combination(s); rerun with --skip_existing to finish")
+    )
+    assert [path.name for path in output.glob("results_*.pkl")] == ["results_vlm_layer4_step10.pkl"]
+
+
+def test_a_full_disk_leaves_no_results_file_without_its_summary(run_cli, monkeypatch, capsys):
+    write_atomically = lpi.write_atomically
+
+    def disk_full_at_summaries(path, content):
+        if path.name.startswith("summary_"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_atomically(path, content)
+
+    monkeypatch.setattr(lpi, "write_atomically", disk_full_at_summaries)
+    status, output = run_cli(*FAST)
+    error = capsys.readouterr().err.strip()
+    assert status == 1 and len(error.splitlines()) == 1
+    assert "summary_vlm_layer5_step10.txt: cannot write it (No space left on device)" in error
+    assert not list(output.glob("results_*")) and not list(output.glob(".*.tmp"))
+
+
+def test_a_garbled_label_cache_is_encoded_again_with_one_warning(run_cli, tmp_path, capsys):
+    cache = tmp_path / "own_cache"
+    assert run_cli(*FAST, "--cache_dir", str(cache))[0] == 0
+    (entry,) = (cache / "t5_labels").glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])  # cut short, as by a full disk
+    capsys.readouterr()
+    assert run_cli(*FAST, "--cache_dir", str(cache))[0] == 0
+    assert capsys.readouterr().err.count("cannot be read") == 1
+    with np.load(entry) as rebuilt:
+        assert rebuilt["embeddings"].shape == (10, 32)
+    assert run_cli(*FAST, "--cache_dir", str(cache))[0] == 0
+    assert "label cache" not in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(run_cli, tmp_path):
+    status, output = run_cli(*FAST)
+    assert status == 0
+    read_side, write_side = os.pipe()
+    os.close(read_side)  # nobody reads: the first write fails with EPIPE, as after `| head -1` has exited
+    result = subprocess.run(
+        [sys.executable, PROGRAM, "--report", str(output)],
+        stdout=write_side,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
+    os.close(write_side)
+    assert result.returncode == 141 and result.stderr == b""
+
+
+def test_a_path_that_is_not_utf8_writes_both_files(run_cli, demo_data, tiny_t5, tmp_path):
+    odd = tmp_path / os.fsdecode(b"latents \xff")
+    linked_demo(demo_data, odd)
+    (odd / "t5_tiny").symlink_to(tiny_t5)
+    output = tmp_path / os.fsdecode(b"results \xfe")
+    status, _ = run_cli(*FAST, "--t5_model", str(odd / "t5_tiny"), data_path=odd, output_dir=output)
+    assert status == 0
+    summary = (output / "summary_vlm_layer5_step10.txt").read_bytes().decode("utf-8")  # valid UTF-8
+    assert "\\udcff" in summary  # the byte, escaped
+    assert (output / "results_vlm_layer5_step10.pkl").is_file()
+
+
+def test_a_conflicting_run_is_refused_before_anything_is_read(run_cli, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    assert run_cli(*FAST, output_dir=output)[0] == 0
+    monkeypatch.setattr(lpi, "read_task_file", lambda *_: pytest.fail("a task file was read"))
+    assert run_cli(*FAST, "--seed", "3", output_dir=output)[0] == 1
+
+
+# --- The reader stays bounded -----------------------------------------------------------------------------------------
+
+SHARED_CHILD = r"""
+import pickle, sys, time
+import linear_probing_inference as lpi
+
+def peak_rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+
+path, index = lpi.Path(sys.argv[1]), sys.argv[2]
+before, start = peak_rss(), time.perf_counter()
+for _ in range(2):  # the walk, then the index it wrote
+    content = lpi.read_task_file(path, index_dir=index)
+assert content["task_description"] == "x"
+print(time.perf_counter() - start, peak_rss() - before)
+"""
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_of_shared_references_is_read_in_bounded_time_and_memory(tmp_path, protocol):
+    shared = []
+    for _ in range(40):  # 2^40 paths through 40 lists: expanded, a copy would never end
+        shared = [shared, shared]
+    content = {"task_description": "x", "episodes": {"episode_0": {"rollout_steps": {}, "junk": shared}}}
+    path = tmp_path / "task_0_x.pkl"
+    path.write_bytes(pickle.dumps(content, protocol=protocol))
+    assert path.stat().st_size < 1000
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", SHARED_CHILD, str(path), str(tmp_path / "index")],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    seconds, added = map(float, result.stdout.split())
+    assert seconds < 10 and added < 500 * 2**20
+
+
+def test_a_container_that_holds_itself_is_copied_once(tmp_path):
+    loop = []
+    loop.append(loop)
+    path = tmp_path / "task_0_x.pkl"
+    path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, "loop": loop, "pair": (loop, loop)}, 4))
+    for _ in range(2):  # parsed, then from the index
+        content = lpi.read_task_file(path, index_dir=str(tmp_path / "index"))
+        assert content["loop"][0] is content["loop"] and content["pair"][0] is content["pair"][1] is content["loop"]
+
+
+class ForgedArray:
+    """Pickles as numpy's own array reconstruction with the state given: a dtype and shape the payload may not fit."""
+
+    def __init__(self, shape, dtype, payload: bytes):
+        self.state = (1, shape, np.dtype(dtype), False, payload)
+
+    def __reduce__(self):
+        return np.ndarray.__reduce__(np.zeros(1))[0], (np.ndarray, (0,), b"b"), self.state
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize(
+    "forged, reason",
+    [
+        (ForgedArray((10**12,), "V0", b""), "is not numeric data"),
+        (ForgedArray((10**6,), "f4", b"\0" * 16), "does not fit its 16-byte payload"),
+        (ForgedArray((10**6,), "f4", b"\0" * 100_000), "does not fit its 100000-byte payload"),  # mapped, not read
+        (ForgedArray((2,), "O", [1, 2]), "is not numeric data"),
+    ],
+)
+def test_an_array_that_is_not_plain_data_or_does_not_fit_its_payload_is_a_bad_file(tmp_path, protocol, forged, reason):
+    path = tmp_path / "task_0_x.pkl"
+    path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, "array": forged}, protocol=protocol))
+    with pytest.raises(lpi.BadFileError, match=reason):
+        lpi.read_task_file(path)
+
+
+def test_bytes_from_a_size_are_refused(tmp_path):
+    class Zeros:
+        def __reduce__(self):
+            return bytes, (10**12,)
+
+    path = tmp_path / "task_0_x.pkl"
+    path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, "zeros": Zeros()}, protocol=2))
+    with pytest.raises(lpi.BadFileError, match=r"refused bytes\(1000000000000\)"):
+        lpi.read_task_file(path)
+
+
+def special_files(directory: Path) -> dict[int, str]:
+    """Task files 2-4 as what is not a regular file: a link to /dev/zero, a directory, a FIFO."""
+    for task in (2, 3, 4):
+        next(directory.glob(f"task_{task}_*.pkl")).unlink()
+    (directory / "task_2_zero.pkl").symlink_to("/dev/zero")
+    (directory / "task_3_directory.pkl").mkdir()
+    os.mkfifo(directory / "task_4_fifo.pkl")
+    return {2: "a device or socket", 3: "a directory", 4: "a FIFO"}
+
+
+def test_task_files_that_are_not_regular_files_are_skipped_by_name_and_fatal_under_strict(
+    run_cli, demo_data, tmp_path, capsys
+):
+    data = linked_demo(demo_data, tmp_path / "data")  # links to regular files are read as they are
+    kinds = special_files(data)
+    status, output = run_cli(*FAST, data_path=data)
+    assert status == 0
+    error = capsys.readouterr().err
+    for kind in kinds.values():
+        assert f"not a regular file ({kind})" in error
+    report = load(output / "results_vlm_layer5_step10.pkl")["data_report"]
+    assert len(report["skipped_files"]) == 3 and report["missing_tasks"] == []
+    assert run_cli(*FAST, "--strict", data_path=data, output_dir=tmp_path / "strict")[0] == 1
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_report_skips_what_is_not_a_regular_file_and_does_not_hang_on_a_fifo(run_cli, tmp_path):
+    status, output = run_cli(*FAST)
+    assert status == 0
+    os.mkfifo(output / "results_zzz.pkl")
+    report = program("--report", str(output), timeout=120)
+    assert report.returncode == 0 and b"results_zzz.pkl: not a regular file (a FIFO)" in report.stderr
+    strict = program("--report", str(output), "--strict", timeout=120)
+    assert strict.returncode == 1 and len(strict.stderr.strip().splitlines()) == 1
+
+
+# --- Inputs -----------------------------------------------------------------------------------------------------------
+
+
+def test_conflicting_concept_rows_are_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "concepts.tsv"
+    path.write_text("task_id\tattribute\tvalue\n0\tcolor\tred\n0\tcolor\tred\n1\tcolor\tblue\n0\tcolor\tgreen\n")
+    with pytest.raises(lpi.OptionError, match=r"lines 2 and 5 give task 0 two values of 'color' \('red' and 'green'\)"):
+        lpi.read_concepts_file(str(path))
+
+
+@pytest.mark.parametrize("task_id", ["\u00b2", "\u0663", "1.0"])
+def test_a_concept_task_id_must_be_ascii_digits(tmp_path, task_id):
+    path = tmp_path / "concepts.tsv"
+    path.write_text(f"{task_id}\tcolor\tred\n")
+    with pytest.raises(lpi.OptionError, match="ASCII digits"):
+        lpi.read_concepts_file(str(path))
+
+
+def test_a_task_file_named_with_other_digits_is_not_a_task_file(tmp_path):
+    (tmp_path / "task_\u0663_x.pkl").write_bytes(b"")  # Arabic-Indic three: int() reads it as 3
+    assert lpi.find_task_files(tmp_path, (0, 5)) == ({}, [0, 1, 2, 3, 4])
+
+
+def test_a_baseline_layer_out_of_range_is_named_as_the_baseline(run_cli, capsys):
+    status, _ = run_cli(*FAST, "--baseline", "vlm:99")
+    error = capsys.readouterr().err
+    assert status == 2 and "--baseline vlm:99 is out of range: the data has 18 layers" in error
+    assert "--layer" not in error
+
+
+# --- Leftovers --------------------------------------------------------------------------------------------------------
+
+
+def test_temporaries_of_an_interrupted_run_are_removed_and_a_running_writer_keeps_its_own(run_cli, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    left = output / ".results_vlm_layer5_step10.pkl.abcd1234.tmp"
+    held = output / ".results_vlm_layer6_step10.pkl.wxyz5678.tmp"
+    mine = output / ".notes.tmp"  # not a name write_atomically makes
+    for path in (left, held, mine):
+        path.write_bytes(b"partial")
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    with open(held, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # another run, still writing it
+        assert run_cli(*FAST, output_dir=output)[0] == 0
+    assert not left.exists() and held.exists() and mine.exists()
+    assert "removed 1 temporary file(s) that an interrupted run left" in capsys.readouterr().err
+
+
+def test_a_compile_cache_entry_cut_short_is_removed_with_one_line(demo_data, tiny_t5, tmp_path):
+    cache = tmp_path / "cache"
+    options = ("--expert", "text_only", "--layer", "5", "--num_epochs", "3", "--no_control", "--bootstrap", "0")
+    arguments = cli_arguments(demo_data, tiny_t5, cache, tmp_path / "out", *options)
+    assert program(*arguments, timeout=300).returncode == 0
+    entries = list((cache / "jax").glob("jit_fit_probes*-cache"))
+    assert entries
+    for entry in entries:  # as a full disk leaves them
+        entry.write_bytes(entry.read_bytes()[:100])
+    repaired = program(*arguments, timeout=300)
+    assert repaired.returncode == 0
+    error = repaired.stderr.decode()
+    assert error.count("JAX could not read an entry of jit_fit_probes") == 1
+    assert f"removed {len(entries)} unreadable" in error
+    assert "Error reading persistent compilation cache entry" not in error
+    again = program(*arguments, timeout=300)
+    assert again.returncode == 0 and b"compile cache" not in again.stderr
