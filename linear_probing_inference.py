@@ -2676,12 +2676,34 @@ def made_with(run: dict, item: Item) -> dict:
     return {"options": {**run["options"], **item._asdict()}, "data": run["data"]}
 
 
-MADE_WITH_LINE = "Made With: fingerprint {} (config['made_with'] in the results: the options and data files it used)"
+MADE_WITH_LINE = "Made With: fingerprint {} (options-data; config['made_with'] in the results file lists them)"
+STATED_FINGERPRINT = re.compile(r"^Made With: fingerprint ([0-9a-f]{16})-([0-9a-f]{16}) ", re.MULTILINE)
 
 
 def fingerprint(record: dict) -> str:
-    """A short digest of what a result is made with: two results with one fingerprint were made the same way."""
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    """Short digests of what a result is made with, "options-data": two results with one fingerprint were made the
+    same way; with the same first half, with the same options."""
+    return "-".join(
+        hashlib.sha256(json.dumps(record[part], sort_keys=True).encode()).hexdigest()[:16]
+        for part in ("options", "data")
+    )
+
+
+def existing_difference(paths: ResultPaths, wanted: dict) -> str | None:
+    """Whether an existing result was made with `wanted`: None, "data" (made from other data) or "options" (or it
+    cannot be told). Read from the summary's Made With line when the summary was written after its results file, as
+    a pair is: a line instead of megabytes of results per combination when a big sweep resumes."""
+    stated = None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if paths.summary.stat().st_mtime_ns >= paths.results.stat().st_mtime_ns:
+            stated = STATED_FINGERPRINT.search(paths.summary.read_text(errors="strict"))
+    if stated is None:  # no summary of this version beside it: the results file says
+        difference = recorded_difference(paths.results, wanted)
+        return None if difference is None else difference.kind
+    options, data = fingerprint(wanted).split("-")
+    if stated.group(1) != options:
+        return "options"
+    return "data" if stated.group(2) != data else None
 
 
 class Difference(NamedTuple):
@@ -4473,36 +4495,40 @@ def left_to_run(
     if args.shard:
         index, count = args.shard
         items = items[index::count]
-    output_dir, left, done, found = Path(args.output_dir), [], 0, {"options": {}, "data": {}}
+    output_dir, left, done, found = Path(args.output_dir), [], 0, {"options": [], "data": []}
     for item in items:
         paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
         for path in paths:
             if os.path.lexists(path) and not path.is_file():
                 raise ProbeError(f"{path}: exists and is not a regular file; move it away")
-        exists = paths.results.is_file()
-        difference = recorded_difference(paths.results, made_with(run_record, item)) if exists else None
-        if exists and difference is None and args.skip_existing and paths.summary.is_file():
+        wanted, exists = made_with(run_record, item), paths.results.is_file()
+        kind = existing_difference(paths, wanted) if exists else None
+        if exists and kind is None and args.skip_existing and paths.summary.is_file():
             done += 1
             continue
-        if difference is not None:
-            found[difference.kind][paths.results.name] = difference.text
+        if kind is not None:
+            found[kind].append((paths.results, wanted))
         left.append(item)
     if found["options"] and not args.overwrite:
-        name, text = next(iter(found["options"].items()))
         raise ProbeError(
-            f"{len(found['options'])} result(s) in {output_dir} were made with other options, e.g. {name}: {text}. "
-            "--overwrite replaces them; another --output_dir keeps both"
+            f"{len(found['options'])} result(s) in {output_dir} were made with other options, e.g. "
+            f"{first_difference(found['options'])}. --overwrite replaces them; another --output_dir keeps both"
         )
     if found["data"]:  # results of data that are no longer there: never reused, made again
-        name, text = next(iter(found["data"].items()))
         log.warning(
-            "%d result(s) in %s were made from other data, e.g. %s: %s; made again",
+            "%d result(s) in %s were made from other data, e.g. %s; made again",
             len(found["data"]),
             output_dir,
-            name,
-            text,
+            first_difference(found["data"]),
         )
     return left, done
+
+
+def first_difference(found: list[tuple[Path, dict]]) -> str:
+    """The first of these results files, and what it was made with that differs (read from the file)."""
+    path, wanted = found[0]
+    difference = recorded_difference(path, wanted)
+    return f"{path.name}: {difference.text if difference else 'its summary states another fingerprint'}"
 
 
 def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
@@ -4571,7 +4597,7 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program; return the exit status. Every failure a user can meet ends in one line: a bad option (2), a
-    data or writing problem (1), Ctrl-C (130); a closed pipe (`| head`) ends quietly (141)."""
+    data or writing problem (1), Ctrl-C (130) or SIGTERM (143); a closed pipe (`| head`) ends quietly (141)."""
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
@@ -4593,8 +4619,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(args, list(sys.argv if argv is None else argv), progress)
     except ProbeError as error:
         return tell(f"error: {error}", error.exit_code)
-    except KeyboardInterrupt:
-        return tell("interrupted; the report was not finished" if args.report else progress.interrupted(), 130)
+    except KeyboardInterrupt as stopped:  # Stopped, or Ctrl-C before the handler was in place
+        status = getattr(stopped, "exit_code", 130)
+        return tell("interrupted; the report was not finished" if args.report else progress.interrupted(), status)
     except BrokenPipeError:  # the reader of our output went away: nothing to say, and no one to say it to
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit stays quiet
@@ -4637,24 +4664,33 @@ def tell(line: str, status: int) -> int:
     return status
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C, or a scheduler's SIGTERM: the run stops where Python next runs, writing no half pair."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # as a shell reports a process the signal ended: 130, 143
+
+
 @contextlib.contextmanager
 def interruptible():
-    """Ctrl-C raises KeyboardInterrupt where Python next runs (a compiled training call finishes first); a second
-    Ctrl-C ends the process at once, as whoever presses it again expects. Results are written atomically and pairs
-    whole, so either way nothing is left half-written."""
+    """Ctrl-C (SIGINT) and SIGTERM raise Stopped where Python next runs (a compiled training call finishes first), so
+    that the pair being written is removed whole (see write_results) and the run ends in one line; the same signal
+    again ends the process at once, as whoever sends it twice expects."""
     if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
         yield
         return
 
-    def first_interrupt(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        raise KeyboardInterrupt
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        raise Stopped(signum)
 
-    previous = signal.signal(signal.SIGINT, first_interrupt)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 COMPILE_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)")

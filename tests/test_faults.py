@@ -121,6 +121,24 @@ def test_skip_existing_counts_a_result_as_done_only_when_made_with_the_same_opti
     assert run_cli(*FAST, "--seed", "7", output_dir=output)[0] == 0  # the same options: a rerun replaces freely
 
 
+def test_a_resume_reads_the_summaries_made_with_line_not_megabytes_of_results(run_cli, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "out"
+    assert run_cli(*FAST, "--layer", "4-6", output_dir=output)[0] == 0
+    summary = (output / "summary_vlm_layer5_step10.txt").read_text()
+    stated = load(output / "results_vlm_layer5_step10.pkl")["config"]["fingerprint"]
+    assert f"Made With: fingerprint {stated} " in summary
+    loaded = []
+    load_restricted = lpi.load_restricted
+    monkeypatch.setattr(lpi, "load_restricted", lambda *arguments: loaded.append(1) or load_restricted(*arguments))
+    capsys.readouterr()
+    assert run_cli(*FAST, "--layer", "4-6", "--skip_existing", output_dir=output)[0] == 0
+    assert loaded == [] and "nothing to do" in capsys.readouterr().err
+    results = output / "results_vlm_layer5_step10.pkl"
+    os.utime(results, ns=(time.time_ns(), time.time_ns() + 10**9))  # newer than its summary: not a pair as written
+    assert run_cli(*FAST, "--layer", "4-6", "--skip_existing", output_dir=output)[0] == 0
+    assert loaded == [1] and "nothing to do" in capsys.readouterr().err  # that one read from its results file
+
+
 def test_skip_existing_tells_a_concept_result_from_a_t5_result(run_cli, tmp_path, capsys):
     output = tmp_path / "out"
     assert run_cli("--expert", "text_only", "--layer", "5", "--probe", "ridge", output_dir=output)[0] == 0
