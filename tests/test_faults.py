@@ -81,6 +81,18 @@ def test_an_index_is_not_reused_after_a_rewrite_in_place_that_restores_size_inod
     assert TOMATO in lpi.read_task_file(path, index_dir=index)["task_description"]
 
 
+def test_any_write_makes_a_new_index_key_even_of_the_same_bytes(tmp_path, demo_data):
+    path = copy_of_task(demo_data, tmp_path / "data", 1)
+    with lpi.open_regular(path) as file:
+        before = lpi.index_file_for(path, file, str(tmp_path))
+    time.sleep(0.01)
+    modified = path.stat().st_mtime_ns
+    path.write_bytes(path.read_bytes())  # the same bytes, size, inode...
+    os.utime(path, ns=(modified, modified))  # ... and modification time: only the change time moved, as it always does
+    with lpi.open_regular(path) as file:
+        assert lpi.index_file_for(path, file, str(tmp_path)) != before
+
+
 def test_a_rewritten_task_file_gives_its_new_description_in_a_run(run_cli, demo_data, tmp_path):
     data = tmp_path / "data"
     path = copy_of_task(demo_data, data, 1)
@@ -119,6 +131,21 @@ def test_skip_existing_counts_a_result_as_done_only_when_made_with_the_same_opti
     assert run_cli(*FAST, "--seed", "7", "--skip_existing", output_dir=output)[0] == 0
     assert "nothing to do" in capsys.readouterr().err
     assert run_cli(*FAST, "--seed", "7", output_dir=output)[0] == 0  # the same options: a rerun replaces freely
+
+
+def test_results_record_every_option_that_can_change_a_number(demo_data):
+    source = lpi.Source(data_path=str(demo_data), task_range=(0, 3), episode_range=(0, 6), expert="vlm")
+    run = lpi.run_made_with(source, lpi.LabelConfig(), lpi.TrainingConfig())
+    recorded = lpi.made_with(run, lpi.Item(10, 5, None))
+    fields = [
+        field.name
+        for config in (lpi.Source, lpi.LabelConfig, lpi.TrainingConfig)
+        for field in config.__dataclass_fields__.values()
+    ]
+    expected = {name for name in fields if name not in lpi.NOT_RESULT_OPTIONS} | set(lpi.Item._fields)
+    assert expected | {"t5_model", "concepts", "results_format"} == set(recorded["options"])
+    assert set(recorded["data"]) == {"task_file_0", "task_file_1", "task_file_2"}
+    assert recorded["options"]["permutations"] == 1  # resolved: the control's one permuted assignment
 
 
 def test_a_resume_reads_the_summaries_made_with_line_not_megabytes_of_results(run_cli, tmp_path, monkeypatch, capsys):
