@@ -62,7 +62,7 @@ def interrupted_while_starting(signum, frame) -> None:
     os._exit(130)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (`cmd &`)
     signal.signal(signal.SIGINT, interrupted_while_starting)
 
 import jax  # noqa: E402
@@ -276,6 +276,8 @@ def feature_array(entry: dict, source: Source) -> np.ndarray:
     array = entry[source.feature_type]
     if not hasattr(array, "ndim") or array.ndim < 1:
         raise ProbeError(f"feature {source.feature_type!r} is not an array")
+    if array.dtype.kind not in "biuf" and array.dtype.type.__module__ != "ml_dtypes":
+        raise ProbeError(f"feature {source.feature_type!r} has dtype {array.dtype}, not real numbers")
     return array
 
 
@@ -450,7 +452,7 @@ class TaskFile(NamedTuple):
 
     task_id: int
     path: Path
-    version: tuple  # (size, mtime, ctime, inode, device) before the walk: a file changed since is not read again
+    version: FileVersion | None  # before the walk: a file that changes after it is not read again
     description: str
     episodes: list[int]  # the episodes of the range that the file has
     steps: dict[int, dict[int, StepArrays | None]]  # step N -> episode -> its arrays (None in a file not mapped)
@@ -512,7 +514,7 @@ def walk_task_file(
     """One task file: its description, its episodes in the range, and each asked rollout step's arrays, checked (see
     step_arrays). A malformed step skips the file for that step only, as a run of that step alone would."""
     version = file_version(path)
-    held_in_memory = version is not None and version[0] > 0 and not mappable(path)
+    held_in_memory = version is not None and version.size > 0 and not mappable(path)
     if held_in_memory:  # said before the read: reading a big file whole takes minutes
         log.warning("%s: a pickle protocol below 3 stores bytes as text and cannot be mapped; reading it whole", path)
     task_data = read_task_file(path, source.trust_pickle, source.index_dir)
@@ -538,13 +540,26 @@ def walk_task_file(
     return TaskFile(task_id, path, version, description, list(episodes), held)
 
 
-def file_version(path: Path) -> tuple | None:
-    """What changes when a file is written: size, modification and change times, inode, device (None: no file)."""
+class FileVersion(NamedTuple):
+    """What changes when a file is written. The change time cannot be set back by a writer, as mtime can."""
+
+    size: int
+    modified_ns: int
+    changed_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileVersion:
+        return cls(status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev)
+
+
+def file_version(path: Path) -> FileVersion | None:
+    """A file's version now (None: there is no file)."""
     try:
-        status = os.stat(path)
+        return FileVersion.of(os.stat(path))
     except OSError:
         return None
-    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev
 
 
 def episode_steps(task_data: dict, path: Path, task_id: int, source: Source, found: ReadReport) -> dict[int, dict]:
@@ -695,10 +710,7 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
 def file_rows(file: TaskFile, source: Source, layers: list, step: int) -> list[SampleRow]:
     """One file's samples of a step, pooled; then every page of the file this process mapped is let go (and a file
     read again is let go with this function's locals)."""
-    if file_version(file.path) != file.version:  # its mapped pages would now hold other bytes, or none (SIGBUS)
-        raise ProbeError(
-            f"{file.path}: changed while this run was reading it (before step_{step}); rerun once it is written"
-        )
+    check_unchanged(file, step)
     episodes = file.steps.get(step, {})
     if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
         episodes = read_step_again(file, source, step)
@@ -706,7 +718,16 @@ def file_rows(file: TaskFile, source: Source, layers: list, step: int) -> list[S
     rows = pooled_rows(views, source.pooling)
     if views:
         let_go_of_file(views[0].layers[0])
+    check_unchanged(file, step)  # not changed while its slices were read either
     return rows
+
+
+def check_unchanged(file: TaskFile, step: int) -> None:
+    """Stop when a task file changed since the walk: its mapped pages would hold other bytes, or none (SIGBUS)."""
+    if file_version(file.path) != file.version:
+        raise ProbeError(
+            f"{file.path}: changed while this run was reading it (at step_{step}); rerun once it is written"
+        )
 
 
 def read_step_again(file: TaskFile, source: Source, step: int) -> dict[int, StepArrays]:
@@ -899,12 +920,17 @@ def word_concepts(descriptions: list[str]) -> list[Concept]:
     return concepts
 
 
-def read_concepts_file(path: str) -> dict[str, dict[int, str]]:
-    """attribute -> {task id: value} from a TSV of task_id, attribute, value (a header line and # comments allowed)."""
+def concepts_text(path: str) -> str:
+    """The text of a --concepts file (OptionError when it cannot be read)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        return Path(path).read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise OptionError(f"--concepts {path}: cannot read it ({error})") from None
+
+
+def read_concepts_file(path: str) -> dict[str, dict[int, str]]:
+    """attribute -> {task id: value} from a TSV of task_id, attribute, value (a header line and # comments allowed)."""
+    lines = concepts_text(path).splitlines()
     attributes: dict[str, dict[int, str]] = {}
     line_of: dict[tuple[str, int], int] = {}  # (attribute, task) -> the line that gave its value
     for number, line in enumerate(lines, 1):
@@ -2186,7 +2212,7 @@ class ItemContext(NamedTuple):
     """What the sweep knows of one item beyond its samples and probes, for its results file."""
 
     nonfinite: list[tuple]  # (task, episode, step, denoising time) of each sample skipped as non-finite
-    made_with: dict  # the options and data it is made with (see made_with)
+    made_with: MadeWith
     baseline: dict | None = None  # --baseline: its spec and the conditional-probing metrics
     without_baseline: list[tuple] | None = None  # --baseline: (task, episode, step) lacking its entry
 
@@ -2306,8 +2332,8 @@ def results_record(
             "interval_definition": describe_intervals(training),
             "permuted_assignments": design.assignments[1:],  # row p-1: the class whose embedding class j's samples get
             "contrastive_temperature": CONTRASTIVE_TEMPERATURE,
-            "made_with": context.made_with,
-            "fingerprint": fingerprint(context.made_with),
+            "made_with": dataclasses.asdict(context.made_with),
+            "fingerprint": context.made_with.fingerprint(),
         },
         "metrics": metrics,
         "tasks": {
@@ -2440,8 +2466,8 @@ def evaluate_concepts(
             "split": describe_split(training, design.folds),
             "token_positions": describe_token_positions(dataset.source),
             "concept_definition": CONCEPT_DEFINITION,
-            "made_with": context.made_with,
-            "fingerprint": fingerprint(context.made_with),
+            "made_with": dataclasses.asdict(context.made_with),
+            "fingerprint": context.made_with.fingerprint(),
         },
         "concepts": concepts,
         "metrics": {
@@ -2636,99 +2662,120 @@ def installed_versions() -> dict[str, str]:
 # -----------------------------------------------------------------------------
 
 
-# Options that cannot change a number: how files are read and where caches live; and the names of the concepts file
-# and the model, whose contents run_made_with records instead.
-NOT_RESULT_OPTIONS = ("data_path", "trust_pickle", "strict", "index_dir", "cache_dir", "concepts_file", "t5_model")
+# Options that cannot change a number: where the data and caches live and whether a bad file stops the run; and the
+# model and the concepts file, which MadeWith records by what they hold.
+NOT_RESULT_OPTIONS = ("data_path", "strict", "index_dir", "cache_dir", "concepts_file", "t5_model")
+MADE_WITH_PARTS = ("options", "data", "program")
 
 
-def run_made_with(source: Source, labels: LabelConfig, training: TrainingConfig) -> dict:
-    """What every result of a run is made with, bar its own layer and steps: "options", each option that can change a
-    number (the model and the concepts file by their contents), and "data", the task files as they are now (by
-    content, not path: a copy elsewhere is the same data). Each results file stores it with its item; --skip_existing
-    counts a result as done only when both are the same, and a result made with other options is replaced only with
-    --overwrite."""
+@dataclasses.dataclass(frozen=True)
+class MadeWith:
+    """What a result is made with, in three parts that a rerun treats differently (see left_to_run). Each part maps a
+    name to a value as JSON holds it; the results file stores all three (config['made_with'])."""
+
+    # Every option that can change a number, with the item's layer and steps; the model by its name (a hub name or a
+    # local directory's), the concepts file by its contents. Results of other options are replaced only with
+    # --overwrite: file names do not hold every option.
+    options: dict
+    # The task files and the model's files as they are now: name, size, modification time and a digest of both ends.
+    # A copy elsewhere that keeps the times (cp -p, rsync -a) is the same. Results of other data are made again.
+    data: dict
+    # This program's own digest and the packages' versions: results of another version are kept, with a warning.
+    program: dict
+
+    def of_item(self, item: Item) -> MadeWith:
+        """The record of one result: the run's, with the item's layer, rollout step and denoising step."""
+        return dataclasses.replace(self, options={**self.options, **item._asdict()})
+
+    def fingerprint(self) -> str:
+        """A short digest of each part, "options-data-program": two results with one fingerprint were made alike."""
+        return "-".join(digest(json.dumps(getattr(self, part), sort_keys=True).encode()) for part in MADE_WITH_PARTS)
+
+
+def run_made_with(source: Source, labels: LabelConfig, training: TrainingConfig) -> MadeWith:
+    """What every result of this run is made with, bar its own layer and steps."""
     every = {**dataclasses.asdict(source), **dataclasses.asdict(labels), **dataclasses.asdict(training)}
     options = {name: value for name, value in every.items() if name not in NOT_RESULT_OPTIONS}
+    model = Path(labels.t5_model)
     options.update(
         results_format=RESULTS_FORMAT,
         permutations=training.null_size,
-        t5_model=model_identity(labels.t5_model),
-        concepts=file_identity(Path(labels.concepts_file)).partition(": ")[2] if labels.concepts_file else None,
+        t5_model=model.name if model.is_dir() else labels.t5_model,
+        concepts=labels.concepts_file and digest(concepts_text(labels.concepts_file).encode()),
     )
     paths, _ = find_task_files(Path(source.data_path), source.task_range)
     data = {f"task_file_{task}": file_identity(path) for task, path in paths.items()}
-    return json.loads(json.dumps({"options": options, "data": data}))  # as a results file gives it back: no tuples
+    data["t5_model"] = model_identity(labels.t5_model)
+    program = {"linear_probing_inference.py": digest(Path(__file__).read_bytes()), **installed_versions()}
+    return MadeWith(*(json.loads(json.dumps(part)) for part in (options, data, program)))  # as a results file holds it
+
+
+def digest(data: bytes) -> str:
+    """16 hex digits of the SHA-256 of some bytes."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def file_identity(path: Path) -> str:
-    """A file as a result records it: name, size and the digest of both ends (see content_digest), which a rewrite
-    changes and a copy keeps; or why it cannot be read."""
+    """A data file as a result records it: name, size, modification time (to the second: copies may keep no finer) and
+    the digest of both ends (see content_digest); or why it cannot be read."""
     try:
         with open_regular(path) as file:
-            size = os.fstat(file.fileno()).st_size
-            return f"{path.name}: {size} bytes, ends sha256 {content_digest(file)[:16]}"
+            status = os.fstat(file.fileno())
+            modified = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.st_mtime))
+            return f"{path.name}: {status.st_size} bytes, modified {modified}, ends sha256 {content_digest(file)[:16]}"
     except BadFileError as error:
         return f"{path.name}: {str(error).removeprefix(f'{path}: ')}"
 
 
-def made_with(run: dict, item: Item) -> dict:
-    """What one result is made with: the run's options and data, and its own layer, rollout and denoising step."""
-    return {"options": {**run["options"], **item._asdict()}, "data": run["data"]}
+MADE_WITH_LINE = "Made With: fingerprint {} (options-data-program; config['made_with'] in the results file lists them)"
+STATED_FINGERPRINT = re.compile(r"^Made With: fingerprint ([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16}) ", re.MULTILINE)
 
 
-MADE_WITH_LINE = "Made With: fingerprint {} (options-data; config['made_with'] in the results file lists them)"
-STATED_FINGERPRINT = re.compile(r"^Made With: fingerprint ([0-9a-f]{16})-([0-9a-f]{16}) ", re.MULTILINE)
+class Existing(NamedTuple):
+    """How an existing result stands against the one a run would write."""
+
+    differs: str | None  # the first part that differs ("options", "data", "program"), or None
+    whole: bool  # its summary is as new as its results file and states its fingerprint: written as a pair
 
 
-def fingerprint(record: dict) -> str:
-    """Short digests of what a result is made with, "options-data": two results with one fingerprint were made the
-    same way; with the same first half, with the same options."""
-    return "-".join(
-        hashlib.sha256(json.dumps(record[part], sort_keys=True).encode()).hexdigest()[:16]
-        for part in ("options", "data")
-    )
-
-
-def existing_difference(paths: ResultPaths, wanted: dict) -> str | None:
-    """Whether an existing result was made with `wanted`: None, "data" (made from other data) or "options" (or it
-    cannot be told). Read from the summary's Made With line when the summary was written after its results file, as
-    a pair is: a line instead of megabytes of results per combination when a big sweep resumes."""
+def existing_result(paths: ResultPaths, wanted: MadeWith) -> Existing:
+    """Compare an existing result with `wanted`, from its summary's Made With line when the pair is whole (a line
+    instead of megabytes of results per combination when a big sweep resumes), else from its results file."""
     stated = None
     with contextlib.suppress(OSError, UnicodeDecodeError):
         if paths.summary.stat().st_mtime_ns >= paths.results.stat().st_mtime_ns:
-            stated = STATED_FINGERPRINT.search(paths.summary.read_text(errors="strict"))
-    if stated is None:  # no summary of this version beside it: the results file says
+            stated = STATED_FINGERPRINT.search(paths.summary.read_text())
+    if stated is None:  # killed between its two files, or not of this version: the results file says
         difference = recorded_difference(paths.results, wanted)
-        return None if difference is None else difference.kind
-    options, data = fingerprint(wanted).split("-")
-    if stated.group(1) != options:
-        return "options"
-    return "data" if stated.group(2) != data else None
+        return Existing(difference and difference.part, False)
+    wanted_parts = wanted.fingerprint().split("-")
+    differing = [part for part, one, other in zip(MADE_WITH_PARTS, stated.groups(), wanted_parts) if one != other]
+    return Existing(differing[0] if differing else None, True)
 
 
 class Difference(NamedTuple):
-    """How an existing result differs from the one a run would write."""
+    """What differs between an existing result and the one a run would write, in words."""
 
-    kind: str  # "options" (or unreadable: the run stops without --overwrite), or "data" (stale: made again)
+    part: str  # "options" (also when it cannot be told what the result was made with), "data" or "program"
     text: str
 
 
-def recorded_difference(path: Path, wanted: dict) -> Difference | None:
-    """None when the results file at `path` was made with `wanted`; otherwise what differs, options before data, in
-    words (or why that cannot be told)."""
+def recorded_difference(path: Path, wanted: MadeWith) -> Difference | None:
+    """None when the results file at `path` was made with `wanted`; otherwise the first part that differs and how (or
+    why that cannot be told)."""
     try:
         with open_regular(path) as file:
             recorded = load_restricted(io.BufferedReader(file))["config"]["made_with"]
-        parts = [(kind, dict(recorded[kind]), wanted[kind]) for kind in ("options", "data")]
+        parts = [(part, dict(recorded[part]), getattr(wanted, part)) for part in MADE_WITH_PARTS]
     except BadFileError as error:
         return Difference("options", str(error))
     except UNREADABLE:
         return Difference("options", "it does not record what it was made with (another program, or an older version)")
-    for kind, old, new in parts:
+    for part, old, new in parts:
         differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
         if differing:
             words = ", ".join(f"{key} {old.get(key)!r} (now {new.get(key)!r})" for key in differing)
-            return Difference(kind, f"made with {words}")
+            return Difference(part, f"made with {words}")
     return None
 
 
@@ -2755,10 +2802,8 @@ def write_atomically(path: Path, content: bytes) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as file:
-            try:
+            with contextlib.suppress(OSError):  # without locks, remove_stale_temporaries cannot lock it either: kept
                 fcntl.flock(file, fcntl.LOCK_EX)
-            except OSError:  # a file system without locks: the temporary is then only protected by its age
-                pass
             # mkstemp makes 0600, which hides results from colleagues: give the mode open() would (0666 less the umask).
             umask = os.umask(0o022)  # there is no getter: read the umask and put it back at once
             os.umask(umask)
@@ -2771,7 +2816,21 @@ def write_atomically(path: Path, content: bytes) -> None:
         raise
 
 
-TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # write_atomically's: .{name}.{mkstemp's 8}.tmp
+# write_atomically's temporaries: .{name}.{mkstemp's 8 characters}.tmp, for the kinds of file this program writes.
+TEMPORARY_NAME = re.compile(r"^\..+\.(pkl|txt|png|csv|npz|json)\.[a-z0-9_]{8}\.tmp$")
+
+
+@contextlib.contextmanager
+def directory_locked(directory: Path):
+    """An exclusive lock on a directory for as long as a pair is checked and written there, so that two runs never
+    interleave their files of one result. Where the file system has no locks, nothing is held."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def remove_stale_temporaries(directory: Path, started: float) -> None:
@@ -3035,15 +3094,13 @@ def result_paths(output_dir: Path, stem: str) -> ResultPaths:
     return ResultPaths(output_dir / f"results_{stem}.pkl", output_dir / f"summary_{stem}.txt")
 
 
-def write_results(results: dict, output_dir: Path, stem: str) -> ResultPaths:
-    """Write a result's pair of files, each atomically. If the summary cannot be written (a full disk), the results
-    file just written is removed with it: no results file is ever left without its own summary."""
-    paths = result_paths(output_dir, stem)
+def write_results(results: dict, paths: ResultPaths) -> None:
+    """Write a result's pair of files, each atomically, results first. If the summary cannot be written (a full disk,
+    Ctrl-C), the results file just written is removed with it: no results file is left without its own summary."""
     # The summary's text may hold a path that is not UTF-8 (kept by Python as surrogates): written as \udcff escapes.
     contents = (pickle.dumps(results, protocol=4), format_summary(results).encode(errors="backslashreplace"))
     replaced = []
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
         for path, content in zip(paths, contents):
             write_atomically(path, content)
             replaced.append(path)
@@ -3052,13 +3109,11 @@ def write_results(results: dict, output_dir: Path, stem: str) -> ResultPaths:
             for path in paths:
                 path.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            failed = paths[len(replaced)]
             raise ProbeError(
-                f"{failed}: cannot write it ({error.strerror or error}); the result {stem} was not written, so "
-                "nothing is half-written: free the space, then rerun with --skip_existing"
+                f"{paths[len(replaced)]}: cannot write it ({error.strerror or error}); neither file of this result "
+                "is left: free the space, then rerun with --skip_existing"
             ) from None
         raise
-    return paths
 
 
 def sweep_items(source: Source, layers, steps, inference, report: ReadReport) -> list[Item]:
@@ -3099,7 +3154,8 @@ class Destination(NamedTuple):
     plot: bool  # also each result's figures
     started: float  # time.perf_counter() at the start: each result records the wall time so far
     command: list[str]
-    made_with: dict  # the run's options and data, each result's record of them (see run_made_with)
+    made_with: MadeWith  # the run's: each result's record of what made it
+    overwrite: bool  # --overwrite: a result made meanwhile with other options may be replaced
 
 
 def sweep_groups(
@@ -3147,7 +3203,7 @@ def run_sweep(
                 conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training)
             for position, (item, selected) in enumerate(members):
                 item_fit = fitted.item(position)
-                context = ItemContext(nonfinite[item], made_with(destination.made_with, item))
+                context = ItemContext(nonfinite[item], destination.made_with.of_item(item))
                 if conditional:
                     baseline = {"spec": baseline_spec_text(dataset.source.baseline), **conditional[position]}
                     lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
@@ -3164,7 +3220,20 @@ def write_item(
     results["wall_time_seconds"] = time.perf_counter() - destination.started
     results["command"] = destination.command
     stem = result_stem(dataset.source, item, dataset.report.inference_times, labels.target)
-    paths = write_results(results, destination.output_dir, stem)
+    paths = result_paths(destination.output_dir, stem)
+    destination.output_dir.mkdir(parents=True, exist_ok=True)
+    with directory_locked(destination.output_dir):  # another run's pair of this stem is checked, then replaced whole
+        wanted = destination.made_with.of_item(item)
+        if (
+            paths.results.is_file()
+            and not destination.overwrite
+            and existing_result(paths, wanted).differs == "options"
+        ):
+            raise ProbeError(
+                f"{first_difference([(paths.results, wanted)])}: written meanwhile by a run with other options; "
+                "--overwrite replaces it"
+            )
+        write_results(results, paths)
     if destination.plot and labels.target == "t5":
         write_run_plots(results, samples.features[0], destination.output_dir, stem)
     return (results, *paths)
@@ -4430,17 +4499,17 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
     if args.demo:
         prepare_demo(Path(args.data_path))
     source, labels, training = configs_from_arguments(args)
-    run_record = run_made_with(source, labels, training)  # checks --data_path, though nothing may be read
+    made_with = run_made_with(source, labels, training)  # checks --data_path, though nothing may be read
     named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
-    finished = bool(named) and not left_to_run(args, named, source, {}, run_record)[0]  # then no file is read
+    finished = bool(named) and not left_to_run(args, named, source, {}, made_with)[0]  # then no file is read
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
     dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
-    items = resolve_sweep(args, dataset, labels, training, run_record) if dataset else []
+    items = resolve_sweep(args, dataset, labels, training, made_with) if dataset else []
     progress.total = len(items)
     if not items:
         log.warning("nothing to do: no combination is left for this shard, or all are already written")
         return []
-    destination = Destination(Path(args.output_dir), args.plot, started, command, run_record)
+    destination = Destination(Path(args.output_dir), args.plot, started, command, made_with, args.overwrite)
     written = []
     for step in sorted({item.rollout_step for item in items}):
         # One rollout step at a time: memory follows one step's features, not the sweep's. Its slices are cut from
@@ -4463,7 +4532,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
 
 
 def resolve_sweep(
-    args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig, run_record: dict
+    args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig, made_with: MadeWith
 ) -> list[Item]:
     """The combinations this run writes (--shard and --skip_existing applied): "all" layers or steps and "each"
     denoising step come from the walked files, and so do the denoising times in file names; with several steps,
@@ -4472,7 +4541,7 @@ def resolve_sweep(
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
         check_steps(steps, dataset, labels, training)
-    items, done = left_to_run(args, items, dataset.source, dataset.report.inference_times, run_record)
+    items, done = left_to_run(args, items, dataset.source, dataset.report.inference_times, made_with)
     if done:
         log.info("skipping %d combination(s) already written in %s", done, args.output_dir)
     return items
@@ -4486,28 +4555,29 @@ def named_by_options(args: argparse.Namespace) -> bool:
 
 
 def left_to_run(
-    args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict, run_record: dict
+    args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict, made_with: MadeWith
 ) -> tuple[list[Item], int]:
-    """The combinations this job runs: its --shard, less those --skip_existing finds written, made with the same
-    options and data; and how many those are. A result in --output_dir made with other options stops the run before
-    anything is trained, naming what differs, unless --overwrite is given (file names do not hold every option); one
-    made from other data is made again, with a warning."""
+    """The combinations this job runs: its --shard, less those --skip_existing finds written whole and made the same
+    way (see MadeWith); and how many those are. A result in --output_dir made with other options stops the run
+    before anything is trained, naming what differs, unless --overwrite is given; one made from other data is made
+    again, with a warning; one made by another version of this program is kept (with --skip_existing), with a
+    warning."""
     if args.shard:
         index, count = args.shard
         items = items[index::count]
-    output_dir, left, done, found = Path(args.output_dir), [], 0, {"options": [], "data": []}
+    output_dir, left, done, found = Path(args.output_dir), [], 0, {part: [] for part in MADE_WITH_PARTS}
     for item in items:
         paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
         for path in paths:
             if os.path.lexists(path) and not path.is_file():
                 raise ProbeError(f"{path}: exists and is not a regular file; move it away")
-        wanted, exists = made_with(run_record, item), paths.results.is_file()
-        kind = existing_difference(paths, wanted) if exists else None
-        if exists and kind is None and args.skip_existing and paths.summary.is_file():
+        wanted = made_with.of_item(item)
+        existing = existing_result(paths, wanted) if paths.results.is_file() else Existing(None, False)
+        if existing.differs is not None:
+            found[existing.differs].append((paths.results, wanted))
+        if existing.whole and existing.differs in (None, "program") and args.skip_existing:
             done += 1
             continue
-        if kind is not None:
-            found[kind].append((paths.results, wanted))
         left.append(item)
     if found["options"] and not args.overwrite:
         raise ProbeError(
@@ -4521,11 +4591,19 @@ def left_to_run(
             output_dir,
             first_difference(found["data"]),
         )
+    if found["program"] and args.skip_existing:
+        log.warning(
+            "%d result(s) in %s were made by another version of this program or its packages, e.g. %s; kept (rerun "
+            "without --skip_existing to make them again)",
+            len(found["program"]),
+            output_dir,
+            first_difference(found["program"]),
+        )
     return left, done
 
 
-def first_difference(found: list[tuple[Path, dict]]) -> str:
-    """The first of these results files, and what it was made with that differs (read from the file)."""
+def first_difference(found: list[tuple[Path, MadeWith]]) -> str:
+    """The first of these results files, and what differs in what it was made with (read from the file)."""
     path, wanted = found[0]
     difference = recorded_difference(path, wanted)
     return f"{path.name}: {difference.text if difference else 'its summary states another fingerprint'}"
@@ -4601,8 +4679,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 (held as surrogates) prints as \udcff escapes
-        sys.stdout.reconfigure(errors="backslashreplace")
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 (held as surrogates) prints as \udcff escapes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     cache_problem = None if args.report else unwritable_reason(Path(args.cache_dir))
     if cache_problem:  # one line of ours, not JAX's multi-line warning nor one per file
         log.warning(
@@ -4627,10 +4706,19 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit stays quiet
         return 141
     except OSError as error:  # a disk or file-system failure outside the result files (figures, --report's files)
+        log.debug("where it failed:", exc_info=True)  # -v: the traceback, should it be ours
         where = f": {error.filename}" if error.filename else ""
         return tell(f"error: {error.strerror or error}{where}", 1)
     except MemoryError:
         return tell("error: out of memory; use fewer tasks, episodes, layers or rollout steps per run", 1)
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return tell(
+            "error: the accelerator ran out of memory; run fewer layers or denoising steps per command, or on the CPU "
+            "(CUDA_VISIBLE_DEVICES=)",
+            1,
+        )
 
 
 def run_command(args: argparse.Namespace, command: list[str], progress: Progress) -> int:
@@ -4685,7 +4773,8 @@ def interruptible():
         signal.signal(signum, signal.SIG_DFL)
         raise Stopped(signum)
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    caught = [signum for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, stop) for signum in caught}  # an ignored signal stays ignored (`cmd &`)
     try:
         yield
     finally:
@@ -4710,33 +4799,44 @@ def compile_cache_repaired(args: argparse.Namespace):
             match = COMPILE_CACHE_ERROR.match(str(message))
             if match is None:
                 return shown(message, category, filename, lineno, file, line)
-            removed = remove_unreadable_cache_entries(directory, match.group(2))
+            action, name, reason = match.groups()
+            # A write of ours just failed: its entry goes at once. One that fails to read may be another run's, still
+            # being written: only entries left alone for a minute go.
+            removed = remove_unreadable_cache_entries(directory, name, 0 if action == "writing" else 60)
+            outcome = "compiled and cached anew" if removed else "if this warning repeats, remove the directory"
             log.warning(
-                "compile cache %s: JAX could not %s an entry of %s (%s); removed %d unreadable entr(ies), compiled "
-                "and cached anew",
+                "compile cache %s: JAX could not %s an entry of %s (%s); removed %d entr(ies) that cannot be "
+                "decompressed: %s",
                 directory,
-                match.group(1).removesuffix("ing"),
-                match.group(2).split("-")[0],
-                match.group(3),
+                action.removesuffix("ing"),
+                name.split("-")[0],
+                reason,
                 removed,
+                outcome,
             )
 
         warnings.showwarning = show
         yield
 
 
-def remove_unreadable_cache_entries(directory: Path, name: str) -> int:
-    """Remove the compile-cache entries of `name` (a program, or one entry's key) that cannot be decompressed."""
+def remove_unreadable_cache_entries(directory: Path, name: str, settled_seconds: float) -> int:
+    """Remove the compile-cache entries of `name` (a program, or one entry's key) that JAX's own reader cannot
+    decompress, last written at least `settled_seconds` ago. Without that reader (a private function, which may
+    move), nothing is removed."""
     try:
-        from jax._src.compilation_cache import decompress_executable  # JAX's own reading, where it can be imported
+        from jax._src.compilation_cache import decompress_executable
     except ImportError:
-        decompress_executable = None
+        return 0
     removed = 0
     for path in directory.glob(f"{glob.escape(name)}*-cache"):
         try:
+            if time.time() - path.stat().st_mtime < settled_seconds:
+                continue
             decompress_executable(path.read_bytes())
             continue
-        except Exception:  # a cut-short stream (zlib.error, ZstdError...), or no JAX function to read it: remove it
+        except OSError:  # gone meanwhile
+            continue
+        except Exception:  # a stream cut short: zlib.error, ZstdError...
             pass
         path.unlink(missing_ok=True)
         path.with_name(path.name.removesuffix("-cache") + "-atime").unlink(missing_ok=True)
@@ -4787,6 +4887,7 @@ UNREADABLE = (
     struct.error,
     RecursionError,
     OSError,
+    MemoryError,
 )
 
 
@@ -4810,45 +4911,81 @@ class PendingArray:
 
     def __setstate__(self, state) -> None:
         _version, shape, dtype, _fortran_order, data = state
-        check_array_layout(dtype, shape, len(data) if isinstance(data, (bytes, bytearray)) else None)
+        check_array_layout(dtype, shape, data)
         self.array = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
         self.array.__setstate__(state)
 
 
-def check_array_layout(dtype, shape, payload_length: int | None) -> None:
-    """Refuse an array that is not plain data or does not fit its payload: a zero-size dtype with a huge shape, or a
-    shape declaring more bytes than the file holds, would otherwise become gigabytes when the array is used."""
+def check_array_layout(dtype, shape, payload) -> None:
+    """Refuse an array that does not fit its payload (bytes, their FileRegion, or an object array's list): a shape
+    declaring more than the file holds, or a zero-size dtype with a huge shape, would otherwise become gigabytes when
+    the array is used."""
     dtype = np.dtype(dtype)
-    plain = dtype.kind in "biufcSU" or dtype.type.__module__ == "ml_dtypes"  # numbers, bool, fixed-width text
-    if not plain or dtype.hasobject or dtype.itemsize == 0:
-        raise pickle.UnpicklingError(f"an array of dtype {dtype} is not numeric data")
+    if dtype.itemsize == 0 or (dtype.hasobject and dtype != np.dtype(object)):
+        raise pickle.UnpicklingError(f"an array of dtype {dtype} holds no data of its own")
     if any(not isinstance(size, int) or size < 0 for size in shape):
         raise pickle.UnpicklingError(f"an array has a malformed shape {tuple(shape)}")
-    if payload_length is None or math.prod(shape) * dtype.itemsize != payload_length:
-        raise pickle.UnpicklingError(
-            f"an array of shape {tuple(shape)} and dtype {dtype} does not fit its {payload_length}-byte payload"
-        )
+    if dtype.hasobject:  # its elements came through the allow-list, one list entry each
+        fits = isinstance(payload, list) and len(payload) == math.prod(shape)
+    elif isinstance(payload, FileRegion):
+        fits = payload.length == math.prod(shape) * dtype.itemsize
+    else:
+        fits = isinstance(payload, bytes | bytearray) and len(payload) == math.prod(shape) * dtype.itemsize
+    if not fits:
+        raise pickle.UnpicklingError(f"an array of shape {tuple(shape)} and dtype {dtype} does not fit its payload")
 
 
-def checked_frombuffer(frombuffer):
-    """numpy's `_frombuffer` (protocol 5's array reconstructor), its layout checked first."""
+def checked_frombuffer(unpickler, frombuffer):
+    """numpy's `_frombuffer` (protocol 5's array reconstructor): a payload left in the file is mapped (see
+    MappingUnpickler), one read is checked and handed to numpy."""
 
     def build(buffer, dtype, shape, order):
-        check_array_layout(dtype, shape, len(buffer))
+        if isinstance(buffer, FileRegion):
+            return unpickler.mapped_array(buffer, dtype, shape, order)
+        check_array_layout(dtype, shape, buffer)
         return frombuffer(buffer, dtype, shape, order)
 
     return build
 
 
-def data_not_size(constructor):
-    """`bytes` or `bytearray` for a pickle: from data, never from a size (bytes(10**12) would be 1 TB of zeros)."""
+COPYING_CONSTRUCTORS = {("builtins", name) for name in ("list", "tuple", "set", "frozenset", "dict")} | {
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+    ("collections", "OrderedDict"),
+}
+
+
+def counted(unpickler, constructor):
+    """A container constructor for a pickle, whose copies count against the unpickler's budget (the file's size in
+    elements): calling list() on one shared million-element list 300 times would otherwise fill memory from a file of
+    megabytes. bytes and bytearray are made from data, never from a size (bytes(10**12) is 1 TB of zeros)."""
 
     def build(*args):
-        if args and isinstance(args[0], int):
+        if constructor in (bytes, bytearray) and args and isinstance(args[0], int):
             raise pickle.UnpicklingError(f"refused {constructor.__name__}({args[0]}): a size, not data")
+        unpickler.copies_left -= sum(len(argument) for argument in args if hasattr(argument, "__len__"))
+        if unpickler.copies_left < 0:
+            raise pickle.UnpicklingError(f"its {constructor.__name__}() calls copy more elements than the file holds")
         return constructor(*args)
 
     return build
+
+
+def not_called(name: str):
+    """numpy.ndarray as a pickle may name it: the class _reconstruct is handed, never called to allocate by shape."""
+
+    def refuse(*args):
+        raise pickle.UnpicklingError(f"refused {name}{args}: arrays are made from their data, not allocated by shape")
+
+    return refuse
+
+
+def copy_budget(file) -> int:
+    """The most container elements a pickle of this file's size can hold, with room for the small ones."""
+    try:
+        return os.fstat(file.fileno()).st_size + 2**20
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return 2**30
 
 
 def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust: bool):
@@ -4863,9 +5000,13 @@ def refuse_or_import(unpickler: pickle.Unpickler, module: str, name: str, trust:
     if checked[1] == "_reconstruct" and checked[0].endswith("multiarray"):
         return lambda cls, shape, typecode: PendingArray()
     if checked[1] == "_frombuffer" and checked[0].endswith("numeric"):
-        return checked_frombuffer(found)
-    if checked in (("builtins", "bytes"), ("builtins", "bytearray")):
-        return data_not_size(found)
+        return checked_frombuffer(unpickler, found)
+    if trust:  # the file's own code runs anyway
+        return found
+    if checked == ("numpy", "ndarray"):
+        return not_called("numpy.ndarray")
+    if checked in COPYING_CONSTRUCTORS:
+        return counted(unpickler, found)
     return found
 
 
@@ -4874,7 +5015,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, file, trust: bool = False):
         super().__init__(file)
-        self.trust = trust
+        self.trust, self.copies_left = trust, copy_budget(file)
 
     def find_class(self, module: str, name: str):
         return refuse_or_import(self, module, name, self.trust)
@@ -4893,18 +5034,11 @@ class MappingUnpickler(pickle._Unpickler):
     def __init__(self, file, mapped: mmap.mmap, trust: bool = False):
         super().__init__(file)
         self.file, self.mapped, self.trust = file, mapped, trust
-        self.file_size = len(mapped)
+        self.file_size, self.copies_left = len(mapped), copy_budget(file)
         self.mapped_specs: dict[int, tuple] = {}  # id(array) -> its index entry
 
     def find_class(self, module: str, name: str):
-        found = refuse_or_import(self, module, name, self.trust)
-        if name == "_frombuffer" and module.endswith("numeric"):
-            return lambda buffer, dtype, shape, order: (
-                self.mapped_array(buffer, dtype, shape, order)
-                if isinstance(buffer, FileRegion)
-                else found(buffer, dtype, shape, order)
-            )
-        return found
+        return refuse_or_import(self, module, name, self.trust)
 
     def payload(self, length: int) -> bytes | FileRegion:
         """Read a byte payload, or note where it lies and seek past it."""
@@ -4957,7 +5091,7 @@ class MappingUnpickler(pickle._Unpickler):
 
     def mapped_array(self, region: FileRegion, dtype, shape, order: str) -> np.ndarray:
         """A read-only array over a payload's bytes in the memory map."""
-        check_array_layout(dtype, shape, region.length)
+        check_array_layout(dtype, shape, region)
         dtype = np.dtype(dtype)
         array = np.ndarray(shape, dtype=dtype, buffer=self.mapped, offset=region.offset, order=order)
         self.mapped_specs[id(array)] = (MAPPED_ARRAY, region.offset, dtype, tuple(shape), order)
@@ -5048,19 +5182,8 @@ def index_file_for(path: Path, file: io.FileIO, index_dir: str) -> Path:
     """Where the index of this exact file version lives: keyed by path, size, modification and change times, inode,
     and the content at both ends. ctime cannot be set back by a writer, so a file rewritten in place with its size,
     inode and mtime restored gets a new index, as does one whose ends changed."""
-    status = os.fstat(file.fileno())
-    key = json.dumps(
-        [
-            str(path.resolve()),
-            status.st_size,
-            status.st_mtime_ns,
-            status.st_ctime_ns,
-            status.st_ino,
-            status.st_dev,
-            content_digest(file),
-            INDEX_FORMAT,
-        ]
-    )
+    version = FileVersion.of(os.fstat(file.fileno()))
+    key = json.dumps([str(path.resolve()), *version, content_digest(file), INDEX_FORMAT])
     return Path(index_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
 
 
@@ -5095,6 +5218,8 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
         reason = str(error) or type(error).__name__
         if isinstance(error, EOFError):
             reason = "truncated: the file ends before the pickle's STOP"
+        if isinstance(error, MemoryError):
+            reason = "out of memory while reading it"
         raise BadFileError(f"{path}: not a readable latent pickle: {reason}") from None
     if not isinstance(data, dict) or not isinstance(data.get("episodes"), dict):
         raise BadFileError(f"{path}: not a task file: expected a dict with an 'episodes' dict")
@@ -5358,4 +5483,6 @@ def prepare_demo(directory: Path) -> None:
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # loaded: main handles Ctrl-C, then it just ends
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main())

@@ -126,7 +126,7 @@ def test_skip_existing_counts_a_result_as_done_only_when_made_with_the_same_opti
     assert run_cli(*FAST, "--seed", "7", "--overwrite", output_dir=output)[0] == 0
     made_with = load(results)["config"]["made_with"]
     assert made_with["options"]["seed"] == 7 and made_with["options"]["layer"] == 5
-    assert load(results)["config"]["fingerprint"] == lpi.fingerprint(made_with)
+    assert load(results)["config"]["fingerprint"] == lpi.MadeWith(**made_with).fingerprint()
     capsys.readouterr()
     assert run_cli(*FAST, "--seed", "7", "--skip_existing", output_dir=output)[0] == 0
     assert "nothing to do" in capsys.readouterr().err
@@ -135,17 +135,17 @@ def test_skip_existing_counts_a_result_as_done_only_when_made_with_the_same_opti
 
 def test_results_record_every_option_that_can_change_a_number(demo_data):
     source = lpi.Source(data_path=str(demo_data), task_range=(0, 3), episode_range=(0, 6), expert="vlm")
-    run = lpi.run_made_with(source, lpi.LabelConfig(), lpi.TrainingConfig())
-    recorded = lpi.made_with(run, lpi.Item(10, 5, None))
+    recorded = lpi.run_made_with(source, lpi.LabelConfig(), lpi.TrainingConfig()).of_item(lpi.Item(10, 5, None))
     fields = [
         field.name
         for config in (lpi.Source, lpi.LabelConfig, lpi.TrainingConfig)
         for field in config.__dataclass_fields__.values()
     ]
     expected = {name for name in fields if name not in lpi.NOT_RESULT_OPTIONS} | set(lpi.Item._fields)
-    assert expected | {"t5_model", "concepts", "results_format"} == set(recorded["options"])
-    assert set(recorded["data"]) == {"task_file_0", "task_file_1", "task_file_2"}
-    assert recorded["options"]["permutations"] == 1  # resolved: the control's one permuted assignment
+    assert expected | {"t5_model", "concepts", "results_format"} == set(recorded.options)
+    assert set(recorded.data) == {"task_file_0", "task_file_1", "task_file_2", "t5_model"}
+    assert recorded.options["permutations"] == 1  # resolved: the control's one permuted assignment
+    assert set(recorded.program) >= {"linear_probing_inference.py", "jax", "numpy"}
 
 
 def test_a_resume_reads_the_summaries_made_with_line_not_megabytes_of_results(run_cli, tmp_path, monkeypatch, capsys):
@@ -160,10 +160,15 @@ def test_a_resume_reads_the_summaries_made_with_line_not_megabytes_of_results(ru
     capsys.readouterr()
     assert run_cli(*FAST, "--layer", "4-6", "--skip_existing", output_dir=output)[0] == 0
     assert loaded == [] and "nothing to do" in capsys.readouterr().err
+    # A results file newer than its summary: a pair killed between its two renames (the summary is the older
+    # pair's), so not whole: made again, though its results file records the same options.
     results = output / "results_vlm_layer5_step10.pkl"
-    os.utime(results, ns=(time.time_ns(), time.time_ns() + 10**9))  # newer than its summary: not a pair as written
+    os.utime(results, ns=(time.time_ns(), time.time_ns() + 10**9))
+    before = {path.name: path.stat().st_mtime_ns for path in output.iterdir()}
     assert run_cli(*FAST, "--layer", "4-6", "--skip_existing", output_dir=output)[0] == 0
-    assert loaded == [1] and "nothing to do" in capsys.readouterr().err  # that one read from its results file
+    after = {path.name: path.stat().st_mtime_ns for path in output.iterdir()}
+    changed = sorted(name for name in after if after[name] != before[name])
+    assert changed == ["results_vlm_layer5_step10.pkl", "summary_vlm_layer5_step10.txt"]
 
 
 def test_skip_existing_tells_a_concept_result_from_a_t5_result(run_cli, tmp_path, capsys):
@@ -188,6 +193,67 @@ def test_results_of_a_task_file_since_changed_are_made_again_not_reused(run_cli,
     assert TOMATO in (output / "summary_vlm_layer5_step10.txt").read_text()
     assert run_cli(*FAST, "--skip_existing", data_path=data, output_dir=output)[0] == 0
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_a_change_in_the_middle_of_a_task_file_is_other_data(run_cli, demo_data, tmp_path, capsys):
+    data, output = tmp_path / "data", tmp_path / "out"
+    path = copy_of_task(demo_data, data, 2)
+    assert run_cli(*FAST, data_path=data, output_dir=output)[0] == 0
+    time.sleep(1.1)  # copies may keep modification times to the second only, and so does the record
+    with open(path, "r+b") as file:  # one byte of an array far from both ends: size and ends unchanged
+        file.seek(path.stat().st_size // 2)
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 1]))
+    capsys.readouterr()
+    assert run_cli(*FAST, "--skip_existing", data_path=data, output_dir=output)[0] == 0
+    error = capsys.readouterr().err
+    assert "made from other data" in error and "task_file_2" in error
+
+
+def test_the_model_s_files_and_name_are_recorded_apart(run_cli, tiny_t5, tmp_path, capsys):
+    model, output = tmp_path / "t5_tiny", tmp_path / "out"
+    model.mkdir()
+    for file in tiny_t5.iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    assert run_cli(*FAST, "--t5_model", str(model), output_dir=output)[0] == 0
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, (time.time() + 5, time.time() + 5))  # saved again
+    capsys.readouterr()
+    assert run_cli(*FAST, "--t5_model", str(model), "--skip_existing", output_dir=output)[0] == 0
+    assert "made from other data" in capsys.readouterr().err  # the model's files: labels made again
+    other = tmp_path / "t5_other"
+    model.rename(other)
+    assert run_cli(*FAST, "--t5_model", str(other), "--skip_existing", output_dir=output)[0] == 1
+    assert "made with t5_model 't5_tiny' (now 't5_other')" in capsys.readouterr().err  # another model: an option
+
+
+def test_results_of_another_program_version_are_kept_with_a_warning(run_cli, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "out"
+    assert run_cli(*FAST, output_dir=output)[0] == 0
+    versions = lpi.installed_versions()
+    monkeypatch.setattr(lpi, "installed_versions", lambda: {**versions, "jax": "0.0.1"})
+    capsys.readouterr()
+    assert run_cli(*FAST, "--skip_existing", output_dir=output)[0] == 0
+    error = capsys.readouterr().err
+    assert "made by another version of this program or its packages" in error and "nothing to do" in error
+    assert "jax '" + versions["jax"] + "' (now '0.0.1')" in error
+
+
+def test_a_pair_written_meanwhile_with_other_options_is_not_replaced(run_cli, tmp_path, monkeypatch, capsys):
+    theirs, output = tmp_path / "theirs", tmp_path / "out"
+    assert run_cli(*FAST, "--seed", "1", output_dir=theirs)[0] == 0
+    directory_locked = lpi.directory_locked
+
+    def another_run_writes_first(directory):  # another run, started with ours, wrote this pair before we took the lock
+        for path in theirs.iterdir():
+            (directory / path.name).write_bytes(path.read_bytes())
+        return directory_locked(directory)
+
+    monkeypatch.setattr(lpi, "directory_locked", another_run_writes_first)
+    assert run_cli(*FAST, output_dir=output)[0] == 1
+    assert "written meanwhile by a run with other options" in capsys.readouterr().err
+    assert load(output / "results_vlm_layer5_step10.pkl")["config"]["made_with"]["options"]["seed"] == 1
 
 
 def test_a_file_changed_while_a_run_reads_it_stops_the_run(demo_data, tmp_path):
@@ -252,19 +318,29 @@ def test_an_interruption_counts_what_was_written(run_cli, monkeypatch, capsys):
     assert [path.name for path in output.glob("results_*.pkl")] == ["results_vlm_layer4_step10.pkl"]
 
 
-def test_a_full_disk_leaves_no_results_file_without_its_summary(run_cli, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "fault, status, message",
+    [
+        (
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+            1,
+            "summary_vlm_layer5_step10.txt: cannot write it (No space",
+        ),
+        (KeyboardInterrupt(), 130, "interrupted after 0 of 1 combination(s)"),
+    ],
+)
+def test_a_fault_between_a_pair_s_two_files_leaves_neither(run_cli, monkeypatch, capsys, fault, status, message):
     write_atomically = lpi.write_atomically
 
-    def disk_full_at_summaries(path, content):
+    def fault_at_summaries(path, content):
         if path.name.startswith("summary_"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise fault
         write_atomically(path, content)
 
-    monkeypatch.setattr(lpi, "write_atomically", disk_full_at_summaries)
-    status, output = run_cli(*FAST)
+    monkeypatch.setattr(lpi, "write_atomically", fault_at_summaries)
+    result, output = run_cli(*FAST)
     error = capsys.readouterr().err.strip()
-    assert status == 1 and len(error.splitlines()) == 1
-    assert "summary_vlm_layer5_step10.txt: cannot write it (No space left on device)" in error
+    assert result == status and len(error.splitlines()) == 1 and message in error
     assert not list(output.glob("results_*")) and not list(output.glob(".*.tmp"))
 
 
@@ -298,6 +374,16 @@ def test_a_closed_pipe_ends_quietly(run_cli, tmp_path):
     assert result.returncode == 141 and result.stderr == b""
 
 
+def test_a_summary_with_a_path_that_is_not_utf8_prints(demo_data, tiny_t5, tmp_path, capsys):
+    odd = linked_demo(demo_data, tmp_path / os.fsdecode(b"latents \xff"))
+    next(odd.glob("task_9_*.pkl")).unlink()
+    (odd / "task_9_broken.pkl").write_bytes(b"not a pickle")  # listed under Skipped Files, by its path
+    arguments = cli_arguments(odd, tiny_t5, tmp_path.parent / "cache", tmp_path / "out", *FAST)
+    arguments.remove("--quiet")
+    assert lpi.main(arguments) == 0
+    assert "latents \\udcff/task_9_broken.pkl: not a readable latent pickle" in capsys.readouterr().out
+
+
 def test_a_path_that_is_not_utf8_writes_both_files(run_cli, demo_data, tiny_t5, tmp_path):
     odd = tmp_path / os.fsdecode(b"latents \xff")
     linked_demo(demo_data, odd)
@@ -310,11 +396,12 @@ def test_a_path_that_is_not_utf8_writes_both_files(run_cli, demo_data, tiny_t5, 
     assert (output / "results_vlm_layer5_step10.pkl").is_file()
 
 
-def test_a_conflicting_run_is_refused_before_anything_is_read(run_cli, tmp_path, monkeypatch):
+def test_a_conflicting_run_is_refused_before_anything_is_read(run_cli, tmp_path, monkeypatch, capsys):
     output = tmp_path / "out"
     assert run_cli(*FAST, output_dir=output)[0] == 0
     monkeypatch.setattr(lpi, "read_task_file", lambda *_: pytest.fail("a task file was read"))
     assert run_cli(*FAST, "--seed", "3", output_dir=output)[0] == 1
+    assert "made with seed 42 (now 3)" in capsys.readouterr().err
 
 
 # --- The reader stays bounded -----------------------------------------------------------------------------------------
@@ -381,27 +468,70 @@ class ForgedArray:
 @pytest.mark.parametrize(
     "forged, reason",
     [
-        (ForgedArray((10**12,), "V0", b""), "is not numeric data"),
-        (ForgedArray((10**6,), "f4", b"\0" * 16), "does not fit its 16-byte payload"),
-        (ForgedArray((10**6,), "f4", b"\0" * 100_000), "does not fit its 100000-byte payload"),  # mapped, not read
-        (ForgedArray((2,), "O", [1, 2]), "is not numeric data"),
+        (ForgedArray((10**12,), "V0", b""), "holds no data of its own"),
+        (ForgedArray((10**6,), "f4", b"\0" * 16), "does not fit its payload"),
+        (ForgedArray((10**6,), "f4", b"\0" * 100_000), "does not fit its payload"),  # mapped, not read
+        (ForgedArray((10**9,), "O", [1, 2]), "does not fit its payload"),
     ],
 )
-def test_an_array_that_is_not_plain_data_or_does_not_fit_its_payload_is_a_bad_file(tmp_path, protocol, forged, reason):
+def test_an_array_that_does_not_fit_its_payload_is_a_bad_file(tmp_path, protocol, forged, reason):
     path = tmp_path / "task_0_x.pkl"
     path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, "array": forged}, protocol=protocol))
     with pytest.raises(lpi.BadFileError, match=reason):
         lpi.read_task_file(path)
 
 
-def test_bytes_from_a_size_are_refused(tmp_path):
-    class Zeros:
-        def __reduce__(self):
-            return bytes, (10**12,)
-
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_arrays_of_other_plain_dtypes_are_read_as_pickle_load_reads_them(tmp_path, protocol):
+    arrays = {
+        "times": np.arange(0, 6).astype("datetime64[s]"),
+        "spans": np.arange(0, 6).astype("timedelta64[ms]"),
+        "records": np.zeros(4000, dtype=[("x", "f4"), ("n", "i2")]),  # mapped: past one page
+        "words": np.array(["agentview", "wrist"]),
+        "ragged": np.array([[1, 2], [3]], dtype=object),
+        "complex": np.ones(3, np.complex64),
+    }
     path = tmp_path / "task_0_x.pkl"
-    path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, "zeros": Zeros()}, protocol=2))
-    with pytest.raises(lpi.BadFileError, match=r"refused bytes\(1000000000000\)"):
+    path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, **arrays}, protocol=protocol))
+    content = lpi.read_task_file(path, index_dir=str(tmp_path / "index"))
+    for name, array in arrays.items():
+        assert content[name].dtype == array.dtype and content[name].tolist() == array.tolist(), name
+
+
+class Called:
+    """Pickles as a call of a global with the arguments given."""
+
+    def __init__(self, function, *arguments):
+        self.call = function, arguments
+
+    def __reduce__(self):
+        return self.call
+
+
+@pytest.mark.parametrize(
+    "call, reason",
+    [
+        (Called(bytes, 10**12), r"refused bytes\(1000000000000\)"),
+        (Called(bytearray, 10**12), r"refused bytearray\(1000000000000\)"),
+        (Called(np.ndarray, (2**15, 2**15), "u1"), r"refused numpy.ndarray\(\(32768, 32768\), 'u1'\)"),
+    ],
+)
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_allocations_by_size_are_refused(tmp_path, call, reason, protocol):
+    path = tmp_path / "task_0_x.pkl"
+    path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, "made": call}, protocol=protocol))
+    with pytest.raises(lpi.BadFileError, match=reason):
+        lpi.read_task_file(path, index_dir=str(tmp_path / "index"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_copies_of_one_shared_container_are_bounded_by_the_file(tmp_path, protocol):
+    shared = list(range(100_000))
+    copies = [Called(list, shared) for _ in range(300)]  # 30 million elements from a file of a few hundred KB
+    path = tmp_path / "task_0_x.pkl"
+    path.write_bytes(pickle.dumps({"task_description": "x", "episodes": {}, "copies": copies}, protocol=protocol))
+    assert path.stat().st_size < 2**20
+    with pytest.raises(lpi.BadFileError, match=r"list\(\) calls copy more elements than the file holds"):
         lpi.read_task_file(path)
 
 
@@ -497,13 +627,17 @@ def test_a_compile_cache_entry_cut_short_is_removed_with_one_line(demo_data, tin
     assert program(*arguments, timeout=300).returncode == 0
     entries = list((cache / "jax").glob("jit_fit_probes*-cache"))
     assert entries
-    for entry in entries:  # as a full disk leaves them
+    valid = entries[0].with_name("jit_fit_probes-" + "0" * 64 + "-cache")  # another program's entry, whole
+    valid.write_bytes(entries[0].read_bytes())
+    hour_ago = time.time() - 3600
+    for entry in entries:  # as a full disk left them, an hour ago
         entry.write_bytes(entry.read_bytes()[:100])
+        os.utime(entry, (hour_ago, hour_ago))
     repaired = program(*arguments, timeout=300)
     assert repaired.returncode == 0
     error = repaired.stderr.decode()
-    assert error.count("JAX could not read an entry of jit_fit_probes") == 1
-    assert f"removed {len(entries)} unreadable" in error
+    assert error.count("JAX could not read an entry of jit_fit_probes") == 1 and valid.exists()
+    assert f"removed {len(entries)} entr(ies) that cannot be decompressed: compiled and cached anew" in error
     assert "Error reading persistent compilation cache entry" not in error
     again = program(*arguments, timeout=300)
     assert again.returncode == 0 and b"compile cache" not in again.stderr
