@@ -794,9 +794,8 @@ def progress_disabled() -> bool | None:
 
 
 def model_identity(model_name: str) -> str:
-    """What names a model's weights wherever they lie: a local directory's files by name, size and the digest of both
-    ends (see file_identity), so that a copy elsewhere is the same model and retrained weights are not; or the hub
-    name."""
+    """What the model's weights are: a local directory's files as file_identity gives them (a model saved again is
+    another; a copy that keeps the files' times is the same), or the hub name."""
     path = Path(model_name)
     if not path.is_dir():
         return f"hub {model_name}"
