@@ -210,6 +210,18 @@ def find_task_files(data_path: Path, task_range: tuple[int, int]) -> tuple[dict[
     return found, missing
 
 
+def id_runs(ids: list[int]) -> str:
+    """Ascending ids in words, three or more in a row as a range: 1, 2, 5-9."""
+    runs: list[list[int]] = []
+    for one in ids:
+        if runs and one == runs[-1][-1] + 1:
+            runs[-1].append(one)
+        else:
+            runs.append([one])
+    words = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    return ", ".join(words)
+
+
 def step_number(key: str) -> int | None:
     """The N of a rollout-step key "step_N", or None for other keys."""
     match = re.fullmatch(r"step_([0-9]+)", key)
@@ -317,16 +329,18 @@ def layer_tokens(array: np.ndarray, source: Source, layer: int, option: str | No
     return layer_array[token_positions(source, layer_array.shape[0])]
 
 
-def expert_entries(step_data: dict, source: Source) -> list[tuple[float, dict]]:
+def expert_entries(step_data: dict, source: Source, option: str | None = None) -> list[tuple[float, dict]]:
     """(denoising time, entry) pairs a step contributes, every denoising entry for the action
-    expert (in denoising order); time is NaN for the others."""
+    expert (in denoising order); time is NaN for the others. `option`: the option that chose the camera, as an error
+    names it (default --camera)."""
     if source.expert == "visual":
         cameras = step_data.get("vision_latents")
         if not isinstance(cameras, dict):
             raise ProbeError("step has no 'vision_latents' dict (written by newer collectors only)")
         if not isinstance(cameras.get(source.camera), dict):
+            option = option or f"--camera {source.camera}"
             raise OptionError(
-                f"--camera {source.camera!r} is not in vision_latents (it has: {', '.join(sorted(cameras)) or 'none'})"
+                f"{option}: no such camera in vision_latents (it has: {', '.join(sorted(cameras)) or 'none'})"
             )
         return [(math.nan, cameras[source.camera])]
     if source.expert != "action":
@@ -476,8 +490,10 @@ def read_dataset(source: Source, steps: str | list[int | range], layer: int | No
     asked, checked to exist, None for "all"). Unreadable files are skipped unless --strict; the walk's warnings are
     given here, once."""
     paths, missing_tasks = find_task_files(Path(source.data_path), source.task_range)
-    for task_id in missing_tasks:
-        log.warning("task %d: no file task_%d_*.pkl in %s", task_id, task_id, source.data_path)
+    if len(missing_tasks) == 1:
+        log.warning("task %d: no file task_%d_*.pkl in %s", missing_tasks[0], missing_tasks[0], source.data_path)
+    elif missing_tasks:  # one line, however wide --task_range is
+        log.warning("tasks %s: no file task_<id>_*.pkl in %s", id_runs(missing_tasks), source.data_path)
     if not paths:
         raise ProbeError(
             f"--data_path {source.data_path}: no task_*.pkl files for tasks "
@@ -769,15 +785,14 @@ def baseline_views(step_data: dict, source: Source, entry_count: int) -> list | 
     if source.baseline is None:
         return [None] * entry_count
     baseline, layer = baseline_source(source)
+    option = f"--baseline {baseline_spec_text(source.baseline)}"
     try:
-        entries = expert_entries(step_data, baseline)
+        entries = expert_entries(step_data, baseline, option)
     except OptionError:
         raise
     except ProbeError:
         return None
-    views = [
-        token_view(entry, baseline, layer, f"--baseline {baseline_spec_text(source.baseline)}") for _, entry in entries
-    ]
+    views = [token_view(entry, baseline, layer, option) for _, entry in entries]
     if baseline.expert == "action":
         return views if len(views) == entry_count else None
     return views * entry_count
@@ -920,16 +935,19 @@ def word_concepts(descriptions: list[str]) -> list[Concept]:
 
 
 def concepts_text(path: str) -> str:
-    """The text of a --concepts file (OptionError when it cannot be read)."""
+    """The text of a --concepts file, a regular file only (a FIFO would block); OptionError when it cannot be read."""
     try:
-        return Path(path).read_text()
+        with open_regular(Path(path)) as file:
+            return file.read().decode("utf-8-sig")  # a byte-order mark before the header is no field
+    except BadFileError as error:
+        raise OptionError(f"--concepts {error}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise OptionError(f"--concepts {path}: cannot read it ({error})") from None
 
 
 def read_concepts_file(path: str) -> dict[str, dict[int, str]]:
     """attribute -> {task id: value} from a TSV of task_id, attribute, value (a header line and # comments allowed)."""
-    lines = concepts_text(path).splitlines()
+    lines = concepts_text(path).split("\n")  # newlines only: a value may hold U+2028 or a form feed
     attributes: dict[str, dict[int, str]] = {}
     line_of: dict[tuple[str, int], int] = {}  # (attribute, task) -> the line that gave its value
     for number, line in enumerate(lines, 1):
@@ -2318,6 +2336,9 @@ def results_record(
     return {
         "format_version": RESULTS_FORMAT,
         "config": {
+            # First, so that a results file's first DIGEST_BYTES hold them (see stated_fingerprint).
+            "fingerprint": context.made_with.fingerprint(),
+            "made_with": dataclasses.asdict(context.made_with),
             "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
             "labels": dataclasses.asdict(labels),
             "training": {**dataclasses.asdict(training), "permutations": training.null_size},
@@ -2331,8 +2352,6 @@ def results_record(
             "interval_definition": describe_intervals(training),
             "permuted_assignments": design.assignments[1:],  # row p-1: the class whose embedding class j's samples get
             "contrastive_temperature": CONTRASTIVE_TEMPERATURE,
-            "made_with": dataclasses.asdict(context.made_with),
-            "fingerprint": context.made_with.fingerprint(),
         },
         "metrics": metrics,
         "tasks": {
@@ -2459,14 +2478,15 @@ def evaluate_concepts(
         "format_version": RESULTS_FORMAT,
         "target": "concepts",
         "config": {
+            # First, so that a results file's first DIGEST_BYTES hold them (see stated_fingerprint).
+            "fingerprint": context.made_with.fingerprint(),
+            "made_with": dataclasses.asdict(context.made_with),
             "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
             "labels": dataclasses.asdict(labels),
             "training": {**dataclasses.asdict(training), "loss": "softmax"},
             "split": describe_split(training, design.folds),
             "token_positions": describe_token_positions(dataset.source),
             "concept_definition": CONCEPT_DEFINITION,
-            "made_with": dataclasses.asdict(context.made_with),
-            "fingerprint": context.made_with.fingerprint(),
         },
         "concepts": concepts,
         "metrics": {
@@ -2530,7 +2550,6 @@ def format_concept_summary(results: dict) -> str:
         f"Held out: {results['config']['split']} ({reading})",
         f"Number of Samples: {metrics['num_samples']}; Number of Tasks: {metrics['num_tasks']}",
         f"Token Positions: {results['config']['token_positions']}",
-        MADE_WITH_LINE.format(results["config"]["fingerprint"]),
         "",
         f"{'concept':24} {'balanced':>8} {'accuracy':>8} {'majority':>8} {'bits':>7} {'tasks with/without':>18}  notes",
     ]
@@ -2724,31 +2743,45 @@ def file_identity(path: Path) -> str:
             return f"{path.name}: {status.st_size} bytes, modified {modified}, ends sha256 {content_digest(file)[:16]}"
     except BadFileError as error:
         return f"{path.name}: {str(error).removeprefix(f'{path}: ')}"
+    except OSError as error:  # an I/O error: reading it for the run says so again, and skips it
+        return f"{path.name}: cannot read it ({error.strerror})"
 
 
-MADE_WITH_LINE = "Made With: fingerprint {} (options-data-program; config['made_with'] in the results file lists them)"
-STATED_FINGERPRINT = re.compile(r"^Made With: fingerprint ([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16}) ", re.MULTILINE)
+MADE_WITH_LINE = "Made With: fingerprint {} (options-data-program: config['made_with'] in the results file)"
+STATED_FINGERPRINT = re.compile(r"^Made With: fingerprint ([0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{16}) ", re.MULTILINE)
+
+
+def stated_fingerprint(paths: ResultPaths) -> list[str] | None:
+    """The parts of the fingerprint a summary states, if the results file beside it records the same one in its first
+    DIGEST_BYTES (the configuration comes first); None otherwise: a results file left by a run killed between the
+    two renames, or one copied in from elsewhere, is read whole instead."""
+    try:
+        stated = STATED_FINGERPRINT.search(paths.summary.read_text())
+        with open_regular(paths.results) as file:
+            head = os.pread(file.fileno(), DIGEST_BYTES, 0)
+    except (OSError, UnicodeDecodeError, BadFileError):
+        return None
+    if stated is None or stated.group(1).encode() not in head:
+        return None
+    return stated.group(1).split("-")
 
 
 class Existing(NamedTuple):
     """How an existing result stands against the one a run would write."""
 
     differs: str | None  # the first part that differs ("options", "data", "program"), or None
-    whole: bool  # its summary is as new as its results file and states its fingerprint: written as a pair
+    whole: bool  # its summary was written with this results file (see stated_fingerprint)
 
 
 def existing_result(paths: ResultPaths, wanted: MadeWith) -> Existing:
-    """Compare an existing result with `wanted`, from its summary's Made With line when the pair is whole (a line
+    """Compare an existing result with `wanted`: from its summary's last line when the pair is whole (a line and 64 KB
     instead of megabytes of results per combination when a big sweep resumes), else from its results file."""
-    stated = None
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        if paths.summary.stat().st_mtime_ns >= paths.results.stat().st_mtime_ns:
-            stated = STATED_FINGERPRINT.search(paths.summary.read_text())
-    if stated is None:  # killed between its two files, or not of this version: the results file says
+    stated = stated_fingerprint(paths)
+    if stated is None:  # not a whole pair of this version: the results file says
         difference = recorded_difference(paths.results, wanted)
         return Existing(difference and difference.part, False)
     wanted_parts = wanted.fingerprint().split("-")
-    differing = [part for part, one, other in zip(MADE_WITH_PARTS, stated.groups(), wanted_parts) if one != other]
+    differing = [part for part, one, other in zip(MADE_WITH_PARTS, stated, wanted_parts) if one != other]
     return Existing(differing[0] if differing else None, True)
 
 
@@ -2768,8 +2801,10 @@ def recorded_difference(path: Path, wanted: MadeWith) -> Difference | None:
         parts = [(part, dict(recorded[part]), getattr(wanted, part)) for part in MADE_WITH_PARTS]
     except BadFileError as error:
         return Difference("options", str(error))
-    except UNREADABLE:
+    except (KeyError, TypeError, AttributeError):
         return Difference("options", "it does not record what it was made with (another program, or an older version)")
+    except UNREADABLE as error:
+        return Difference("options", f"it cannot be read ({error or type(error).__name__})")
     for part, old, new in parts:
         differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
         if differing:
@@ -2795,9 +2830,40 @@ def result_stem(source: Source, item: Item, inference_times: dict[int, list[floa
 
 
 def write_atomically(path: Path, content: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file. The temporary is locked
-    until it is renamed, so that a run starting meanwhile does not take it for one an interrupted run left (see
-    remove_stale_temporaries)."""
+    """Write one file so that readers never see half of it (see write_together)."""
+    write_together([(path, content)])
+
+
+def write_together(files: list[tuple[Path, bytes]]) -> None:
+    """Write each file to a temporary beside it, then rename them all with Ctrl-C and SIGTERM held back: readers see
+    the old files or all the new ones, never half a file nor a mix (kill -9 between two renames aside). If a rename
+    fails, the files already renamed are removed: no new file stays beside an old one. An error names the file, not
+    its temporary."""
+    current = files[0][0]
+    try:
+        with contextlib.ExitStack() as stack:
+            temporaries = []
+            for current, content in files:
+                temporaries.append(stack.enter_context(locked_temporary(current, content)))
+            renamed = []
+            with signals_held():
+                try:
+                    for temporary, (current, _) in zip(temporaries, files):
+                        os.replace(temporary, current)
+                        renamed.append(current)
+                except OSError:
+                    for path in renamed:
+                        path.unlink(missing_ok=True)
+                    raise
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(current)) from None
+
+
+@contextlib.contextmanager
+def locked_temporary(path: Path, content: bytes):
+    """`content` in a temporary beside `path`, with the mode open() would give; yields its name, locked until the
+    context ends, so that a run starting meanwhile does not take it for one an interrupted run left (see
+    remove_stale_temporaries); removed then unless renamed."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as file:
@@ -2809,10 +2875,19 @@ def write_atomically(path: Path, content: bytes) -> None:
             os.fchmod(file.fileno(), 0o666 & ~umask)
             file.write(content)
             file.flush()
-            os.replace(temporary, path)
-    except BaseException:
+            yield temporary
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM held back for as long as the context lasts, then delivered."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # write_atomically's temporaries: .{name}.{mkstemp's 8 characters}.tmp, for the kinds of file this program writes.
@@ -2882,10 +2957,12 @@ def with_interval(metrics: dict, name: str, digits: int = 4) -> str:
 
 
 def format_summary(results: dict) -> str:
-    """The guide's summary block, then the evidence behind it, what was measured and how."""
+    """The guide's summary block, then the evidence behind it, what was measured and how; last, what made it."""
     if results.get("target") == "concepts":
-        return format_concept_summary(results)
-    return "\n".join([*guide_block(results), "", *evidence_lines(results), "", *measured_lines(results), ""])
+        body = format_concept_summary(results)
+    else:
+        body = "\n".join([*guide_block(results), "", *evidence_lines(results), "", *measured_lines(results), ""])
+    return f"{body}{MADE_WITH_LINE.format(results['config']['fingerprint'])}\n"
 
 
 def guide_block(results: dict) -> list[str]:
@@ -3053,10 +3130,9 @@ def measured_lines(results: dict) -> list[str]:
         f"Features: {features}",
         f"Probe: {probe}",
         f"Seed: {training['seed']}; repeats {training['repeats']}; bootstrap resamples: {training['bootstrap']}",
-        MADE_WITH_LINE.format(results["config"]["fingerprint"]),
         f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; "
         f"Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
-        f"Missing Task Files: {', '.join(map(str, report['missing_tasks'])) or 'none'}",
+        f"Missing Task Files: {id_runs(report['missing_tasks']) or 'none'}",
         f"Skipped Files: {len(report['skipped_files']) or 'none'}",
         *(f"  {reason}" for reason in report["skipped_files"].values()),
         f"Episodes Missing From Files: {len(report['missing_episodes'])}",
@@ -3094,25 +3170,17 @@ def result_paths(output_dir: Path, stem: str) -> ResultPaths:
 
 
 def write_results(results: dict, paths: ResultPaths) -> None:
-    """Write a result's pair of files, each atomically, results first. If the summary cannot be written (a full disk,
-    Ctrl-C), the results file just written is removed with it: no results file is left without its own summary."""
-    # The summary's text may hold a path that is not UTF-8 (kept by Python as surrogates): written as \udcff escapes.
+    """Write a result's pair of files together (see write_together): a results file is never left without its own
+    summary."""
+    # The summary may hold a path that is not UTF-8 (kept by Python as surrogates): written as \udcff escapes.
     contents = (pickle.dumps(results, protocol=4), format_summary(results).encode(errors="backslashreplace"))
-    replaced = []
     try:
-        for path, content in zip(paths, contents):
-            write_atomically(path, content)
-            replaced.append(path)
-    except BaseException as error:
-        if replaced:  # the results are new, the summary old or missing: neither stays
-            for path in paths:
-                path.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise ProbeError(
-                f"{paths[len(replaced)]}: cannot write it ({error.strerror or error}); neither file of this result "
-                "is left: free the space, then rerun with --skip_existing"
-            ) from None
-        raise
+        write_together(list(zip(paths, contents)))
+    except OSError as error:
+        raise ProbeError(
+            f"{error.filename}: cannot write it ({error.strerror}); neither file of this result is left: free the "
+            "space, then rerun with --skip_existing"
+        ) from None
 
 
 def sweep_items(source: Source, layers, steps, inference, report: ReadReport) -> list[Item]:
@@ -3980,6 +4048,8 @@ def plot_feature_pca(results: dict, features: np.ndarray, path: Path, stem: str)
 # Command line
 # -----------------------------------------------------------------------------
 
+MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
+MOST_SEED = 2**31 - 2**16  # the seed is an int32 in the compiled program, plus repeats and MDL blocks
 DEMO_DEFAULTS = {
     "rollout_step": [10],
     "expert": "text_only",
@@ -3989,18 +4059,26 @@ DEMO_DEFAULTS = {
 }
 
 
-def bounded(kind: type, at_least: float | None = None, above: float | None = None, below: float | None = None):
+def bounded(
+    kind: type,
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+):
     """argparse type: a finite number of the given kind, checked against its bounds."""
 
     def parse(text: str):
         value = kind(text)
         low_ok = (at_least is None or value >= at_least) and (above is None or value > above)
+        high_ok = (below is None or value < below) and (at_most is None or value <= at_most)
         finite = kind is not float or math.isfinite(value)  # an int of any size is finite (isfinite overflows)
-        if not (finite and low_ok and (below is None or value < below)):
+        if not (finite and low_ok and high_ok):
             limits = [
                 f">= {at_least}" if at_least is not None else None,
                 f"> {above}" if above is not None else None,
                 f"< {below}" if below is not None else None,
+                f"<= {at_most}" if at_most is not None else None,
             ]
             raise argparse.ArgumentTypeError(f"must be {' and '.join(limit for limit in limits if limit)}, got {text}")
         return value
@@ -4048,7 +4126,9 @@ def baseline_value(text: str) -> tuple[str, int | str]:
     if expert == "visual":
         return expert, where or "base_0_rgb"
     if not re.fullmatch(r"[0-9]+", where):
-        raise argparse.ArgumentTypeError(f"--baseline {expert} needs a layer: {expert}:LAYER, e.g. {expert}:0")
+        raise argparse.ArgumentTypeError(
+            f"--baseline {expert} needs a layer number (0 or more): {expert}:LAYER, e.g. {expert}:0; got {text!r}"
+        )
     return expert, int(where)
 
 
@@ -4090,14 +4170,14 @@ def add_what_options(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--task_range",
         nargs=2,
-        type=bounded(int, at_least=0),
+        type=bounded(int, at_least=0, at_most=MOST_IDS),
         metavar=("START", "END"),
         help="task ids START..END-1 (end-exclusive: '0 10' is ten tasks)",
     )
     what.add_argument(
         "--episode_range",
         nargs=2,
-        type=bounded(int, at_least=0),
+        type=bounded(int, at_least=0, at_most=MOST_IDS),
         metavar=("START", "END"),
         help="episodes START..END-1 of each task (end-exclusive)",
     )
@@ -4215,7 +4295,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     training.add_argument(
         "--num_epochs",
-        type=bounded(int, at_least=1),
+        type=bounded(int, at_least=1, at_most=100_000),  # the loss history is (copies, epochs) per item
         default=default(TrainingConfig, "num_epochs"),
         help="at most this many epochs; early stopping usually ends sooner (default: %(default)s)",
     )
@@ -4227,7 +4307,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     training.add_argument(
         "--seed",
-        type=bounded(int, at_least=0),  # numpy's generators take no negative seed
+        type=bounded(int, at_least=0, at_most=MOST_SEED),  # numpy's generators take no negative seed
         default=default(TrainingConfig, "seed"),
         help="seeds the folds, initialisation, shuffling, control labels and bootstrap (default: %(default)s)",
     )
@@ -4292,7 +4372,7 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     )
     evaluation.add_argument(
         "--permutations",
-        type=bounded(int, at_least=1),
+        type=bounded(int, at_least=1, at_most=100_000),
         default=None,
         metavar="N",
         help="permuted assignments trained like the probe; the first is the control; with several, a permutation "
@@ -4300,7 +4380,7 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     )
     evaluation.add_argument(
         "--repeats",
-        type=bounded(int, at_least=1),
+        type=bounded(int, at_least=1, at_most=1_000),
         default=default(TrainingConfig, "repeats"),
         metavar="K",
         help="seeds of folds and initialisation; metrics are their mean, intervals widened by their spread "
@@ -4314,7 +4394,7 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     )
     evaluation.add_argument(
         "--bootstrap",
-        type=bounded(int, at_least=0),
+        type=bounded(int, at_least=0, at_most=100_000),  # scipy draws all resamples at once: (resamples, units)
         default=default(TrainingConfig, "bootstrap"),
         help="BCa resamples of whole episodes (tasks with --split task) for 95%% intervals; 0 for none (default: "
         "%(default)s)",
@@ -4500,7 +4580,10 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
     source, labels, training = configs_from_arguments(args)
     made_with = run_made_with(source, labels, training)  # checks --data_path, though nothing may be read
     named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
-    finished = bool(named) and not left_to_run(args, named, source, {}, made_with)[0]  # then no file is read
+    if named:  # which are left is known before any file is read: results of other options stop the run here
+        resume = left_to_run(args, named, source, {}, made_with)
+        settle_existing(resume, args, warn=not resume.items)
+    finished = bool(named) and not resume.items  # then no file is read
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
     dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
     items = resolve_sweep(args, dataset, labels, training, made_with) if dataset else []
@@ -4540,10 +4623,11 @@ def resolve_sweep(
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
         check_steps(steps, dataset, labels, training)
-    items, done = left_to_run(args, items, dataset.source, dataset.report.inference_times, made_with)
-    if done:
-        log.info("skipping %d combination(s) already written in %s", done, args.output_dir)
-    return items
+    resume = left_to_run(args, items, dataset.source, dataset.report.inference_times, made_with)
+    settle_existing(resume, args, warn=True)
+    if resume.done:
+        log.info("skipping %d combination(s) already written in %s", resume.done, args.output_dir)
+    return resume.items
 
 
 def named_by_options(args: argparse.Namespace) -> bool:
@@ -4553,18 +4637,24 @@ def named_by_options(args: argparse.Namespace) -> bool:
     return listed_steps and args.layer != "all" and args.inference_step == "all"
 
 
+class Resume(NamedTuple):
+    """What a job finds in --output_dir: the combinations left to run, how many are done, and the existing results
+    made otherwise, by the part of MadeWith that differs first (each a results file and what it is compared with)."""
+
+    items: list[Item]
+    done: int
+    differing: dict[str, list[tuple[Path, MadeWith]]]
+
+
 def left_to_run(
     args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict, made_with: MadeWith
-) -> tuple[list[Item], int]:
+) -> Resume:
     """The combinations this job runs: its --shard, less those --skip_existing finds written whole and made the same
-    way (see MadeWith); and how many those are. A result in --output_dir made with other options stops the run
-    before anything is trained, naming what differs, unless --overwrite is given; one made from other data is made
-    again, with a warning; one made by another version of this program is kept (with --skip_existing), with a
-    warning."""
+    way, or made by another version of this program only (see MadeWith)."""
     if args.shard:
         index, count = args.shard
         items = items[index::count]
-    output_dir, left, done, found = Path(args.output_dir), [], 0, {part: [] for part in MADE_WITH_PARTS}
+    output_dir, left, done, differing = Path(args.output_dir), [], 0, {part: [] for part in MADE_WITH_PARTS}
     for item in items:
         paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
         for path in paths:
@@ -4573,32 +4663,35 @@ def left_to_run(
         wanted = made_with.of_item(item)
         existing = existing_result(paths, wanted) if paths.results.is_file() else Existing(None, False)
         if existing.differs is not None:
-            found[existing.differs].append((paths.results, wanted))
+            differing[existing.differs].append((paths.results, wanted))
         if existing.whole and existing.differs in (None, "program") and args.skip_existing:
             done += 1
             continue
         left.append(item)
-    if found["options"] and not args.overwrite:
+    return Resume(left, done, differing)
+
+
+def settle_existing(resume: Resume, args: argparse.Namespace, warn: bool) -> None:
+    """Stop before anything is trained when results in --output_dir were made with other options, naming what
+    differs, unless --overwrite; with `warn`, say which results of other data are made again, and which of another
+    program version are kept."""
+    output_dir, differing = args.output_dir, resume.differing
+    if differing["options"] and not args.overwrite:
         raise ProbeError(
-            f"{len(found['options'])} result(s) in {output_dir} were made with other options, e.g. "
-            f"{first_difference(found['options'])}. --overwrite replaces them; another --output_dir keeps both"
+            f"{len(differing['options'])} result(s) in {output_dir} were made with other options, e.g. "
+            f"{first_difference(differing['options'])}. --overwrite replaces them; another --output_dir keeps both"
         )
-    if found["data"]:  # results of data that are no longer there: never reused, made again
-        log.warning(
-            "%d result(s) in %s were made from other data, e.g. %s; made again",
-            len(found["data"]),
-            output_dir,
-            first_difference(found["data"]),
-        )
-    if found["program"] and args.skip_existing:
+    if warn and differing["data"]:  # results of data that are no longer there: never reused, made again
+        count, example = len(differing["data"]), first_difference(differing["data"])
+        log.warning("%d result(s) in %s were made from other data, e.g. %s; made again", count, output_dir, example)
+    if warn and differing["program"] and args.skip_existing:
         log.warning(
             "%d result(s) in %s were made by another version of this program or its packages, e.g. %s; kept (rerun "
             "without --skip_existing to make them again)",
-            len(found["program"]),
+            len(differing["program"]),
             output_dir,
-            first_difference(found["program"]),
+            first_difference(differing["program"]),
         )
-    return left, done
 
 
 def first_difference(found: list[tuple[Path, MadeWith]]) -> str:
@@ -4675,6 +4768,9 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
 def main(argv: list[str] | None = None) -> int:
     """Run the program; return the exit status. Every failure a user can meet ends in one line: a bad option (2), a
     data or writing problem (1), Ctrl-C (130) or SIGTERM (143); a closed pipe (`| head`) ends quietly (141)."""
+    for name in ("stdout", "stderr"):  # started with it closed (`>&-`): written to nowhere, as if to /dev/null
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
@@ -4792,13 +4888,16 @@ def compile_cache_repaired(args: argparse.Namespace):
     directory = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(args.cache_dir) / "jax")
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message="Error (reading|writing) persistent compilation cache entry")
-        shown = warnings.showwarning
+        shown, said = warnings.showwarning, set()
 
         def show(message, category, filename, lineno, file=None, line=None):
             match = COMPILE_CACHE_ERROR.match(str(message))
             if match is None:
                 return shown(message, category, filename, lineno, file, line)
             action, name, reason = match.groups()
+            if (action, name.split("-")[0]) in said:  # one line per program and run, not one per compilation
+                return
+            said.add((action, name.split("-")[0]))
             # A write of ours just failed: its entry goes at once. One that fails to read may be another run's, still
             # being written: only entries left alone for a minute go.
             removed = remove_unreadable_cache_entries(directory, name, 0 if action == "writing" else 60)
@@ -5215,6 +5314,8 @@ def read_task_file(path: Path, trust: bool = False, index_dir: str | None = None
         raise
     except UNREADABLE as error:
         reason = str(error) or type(error).__name__
+        if isinstance(error, KeyError | IndexError):  # a memo or stack index the stream never set: "0" says nothing
+            reason = f"malformed ({type(error).__name__} {error})"
         if isinstance(error, EOFError):
             reason = "truncated: the file ends before the pickle's STOP"
         if isinstance(error, MemoryError):

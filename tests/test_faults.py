@@ -153,22 +153,55 @@ def test_a_resume_reads_the_summaries_made_with_line_not_megabytes_of_results(ru
     assert run_cli(*FAST, "--layer", "4-6", output_dir=output)[0] == 0
     summary = (output / "summary_vlm_layer5_step10.txt").read_text()
     stated = load(output / "results_vlm_layer5_step10.pkl")["config"]["fingerprint"]
-    assert f"Made With: fingerprint {stated} " in summary
+    assert summary.splitlines()[-1].startswith(f"Made With: fingerprint {stated} ")
     loaded = []
     load_restricted = lpi.load_restricted
     monkeypatch.setattr(lpi, "load_restricted", lambda *arguments: loaded.append(1) or load_restricted(*arguments))
     capsys.readouterr()
     assert run_cli(*FAST, "--layer", "4-6", "--skip_existing", output_dir=output)[0] == 0
     assert loaded == [] and "nothing to do" in capsys.readouterr().err
-    # A results file newer than its summary: a pair killed between its two renames (the summary is the older
-    # pair's), so not whole: made again, though its results file records the same options.
+
+
+def test_a_results_file_that_is_not_its_summary_s_is_never_taken_as_done(run_cli, tmp_path, capsys):
+    theirs, output = tmp_path / "theirs", tmp_path / "out"
+    assert run_cli(*FAST, "--seed", "1", output_dir=theirs)[0] == 0
+    assert run_cli(*FAST, output_dir=output)[0] == 0
     results = output / "results_vlm_layer5_step10.pkl"
-    os.utime(results, ns=(time.time_ns(), time.time_ns() + 10**9))
-    before = {path.name: path.stat().st_mtime_ns for path in output.iterdir()}
-    assert run_cli(*FAST, "--layer", "4-6", "--skip_existing", output_dir=output)[0] == 0
-    after = {path.name: path.stat().st_mtime_ns for path in output.iterdir()}
-    changed = sorted(name for name in after if after[name] != before[name])
-    assert changed == ["results_vlm_layer5_step10.pkl", "summary_vlm_layer5_step10.txt"]
+    # Copied in from elsewhere, times kept (cp -p): older than the summary beside it, and made with other options.
+    copied = theirs / results.name
+    results.write_bytes(copied.read_bytes())
+    os.utime(results, ns=(copied.stat().st_atime_ns, copied.stat().st_mtime_ns))
+    capsys.readouterr()
+    assert run_cli(*FAST, "--skip_existing", output_dir=output)[0] == 1
+    assert "made with seed 1 (now 42)" in capsys.readouterr().err  # read from the results file, not its summary
+    # Left by a run killed between its two renames: a new results file beside the older pair's summary. Its options
+    # are this run's, but the pair is not whole: made again.
+    assert run_cli(*FAST, "--overwrite", output_dir=output)[0] == 0
+    summary = output / "summary_vlm_layer5_step10.txt"
+    old_summary = summary.read_bytes()
+    assert run_cli(*FAST, "--bootstrap", "200", "--overwrite", output_dir=output)[0] == 0
+    summary.write_bytes(old_summary)  # the older pair's summary, with a newer results file of other options
+    status, _ = run_cli(*FAST, "--bootstrap", "200", "--skip_existing", output_dir=output)
+    assert status == 0 and "nothing to do" not in capsys.readouterr().err
+    assert summary.read_bytes() != old_summary
+
+
+def test_a_signal_during_a_pair_s_renames_waits_for_both(run_cli, tmp_path, monkeypatch, capsys):
+    replace = os.replace
+
+    def interrupted_rename(source, target):
+        replace(source, target)
+        if Path(target).name.startswith("results_"):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the two renames: held back until both are done
+
+    monkeypatch.setattr(lpi.os, "replace", interrupted_rename)
+    status, output = run_cli(*FAST)
+    monkeypatch.undo()
+    assert status == 130 and "interrupted" in capsys.readouterr().err
+    paths = lpi.result_paths(output, "vlm_layer5_step10")
+    assert lpi.stated_fingerprint(paths) is not None  # a whole pair
+    assert run_cli(*FAST, "--skip_existing", output_dir=output)[0] == 0
+    assert "nothing to do" in capsys.readouterr().err
 
 
 def test_skip_existing_tells_a_concept_result_from_a_t5_result(run_cli, tmp_path, capsys):
@@ -189,7 +222,7 @@ def test_results_of_a_task_file_since_changed_are_made_again_not_reused(run_cli,
     capsys.readouterr()
     assert run_cli(*FAST, "--skip_existing", data_path=data, output_dir=output)[0] == 0
     error = capsys.readouterr().err
-    assert "made from other data" in error and "task_file_1" in error and "nothing to do" not in error
+    assert error.count("made from other data") == 1 and "task_file_1" in error and "nothing to do" not in error
     assert TOMATO in (output / "summary_vlm_layer5_step10.txt").read_text()
     assert run_cli(*FAST, "--skip_existing", data_path=data, output_dir=output)[0] == 0
     assert "nothing to do" in capsys.readouterr().err
@@ -330,14 +363,14 @@ def test_an_interruption_counts_what_was_written(run_cli, monkeypatch, capsys):
     ],
 )
 def test_a_fault_between_a_pair_s_two_files_leaves_neither(run_cli, monkeypatch, capsys, fault, status, message):
-    write_atomically = lpi.write_atomically
+    locked_temporary = lpi.locked_temporary
 
-    def fault_at_summaries(path, content):
+    def fault_at_summaries(path, content):  # the results file's temporary is written, the summary's fails
         if path.name.startswith("summary_"):
             raise fault
-        write_atomically(path, content)
+        return locked_temporary(path, content)
 
-    monkeypatch.setattr(lpi, "write_atomically", fault_at_summaries)
+    monkeypatch.setattr(lpi, "locked_temporary", fault_at_summaries)
     result, output = run_cli(*FAST)
     error = capsys.readouterr().err.strip()
     assert result == status and len(error.splitlines()) == 1 and message in error
@@ -592,6 +625,63 @@ def test_a_concept_task_id_must_be_ascii_digits(tmp_path, task_id):
 def test_a_task_file_named_with_other_digits_is_not_a_task_file(tmp_path):
     (tmp_path / "task_\u0663_x.pkl").write_bytes(b"")  # Arabic-Indic three: int() reads it as 3
     assert lpi.find_task_files(tmp_path, (0, 5)) == ({}, [0, 1, 2, 3, 4])
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--num_epochs", "1000000000"),
+        ("--permutations", "1000000"),
+        ("--repeats", "1000000000"),
+        ("--bootstrap", "1000000000"),
+        ("--seed", "99999999999"),
+        ("--task_range", "0 1000000000000"),
+        ("--episode_range", "0 1000000000000000000000"),
+    ],
+)
+def test_values_past_what_a_run_can_hold_are_refused_before_it_starts(run_cli, capsys, option, value):
+    with pytest.raises(SystemExit) as exit:
+        run_cli(*FAST, option, *value.split())
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit.value.code == 2 and f"argument {option}: must be" in error and "<= " in error
+
+
+def test_a_concepts_file_that_is_not_a_regular_file_is_refused_without_a_hang(demo_data, tiny_t5, tmp_path):
+    fifo = tmp_path / "concepts.tsv"
+    os.mkfifo(fifo)
+    options = ("--expert", "text_only", "--layer", "5", "--target", "concepts", "--concepts", str(fifo))
+    result = program(*cli_arguments(demo_data, tiny_t5, tmp_path / "cache", tmp_path / "out", *options), timeout=120)
+    assert (
+        result.returncode == 2
+        and b"--concepts " + str(fifo).encode() + b": not a regular file (a FIFO)" in result.stderr
+    )
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_run_with_stdout_or_stderr_closed_writes_its_results(demo_data, tiny_t5, tmp_path, closed):
+    output = tmp_path / "out"
+    arguments = cli_arguments(demo_data, tiny_t5, tmp_path.parent / "cache", output, *FAST)
+    arguments.remove("--quiet")
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    shell = f'exec "$@" {closed}>&-'  # the program starts with that stream closed
+    result = subprocess.run(
+        ["bash", "-c", shell, "bash", sys.executable, PROGRAM, *arguments], env=environment, timeout=300
+    )
+    assert result.returncode == 0 and lpi.stated_fingerprint(lpi.result_paths(output, "vlm_layer5_step10"))
+
+
+def test_a_file_that_cannot_be_replaced_is_named_not_its_temporary(run_cli, capsys):
+    status, output = run_cli(*FAST)
+    (output / "sweep.csv").mkdir()
+    capsys.readouterr()
+    assert lpi.main(["--report", str(output)]) == 1
+    error = capsys.readouterr().err
+    assert f"{output / 'sweep.csv'}" in error and ".tmp" not in error
+
+
+def test_a_baseline_camera_that_is_not_there_is_named_as_the_baseline(run_cli, capsys):
+    status, _ = run_cli(*FAST, "--baseline", "visual:no_such_camera")
+    assert status == 2 and "--baseline visual:no_such_camera: no such camera" in capsys.readouterr().err
 
 
 def test_a_baseline_layer_out_of_range_is_named_as_the_baseline(run_cli, capsys):
