@@ -62,8 +62,14 @@ def interrupted_while_starting(signum, frame) -> None:
     os._exit(130)
 
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (`cmd &`)
-    signal.signal(signal.SIGINT, interrupted_while_starting)
+if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (`cmd &`)
+        signal.signal(signal.SIGINT, interrupted_while_starting)
+    for standard in (0, 1, 2):  # started with one closed (`2>&-`): /dev/null there, before any file takes its number
+        try:
+            os.fstat(standard)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -2748,20 +2754,26 @@ def file_identity(path: Path) -> str:
 
 
 MADE_WITH_LINE = "Made With: fingerprint {} (options-data-program: config['made_with'] in the results file)"
-STATED_FINGERPRINT = re.compile(r"^Made With: fingerprint ([0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{16}) ", re.MULTILINE)
+STATED_FINGERPRINT = re.compile(r"Made With: fingerprint ([0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{16}) .*")
 
 
 def stated_fingerprint(paths: ResultPaths) -> list[str] | None:
-    """The parts of the fingerprint a summary states, if the results file beside it records the same one in its first
-    DIGEST_BYTES (the configuration comes first); None otherwise: a results file left by a run killed between the
-    two renames, or one copied in from elsewhere, is read whole instead."""
+    """The parts of the fingerprint a summary's last line states, if the results file beside it is whole as this
+    program writes one (a protocol-4 pickle of a dict: PROTO 4 ... SETITEMS STOP) and records the same fingerprint in
+    its first DIGEST_BYTES (the configuration comes first); None otherwise: a results file left by a run killed
+    between the two renames, cut short, or copied in from elsewhere, is read whole instead."""
     try:
-        stated = STATED_FINGERPRINT.search(paths.summary.read_text())
+        with open_regular(paths.summary) as file:  # the last line, as bytes: a few hundred of them
+            size = os.fstat(file.fileno()).st_size
+            last = os.pread(file.fileno(), 4096, max(0, size - 4096)).decode(errors="replace").rstrip("\n")
         with open_regular(paths.results) as file:
-            head = os.pread(file.fileno(), DIGEST_BYTES, 0)
-    except (OSError, UnicodeDecodeError, BadFileError):
+            size = os.fstat(file.fileno()).st_size
+            head, tail = os.pread(file.fileno(), DIGEST_BYTES, 0), os.pread(file.fileno(), 2, max(0, size - 2))
+    except (OSError, BadFileError):
         return None
-    if stated is None or stated.group(1).encode() not in head:
+    stated = STATED_FINGERPRINT.fullmatch(last.rpartition("\n")[2])
+    whole = head.startswith(pickle.PROTO + b"\x04") and tail == pickle.SETITEMS + pickle.STOP
+    if stated is None or not whole or stated.group(1).encode() not in head:
         return None
     return stated.group(1).split("-")
 
@@ -2851,7 +2863,7 @@ def write_together(files: list[tuple[Path, bytes]]) -> None:
                     for temporary, (current, _) in zip(temporaries, files):
                         os.replace(temporary, current)
                         renamed.append(current)
-                except OSError:
+                except BaseException:
                     for path in renamed:
                         path.unlink(missing_ok=True)
                     raise
@@ -2875,6 +2887,7 @@ def locked_temporary(path: Path, content: bytes):
             os.fchmod(file.fileno(), 0o666 & ~umask)
             file.write(content)
             file.flush()
+            os.fsync(file.fileno())  # a late write error (NFS, quotas) shows here, before the rename, not at close
             yield temporary
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -2882,12 +2895,26 @@ def locked_temporary(path: Path, content: bytes):
 
 @contextlib.contextmanager
 def signals_held():
-    """Ctrl-C and SIGTERM held back for as long as the context lasts, then delivered."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Ctrl-C and SIGTERM noted, not acted on, for as long as the context lasts, then sent again. Handlers, not a
+    signal mask: the kernel hands a signal to any thread that does not block it (XLA has a dozen), and Python runs
+    the handler in the main thread at its next step. Outside the main thread nothing is raised anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received, previous = [], {}
+
+    def note(signum, frame):
+        received.append(signum)
+
     try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, note)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
 
 
 # write_atomically's temporaries: .{name}.{mkstemp's 8 characters}.tmp, for the kinds of file this program writes.
@@ -4313,7 +4340,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     training.add_argument(
         "--patience",
-        type=bounded(int, at_least=1),
+        type=bounded(int, at_least=1, at_most=100_000),
         default=default(TrainingConfig, "patience"),
         help="epochs without validation improvement before stopping (default: %(default)s)",
     )
@@ -4895,19 +4922,20 @@ def compile_cache_repaired(args: argparse.Namespace):
             if match is None:
                 return shown(message, category, filename, lineno, file, line)
             action, name, reason = match.groups()
-            if (action, name.split("-")[0]) in said:  # one line per program and run, not one per compilation
-                return
-            said.add((action, name.split("-")[0]))
+            program = name.split("-")[0]  # a message names the program, or one entry's key
             # A write of ours just failed: its entry goes at once. One that fails to read may be another run's, still
             # being written: only entries left alone for a minute go.
-            removed = remove_unreadable_cache_entries(directory, name, 0 if action == "writing" else 60)
+            removed = remove_unreadable_cache_entries(directory, program, 0 if action == "writing" else 60)
+            if (action, program) in said and not removed:  # one line per program and run, not one per compilation
+                return
+            said.add((action, program))
             outcome = "compiled and cached anew" if removed else "if this warning repeats, remove the directory"
             log.warning(
                 "compile cache %s: JAX could not %s an entry of %s (%s); removed %d entr(ies) that cannot be "
                 "decompressed: %s",
                 directory,
                 action.removesuffix("ing"),
-                name.split("-")[0],
+                program,
                 reason,
                 removed,
                 outcome,
@@ -4918,15 +4946,15 @@ def compile_cache_repaired(args: argparse.Namespace):
 
 
 def remove_unreadable_cache_entries(directory: Path, name: str, settled_seconds: float) -> int:
-    """Remove the compile-cache entries of `name` (a program, or one entry's key) that JAX's own reader cannot
-    decompress, last written at least `settled_seconds` ago. Without that reader (a private function, which may
+    """Remove the compile-cache entries of the program `name` that JAX's own reader cannot decompress, last written
+    at least `settled_seconds` ago. Without that reader (a private function, which may
     move), nothing is removed."""
     try:
         from jax._src.compilation_cache import decompress_executable
     except ImportError:
         return 0
     removed = 0
-    for path in directory.glob(f"{glob.escape(name)}*-cache"):
+    for path in directory.glob(f"{glob.escape(name)}-*-cache"):
         try:
             if time.time() - path.stat().st_mtime < settled_seconds:
                 continue

@@ -186,6 +186,19 @@ def test_a_results_file_that_is_not_its_summary_s_is_never_taken_as_done(run_cli
     assert summary.read_bytes() != old_summary
 
 
+def test_a_results_file_cut_short_is_never_taken_as_done(run_cli, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert run_cli(*FAST, output_dir=output)[0] == 0
+    results = output / "results_vlm_layer5_step10.pkl"
+    results.write_bytes(results.read_bytes()[:2000])  # its configuration, fingerprint included, but not its numbers
+    capsys.readouterr()
+    assert run_cli(*FAST, "--skip_existing", output_dir=output)[0] == 1
+    error = capsys.readouterr().err
+    assert "nothing to do" not in error and "it cannot be read" in error
+    assert run_cli(*FAST, "--skip_existing", "--overwrite", output_dir=output)[0] == 0
+    assert lpi.stated_fingerprint(lpi.result_paths(output, "vlm_layer5_step10")) is not None
+
+
 def test_a_signal_during_a_pair_s_renames_waits_for_both(run_cli, tmp_path, monkeypatch, capsys):
     replace = os.replace
 
@@ -631,6 +644,7 @@ def test_a_task_file_named_with_other_digits_is_not_a_task_file(tmp_path):
     "option, value",
     [
         ("--num_epochs", "1000000000"),
+        ("--patience", "2147483648"),
         ("--permutations", "1000000"),
         ("--repeats", "1000000000"),
         ("--bootstrap", "1000000000"),
