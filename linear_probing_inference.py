@@ -2898,23 +2898,32 @@ def signals_held():
     """Ctrl-C and SIGTERM noted, not acted on, for as long as the context lasts, then sent again. Handlers, not a
     signal mask: the kernel hands a signal to any thread that does not block it (XLA has a dozen), and Python runs
     the handler in the main thread at its next step. Outside the main thread nothing is raised anyway."""
+    received = []
+    try:
+        with stop_signals_to(lambda signum, frame: received.append(signum)):
+            yield
+    finally:
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_to(handler):
+    """Ctrl-C (SIGINT) and SIGTERM go to `handler` for as long as the context lasts, then to what they went to before.
+    Only in the main thread, the one Python runs handlers in (elsewhere nothing changes); an ignored signal stays
+    ignored (`cmd &`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received, previous = [], {}
-
-    def note(signum, frame):
-        received.append(signum)
-
+    previous = {}
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, note)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handler)
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(received):
-            signal.raise_signal(signum)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 # write_atomically's temporaries: .{name}.{mkstemp's 8 characters}.tmp, for the kinds of file this program writes.
@@ -4443,8 +4452,8 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace results in --output_dir made with other options or data (without it, such a result stops the "
-        "run before anything is trained, naming what differs)",
+        help="replace results in --output_dir made with other options (without it, such a result stops the run before "
+        "anything is trained, naming what differs; results of changed data are made again anyway)",
     )
     output.add_argument(
         "--shard",
@@ -4607,10 +4616,11 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
     source, labels, training = configs_from_arguments(args)
     made_with = run_made_with(source, labels, training)  # checks --data_path, though nothing may be read
     named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
+    finished = False  # every combination written: then no file is read
     if named:  # which are left is known before any file is read: results of other options stop the run here
         resume = left_to_run(args, named, source, {}, made_with)
-        settle_existing(resume, args, warn=not resume.items)
-    finished = bool(named) and not resume.items  # then no file is read
+        finished = not resume.items
+        settle_existing(resume, args, warn=finished)
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
     dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
     items = resolve_sweep(args, dataset, labels, training, made_with) if dataset else []
@@ -4887,21 +4897,13 @@ def interruptible():
     """Ctrl-C (SIGINT) and SIGTERM raise Stopped where Python next runs (a compiled training call finishes first), so
     that the pair being written is removed whole (see write_results) and the run ends in one line; the same signal
     again ends the process at once, as whoever sends it twice expects."""
-    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
-        yield
-        return
 
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
         raise Stopped(signum)
 
-    caught = [signum for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN]
-    previous = {signum: signal.signal(signum, stop) for signum in caught}  # an ignored signal stays ignored (`cmd &`)
-    try:
+    with stop_signals_to(stop):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 COMPILE_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)")
