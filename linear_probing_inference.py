@@ -182,6 +182,12 @@ class OptionError(ProbeError):
     exit_code = 2
 
 
+def reported(column: str | None = None, interval: bool = False):
+    """A record field that is a sweep.csv column, named `column` (default: the field's name); with `interval`, its
+    95% interval's ends follow it as {column}_ci_low and {column}_ci_high."""
+    return dataclasses.field(metadata={"column": column, "interval": interval})
+
+
 # -----------------------------------------------------------------------------
 # Features: expert entry -> layer -> token positions -> pooled vector
 # -----------------------------------------------------------------------------
@@ -993,23 +999,9 @@ def file_concepts(path: str, class_of_task: dict[int, int], classes: int) -> lis
     return concepts
 
 
-@dataclasses.dataclass(frozen=True)
-class ConceptDesign:
-    """How one set of samples is held out for concept probes: one fold probe per (concept, fold)."""
-
-    task_ids: list[int]
-    descriptions: list[str]
-    sample_class: np.ndarray  # (n,)
-    unit: np.ndarray  # (n,) resampling unit
-    fold: np.ndarray  # (1, n) test fold of every sample
-    folds: int
-    concepts: list[Concept]
-    copies: Copies  # classes (M, C, V): each class's one-hot value of the copy's concept
-
-
 def concept_design(
     samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
-) -> ConceptDesign:
+) -> Design:
     """Concepts of the analyzed tasks, folds (whole tasks by default) and a softmax probe copy per concept and fold."""
     task_ids = sorted(set(samples.task_id.tolist()))
     descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
@@ -1040,8 +1032,11 @@ def concept_design(
         label_basis=np.zeros((len(chosen), width, 1)),
         concept=np.array([c for c, _ in chosen]),
     )
-    unit = resampling_units(samples.task_id, samples.episode, training.split)[0]
-    return ConceptDesign(task_ids, descriptions, sample_class, unit, fold[None], folds, concepts, copies)
+    unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
+    identity = np.arange(len(descriptions))[None]
+    return Design(
+        task_ids, descriptions, sample_class, unit, stratum, fold[None], folds, None, identity, None, copies, concepts
+    )
 
 
 def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature, share) -> np.ndarray:
@@ -1051,33 +1046,34 @@ def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, tem
     return code_bits(logits / temperature[:, None], value, np.broadcast_to(share, (len(value),)), present)
 
 
-def concept_temperature(
-    features: np.ndarray, fitted: ProbeFit, copies: Copies, copy: int, value: np.ndarray, present: np.ndarray
-) -> float:
-    """A concept probe's softmax temperature, fitted on its calibration (validation) samples; 1 without any."""
-    rows = calibration_rows(copies, copy)
-    if not rows.any():
-        return 1.0
-    logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)].astype(np.float64)
-    return fit_temperature(logits, value[rows], np.broadcast_to(present, logits.shape))
+@dataclasses.dataclass(frozen=True)
+class ConceptScore:
+    """Held-out numbers of one concept's probes; see CONCEPT_DEFINITION."""
+
+    balanced_accuracy: float = reported()  # mean over values of each value's accuracy
+    accuracy: float = reported()
+    majority_accuracy: float = reported()  # always answering the fold's most frequent training value
+    information_bits: float = reported()  # cross-entropy of the training side's value frequencies minus the probe's
+    tasks_with: int = reported()
+    tasks_without: int = reported()
+    values: list[str]
+    folds_missing_values: list[int]  # folds whose held-out side has a value their training side lacks
+    failed_probes: list[int]  # folds whose probe never improved on validation
 
 
-def concept_metrics(features: np.ndarray, fitted: ProbeFit, design: ConceptDesign, c: int, task_id: np.ndarray) -> dict:
-    """Held-out numbers of one concept: accuracy, balanced accuracy, majority baseline, information over the training
-    prior, how many tasks have it, and folds whose training side lacks a value their held-out side has."""
+def concept_metrics(
+    features: np.ndarray, fitted: ProbeFit, design: Design, c: int, task_id: np.ndarray, temperatures: np.ndarray
+) -> ConceptScore:
+    """Held-out numbers of one concept, from its fold probes (each copy's softmax temperature given)."""
     concept, copies, fold = design.concepts[c], design.copies, design.fold[0]
-    members = np.flatnonzero(copies.concept == c)
-    members = members[np.argsort(copies.fold[members])]
+    members = copies.fold_copies(0, 0, concept=c)
     logits = copy_predictions(features, fitted, members[fold])[:, : len(concept.values)].astype(np.float64)
     value = concept.value_of_class[design.sample_class]
     side = copies.train[members] | copies.validation[members]  # (folds, n) training side of each fold
     counts = np.stack([np.bincount(value[s], minlength=len(concept.values)) for s in side])  # (folds, V)
-    present = np.stack([np.bincount(value[t], minlength=len(concept.values)) > 0 for t in copies.train[members]])
-    temperatures = np.array(
-        [concept_temperature(features, fitted, copies, m, value, present[f]) for f, m in enumerate(members)]
-    )
-    shares = uniform_share([calibration_rows(copies, m).sum() for m in members])
-    bits = concept_bits(logits, value, present[fold], temperatures[fold], shares[fold])
+    present = np.stack([concept_values(design, m)[1] for m in members])
+    shares = uniform_share(copies.validation[members].sum(axis=1))
+    bits = concept_bits(logits, value, present[fold], temperatures[members][fold], shares[fold])
     prior = (counts[fold] + 1) / (counts[fold].sum(axis=1, keepdims=True) + len(concept.values))
     prior_bits = -np.log2(prior[np.arange(len(value)), value])
     predicted = np.where(
@@ -1085,18 +1081,20 @@ def concept_metrics(features: np.ndarray, fitted: ProbeFit, design: ConceptDesig
     )
     correct = predicted == value
     held_values = [set(value[fold == f]) - set(value[side[f]]) for f in range(design.folds)]
-    task_values = {int(t): int(v) for t, v in zip(task_id, value)}
-    return {
-        "accuracy": float(correct.mean()),
-        "balanced_accuracy": float(np.mean([correct[value == v].mean() for v in np.unique(value)])),
-        "majority_accuracy": float(np.mean(value == counts.argmax(axis=1)[fold])),
-        "information_bits": float(np.mean(prior_bits - bits)),
-        "tasks_with": sum(1 for v in task_values.values() if concept.values[v] not in ("without", NO_VALUE)),
-        "tasks_without": sum(1 for v in task_values.values() if concept.values[v] in ("without", NO_VALUE)),
-        "values": concept.values,
-        "folds_missing_values": [f for f, missing in enumerate(held_values) if missing],
-        "failed_probes": [int(copies.fold[m]) for m in members if fitted.failed[m]],
-    }
+    absent = [
+        concept.values[v] in ("without", NO_VALUE) for v in {int(t): int(v) for t, v in zip(task_id, value)}.values()
+    ]
+    return ConceptScore(
+        balanced_accuracy=float(np.mean([correct[value == v].mean() for v in np.unique(value)])),
+        accuracy=float(correct.mean()),
+        majority_accuracy=float(np.mean(value == counts.argmax(axis=1)[fold])),
+        information_bits=float(np.mean(prior_bits - bits)),
+        tasks_with=absent.count(False),
+        tasks_without=absent.count(True),
+        values=concept.values,
+        folds_missing_values=[f for f, missing in enumerate(held_values) if missing],
+        failed_probes=[int(copies.fold[m]) for m in members if fitted.failed[m]],
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -1226,9 +1224,11 @@ class Copies:
     label_basis: np.ndarray  # (M, d, D) label-space coordinates = (raw [- label_mean]) @ label_basis.T
     concept: np.ndarray | None = None  # (M,) the concept a concept probe predicts (--target concepts); None: T5 probes
 
-    def fold_copies(self, repeat: int, assignment: int) -> np.ndarray:
-        """Indices of one (repeat, assignment)'s fold probes, in fold order."""
+    def fold_copies(self, repeat: int, assignment: int, concept: int | None = None) -> np.ndarray:
+        """Indices of one (repeat, assignment)'s fold probes (of one concept's, for concept probes), in fold order."""
         chosen = (self.repeat == repeat) & (self.assignment == assignment) & (self.fold >= 0)
+        if concept is not None:
+            chosen &= self.concept == concept
         return np.flatnonzero(chosen)[np.argsort(self.fold[chosen])]
 
     def identity(self) -> np.ndarray:
@@ -1248,10 +1248,11 @@ class Design:
     stratum: np.ndarray | None  # (n,) task under split "episode": units are resampled within it
     fold: np.ndarray  # (repeats, n) test fold of every sample in each repeat
     folds: int
-    raw: np.ndarray  # (C, D) T5 embedding of every class
+    raw: np.ndarray | None  # (C, D) T5 embedding of every class; None for concept probes
     assignments: np.ndarray  # (1 + null, C): row 0 the identity, then the permuted task -> embedding assignments
     mdl_block: np.ndarray | None  # (n,) block of the online code, when --mdl
     copies: Copies
+    concepts: list[Concept] | None = None  # --target concepts: what each copy's softmax predicts (Copies.concept)
 
 
 def design_for(
@@ -1330,7 +1331,7 @@ def copies_for(
         members = [i for i, spec in enumerate(specs) if spec.assignment == assignment]
         known = [np.flatnonzero(np.isin(classes, sample_class[specs[i].training_side])) for i in members]
         space = label_spaces(raw[assignments[assignment]], known, labels)
-        spaces.update({i: (space["mean"][k], space["basis"][k], space["classes"][k]) for k, i in enumerate(members)})
+        spaces.update({i: (space.mean[k], space.basis[k], space.classes[k]) for k, i in enumerate(members)})
     width = max(basis.shape[0] for _, basis, _ in spaces.values())  # label spaces of lower rank: zero directions added
     ordered = [spaces[i] for i in range(len(specs))]
     return Copies(
@@ -1748,33 +1749,37 @@ def row_cosine(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.sum(unit_rows(predictions) * unit_rows(targets), axis=-1)
 
 
-def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample retrieval results from (samples, classes) cosine similarities. A row holding a non-finite value
-    (a failed probe) ranks last and counts as wrong: NaN compares False, so it would otherwise count as right."""
+class Ranked(NamedTuple):
+    """Per-sample retrieval among the analyzed tasks' embeddings."""
+
+    rank: np.ndarray  # (n,) of the own class's target among all (1 = retrieved; ties count against it)
+    correct: np.ndarray  # (n,) rank == 1
+    predicted: np.ndarray  # (n,) nearest class (-1: non-finite prediction)
+    margin: np.ndarray  # (n,) own cosine minus the nearest other's
+
+
+def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> Ranked:
+    """Retrieval from (samples, classes) cosine similarities. A row holding a non-finite value (a failed probe) ranks
+    last and counts as wrong: NaN compares False, so it would otherwise count as right."""
     finite = np.isfinite(similarities).all(axis=1)
     safe = np.where(finite[:, None], similarities, 0.0)
     own = safe[np.arange(len(own_class)), own_class]
     others = np.where(np.arange(safe.shape[1])[None, :] == own_class[:, None], -np.inf, safe)
-    rank = np.where(finite, 1 + np.sum(others >= own[:, None], axis=1), safe.shape[1])  # ties count against it
-    return {
-        "rank": rank,
-        "correct": rank == 1,
-        "predicted": np.where(finite, np.argmax(safe, axis=1), -1),
-        "margin": np.where(finite, own - others.max(axis=1), np.nan),
-    }
+    rank = np.where(finite, 1 + np.sum(others >= own[:, None], axis=1), safe.shape[1])
+    return Ranked(
+        rank,
+        rank == 1,
+        np.where(finite, np.argmax(safe, axis=1), -1),
+        np.where(finite, own - others.max(axis=1), np.nan),
+    )
 
 
 TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried on each copy's own training side
 
 
-def calibration_rows(copies: Copies, copy: int) -> np.ndarray:
-    """The samples a copy's softmax is calibrated on: its validation samples, never those it fitted or is evaluated
-    on. A copy without any (the smallest MDL prefixes) keeps temperature 1 and mixes in the uniform code at 1/2."""
-    return copies.validation[copy]
-
-
 def uniform_share(calibration_count) -> np.ndarray:
-    """Weight of the uniform code mixed into every prediction: a calibration set of n samples cannot vouch for an
+    """Weight of the uniform code mixed into every prediction. A copy's softmax is calibrated on its validation
+    samples (one without any keeps temperature 1 and mixes in the uniform code at 1/2); n samples cannot vouch for an
     error rate below about 1 / (n + 2) (the rule of succession), so one confident held-out error costs at most
     log2(classes x (n + 2)) bits, not the 50+ a temperature fitted on a few all-correct samples would charge."""
     return 1.0 / (np.asarray(calibration_count, dtype=np.float64) + 2.0)
@@ -1885,9 +1890,16 @@ def widened(
     return (max(low, 0.0), min(high, 1.0)) if is_share else (float(low), float(high))
 
 
-def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> dict[str, np.ndarray]:
-    """Per fold: the label mean (folds, d), an orthonormal basis of the probe's label space as rows (folds, k, d) and
-    every class's coordinates in it (folds, C, k).
+class LabelSpaces(NamedTuple):
+    """The label space of each of a set of copies."""
+
+    mean: np.ndarray  # (copies, D) the training tasks' mean embedding
+    basis: np.ndarray  # (copies, k, D) orthonormal rows (zero rows where a copy's span has fewer directions)
+    classes: np.ndarray  # (copies, C, k) every class's coordinates
+
+
+def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> LabelSpaces:
+    """Per copy (given the classes on its training side): the label mean, basis and class coordinates.
 
     span (default): the exact span of the fold's training-task embeddings (centered, unless --no_center_labels), by SVD,
     numerically zero directions dropped: at most C - 1 directions (C uncentered) for C tasks, where T5 has 512. For the
@@ -1926,7 +1938,7 @@ def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: Label
         width = min(max(max(len(known) - int(labels.center_labels) for known in train_classes), 1), raw.shape[1])
     bases = [np.concatenate([basis, np.zeros((width - len(basis), raw.shape[1]), raw.dtype)]) for basis in bases]
     spaces = [(raw - mean if labels.center_labels else raw) @ basis.T for mean, basis in zip(means, bases)]
-    return {"mean": np.stack(means), "basis": np.stack(bases), "classes": np.stack(spaces).astype(np.float32)}
+    return LabelSpaces(np.stack(means), np.stack(bases), np.stack(spaces).astype(np.float32))
 
 
 def spreading_rotation(size: int) -> np.ndarray:
@@ -1945,16 +1957,16 @@ def spreading_rotation(size: int) -> np.ndarray:
 
 def make_design(
     samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
-) -> Design | ConceptDesign:
+) -> Design:
     """The design of the target asked for: T5 embeddings or concepts."""
     if labels.target == "concepts":
         return concept_design(samples, descriptions_by_task, labels, training)
     return design_for(samples, descriptions_by_task, labels, training)
 
 
-def fit_items(features: ItemFeatures, design: Design | ConceptDesign, training: TrainingConfig) -> ProbeFit:
+def fit_items(features: ItemFeatures, design: Design, training: TrainingConfig) -> ProbeFit:
     """Fit the probes of every item and copy; results (items, copies, ...)."""
-    if isinstance(design, ConceptDesign):  # softmax probes over each concept's values
+    if design.concepts is not None:  # softmax probes over each concept's values
         return train_linear_probes(
             features, design.sample_class, design.copies, dataclasses.replace(training, loss="softmax")
         )
@@ -1984,15 +1996,213 @@ def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np
 
 
 def copy_temperatures(features: np.ndarray, fitted: ProbeFit, design: Design) -> np.ndarray:
-    """Every copy's softmax temperature, fitted on its calibration (validation) samples; 1 for a copy without any."""
+    """Every copy's softmax temperature, fitted on its validation samples; 1 for a copy without any."""
     copies = design.copies
     temperatures = np.ones(len(copies.train))
     for copy in range(len(temperatures)):
-        rows = calibration_rows(copies, copy)
-        if rows.any():
-            similarity = rows_similarity(features, fitted, copies, copy, rows)
-            temperatures[copy] = fit_temperature(similarity, design.sample_class[rows])
+        rows = copies.validation[copy]
+        if not rows.any():
+            continue
+        if design.concepts is None:  # over the classes' targets, by cosine
+            logits, own, allowed = (
+                rows_similarity(features, fitted, copies, copy, rows),
+                design.sample_class[rows],
+                None,
+            )
+        else:  # over the concept's values the copy saw in training, by its logits
+            value, present = concept_values(design, copy)
+            logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)]
+            logits, own, allowed = (
+                logits.astype(np.float64),
+                value[rows],
+                np.broadcast_to(present, (rows.sum(), len(present))),
+            )
+        temperatures[copy] = fit_temperature(logits, own, allowed)
     return temperatures
+
+
+def concept_values(design: Design, copy: int) -> tuple[np.ndarray, np.ndarray]:
+    """A concept probe's target: each sample's value of its concept, and the values its training samples have."""
+    concept = design.concepts[design.copies.concept[copy]]
+    value = concept.value_of_class[design.sample_class]
+    return value, np.bincount(value[design.copies.train[copy]], minlength=len(concept.values)) > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+    """Is a held-out prediction's nearest analyzed-task embedding its own task's? Averaged over repeats."""
+
+    accuracy: float = reported(interval=True)
+    balanced_accuracy: float = reported()  # the mean of the per-class accuracies
+    majority_accuracy: float = reported()  # always answering the fold's most frequent training class
+    chance_accuracy: float = reported()  # 1 / classes
+    top_k_accuracy: dict[int, float]  # k -> share whose own task ranks in the top k (k = 1, 3, 5, up to classes)
+    mean_reciprocal_rank: float = reported()
+    cosine_margin: float  # own task's cosine minus the nearest other's
+    training_accuracy: float  # the first repeat's fold probes on the samples they fitted
+    per_class_accuracy: np.ndarray  # (classes,)
+    per_task_accuracy: dict[int, dict]  # task id -> {"accuracy", "samples"}
+    confusion_matrix: np.ndarray  # (true class, predicted class), every repeat's predictions
+    fold_accuracy: np.ndarray  # (repeats, folds)
+    fold_accuracy_mean: float
+    fold_accuracy_std: float
+    nonfinite_predictions: int  # predictions with no nearest class (a failed probe's)
+
+
+@dataclasses.dataclass(frozen=True)
+class Information:
+    """What the probe's softmax over the analyzed tasks tells about the task: see INFORMATION_DEFINITION."""
+
+    information_bits: float = reported(interval=True)
+    cross_entropy_bits: float
+    max_information_bits: float = reported()  # log2(classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cosines:
+    """Cosine of each held-out prediction to its own task's embedding, averaged."""
+
+    cosine_similarity_label_space: float = reported()  # the probe's own label space
+    cosine_similarity: float = reported()  # raw T5 space, the guide's (see RAW_PREDICTION)
+    constant_predictor_cosine: float = reported()  # the training tasks' mean embedding as the prediction
+    cosine_similarity_normalized: float = reported()  # (cosine - constant) / (1 - constant)
+
+
+class PerCopySet(NamedTuple):
+    """Accuracy and information of each repeat, or of each permuted assignment."""
+
+    accuracy: np.ndarray
+    information_bits: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """The probe trained on permuted task -> embedding assignments: see describe_control for what it tests."""
+
+    control_accuracy: float = reported()  # the first permuted assignment
+    control_information_bits: float = reported()
+    selectivity: float = reported(interval=True)  # accuracy - control accuracy, the first repeat's
+    permutation_null: PerCopySet  # every permuted assignment
+    permutation_null_mean_accuracy: float = reported()
+    permutation_null_mean_information_bits: float
+    permutation_p_value: float | None = reported()  # None with one permuted assignment; NaN when a null probe failed
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """What the numbers are over."""
+
+    num_samples: int = reported()
+    num_heldout_samples: int  # cross-validation: every sample is held out once per repeat
+    num_tasks: int = reported()
+    num_classes: int  # unique descriptions
+    num_units: int  # resampled by the intervals: episodes, or tasks under split "task"
+    num_episodes: int = reported()
+    num_folds: int = reported()
+    num_repeats: int = reported()
+
+
+@dataclasses.dataclass(frozen=True)
+class Failures:
+    """Probes that never improved on validation: their samples count as wrong."""
+
+    failed_probes: list[tuple[int, int]]  # the probe's (repeat, fold)
+    failed_copies: dict[str, int]  # role (probe, null, mdl) -> count
+
+
+class Codelength(NamedTuple):
+    """Online (prequential) code of the samples' classes, in bits."""
+
+    online_bits: float
+    uniform_bits: float
+    compression: float  # uniform / online
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditional:
+    """--baseline (conditional probing): the same probe on the baseline alone and on [baseline, layer]."""
+
+    spec: str = reported(column="baseline")
+    accuracy: float  # the baseline alone
+    information_bits: float = reported(column="baseline_information_bits")
+    joint_accuracy: float
+    joint_information_bits: float = reported()
+    gain_accuracy: float = reported()
+    gain_bits: float = reported()
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """Every held-out number of one item (one layer's samples at one step): what evaluate_item returns."""
+
+    counts: Counts
+    retrieval: Retrieval
+    information: Information
+    cosines: Cosines
+    repeats: PerCopySet
+    failures: Failures
+    intervals: dict[str, tuple[float, float]]  # metric -> 95% interval; none with --bootstrap 0
+    control: Control | None = None  # --no_control: None
+    mdl: Codelength | None = None  # --mdl
+    mdl_control: Codelength | None = None  # --mdl, of the control
+    baseline: Conditional | None = None  # --baseline
+
+
+# The parts whose fields results['metrics'] holds side by side; repeats, the null, MDL and the baseline are nested.
+FLAT_PARTS = ("retrieval", "information", "cosines", "counts", "failures", "control")
+REPORTED_PARTS = {"retrieval": Retrieval, "information": Information, "control": Control, "cosines": Cosines}
+REPORTED_PARTS |= {"counts": Counts, "baseline": Conditional}  # sweep.csv's metric columns, in this order
+
+
+def part_fields(part) -> dict:
+    """A record's fields by name, values as they are (dataclasses.asdict would copy every array)."""
+    return {field.name: getattr(part, field.name) for field in dataclasses.fields(part)}
+
+
+def metrics_record(held_out: HeldOut) -> dict:
+    """results['metrics']: the layout of the record in a results file (read back by held_out_from)."""
+    metrics = {}
+    for name in FLAT_PARTS:
+        part = getattr(held_out, name)
+        if part is not None:
+            metrics |= part_fields(part)
+    metrics["repeats"] = held_out.repeats._asdict()
+    if held_out.control is not None:
+        metrics["permutation_null"] = held_out.control.permutation_null._asdict()
+        if held_out.control.permutation_p_value is None:
+            del metrics["permutation_p_value"]
+    if held_out.mdl is not None:
+        control = {} if held_out.mdl_control is None else {"control": held_out.mdl_control._asdict()}
+        metrics["mdl"] = {**held_out.mdl._asdict(), **control}
+    metrics["confidence_intervals"] = held_out.intervals
+    if held_out.baseline is not None:
+        metrics["baseline"] = part_fields(held_out.baseline)
+    return metrics
+
+
+def held_out_from(metrics: dict) -> HeldOut:
+    """The record a results file's metrics were written from (see metrics_record)."""
+
+    def part(kind, values: dict):
+        return kind(**{field.name: values.get(field.name) for field in dataclasses.fields(kind)})
+
+    control, mdl, baseline = None, metrics.get("mdl"), metrics.get("baseline")
+    if "control_accuracy" in metrics:
+        null = PerCopySet(**metrics["permutation_null"])
+        control = dataclasses.replace(part(Control, metrics), permutation_null=null)
+    return HeldOut(
+        counts=part(Counts, metrics),
+        retrieval=part(Retrieval, metrics),
+        information=part(Information, metrics),
+        cosines=part(Cosines, metrics),
+        repeats=PerCopySet(**metrics["repeats"]),
+        failures=part(Failures, metrics),
+        intervals=metrics["confidence_intervals"],
+        control=control,
+        mdl=None if mdl is None else Codelength(*(mdl[name] for name in Codelength._fields)),
+        mdl_control=None if mdl is None or "control" not in mdl else Codelength(**mdl["control"]),
+        baseline=None if baseline is None else part(Conditional, baseline),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2016,9 +2226,9 @@ def scores_of(
     """Scores of every sample under the copies named per sample."""
     prediction = copy_predictions(features, fitted, copy)
     similarity = copy_similarities(prediction, design.copies, copy)
-    found = retrieval(similarity, design.sample_class)
+    ranked = retrieval(similarity, design.sample_class)
     temperature = np.where(copy >= 0, temperatures[np.maximum(copy, 0)], 1.0)
-    calibration = np.array([calibration_rows(design.copies, c).sum() for c in range(len(temperatures))])
+    calibration = design.copies.validation.sum(axis=1)
     share = uniform_share(calibration[np.maximum(copy, 0)])
     target = design.copies.classes[np.maximum(copy, 0), design.sample_class]
     cosine = np.nan_to_num(row_cosine(prediction, target))  # a failed probe's prediction aligns with nothing: 0
@@ -2026,26 +2236,31 @@ def scores_of(
         copy,
         prediction,
         similarity,
-        found["rank"],
-        found["correct"],
-        found["predicted"],
-        found["margin"],
+        *ranked,
         log_loss_bits(similarity, design.sample_class, temperature, share),
         cosine,
     )
 
 
-def fitted_failures(design: Design, failed: np.ndarray) -> dict[str, list]:
+class Failed(NamedTuple):
     """Failed copies by role: the probe's folds as (repeat, fold); the null's and the MDL blocks' as copy indices."""
+
+    probe: list[tuple[int, int]]
+    null: list[int]
+    mdl: list[int]
+
+
+def fitted_failures(design: Design, failed: np.ndarray) -> Failed:
+    """The copies that never improved on validation, by role."""
     copies = design.copies
-    return {
-        "probe": [
+    return Failed(
+        [
             (int(copies.repeat[c]), int(copies.fold[c]))
             for c in np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment == 0))
         ],
-        "null": np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment > 0)).tolist(),
-        "mdl": np.flatnonzero(failed & (copies.block >= 0)).tolist(),
-    }
+        np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment > 0)).tolist(),
+        np.flatnonzero(failed & (copies.block >= 0)).tolist(),
+    )
 
 
 def heldout_copy(design: Design, repeat: int, assignment: int) -> np.ndarray:
@@ -2084,7 +2299,7 @@ def training_accuracy(features: np.ndarray, fitted: ProbeFit, design: Design) ->
     for copy in design.copies.fold_copies(0, 0):
         rows = design.copies.train[copy]
         similarity = rows_similarity(features, fitted, design.copies, copy, rows)
-        correct.append(retrieval(similarity, design.sample_class[rows])["correct"])
+        correct.append(retrieval(similarity, design.sample_class[rows]).correct)
     return float(np.concatenate(correct).mean())
 
 
@@ -2102,132 +2317,116 @@ def majority_correct(design: Design) -> np.ndarray:
 
 def online_codelength(
     features: np.ndarray, fitted: ProbeFit, design: Design, temperatures: np.ndarray, assignment: int
-) -> dict:
+) -> Codelength:
     """Prequential code of the samples' classes (Voita & Titov 2020): the first block by the uniform code, each later
-    block by the probe trained on the blocks before it. Bits in total; compression = uniform / online."""
+    block by the probe trained on the blocks before it."""
     copies, copy = design.copies, np.full(len(design.sample_class), -1)
     for c in np.flatnonzero((copies.block >= 0) & (copies.assignment == assignment)):
         copy[design.mdl_block == copies.block[c]] = c
     online = float(scores_of(features, fitted, design, temperatures, copy).bits.sum())  # block 0: log2(C) each
     uniform = len(copy) * math.log2(len(design.descriptions))
-    return {"online_bits": online, "uniform_bits": uniform, "compression": uniform / online}
+    return Codelength(online, uniform, uniform / online)
 
 
-def sample_means(repeats: list[Scores], raw_cosines: list[np.ndarray], classes: int) -> dict[str, np.ndarray]:
+class SampleValues(NamedTuple):
     """Per-sample values averaged over the repeats; each headline metric is their mean over the samples."""
-    return {
-        "accuracy": np.mean([scores.correct for scores in repeats], axis=0),
-        "information_bits": information(np.mean([scores.bits for scores in repeats], axis=0), classes),
-        "cosine_similarity_label_space": np.mean([scores.cosine for scores in repeats], axis=0),
-        "cosine_similarity": np.mean(raw_cosines, axis=0),
-        "reciprocal_rank": np.mean([1.0 / scores.rank for scores in repeats], axis=0),
-        "margin": np.mean([scores.margin for scores in repeats], axis=0),
-    }
+
+    accuracy: np.ndarray
+    information_bits: np.ndarray
+    cosine_similarity_label_space: np.ndarray
+    cosine_similarity: np.ndarray
+    reciprocal_rank: np.ndarray
+    margin: np.ndarray
 
 
-def null_metrics(null: list[Scores], observed: Scores, classes: int, failed_null: int) -> dict:
+def sample_means(repeats: list[Scores], raw_cosines: list[np.ndarray], classes: int) -> SampleValues:
+    """Every per-sample value, averaged over the repeats."""
+    return SampleValues(
+        accuracy=np.mean([scores.correct for scores in repeats], axis=0),
+        information_bits=information(np.mean([scores.bits for scores in repeats], axis=0), classes),
+        cosine_similarity_label_space=np.mean([scores.cosine for scores in repeats], axis=0),
+        cosine_similarity=np.mean(raw_cosines, axis=0),
+        reciprocal_rank=np.mean([1.0 / scores.rank for scores in repeats], axis=0),
+        margin=np.mean([scores.margin for scores in repeats], axis=0),
+    )
+
+
+def control_of(null: list[Scores], observed: Scores, classes: int, failed_null: int) -> Control | None:
     """The control (first permuted assignment) and, with more, the permutation null and its p-value; like for like,
     against the first repeat's probe, whose folds the permutations were trained with."""
     if not null:
-        return {}
+        return None
     accuracy = np.array([scores.correct.mean() for scores in null])
     null_information = information(np.array([scores.bits.mean() for scores in null]), classes)
-    control = null[0].correct.astype(np.float64)
-    metrics = {
-        "control_accuracy": float(control.mean()),
-        "control_information_bits": float(null_information[0]),
-        "selectivity": float(observed.correct.mean() - control.mean()),
-        "permutation_null": {"accuracy": accuracy, "information_bits": null_information},
-        "permutation_null_mean_accuracy": float(accuracy.mean()),
-        "permutation_null_mean_information_bits": float(null_information.mean()),
-    }
+    p_value = None
     if len(null) > 1:  # a failed null probe scores as wrong, which would make the p-value too small: none then
-        better = np.sum(accuracy >= observed.correct.mean())
-        metrics["permutation_p_value"] = math.nan if failed_null else float((1 + better) / (1 + len(null)))
-    return metrics
+        p_value = (
+            math.nan if failed_null else float((1 + np.sum(accuracy >= observed.correct.mean())) / (1 + len(null)))
+        )
+    return Control(
+        control_accuracy=float(accuracy[0]),
+        control_information_bits=float(null_information[0]),
+        selectivity=float(observed.correct.mean() - accuracy[0]),
+        permutation_null=PerCopySet(accuracy, null_information),
+        permutation_null_mean_accuracy=float(accuracy.mean()),
+        permutation_null_mean_information_bits=float(null_information.mean()),
+        permutation_p_value=p_value,
+    )
 
 
-def heldout_metrics(
-    design: Design,
-    values: dict[str, np.ndarray],
-    repeats: list[Scores],
-    null: list[Scores],
-    constant: np.ndarray,
-    failed_copies: np.ndarray,
-) -> dict:
-    """Every held-out number of one item, from the per-sample values (averaged over repeats) and the null."""
-    classes, first = len(design.descriptions), repeats[0]
-    per_class = np.array([values["accuracy"][design.sample_class == c].mean() for c in range(classes)])
-    raw, label_space = values["cosine_similarity"].mean(), values["cosine_similarity_label_space"].mean()
+def retrieval_of(
+    features: np.ndarray, fitted: ProbeFit, design: Design, values: SampleValues, repeats: list[Scores], task_id
+) -> Retrieval:
+    """Retrieval numbers over every repeat."""
+    classes = len(design.descriptions)
+    per_class = np.array([values.accuracy[design.sample_class == c].mean() for c in range(classes)])
     fold_accuracy = np.array(
         [[scores.correct[design.fold[r] == f].mean() for f in range(design.folds)] for r, scores in enumerate(repeats)]
     )  # (repeats, folds)
     confusion = np.zeros((classes, classes), dtype=np.int64)
-    for scores in repeats:  # every repeat's predictions; a non-finite one has no predicted class
+    for scores in repeats:  # a non-finite prediction has no predicted class
         finite = scores.predicted >= 0
         np.add.at(confusion, (design.sample_class[finite], scores.predicted[finite]), 1)
-    metrics = {
-        "accuracy": float(values["accuracy"].mean()),
-        "balanced_accuracy": float(per_class.mean()),
-        "majority_accuracy": float(majority_correct(design).mean()),
-        "chance_accuracy": 1.0 / classes,
-        "information_bits": float(values["information_bits"].mean()),
-        "cross_entropy_bits": float(information(values["information_bits"].mean(), classes)),
-        "max_information_bits": math.log2(classes),
-        "cosine_similarity_label_space": float(label_space),
-        "cosine_similarity": float(raw),
-        "constant_predictor_cosine": float(constant.mean()),
-        "cosine_similarity_normalized": float((raw - constant.mean()) / (1 - constant.mean())),
-        "top_k_accuracy": {
-            k: float(np.mean([np.mean(s.rank <= k) for s in repeats])) for k in (1, 3, 5) if k <= classes
+    has_margin = np.isfinite(values.margin).any()
+    return Retrieval(
+        accuracy=float(values.accuracy.mean()),
+        balanced_accuracy=float(per_class.mean()),
+        majority_accuracy=float(majority_correct(design).mean()),
+        chance_accuracy=1.0 / classes,
+        top_k_accuracy={k: float(np.mean([np.mean(s.rank <= k) for s in repeats])) for k in (1, 3, 5) if k <= classes},
+        mean_reciprocal_rank=float(values.reciprocal_rank.mean()),
+        cosine_margin=float(np.nanmean(values.margin)) if has_margin else math.nan,
+        training_accuracy=training_accuracy(features, fitted, design),
+        per_class_accuracy=per_class,
+        per_task_accuracy={
+            int(t): {"accuracy": float(values.accuracy[task_id == t].mean()), "samples": int((task_id == t).sum())}
+            for t in design.task_ids
         },
-        "mean_reciprocal_rank": float(values["reciprocal_rank"].mean()),
-        "cosine_margin": float(np.nanmean(values["margin"])) if np.isfinite(values["margin"]).any() else math.nan,
-        "fold_accuracy": fold_accuracy,
-        "fold_accuracy_mean": float(fold_accuracy.mean()),  # over every repeat's folds
-        "fold_accuracy_std": float(fold_accuracy.std()),
-        "repeats": {
-            "accuracy": np.array([scores.correct.mean() for scores in repeats]),
-            "information_bits": information(np.array([scores.bits.mean() for scores in repeats]), classes),
-        },
-        "nonfinite_predictions": int(sum(np.sum(scores.predicted < 0) for scores in repeats)),
-        "per_class_accuracy": per_class,
-        "confusion_matrix": confusion,
-        "num_samples": len(design.sample_class),
-        "num_heldout_samples": len(design.sample_class),  # cross-validation: every sample is held out once per repeat
-        "num_tasks": len(design.task_ids),
-        "num_classes": classes,
-        "num_units": len(np.unique(design.unit)),
-        "num_folds": design.folds,
-        "num_repeats": len(repeats),
-    }
-    failed = fitted_failures(design, failed_copies)
-    metrics["failed_probes"] = failed["probe"]
-    metrics["failed_copies"] = {role: len(members) for role, members in failed.items()}
-    metrics.update(null_metrics(null, first, classes, len(failed["null"])))
-    return metrics
+        confusion_matrix=confusion,
+        fold_accuracy=fold_accuracy,
+        fold_accuracy_mean=float(fold_accuracy.mean()),  # over every repeat's folds
+        fold_accuracy_std=float(fold_accuracy.std()),
+        nonfinite_predictions=int(sum(np.sum(scores.predicted < 0) for scores in repeats)),
+    )
 
 
 INTERVAL_METRICS = ("accuracy", "information_bits", "cosine_similarity_label_space", "cosine_similarity")
 
 
 def interval_estimates(
-    design: Design,
-    values: dict[str, np.ndarray],
-    first: Scores,
-    null: list[Scores],
-    metrics: dict,
-    training: TrainingConfig,
+    design: Design, values: SampleValues, first: Scores, null: list[Scores], held_out: HeldOut, training: TrainingConfig
 ) -> dict[str, tuple[float, float]]:
     """95% intervals over the units that vary (see unit_intervals), widened by the spread across repeats."""
-    chosen = {name: values[name] for name in INTERVAL_METRICS}
+    chosen = {name: getattr(values, name) for name in INTERVAL_METRICS}
     if null:
         chosen["control_accuracy"] = null[0].correct.astype(np.float64)
         chosen["selectivity"] = first.correct.astype(np.float64) - null[0].correct
     intervals = unit_intervals(chosen, design.unit, design.stratum, training.bootstrap, training.seed)
-    for name in ("accuracy", "information_bits"):
+    estimates = {"accuracy": held_out.retrieval.accuracy, "information_bits": held_out.information.information_bits}
+    for name, estimate in estimates.items():
         if name in intervals:
-            intervals[name] = widened(intervals[name], metrics[name], metrics["repeats"][name], name in SHARE_METRICS)
+            spread = getattr(held_out.repeats, name)
+            intervals[name] = widened(intervals[name], estimate, spread, name in SHARE_METRICS)
     return intervals
 
 
@@ -2236,21 +2435,22 @@ class ItemContext(NamedTuple):
 
     nonfinite: list[tuple]  # (task, episode, step, denoising time) of each sample skipped as non-finite
     made_with: MadeWith
-    baseline: dict | None = None  # --baseline: its spec and the conditional-probing metrics
     without_baseline: list[tuple] | None = None  # --baseline: (task, episode, step) lacking its entry
 
 
+class Predictions(NamedTuple):
+    """The per-sample side of an evaluation, kept in the results file."""
+
+    first: Scores  # the first repeat's held-out scores
+    raw_prediction: np.ndarray  # (n, D) the first repeat's predictions in raw T5 space
+    control: Scores | None  # the first permuted assignment's
+    temperatures: np.ndarray  # (copies,) each copy's softmax temperature
+
+
 def evaluate_item(
-    samples: Samples,
-    fitted: ProbeFit,
-    design: Design,
-    dataset: Dataset,
-    item: Item,
-    labels: LabelConfig,
-    training: TrainingConfig,
-    context: ItemContext,
-) -> dict:
-    """Held-out metrics of one item (one layer's samples, its fitted copies); everything the results file holds."""
+    samples: Samples, fitted: ProbeFit, design: Design, labels: LabelConfig, training: TrainingConfig
+) -> tuple[HeldOut, Predictions]:
+    """Held-out numbers of one item (one layer's samples and its fitted copies), and its per-sample predictions."""
     features = samples.features[0]
     temperatures = copy_temperatures(features, fitted, design)
     repeats = [
@@ -2260,49 +2460,55 @@ def evaluate_item(
         scores_of(features, fitted, design, temperatures, heldout_copy(design, 0, a))
         for a in range(1, len(design.assignments))
     ]
-    own = design.raw[design.sample_class]
+    own, classes = design.raw[design.sample_class], len(design.descriptions)
     raw_predictions = [raw_space_predictions(scores.prediction, design, scores.copy, labels) for scores in repeats]
     raw_cosines = [np.nan_to_num(row_cosine(prediction, own)) for prediction in raw_predictions]
     constant = np.mean([row_cosine(design.copies.label_mean[scores.copy], own) for scores in repeats], axis=0)
-    values = sample_means(repeats, raw_cosines, len(design.descriptions))
-    metrics = heldout_metrics(design, values, repeats, null, constant, fitted.failed)
-    metrics["training_accuracy"] = training_accuracy(features, fitted, design)
-    metrics["num_episodes"] = len(set(zip(samples.task_id.tolist(), samples.episode.tolist())))
-    warn_about_failures(metrics["failed_copies"], result_stem(dataset.source, item, dataset.report.inference_times))
-    metrics["per_task_accuracy"] = {
-        int(t): {
-            "accuracy": float(values["accuracy"][samples.task_id == t].mean()),
-            "samples": int((samples.task_id == t).sum()),
-        }
-        for t in design.task_ids
-    }
-    if design.mdl_block is not None:
-        metrics["mdl"] = online_codelength(features, fitted, design, temperatures, 0)
-        if null:
-            metrics["mdl"]["control"] = online_codelength(features, fitted, design, temperatures, 1)
-    metrics["confidence_intervals"] = interval_estimates(design, values, repeats[0], null, metrics, training)
-    if context.baseline is not None:
-        metrics["baseline"] = context.baseline
-    return results_record(
-        samples,
-        fitted,
-        design,
-        dataset,
-        item,
-        labels,
-        training,
-        metrics,
-        repeats[0],
-        raw_predictions[0],
-        null,
-        temperatures,
-        context,
+    values = sample_means(repeats, raw_cosines, classes)
+    raw, label_space = values.cosine_similarity.mean(), values.cosine_similarity_label_space.mean()
+    failed = fitted_failures(design, fitted.failed)
+    with_mdl = design.mdl_block is not None
+    held_out = HeldOut(
+        counts=Counts(
+            num_samples=len(design.sample_class),
+            num_heldout_samples=len(design.sample_class),
+            num_tasks=len(design.task_ids),
+            num_classes=classes,
+            num_units=len(np.unique(design.unit)),
+            num_episodes=len(set(zip(samples.task_id.tolist(), samples.episode.tolist()))),
+            num_folds=design.folds,
+            num_repeats=len(repeats),
+        ),
+        retrieval=retrieval_of(features, fitted, design, values, repeats, samples.task_id),
+        information=Information(
+            information_bits=float(values.information_bits.mean()),
+            cross_entropy_bits=float(information(values.information_bits.mean(), classes)),
+            max_information_bits=math.log2(classes),
+        ),
+        cosines=Cosines(
+            cosine_similarity_label_space=float(label_space),
+            cosine_similarity=float(raw),
+            constant_predictor_cosine=float(constant.mean()),
+            cosine_similarity_normalized=float((raw - constant.mean()) / (1 - constant.mean())),
+        ),
+        repeats=PerCopySet(
+            np.array([scores.correct.mean() for scores in repeats]),
+            information(np.array([scores.bits.mean() for scores in repeats]), classes),
+        ),
+        failures=Failures(failed.probe, {role: len(members) for role, members in failed._asdict().items()}),
+        intervals={},
+        control=control_of(null, repeats[0], classes, len(failed.null)),
+        mdl=online_codelength(features, fitted, design, temperatures, 0) if with_mdl else None,
+        mdl_control=online_codelength(features, fitted, design, temperatures, 1) if with_mdl and null else None,
     )
+    intervals = interval_estimates(design, values, repeats[0], null, held_out, training)
+    held_out = dataclasses.replace(held_out, intervals=intervals)
+    return held_out, Predictions(repeats[0], raw_predictions[0], null[0] if null else None, temperatures)
 
 
-def warn_about_failures(failed_copies: dict[str, int], stem: str) -> None:
+def warn_about_failures(failures: Failures, stem: str) -> None:
     """One warning per kind of copy (probe, null, mdl) that has probes which never improved on validation."""
-    for role, count in failed_copies.items():
+    for role, count in failures.failed_copies.items():
         if count:
             log.warning(
                 "%s: %d %s probe(s) never improved on validation (a non-finite loss); their samples count as wrong%s",
@@ -2317,6 +2523,8 @@ RESULTS_FORMAT = 3  # results files of earlier formats lack what the report read
 
 
 def results_record(
+    held_out: HeldOut,
+    predictions: Predictions,
     samples: Samples,
     fitted: ProbeFit,
     design: Design,
@@ -2324,17 +2532,12 @@ def results_record(
     item: Item,
     labels: LabelConfig,
     training: TrainingConfig,
-    metrics: dict,
-    first: Scores,
-    raw_prediction: np.ndarray,
-    null: list[Scores],
-    temperatures: np.ndarray,
     context: ItemContext,
 ) -> dict:
     """The results file's contents: the one place its layout is defined (builtins and numpy only; the writer adds
     the run's wall time so far and its command line, see write_item). One literal,
     longer than a screen on purpose: it reads as the file holds it."""
-    copies, report = design.copies, dataset.report
+    copies, report, first = design.copies, dataset.report, predictions.first
     descriptions_of_tasks = [dataset.descriptions[t] for t in design.task_ids]
     probe_folds = copies.fold_copies(0, 0)
     kept = np.concatenate([probe_folds, copies.fold_copies(0, 1)])  # the permutation null's weights are not kept
@@ -2342,12 +2545,9 @@ def results_record(
     return {
         "format_version": RESULTS_FORMAT,
         "config": {
-            # First, so that a results file's first DIGEST_BYTES hold them (see stated_fingerprint).
-            "fingerprint": context.made_with.fingerprint(),
-            "made_with": dataclasses.asdict(context.made_with),
-            "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
-            "labels": dataclasses.asdict(labels),
-            "training": {**dataclasses.asdict(training), "permutations": training.null_size},
+            **config_head(
+                context, dataset, item, labels, {**dataclasses.asdict(training), "permutations": training.null_size}
+            ),
             "first_repeat_only": "heldout, probe, samples.fold and samples.validation hold the first repeat's",
             "split": describe_split(training, design.folds),
             "token_positions": describe_token_positions(dataset.source),
@@ -2359,7 +2559,7 @@ def results_record(
             "permuted_assignments": design.assignments[1:],  # row p-1: the class whose embedding class j's samples get
             "contrastive_temperature": CONTRASTIVE_TEMPERATURE,
         },
-        "metrics": metrics,
+        "metrics": metrics_record(held_out),
         "tasks": {
             "task_ids": np.array(design.task_ids),
             "descriptions": descriptions_of_tasks,
@@ -2370,17 +2570,13 @@ def results_record(
             "label_basis": None if full_space else copies.label_basis[probe_folds],  # per fold; None: T5's own axes
         },
         "samples": {
-            "task_id": samples.task_id,
-            "episode": samples.episode,
-            "step": samples.step,
-            "inference_time": samples.inference_time,
-            "fold": design.fold[0],
+            **samples_record(samples, design),
             "repeat_folds": design.fold,  # (repeats, samples)
             "validation": copies.validation[probe_folds],  # (folds, samples): early-stopping samples
             "mdl_block": design.mdl_block,
         },
         "heldout": {  # the first repeat's
-            "prediction": raw_prediction.astype(np.float32),  # in raw T5 space, as the raw cosine scores it
+            "prediction": predictions.raw_prediction.astype(np.float32),  # in raw T5 space, as the raw cosine scores it
             "target": design.raw[design.sample_class],  # the own task's T5 embedding
             "prediction_label_space": first.prediction,
             "target_label_space": design.copies.classes[first.copy, design.sample_class],
@@ -2390,7 +2586,7 @@ def results_record(
             "cosine": first.cosine,
             "log_loss_bits": first.bits,
             "similarity": first.similarity,  # (samples, classes): cosine of each prediction to each class's target
-            "control_predicted_class": null[0].predicted if null else None,
+            "control_predicted_class": None if predictions.control is None else predictions.control.predicted,
         },
         "history": fitted.history,
         "probe": {  # the first repeat's fold probes, then the control's: Dense kernel and bias on standardized features
@@ -2406,19 +2602,14 @@ def results_record(
             "fold": copies.fold,
             "block": copies.block,
             "failed": fitted.failed,
-            "temperature": temperatures,
+            "temperature": predictions.temperatures,
         },
         "data_report": {
-            "files": report.files,
-            "missing_tasks": report.missing_tasks,
-            "missing_episodes": report.missing_episodes,
-            "episodes_without_step": report.episodes_without_step.get(item.rollout_step, []),
+            **data_report_record(dataset, item, context),
             "steps_seen": sorted(report.steps_seen),
-            "skipped_files": report.skipped_at(item.rollout_step),
-            "nonfinite_samples": context.nonfinite,  # (task, episode, step, denoising time) skipped
-            **({} if context.baseline is None else {"steps_without_baseline": context.without_baseline}),
+            **({} if held_out.baseline is None else {"steps_without_baseline": context.without_baseline}),
         },
-        "versions": package_versions(),
+        "versions": dict(installed_versions()),
     }
 
 
@@ -2428,104 +2619,150 @@ def conditional_metrics(
     descriptions: dict[int, str],
     labels: LabelConfig,
     training: TrainingConfig,
-) -> list[dict]:
+    spec: str,
+) -> list[Conditional]:
     """Conditional probing (Hewitt et al. 2021), per item: the same probe (folds, budget, per-feature standardization)
     on the --baseline features alone and on [baseline, layer]; the gain is what the layer adds beyond the baseline."""
     plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
     design = design_for(samples, descriptions, labels, plain)
     alone = fit_items(samples.baseline[None], design, plain)
-    baseline = heldout_summary(samples.baseline, alone.item(0), design)
+    baseline = first_repeat_score(samples.baseline, alone.item(0), design)
     joint_features = [np.concatenate([item_features, samples.baseline], axis=1) for item_features in features]
     joint = fit_items(joint_features, design, plain)
     conditional = []
     for position, item_features in enumerate(joint_features):
-        both = heldout_summary(item_features, joint.item(position), design)
+        both = first_repeat_score(item_features, joint.item(position), design)
         conditional.append(
-            {
-                "accuracy": baseline["accuracy"],
-                "information_bits": baseline["information_bits"],
-                "joint_accuracy": both["accuracy"],
-                "joint_information_bits": both["information_bits"],
-                "gain_accuracy": both["accuracy"] - baseline["accuracy"],
-                "gain_bits": both["information_bits"] - baseline["information_bits"],
-            }
+            Conditional(
+                spec=spec,
+                accuracy=baseline.accuracy,
+                information_bits=baseline.information_bits,
+                joint_accuracy=both.accuracy,
+                joint_information_bits=both.information_bits,
+                gain_accuracy=both.accuracy - baseline.accuracy,
+                gain_bits=both.information_bits - baseline.information_bits,
+            )
         )
     return conditional
 
 
-def heldout_summary(features: np.ndarray, fitted: ProbeFit, design: Design) -> dict[str, float]:
+class Score(NamedTuple):
+    accuracy: float
+    information_bits: float
+
+
+def first_repeat_score(features: np.ndarray, fitted: ProbeFit, design: Design) -> Score:
     """Held-out accuracy and information of the first repeat's fold probes."""
     scores = scores_of(
         features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
     )
-    information = math.log2(len(design.descriptions)) - scores.bits.mean()
-    return {"accuracy": float(scores.correct.mean()), "information_bits": float(information)}
+    classes = len(design.descriptions)
+    return Score(float(scores.correct.mean()), float(information(scores.bits.mean(), classes)))
 
 
-def evaluate_concepts(
+@dataclasses.dataclass(frozen=True)
+class ConceptsHeldOut:
+    """Every concept's held-out numbers for one item: what evaluate_concepts returns."""
+
+    concepts: dict[str, ConceptScore]
+    mean_balanced_accuracy: float
+    num_concepts: int
+    num_samples: int
+    num_tasks: int
+    num_episodes: int
+    num_folds: int
+
+
+def evaluate_concepts(samples: Samples, fitted: ProbeFit, design: Design) -> ConceptsHeldOut:
+    """Every concept's held-out numbers for one item."""
+    features = samples.features[0]
+    temperatures = copy_temperatures(features, fitted, design)
+    concepts = {
+        concept.name: concept_metrics(features, fitted, design, c, samples.task_id, temperatures)
+        for c, concept in enumerate(design.concepts)
+    }
+    return ConceptsHeldOut(
+        concepts=concepts,
+        mean_balanced_accuracy=float(np.mean([one.balanced_accuracy for one in concepts.values()])),
+        num_concepts=len(concepts),
+        num_samples=len(design.sample_class),
+        num_tasks=len(design.task_ids),
+        num_episodes=len(set(zip(samples.task_id.tolist(), samples.episode.tolist()))),
+        num_folds=design.folds,
+    )
+
+
+def concept_results_record(
+    held_out: ConceptsHeldOut,
     samples: Samples,
     fitted: ProbeFit,
-    design: ConceptDesign,
+    design: Design,
     dataset: Dataset,
     item: Item,
     labels: LabelConfig,
     training: TrainingConfig,
     context: ItemContext,
 ) -> dict:
-    """Every concept's held-out numbers for one item; the results file of a concept run (its one layout, one literal
-    as in results_record)."""
-    features = samples.features[0]
-    concepts = {
-        concept.name: concept_metrics(features, fitted, design, c, samples.task_id)
-        for c, concept in enumerate(design.concepts)
-    }
-    balanced = [one["balanced_accuracy"] for one in concepts.values()]
+    """The results file of a concept run: its one layout (see results_record for the T5 target's)."""
+    training_record = {**dataclasses.asdict(training), "loss": "softmax"}
+    numbers = part_fields(held_out)
     return {
         "format_version": RESULTS_FORMAT,
         "target": "concepts",
         "config": {
-            # First, so that a results file's first DIGEST_BYTES hold them (see stated_fingerprint).
-            "fingerprint": context.made_with.fingerprint(),
-            "made_with": dataclasses.asdict(context.made_with),
-            "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
-            "labels": dataclasses.asdict(labels),
-            "training": {**dataclasses.asdict(training), "loss": "softmax"},
+            **config_head(context, dataset, item, labels, training_record),
             "split": describe_split(training, design.folds),
             "token_positions": describe_token_positions(dataset.source),
             "concept_definition": CONCEPT_DEFINITION,
         },
-        "concepts": concepts,
-        "metrics": {
-            "mean_balanced_accuracy": float(np.mean(balanced)),
-            "num_concepts": len(concepts),
-            "num_samples": len(design.sample_class),
-            "num_tasks": len(design.task_ids),
-            "num_episodes": len(set(zip(samples.task_id.tolist(), samples.episode.tolist()))),
-            "num_folds": design.folds,
-        },
+        "concepts": {name: part_fields(one) for name, one in numbers.pop("concepts").items()},
+        "metrics": numbers,
         "tasks": {
             "task_ids": np.array(design.task_ids),
             "descriptions": [dataset.descriptions[t] for t in design.task_ids],
         },
-        "samples": {
-            "task_id": samples.task_id,
-            "episode": samples.episode,
-            "step": samples.step,
-            "inference_time": samples.inference_time,
-            "fold": design.fold[0],
-        },
+        "samples": samples_record(samples, design),
         "history": {key: fitted.history[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
         "probe": {key: value for key, value in fitted._asdict().items() if key != "history"},
         "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
-        "data_report": {
-            "files": dataset.report.files,
-            "missing_tasks": dataset.report.missing_tasks,
-            "missing_episodes": dataset.report.missing_episodes,
-            "episodes_without_step": dataset.report.episodes_without_step.get(item.rollout_step, []),
-            "skipped_files": dataset.report.skipped_at(item.rollout_step),
-            "nonfinite_samples": context.nonfinite,
-        },
-        "versions": package_versions(),
+        "data_report": data_report_record(dataset, item, context),
+        "versions": dict(installed_versions()),
+    }
+
+
+def config_head(context: ItemContext, dataset: Dataset, item: Item, labels: LabelConfig, training: dict) -> dict:
+    """The start of a results file's config: first, so that its first DIGEST_BYTES hold the fingerprint (see
+    stated_fingerprint)."""
+    return {
+        "fingerprint": context.made_with.fingerprint(),
+        "made_with": dataclasses.asdict(context.made_with),
+        "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
+        "labels": dataclasses.asdict(labels),
+        "training": training,
+    }
+
+
+def samples_record(samples: Samples, design: Design) -> dict:
+    """Who each sample is and the fold that held it out (the first repeat's)."""
+    return {
+        "task_id": samples.task_id,
+        "episode": samples.episode,
+        "step": samples.step,
+        "inference_time": samples.inference_time,
+        "fold": design.fold[0],
+    }
+
+
+def data_report_record(dataset: Dataset, item: Item, context: ItemContext) -> dict:
+    """What was missing, skipped or unreadable for this item's rollout step."""
+    report = dataset.report
+    return {
+        "files": report.files,
+        "missing_tasks": report.missing_tasks,
+        "missing_episodes": report.missing_episodes,
+        "episodes_without_step": report.episodes_without_step.get(item.rollout_step, []),
+        "skipped_files": report.skipped_at(item.rollout_step),
+        "nonfinite_samples": context.nonfinite,
     }
 
 
@@ -2536,41 +2773,43 @@ CONCEPT_DEFINITION = (
 )
 
 
-def format_concept_summary(results: dict) -> str:
+def concepts_held_out_from(results: dict) -> ConceptsHeldOut:
+    """The record a concept run's results file was written from (see concept_results_record)."""
+    concepts = {name: ConceptScore(**one) for name, one in results["concepts"].items()}
+    return ConceptsHeldOut(concepts=concepts, **results["metrics"])
+
+
+def format_concept_summary(results: dict, run: Configured) -> str:
     """A concept run's summary: what was probed, then every concept sorted by balanced accuracy."""
-    data, metrics = results["config"]["data"], results["metrics"]
-    split = results["config"]["training"]["split"]
-    reading = (
-        "held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
-        if split == "task"
-        else "held-out episodes of seen tasks: decodability, not transfer"
-    )
+    held_out = concepts_held_out_from(results)
+    if run.training.split == "task":
+        reading = (
+            "held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
+        )
+    else:
+        reading = "held-out episodes of seen tasks: decodability, not transfer"
     lines = [
         "Concept Probing Results",
         "=======================",
         "",
-        f"Expert: {data['expert']}",
-        f"Layer: {data['layer']}",
-        f"Rollout Step: {data['rollout_step']}",
-        f"Feature Type: {data['feature_type']}",
+        *item_lines(run),
         f"Held out: {results['config']['split']} ({reading})",
-        f"Number of Samples: {metrics['num_samples']}; Number of Tasks: {metrics['num_tasks']}",
+        f"Number of Samples: {held_out.num_samples}; Number of Tasks: {held_out.num_tasks}",
         f"Token Positions: {results['config']['token_positions']}",
         "",
         f"{'concept':24} {'balanced':>8} {'accuracy':>8} {'majority':>8} {'bits':>7} {'tasks with/without':>18}  notes",
     ]
-    ranked = sorted(results["concepts"].items(), key=lambda item: -item[1]["balanced_accuracy"])
-    for name, one in ranked:
+    for name, one in sorted(held_out.concepts.items(), key=lambda named: -named[1].balanced_accuracy):
         notes = []
-        if one["folds_missing_values"]:
-            notes.append(f"folds {one['folds_missing_values']} never saw a value they hold out")
-        if one["failed_probes"]:
-            notes.append(f"FAILED folds {one['failed_probes']}")
+        if one.folds_missing_values:
+            notes.append(f"folds {one.folds_missing_values} never saw a value they hold out")
+        if one.failed_probes:
+            notes.append(f"FAILED folds {one.failed_probes}")
         lines.append(
-            f"{name:24} {one['balanced_accuracy']:8.4f} {one['accuracy']:8.4f} {one['majority_accuracy']:8.4f} "
-            f"{one['information_bits']:7.3f} {one['tasks_with']:>9}/{one['tasks_without']:<8}  {'; '.join(notes)}"
+            f"{name:24} {one.balanced_accuracy:8.4f} {one.accuracy:8.4f} {one.majority_accuracy:8.4f} "
+            f"{one.information_bits:7.3f} {one.tasks_with:>9}/{one.tasks_without:<8}  {'; '.join(notes)}"
         )
-    lines += ["", f"Definition: {results['config']['concept_definition']}", ""]
+    lines += ["", f"Definition: {CONCEPT_DEFINITION}", ""]
     return "\n".join(lines)
 
 
@@ -2662,11 +2901,6 @@ def describe_token_positions(source: Source) -> str:
     else:
         where = f"SigLIP patches of camera {source.camera} (vision_latents)"
     return f"{where}, {source.pooling}-pooled"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the numbers (a copy: each result gets its own dict)."""
-    return dict(installed_versions())
 
 
 @functools.cache  # read once per run: 18 metadata reads per layer sweep were 0.2 s
@@ -2981,117 +3215,155 @@ def unwritable_reason(directory: Path) -> str | None:
     return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
 
 
-def with_interval(metrics: dict, name: str, digits: int = 4) -> str:
+class Configured(NamedTuple):
+    """A results file's configuration, typed again."""
+
+    source: Source
+    item: Item
+    labels: LabelConfig
+    training: TrainingConfig
+
+
+def configured(config: dict) -> Configured:
+    """The configs a results file's config records (see results_record)."""
+    data = config["data"]
+    return Configured(
+        Source(**{field.name: data[field.name] for field in dataclasses.fields(Source)}),
+        Item(**{name: data[name] for name in Item._fields}),
+        LabelConfig(**config["labels"]),
+        TrainingConfig(**config["training"]),
+    )
+
+
+def with_interval(held_out: HeldOut, name: str, value: float, digits: int = 4) -> str:
     """A metric with its 95% interval, when there is one; an undefined interval says why instead of looking certain."""
-    value = f"{metrics[name]:.{digits}f}"
-    interval = metrics["confidence_intervals"].get(name)
+    text = f"{value:.{digits}f}"
+    interval = held_out.intervals.get(name)
     if not interval:
-        return value
+        return text
     if math.isnan(interval[0]):
-        return f"{value} [95% CI n/a: resampling the units cannot vary it]"
-    return f"{value} [95% CI {interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+        return f"{text} [95% CI n/a: resampling the units cannot vary it]"
+    return f"{text} [95% CI {interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
 def format_summary(results: dict) -> str:
     """The guide's summary block, then the evidence behind it, what was measured and how; last, what made it."""
-    if results.get("target") == "concepts":
-        body = format_concept_summary(results)
+    run = configured(results["config"])
+    if run.labels.target == "concepts":
+        body = format_concept_summary(results, run)
     else:
-        body = "\n".join([*guide_block(results), "", *evidence_lines(results), "", *measured_lines(results), ""])
+        held_out = held_out_from(results["metrics"])
+        body = "\n".join(
+            [
+                *guide_block(results, run, held_out),
+                "",
+                *evidence_lines(results, run, held_out),
+                "",
+                *measured_lines(results, run, held_out),
+                "",
+            ]
+        )
     return f"{body}{MADE_WITH_LINE.format(results['config']['fingerprint'])}\n"
 
 
-def guide_block(results: dict) -> list[str]:
+def item_lines(run: Configured) -> list[str]:
+    """What was probed, in the guide's words."""
+    return [
+        f"Expert: {run.source.expert}",
+        f"Layer: {run.item.layer}",
+        f"Rollout Step: {run.item.rollout_step}",
+        f"Feature Type: {run.source.feature_type}",
+    ]
+
+
+def guide_block(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
     """The guide's block, its cosine now the probe's own (label space); the raw T5 one follows with its definition."""
-    data, metrics, tasks = results["config"]["data"], results["metrics"], results["tasks"]
+    tasks = results["tasks"]
     return [
         "Linear Probing Results",
         "=====================",
         "",
-        f"Expert: {data['expert']}",
-        f"Layer: {data['layer']}",
-        f"Rollout Step: {data['rollout_step']}",
-        f"Feature Type: {data['feature_type']}",
+        *item_lines(run),
         "",
-        f"Accuracy: {metrics['accuracy']:.4f}",
-        f"Cosine Similarity: {metrics['cosine_similarity_label_space']:.4f} (probe's label space; raw T5 below)",
-        f"Number of Samples: {metrics['num_samples']}",
-        f"Number of Tasks: {metrics['num_tasks']}",
+        f"Accuracy: {held_out.retrieval.accuracy:.4f}",
+        f"Cosine Similarity: {held_out.cosines.cosine_similarity_label_space:.4f} (probe's label space; raw T5 below)",
+        f"Number of Samples: {held_out.counts.num_samples}",
+        f"Number of Tasks: {held_out.counts.num_tasks}",
         "",
         "Task Descriptions:",
         *(f"  {t}: {d}" for t, d in zip(tasks["task_ids"], tasks["descriptions"])),
     ]
 
 
-def evidence_lines(results: dict) -> list[str]:
+def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
     """How well the probe does on what it never saw, each number labelled with what it measures."""
-    metrics, training = results["metrics"], results["config"]["training"]
+    config, counts, found, information = results["config"], held_out.counts, held_out.retrieval, held_out.information
+    below_zero = " (below 0: worse than knowing nothing)" if information.information_bits < 0 else ""
     lines = [
         "Held-out Evidence",
         "-----------------",
-        f"Held out: {results['config']['split']}; every one of the {metrics['num_samples']} samples "
-        f"({metrics['num_episodes']} episodes) predicted by a probe that never saw it",
-        f"Accuracy: {with_interval(metrics, 'accuracy')}; per fold {metrics['fold_accuracy_mean']:.4f} +/- "
-        f"{metrics['fold_accuracy_std']:.4f} ({metrics['num_folds']} folds x {metrics['num_repeats']} repeat(s))",
-        f"Balanced Accuracy (mean of per-task accuracies): {metrics['balanced_accuracy']:.4f}; majority baseline "
-        f"{metrics['majority_accuracy']:.4f}; chance {metrics['chance_accuracy']:.4f} (1 / {metrics['num_classes']})",
-        f"Information: {with_interval(metrics, 'information_bits', 3)} bits of log2({metrics['num_classes']}) = "
-        f"{metrics['max_information_bits']:.3f}; held-out cross-entropy {metrics['cross_entropy_bits']:.3f} bits "
-        "(below 0: worse than knowing nothing)",
+        f"Held out: {config['split']}; every one of the {counts.num_samples} samples "
+        f"({counts.num_episodes} episodes) predicted by a probe that never saw it",
+        f"Accuracy: {with_interval(held_out, 'accuracy', found.accuracy)}; per fold {found.fold_accuracy_mean:.4f} +/- "
+        f"{found.fold_accuracy_std:.4f} ({counts.num_folds} folds x {counts.num_repeats} repeat(s))",
+        f"Balanced Accuracy (mean of per-task accuracies): {found.balanced_accuracy:.4f}; majority baseline "
+        f"{found.majority_accuracy:.4f}; chance {found.chance_accuracy:.4f} (1 / {counts.num_classes})",
+        f"Information: {with_interval(held_out, 'information_bits', information.information_bits, 3)} bits of "
+        f"log2({counts.num_classes}) = {information.max_information_bits:.3f}; held-out cross-entropy "
+        f"{information.cross_entropy_bits:.3f} bits{below_zero}",
     ]
-    if metrics["num_repeats"] > 1:
-        repeats = metrics["repeats"]
+    if counts.num_repeats > 1:
+        repeats = held_out.repeats
         lines.append(
-            f"Repeats ({metrics['num_repeats']} seeds of folds and initialisation): accuracy "
-            f"{repeats['accuracy'].mean():.4f} +/- {repeats['accuracy'].std(ddof=1):.4f}, information "
-            f"{repeats['information_bits'].mean():.3f} +/- {repeats['information_bits'].std(ddof=1):.3f} bits (sd)"
+            f"Repeats ({counts.num_repeats} seeds of folds and initialisation): accuracy "
+            f"{repeats.accuracy.mean():.4f} +/- {repeats.accuracy.std(ddof=1):.4f}, information "
+            f"{repeats.information_bits.mean():.3f} +/- {repeats.information_bits.std(ddof=1):.3f} bits (sd)"
         )
-    lines += control_lines(metrics, training)
-    if "baseline" in metrics:
-        base = metrics["baseline"]
+    lines += control_lines(held_out, run.training)
+    if held_out.baseline is not None:
+        base = held_out.baseline
         lines.append(
-            f"Beyond --baseline {base['spec']} (conditional probing): baseline alone accuracy {base['accuracy']:.4f}, "
-            f"{base['information_bits']:.3f} bits; baseline + layer {base['joint_accuracy']:.4f}, "
-            f"{base['joint_information_bits']:.3f} bits; the layer adds {base['gain_bits']:.3f} bits "
-            f"({base['gain_accuracy']:+.4f} accuracy)"
+            f"Beyond --baseline {base.spec} (conditional probing): baseline alone accuracy {base.accuracy:.4f}, "
+            f"{base.information_bits:.3f} bits; baseline + layer {base.joint_accuracy:.4f}, "
+            f"{base.joint_information_bits:.3f} bits; the layer adds {base.gain_bits:.3f} bits "
+            f"({base.gain_accuracy:+.4f} accuracy)"
         )
-    if "mdl" in metrics:
-        lines.append(
-            f"MDL (online code over {training['split']} blocks): {mdl_text(metrics['mdl'])}"
-            + (f"; control {mdl_text(metrics['mdl']['control'])}" if "control" in metrics["mdl"] else "")
-        )
+    if held_out.mdl is not None:
+        control = "" if held_out.mdl_control is None else f"; control {mdl_text(held_out.mdl_control)}"
+        lines.append(f"MDL (online code over {run.training.split} blocks): {mdl_text(held_out.mdl)}{control}")
+    cosines = held_out.cosines
     lines += [
-        "Top-k Accuracy: " + ", ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items()),
-        f"Mean Reciprocal Rank: {metrics['mean_reciprocal_rank']:.4f}",
-        f"Cosine Margin (own task - nearest other): {metrics['cosine_margin']:.4f}",
-        f"Training Accuracy: {metrics['training_accuracy']:.4f}",
-        f"Cosine Similarity (probe's label space: {results['config']['label_space']}): "
-        f"{with_interval(metrics, 'cosine_similarity_label_space')}",
-        f"Cosine Similarity (raw T5, {RAW_PREDICTION[results['config']['labels']['center_labels']]}): "
-        f"{with_interval(metrics, 'cosine_similarity')}; constant predictor (mean embedding) "
-        f"{metrics['constant_predictor_cosine']:.4f}; normalized (cos - constant) / (1 - constant) "
-        f"{metrics['cosine_similarity_normalized']:.4f}",
-        f"Intervals: {results['config']['interval_definition']}",
+        "Top-k Accuracy: " + ", ".join(f"top-{k} {v:.4f}" for k, v in found.top_k_accuracy.items()),
+        f"Mean Reciprocal Rank: {found.mean_reciprocal_rank:.4f}",
+        f"Cosine Margin (own task - nearest other): {found.cosine_margin:.4f}",
+        f"Training Accuracy: {found.training_accuracy:.4f}",
+        f"Cosine Similarity (probe's label space: {config['label_space']}): "
+        f"{with_interval(held_out, 'cosine_similarity_label_space', cosines.cosine_similarity_label_space)}",
+        f"Cosine Similarity (raw T5, {RAW_PREDICTION[run.labels.center_labels]}): "
+        f"{with_interval(held_out, 'cosine_similarity', cosines.cosine_similarity)}; constant predictor (mean "
+        f"embedding) {cosines.constant_predictor_cosine:.4f}; normalized (cos - constant) / (1 - constant) "
+        f"{cosines.cosine_similarity_normalized:.4f}",
+        f"Intervals: {config['interval_definition']}",
     ]
-    if results["config"]["data"]["expert"] == "text_only":
+    if run.source.expert == "text_only":
         lines.append("Positive control: text tokens are the prompt itself, so high accuracy is expected at every layer")
-    lines += failure_lines(metrics)
+    lines += failure_lines(held_out.failures)
     lines.append("Per-task Accuracy:")
-    lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in metrics["per_task_accuracy"].items()]
+    lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in found.per_task_accuracy.items()]
     return lines
 
 
-def failure_lines(metrics: dict) -> list[str]:
+def failure_lines(failures: Failures) -> list[str]:
     """Probes that never improved on validation, named: their samples count as wrong."""
     lines = []
-    if metrics["failed_probes"]:
-        folds = ", ".join(f"repeat {r} fold {f}" for r, f in metrics["failed_probes"])
+    if failures.failed_probes:
+        folds = ", ".join(f"repeat {r} fold {f}" for r, f in failures.failed_probes)
         lines.append(
             f"FAILED PROBES ({folds}): never improved on validation (non-finite loss); their samples count as wrong"
         )
     for role in ("null", "mdl"):
-        if metrics["failed_copies"][role]:
-            lines.append(f"FAILED {role.upper()} PROBES: {metrics['failed_copies'][role]} never improved on validation")
+        if failures.failed_copies[role]:
+            lines.append(f"FAILED {role.upper()} PROBES: {failures.failed_copies[role]} never improved on validation")
     return lines
 
 
@@ -3099,95 +3371,97 @@ RAW_PREDICTION = {  # how a prediction is placed in raw T5 space, by whether the
     True: "reconstructed as label mean + unit(prediction) x mean target norm",
     False: "the prediction mapped back through the label basis",
 }
+# Under --split episode every task is on every training side: a permuted assignment is as learnable as the true one
+# wherever the layer separates the tasks, so the control and the null say nothing about language there.
+EPISODE_SPLIT_CONTROL = "not whether the layer is language-shaped: that question is answered by --split task"
 
 
-def control_lines(metrics: dict, training: dict) -> list[str]:
+def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
     """The control and the permutation null, read as what they are under this split."""
-    if "control_accuracy" not in metrics:
+    control = held_out.control
+    if control is None:
         return ["Control Task: off (--no_control)"]
-    control = (
-        f"Control (task -> embedding assignment permuted): accuracy {with_interval(metrics, 'control_accuracy')}, "
-        f"information {metrics['control_information_bits']:.3f} bits; selectivity (accuracy - control) "
-        f"{with_interval(metrics, 'selectivity')}"
-    )
-    lines = [control]
-    if training["split"] == "episode":
+    lines = [
+        f"Control (task -> embedding assignment permuted): accuracy "
+        f"{with_interval(held_out, 'control_accuracy', control.control_accuracy)}, information "
+        f"{control.control_information_bits:.3f} bits; selectivity (accuracy - control) "
+        f"{with_interval(held_out, 'selectivity', control.selectivity)}"
+    ]
+    if training.split == "episode":
         lines.append(
             "  With held-out episodes of seen tasks the control shows how learnable an arbitrary assignment is "
-            "(high whenever the layer separates the tasks), not whether the layer is language-shaped: "
-            "that question is answered by --split task"
+            f"(high whenever the layer separates the tasks), {EPISODE_SPLIT_CONTROL}"
         )
-    if "permutation_p_value" in metrics:
-        null, p_value = metrics["permutation_null"], metrics["permutation_p_value"]
-        if math.isnan(p_value):
-            test = f"no p-value: {metrics['failed_copies']['null']} null probe(s) failed"
+    if control.permutation_p_value is not None:
+        if math.isnan(control.permutation_p_value):
+            test = f"no p-value: {held_out.failures.failed_copies['null']} null probe(s) failed"
         else:
-            test = f"p = {p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's accuracy as observed"
+            test = (
+                f"p = {control.permutation_p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's "
+                "accuracy as observed"
+            )
         lines.append(
-            f"Permutation Null ({len(null['accuracy'])} permuted assignments, trained like the probe): mean accuracy "
-            f"{metrics['permutation_null_mean_accuracy']:.4f}, mean information "
-            f"{metrics['permutation_null_mean_information_bits']:.3f} bits; {test}"
+            f"Permutation Null ({len(control.permutation_null.accuracy)} permuted assignments, trained like the "
+            f"probe): mean accuracy {control.permutation_null_mean_accuracy:.4f}, mean information "
+            f"{control.permutation_null_mean_information_bits:.3f} bits; {test}"
         )
-        if training["split"] == "episode":
+        if training.split == "episode":
             lines.append(
                 "  With held-out episodes this tests whether the true assignment is more learnable than arbitrary "
-                "ones, not whether the layer is language-shaped (--split task)"
+                f"ones, {EPISODE_SPLIT_CONTROL}"
             )
     return lines
 
 
-def mdl_text(mdl: dict) -> str:
+def mdl_text(mdl: Codelength) -> str:
     """An online codelength, in words."""
-    return f"{mdl['online_bits']:.1f} bits vs uniform {mdl['uniform_bits']:.1f} (compression {mdl['compression']:.2f})"
+    return f"{mdl.online_bits:.1f} bits vs uniform {mdl.uniform_bits:.1f} (compression {mdl.compression:.2f})"
 
 
-def measured_lines(results: dict) -> list[str]:
+def measured_lines(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
     """What was measured and how: positions, labels, probe, ranges, what was missing or skipped, the training run."""
-    data, labels, training = (results["config"][k] for k in ("data", "labels", "training"))
-    metrics, report, history = results["metrics"], results["data_report"], results["history"]
-    if data["expert"] != "action":
+    source, item, training = run.source, run.item, run.training
+    report, history = results["data_report"], results["history"]
+    if source.expert != "action":
         inference = "n/a (VLM expert)"
-    elif data["inference_step"] is None:
+    elif item.inference_step is None:
         inference = "all denoising entries, each its own sample"
     else:
-        inference = str(data["inference_step"])
-    features = "standardized with each fold's training mean and std" if training["standardize"] else "raw"
-    if training["probe"] == "linear":
-        probe = f"linear, loss {training['loss']}"
+        inference = str(item.inference_step)
+    features = "standardized with each fold's training mean and std" if training.standardize else "raw"
+    if training.probe == "linear":
+        probe = f"linear, loss {training.loss}"
     else:
         probe = "ridge, closed form, penalty by inner cross-validation"
     without_step = report["episodes_without_step"]
+    nonfinite = report["nonfinite_samples"]
     lines = [
         "What Was Measured",
         "-----------------",
         f"Token Positions: {results['config']['token_positions']}",
         f"Inference Step: {inference}",
-        f"Labels: {results['config']['label_space']}; T5 model {labels['t5_model']}",
+        f"Labels: {results['config']['label_space']}; T5 model {run.labels.t5_model}",
         f"Features: {features}",
         f"Probe: {probe}",
-        f"Seed: {training['seed']}; repeats {training['repeats']}; bootstrap resamples: {training['bootstrap']}",
-        f"Task Range: {data['task_range'][0]}-{data['task_range'][1] - 1}; "
-        f"Episode Range: {data['episode_range'][0]}-{data['episode_range'][1] - 1}",
+        f"Seed: {training.seed}; repeats {training.repeats}; bootstrap resamples: {training.bootstrap}",
+        f"Task Range: {source.task_range[0]}-{source.task_range[1] - 1}; "
+        f"Episode Range: {source.episode_range[0]}-{source.episode_range[1] - 1}",
         f"Missing Task Files: {id_runs(report['missing_tasks']) or 'none'}",
         f"Skipped Files: {len(report['skipped_files']) or 'none'}",
         *(f"  {reason}" for reason in report["skipped_files"].values()),
         f"Episodes Missing From Files: {len(report['missing_episodes'])}",
-        f"Episodes Without step_{data['rollout_step']}: {len(without_step)}"
+        f"Episodes Without step_{item.rollout_step}: {len(without_step)}"
         + (" (" + ", ".join(f"task {t} episode {e}" for t, e in without_step) + ")" if without_step else ""),
-        f"Samples Skipped For Non-finite Features: {len(report['nonfinite_samples'])}"
-        + (
-            " (" + ", ".join(f"task {t} episode {e}" for t, e, *_ in report["nonfinite_samples"][:10]) + ")"
-            if report["nonfinite_samples"]
-            else ""
-        ),
+        f"Samples Skipped For Non-finite Features: {len(nonfinite)}"
+        + (" (" + ", ".join(f"task {t} episode {e}" for t, e, *_ in nonfinite[:10]) + ")" if nonfinite else ""),
     ]
-    if training["probe"] == "linear":
-        epochs = history["epochs_run"][: metrics["num_folds"]]
+    if training.probe == "linear":
+        epochs = history["epochs_run"][: held_out.counts.num_folds]
         lines.append(
-            f"Training: Adam lr {training['learning_rate']}, batch {history['batch_size']}, "
+            f"Training: Adam lr {training.learning_rate}, batch {history['batch_size']}, "
             f"{history['steps_per_epoch']} "
-            f"updates/epoch, {epochs.min()}-{epochs.max()} of at most {training['num_epochs']} epochs per fold "
-            f"(early stopping, patience {training['patience']})"
+            f"updates/epoch, {epochs.min()}-{epochs.max()} of at most {training.num_epochs} epochs per fold "
+            f"(early stopping, patience {training.patience})"
         )
     return lines
 
@@ -3296,22 +3570,33 @@ def run_sweep(
     # Every design before any training: a combination left without enough samples stops the run before a file is
     # written.
     designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
-    evaluate = evaluate_concepts if labels.target == "concepts" else evaluate_item
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for design, members in zip(designs, groups):
             features = [selected.features[0] for _, selected in members]  # views where possible: no stacked copy
             fitted = fit_items(features, design, training)
             conditional = None
             if dataset.source.baseline:
-                conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training)
+                spec = baseline_spec_text(dataset.source.baseline)
+                conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training, spec)
             for position, (item, selected) in enumerate(members):
                 item_fit = fitted.item(position)
                 context = ItemContext(nonfinite[item], destination.made_with.of_item(item))
-                if conditional:
-                    baseline = {"spec": baseline_spec_text(dataset.source.baseline), **conditional[position]}
-                    lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
-                    context = context._replace(baseline=baseline, without_baseline=lacking)
-                results = evaluate(selected, item_fit, design, dataset, item, labels, training, context)
+                stem = result_stem(dataset.source, item, dataset.report.inference_times)
+                if labels.target == "concepts":
+                    concepts = evaluate_concepts(selected, item_fit, design)
+                    results = concept_results_record(
+                        concepts, selected, item_fit, design, dataset, item, labels, training, context
+                    )
+                else:
+                    held_out, predictions = evaluate_item(selected, item_fit, design, labels, training)
+                    warn_about_failures(held_out.failures, stem)
+                    if conditional:
+                        held_out = dataclasses.replace(held_out, baseline=conditional[position])
+                        lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
+                        context = context._replace(without_baseline=lacking)
+                    results = results_record(
+                        held_out, predictions, selected, item_fit, design, dataset, item, labels, training, context
+                    )
                 yield write_item(results, item, selected, dataset, labels, destination)
                 progress.update()
 
@@ -3390,76 +3675,6 @@ def finite_rows(
 # Report and plots: a results directory as a table, curves and heatmaps (PNG, Agg)
 # -----------------------------------------------------------------------------
 
-REPORT_COLUMNS = [
-    "expert",
-    "layer",
-    "rollout_step",
-    "inference_step",
-    "inference_time",
-    "feature_type",
-    "token_positions",
-    "probe",
-    "loss",
-    "split",
-    "accuracy",
-    "accuracy_ci_low",
-    "accuracy_ci_high",
-    "balanced_accuracy",
-    "majority_accuracy",
-    "chance_accuracy",
-    "information_bits",
-    "information_bits_ci_low",
-    "information_bits_ci_high",
-    "max_information_bits",
-    "control_accuracy",
-    "control_information_bits",
-    "selectivity",
-    "selectivity_ci_low",
-    "selectivity_ci_high",
-    "permutation_null_mean_accuracy",
-    "permutation_p_value",
-    "cosine_similarity_label_space",
-    "cosine_similarity",
-    "constant_predictor_cosine",
-    "cosine_similarity_normalized",
-    "top_3_accuracy",
-    "mean_reciprocal_rank",
-    "num_samples",
-    "num_tasks",
-    "num_episodes",
-    "num_folds",
-    "num_repeats",
-    "baseline",
-    "baseline_information_bits",
-    "joint_information_bits",
-    "gain_bits",
-    "gain_accuracy",
-    "file",
-]
-REPORT_METRICS = [  # columns copied from the results' metrics as they are (blank when a run has none)
-    "accuracy",
-    "balanced_accuracy",
-    "majority_accuracy",
-    "chance_accuracy",
-    "information_bits",
-    "max_information_bits",
-    "control_accuracy",
-    "control_information_bits",
-    "selectivity",
-    "permutation_null_mean_accuracy",
-    "permutation_p_value",
-    "cosine_similarity_label_space",
-    "cosine_similarity",
-    "constant_predictor_cosine",
-    "cosine_similarity_normalized",
-    "mean_reciprocal_rank",
-    "num_samples",
-    "num_tasks",
-    "num_episodes",
-    "num_folds",
-    "num_repeats",
-]
-
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend, imported only when a plot is asked for."""
@@ -3479,36 +3694,65 @@ def save_figure(figure, path: Path) -> None:
     write_atomically(path, buffer.getvalue())
 
 
+class MetricColumn(NamedTuple):
+    part: str  # a HeldOut part
+    field: str  # a field of it
+    name: str  # the sweep.csv column
+    interval_end: int | None = None  # 0, 1: the low or high end of the field's 95% interval; None: the value
+
+
+def metric_columns() -> list[MetricColumn]:
+    """sweep.csv's metric columns, from the record's reported fields (see `reported`)."""
+    columns = []
+    for part, kind in REPORTED_PARTS.items():
+        for field in dataclasses.fields(kind):
+            if "column" in field.metadata:
+                name = field.metadata["column"] or field.name
+                columns.append(MetricColumn(part, field.name, name))
+                if field.metadata["interval"]:
+                    columns += [
+                        MetricColumn(part, field.name, f"{name}_ci_{end}", i) for i, end in enumerate(("low", "high"))
+                    ]
+    return columns
+
+
+METRIC_COLUMNS = metric_columns()
+ITEM_COLUMNS = ["expert", "layer", "rollout_step", "inference_step", "inference_time", "feature_type"]
+SETTING_COLUMNS = ["token_positions", "probe", "loss", "split"]
+REPORT_COLUMNS = [
+    *ITEM_COLUMNS,
+    *SETTING_COLUMNS,
+    *(column.name for column in METRIC_COLUMNS),
+    "top_3_accuracy",
+    "file",
+]
+
+
 def report_row(results: dict, path: Path) -> dict:
-    """One CSV row: what was probed and how well."""
-    data, training, metrics = results["config"]["data"], results["config"]["training"], results["metrics"]
-    intervals = metrics["confidence_intervals"]
+    """One sweep.csv row: what was probed and how well (blank where a run has no such number)."""
+    run, held_out = configured(results["config"]), held_out_from(results["metrics"])
     times = np.unique(results["samples"]["inference_time"])
     row = {
-        "expert": data["expert"],
-        "layer": data["layer"],
-        "rollout_step": data["rollout_step"],
-        "inference_step": "all" if data["inference_step"] is None else data["inference_step"],
+        "expert": run.source.expert,
+        "layer": run.item.layer,
+        "rollout_step": run.item.rollout_step,
+        "inference_step": "all" if run.item.inference_step is None else run.item.inference_step,
         "inference_time": float(times[0]) if len(times) == 1 and not np.isnan(times[0]) else "",
-        "feature_type": data["feature_type"],
+        "feature_type": run.source.feature_type,
         "token_positions": results["config"]["token_positions"],
-        "probe": training["probe"],
-        "loss": training["loss"] if training["probe"] == "linear" else "",
-        "split": training["split"],
-        "top_3_accuracy": metrics["top_k_accuracy"].get(3, ""),
+        "probe": run.training.probe,
+        "loss": run.training.loss if run.training.probe == "linear" else "",
+        "split": run.training.split,
+        "top_3_accuracy": held_out.retrieval.top_k_accuracy.get(3, ""),
         "file": path.name,
     }
-    row.update({name: metrics.get(name, "") for name in REPORT_METRICS})
-    for name in ("accuracy", "information_bits", "selectivity"):
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = intervals.get(name, ("", ""))
-    base = metrics.get("baseline", {})
-    row.update(
-        baseline=base.get("spec", ""),
-        baseline_information_bits=base.get("information_bits", ""),
-        joint_information_bits=base.get("joint_information_bits", ""),
-        gain_bits=base.get("gain_bits", ""),
-        gain_accuracy=base.get("gain_accuracy", ""),
-    )
+    for column in METRIC_COLUMNS:
+        part = getattr(held_out, column.part)
+        if column.interval_end is None:
+            value = None if part is None else getattr(part, column.field)
+        else:
+            value = held_out.intervals.get(column.field, (None, None))[column.interval_end]
+        row[column.name] = "" if value is None else value
     return row
 
 
@@ -3584,36 +3828,24 @@ def write_report(directory: Path, strict: bool = False) -> str:
     return "\n".join(lines + concept_lines)
 
 
-CONCEPT_COLUMNS = [
-    "expert",
-    "layer",
-    "rollout_step",
-    "inference_step",
-    "split",
-    "concept",
-    "balanced_accuracy",
-    "accuracy",
-    "majority_accuracy",
-    "information_bits",
-    "tasks_with",
-    "tasks_without",
-    "file",
-]
+CONCEPT_WHERE = ["expert", "layer", "rollout_step", "inference_step", "split"]
+CONCEPT_NUMBERS = [field.name for field in dataclasses.fields(ConceptScore) if "column" in field.metadata]
+CONCEPT_COLUMNS = [*CONCEPT_WHERE, "concept", *CONCEPT_NUMBERS, "file"]
 
 
 def concept_report_rows(results: dict, path: Path) -> list[dict]:
     """One concepts.csv row per concept of a concept run."""
-    data, split = results["config"]["data"], results["config"]["training"]["split"]
+    run, held_out = configured(results["config"]), concepts_held_out_from(results)
     where = {
-        "expert": data["expert"],
-        "layer": data["layer"],
-        "rollout_step": data["rollout_step"],
-        "inference_step": "all" if data["inference_step"] is None else data["inference_step"],
-        "split": split,
+        "expert": run.source.expert,
+        "layer": run.item.layer,
+        "rollout_step": run.item.rollout_step,
+        "inference_step": "all" if run.item.inference_step is None else run.item.inference_step,
+        "split": run.training.split,
     }
     return [
-        {**where, "concept": name, **{key: one[key] for key in CONCEPT_COLUMNS[6:12]}, "file": path.name}
-        for name, one in sorted(results["concepts"].items())
+        {**where, "concept": name, **{key: getattr(one, key) for key in CONCEPT_NUMBERS}, "file": path.name}
+        for name, one in sorted(held_out.concepts.items())
     ]
 
 
@@ -3647,17 +3879,7 @@ def plot_concepts_by_layer(panels: dict[tuple, list[dict]], path: Path) -> None:
         names = sorted(by_concept, key=lambda name: -np.mean(list(by_concept[name].values())))
         grid = np.array([[by_concept[name].get(layer, np.nan) for layer in layers] for name in names])
         image = axis.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        for (i, j), value in np.ndenumerate(grid):
-            if not np.isnan(value):
-                axis.text(
-                    j,
-                    i,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if value < 0.6 else "black",
-                )
+        annotate_cells(axis, image, grid, np.vectorize("{:.2f}".format, otypes=[object])(grid))
         held_out = "held-out tasks (transfer)" if split == "task" else "held-out episodes (decodability)"
         axis.set(
             xticks=range(len(layers)),
@@ -4002,18 +4224,19 @@ def annotate_cells(axis, image, values: np.ndarray, labels: np.ndarray) -> None:
 
 def write_run_plots(results: dict, features: np.ndarray, output_dir: Path, stem: str) -> None:
     """Training curves, confusion matrix, held-out similarity heatmap and a PCA of the features."""
+    held_out = held_out_from(results["metrics"])
     if "train_loss" in results["history"]:  # ridge has no training curves
-        plot_training_curves(results, output_dir / f"curves_{stem}.png", stem)
-    plot_confusion(results, output_dir / f"confusion_{stem}.png", stem)
+        plot_training_curves(results, held_out.counts.num_folds, output_dir / f"curves_{stem}.png", stem)
+    plot_confusion(results, held_out.retrieval, output_dir / f"confusion_{stem}.png", stem)
     plot_similarity(results, output_dir / f"similarity_{stem}.png", stem)
     plot_feature_pca(results, features, output_dir / f"pca_{stem}.png", stem)
 
 
-def plot_training_curves(results: dict, path: Path, stem: str) -> None:
+def plot_training_curves(results: dict, folds: int, path: Path, stem: str) -> None:
     """Each fold's training and validation loss per epoch, the kept epoch marked."""
     history = results["history"]
     figure, axis = pyplot().subplots(figsize=(8, 4.5))
-    for fold in range(results["metrics"]["num_folds"]):
+    for fold in range(folds):
         epochs = range(1, int(history["epochs_run"][fold]) + 1)
         (line,) = axis.plot(epochs, history["train_loss"][fold][: len(epochs)], label=f"fold {fold} train")
         validation = history["validation_loss"][fold][: len(epochs)]
@@ -4026,12 +4249,12 @@ def plot_training_curves(results: dict, path: Path, stem: str) -> None:
     save_figure(figure, path)
 
 
-def plot_confusion(results: dict, path: Path, stem: str) -> None:
+def plot_confusion(results: dict, found: Retrieval, path: Path, stem: str) -> None:
     """The held-out confusion matrix over the analyzed tasks."""
-    metrics, labels = results["metrics"], [str(task) for task in results["tasks"]["task_ids"]]
+    labels = [str(task) for task in results["tasks"]["task_ids"]]
     figure, axis = pyplot().subplots(figsize=(6.5, 5.5))
-    image = axis.imshow(metrics["confusion_matrix"], cmap="Blues")
-    title = f"Held-out confusion, {stem}\naccuracy {metrics['accuracy']:.3f} (chance {metrics['chance_accuracy']:.3f})"
+    image = axis.imshow(found.confusion_matrix, cmap="Blues")
+    title = f"Held-out confusion, {stem}\naccuracy {found.accuracy:.3f} (chance {found.chance_accuracy:.3f})"
     ticks = range(len(labels))
     axis.set(
         xticks=ticks,
@@ -4782,24 +5005,29 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
     if len(written) == 1:
         print(format_summary(written[0][0]))
     for results, results_path, _ in written if len(written) > 1 else []:
-        metrics = results["metrics"]
-        if results.get("target") == "concepts":
-            mean = metrics["mean_balanced_accuracy"]
-            print(f"{results_path.name}: {metrics['num_concepts']} concepts, mean balanced accuracy {mean:.4f}")
-            continue
-        line = (
-            f"{results_path.name}: accuracy {metrics['accuracy']:.4f} (chance {metrics['chance_accuracy']:.4f}), "
-            f"information {metrics['information_bits']:.3f} of {metrics['max_information_bits']:.3f} bits"
-        )
-        if "permutation_p_value" in metrics:
-            line += f", permutation p {metrics['permutation_p_value']:.3f}"
-        print(line)
+        print(f"{results_path.name}: {outcome_line(results)}")
     if args.demo:
         print(
             f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
             f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
             "Compare --expert vlm, --expert action, --layer 3."
         )
+
+
+def outcome_line(results: dict) -> str:
+    """A result in one line: the headline numbers."""
+    if results.get("target") == "concepts":
+        concepts = concepts_held_out_from(results)
+        return f"{concepts.num_concepts} concepts, mean balanced accuracy {concepts.mean_balanced_accuracy:.4f}"
+    held_out = held_out_from(results["metrics"])
+    found, information = held_out.retrieval, held_out.information
+    line = (
+        f"accuracy {found.accuracy:.4f} (chance {found.chance_accuracy:.4f}), information "
+        f"{information.information_bits:.3f} of {information.max_information_bits:.3f} bits"
+    )
+    if held_out.control is not None and held_out.control.permutation_p_value is not None:
+        line += f", permutation p {held_out.control.permutation_p_value:.3f}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,9 +127,9 @@ def test_confidence_intervals_contain_the_estimate_and_shrink_with_more_episodes
 def test_retrieval_metrics_on_a_known_similarity_matrix():
     similarities = np.array([[0.9, 0.1, 0.0], [0.5, 0.4, 0.6], [0.2, 0.3, 0.1], [0.0, 0.0, 0.0]])
     result = lpi.retrieval(similarities, np.array([0, 1, 2, 1]))
-    np.testing.assert_array_equal(result["rank"], [1, 3, 3, 3])  # a tie ranks against the prediction
-    np.testing.assert_array_equal(result["correct"], [True, False, False, False])
-    np.testing.assert_allclose(result["margin"], [0.8, -0.2, -0.2, 0.0])
+    np.testing.assert_array_equal(result.rank, [1, 3, 3, 3])  # a tie ranks against the prediction
+    np.testing.assert_array_equal(result.correct, [True, False, False, False])
+    np.testing.assert_allclose(result.margin, [0.8, -0.2, -0.2, 0.0])
 
 
 def test_intervals_resample_units_and_are_reproducible():

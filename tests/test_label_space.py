@@ -14,17 +14,15 @@ def test_predictions_in_the_span_rank_and_score_as_in_full_space():
     known = [np.arange(10)]
     span = lpi.label_spaces(raw, known, lpi.LabelConfig(label_space="span"))
     full = lpi.label_spaces(raw, known, lpi.LabelConfig(label_space="full"))
-    assert span["basis"].shape == (1, 9, 32)  # 10 centered tasks span 9 directions, not 32
-    np.testing.assert_allclose(span["basis"][0] @ span["basis"][0].T, np.eye(9), atol=1e-5)  # orthonormal rows
+    assert span.basis.shape == (1, 9, 32)  # 10 centered tasks span 9 directions, not 32
+    np.testing.assert_allclose(span.basis[0] @ span.basis[0].T, np.eye(9), atol=1e-5)  # orthonormal rows
     coordinates = rng.standard_normal((50, 9))  # any prediction the probe can make
-    in_t5 = coordinates @ span["basis"][0]
-    similarity_span = lpi.unit_rows(coordinates) @ lpi.unit_rows(span["classes"][0]).T
-    similarity_full = lpi.unit_rows(in_t5) @ lpi.unit_rows(full["classes"][0]).T
+    in_t5 = coordinates @ span.basis[0]
+    similarity_span = lpi.unit_rows(coordinates) @ lpi.unit_rows(span.classes[0]).T
+    similarity_full = lpi.unit_rows(in_t5) @ lpi.unit_rows(full.classes[0]).T
     np.testing.assert_allclose(similarity_span, similarity_full, atol=1e-5)
     own = rng.integers(0, 10, 50)
-    np.testing.assert_array_equal(
-        lpi.retrieval(similarity_span, own)["rank"], lpi.retrieval(similarity_full, own)["rank"]
-    )
+    np.testing.assert_array_equal(lpi.retrieval(similarity_span, own).rank, lpi.retrieval(similarity_full, own).rank)
 
 
 def test_span_and_full_width_training_agree_on_planted_data(run_cli, tmp_path):

@@ -54,7 +54,7 @@ def test_accuracy_compares_against_unique_task_embeddings():
     sample_class = np.repeat(np.arange(3), 4)
     predictions = tasks[sample_class]
     similarities = lpi.unit_rows(predictions) @ lpi.unit_rows(tasks).T
-    assert np.mean(lpi.retrieval(similarities, sample_class)["correct"]) == 1.0
+    assert np.mean(lpi.retrieval(similarities, sample_class).correct) == 1.0
     # The guide's compute_accuracy (argmax over per-sample target rows) fails on the same input.
     similarities = lpi.unit_rows(predictions) @ lpi.unit_rows(tasks[sample_class]).T
     assert np.mean(np.argmax(similarities, axis=1) == np.arange(12)) < 0.5

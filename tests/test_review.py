@@ -183,9 +183,9 @@ def test_a_non_finite_sample_is_fatal_under_strict_and_nothing_is_written(run_cl
 def test_retrieval_counts_a_non_finite_prediction_as_wrong():
     similarities = np.array([[0.9, 0.1, 0.0], [np.nan, np.nan, np.nan], [0.2, np.nan, 0.1]])
     result = lpi.retrieval(similarities, np.array([0, 1, 0]))
-    np.testing.assert_array_equal(result["correct"], [True, False, False])
-    np.testing.assert_array_equal(result["rank"], [1, 3, 3])
-    np.testing.assert_array_equal(result["predicted"], [0, -1, -1])
+    np.testing.assert_array_equal(result.correct, [True, False, False])
+    np.testing.assert_array_equal(result.rank, [1, 3, 3])
+    np.testing.assert_array_equal(result.predicted, [0, -1, -1])
     bits = lpi.log_loss_bits(similarities, np.array([0, 1, 0]), 0.1, lpi.uniform_share(10))
     assert bits[1] == pytest.approx(math.log2(3)) and bits[2] == pytest.approx(math.log2(3))  # no information
     assert bits[0] < 0.3
