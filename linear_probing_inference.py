@@ -2435,6 +2435,8 @@ class ItemContext(NamedTuple):
 
     nonfinite: list[tuple]  # (task, episode, step, denoising time) of each sample skipped as non-finite
     made_with: MadeWith
+    command: list[str]  # the run's command line
+    wall_time_seconds: float  # the run's so far
     without_baseline: list[tuple] | None = None  # --baseline: (task, episode, step) lacking its entry
 
 
@@ -2506,6 +2508,74 @@ def evaluate_item(
     return held_out, Predictions(repeats[0], raw_predictions[0], null[0] if null else None, temperatures)
 
 
+class Probed(NamedTuple):
+    """One item's fitted probes and what they show on the samples each never saw."""
+
+    held_out: HeldOut | ConceptsHeldOut
+    predictions: Predictions | None  # None for concept probes
+    design: Design
+    fitted: ProbeFit
+
+
+def probe_group(
+    members: list[Samples],
+    design: Design,
+    descriptions: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+    baseline_spec: str = "",
+) -> Iterator[Probed]:
+    """Fit the probes of items that share their samples (one Samples each, its features the item's) in one program,
+    then evaluate each item; with a baseline in the samples, conditional probing too."""
+    features = [samples.features[0] for samples in members]  # views where possible: no stacked copy
+    fitted = fit_items(features, design, training)
+    conditional = None
+    if members[0].baseline is not None and design.concepts is None:
+        conditional = conditional_metrics(features, members[0], descriptions, labels, training, baseline_spec)
+    for position, samples in enumerate(members):
+        fit = fitted.item(position)
+        if design.concepts is not None:
+            yield Probed(evaluate_concepts(samples, fit, design), None, design, fit)
+            continue
+        held_out, predictions = evaluate_item(samples, fit, design, labels, training)
+        if conditional:
+            held_out = dataclasses.replace(held_out, baseline=conditional[position])
+        yield Probed(held_out, predictions, design, fit)
+
+
+def probe_features(
+    features: np.ndarray,
+    episode: Sequence[int],
+    description: Sequence[str],
+    labels: LabelConfig = LabelConfig(),
+    training: TrainingConfig = TrainingConfig(),
+) -> HeldOut | ConceptsHeldOut:
+    """The pipeline on pooled features already in memory, from any collector or model: features (samples, width),
+    each sample's episode and its task's description. Tasks are numbered in the order their descriptions first
+    appear; an episode is (task, episode), as in the task files. The command line runs the same probe_group."""
+    features = np.asarray(features, dtype=np.float32)
+    episode, description = np.asarray(episode, dtype=np.int64), list(description)
+    if features.ndim != 2 or not len(features) == len(episode) == len(description):
+        raise ProbeError(
+            f"probe_features: features must be (samples, width) with one episode and description per sample; got "
+            f"features {features.shape}, {len(episode)} episodes, {len(description)} descriptions"
+        )
+    if not np.isfinite(features).all():
+        raise ProbeError("probe_features: features hold non-finite values")
+    descriptions = dict(enumerate(dict.fromkeys(description)))
+    task_of = {text: task for task, text in descriptions.items()}
+    samples = Samples(
+        features[None],
+        np.array([task_of[text] for text in description], dtype=np.int64),
+        episode,
+        np.zeros(len(episode), dtype=np.int64),
+        np.full(len(episode), np.nan),
+        np.zeros(len(episode), dtype=np.int64),
+    )
+    design = make_design(samples, descriptions, labels, training)
+    return next(probe_group([samples], design, descriptions, labels, training)).held_out
+
+
 def warn_about_failures(failures: Failures, stem: str) -> None:
     """One warning per kind of copy (probe, null, mdl) that has probes which never improved on validation."""
     for role, count in failures.failed_copies.items():
@@ -2523,20 +2593,19 @@ RESULTS_FORMAT = 3  # results files of earlier formats lack what the report read
 
 
 def results_record(
-    held_out: HeldOut,
-    predictions: Predictions,
+    probed: Probed,
     samples: Samples,
-    fitted: ProbeFit,
-    design: Design,
     dataset: Dataset,
     item: Item,
     labels: LabelConfig,
     training: TrainingConfig,
     context: ItemContext,
 ) -> dict:
-    """The results file's contents: the one place its layout is defined (builtins and numpy only; the writer adds
-    the run's wall time so far and its command line, see write_item). One literal,
-    longer than a screen on purpose: it reads as the file holds it."""
+    """The results file's contents: the one place its layout is defined (builtins and numpy only); a concept run's
+    is concept_results_record's. One literal, longer than a screen on purpose: it reads as the file holds it."""
+    if probed.design.concepts is not None:
+        return concept_results_record(probed, samples, dataset, item, labels, training, context)
+    held_out, predictions, design, fitted = probed
     copies, report, first = design.copies, dataset.report, predictions.first
     descriptions_of_tasks = [dataset.descriptions[t] for t in design.task_ids]
     probe_folds = copies.fold_copies(0, 0)
@@ -2610,6 +2679,8 @@ def results_record(
             **({} if held_out.baseline is None else {"steps_without_baseline": context.without_baseline}),
         },
         "versions": dict(installed_versions()),
+        "wall_time_seconds": context.wall_time_seconds,
+        "command": context.command,
     }
 
 
@@ -2693,10 +2764,8 @@ def evaluate_concepts(samples: Samples, fitted: ProbeFit, design: Design) -> Con
 
 
 def concept_results_record(
-    held_out: ConceptsHeldOut,
+    probed: Probed,
     samples: Samples,
-    fitted: ProbeFit,
-    design: Design,
     dataset: Dataset,
     item: Item,
     labels: LabelConfig,
@@ -2704,6 +2773,7 @@ def concept_results_record(
     context: ItemContext,
 ) -> dict:
     """The results file of a concept run: its one layout (see results_record for the T5 target's)."""
+    held_out, _, design, fitted = probed
     training_record = {**dataclasses.asdict(training), "loss": "softmax"}
     numbers = part_fields(held_out)
     return {
@@ -2727,6 +2797,8 @@ def concept_results_record(
         "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
         "data_report": data_report_record(dataset, item, context),
         "versions": dict(installed_versions()),
+        "wall_time_seconds": context.wall_time_seconds,
+        "command": context.command,
     }
 
 
@@ -3570,43 +3642,36 @@ def run_sweep(
     # Every design before any training: a combination left without enough samples stops the run before a file is
     # written.
     designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
+    spec = baseline_spec_text(dataset.source.baseline) if dataset.source.baseline else ""
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for design, members in zip(designs, groups):
-            features = [selected.features[0] for _, selected in members]  # views where possible: no stacked copy
-            fitted = fit_items(features, design, training)
-            conditional = None
-            if dataset.source.baseline:
-                spec = baseline_spec_text(dataset.source.baseline)
-                conditional = conditional_metrics(features, members[0][1], dataset.descriptions, labels, training, spec)
-            for position, (item, selected) in enumerate(members):
-                item_fit = fitted.item(position)
-                context = ItemContext(nonfinite[item], destination.made_with.of_item(item))
-                stem = result_stem(dataset.source, item, dataset.report.inference_times)
-                if labels.target == "concepts":
-                    concepts = evaluate_concepts(selected, item_fit, design)
-                    results = concept_results_record(
-                        concepts, selected, item_fit, design, dataset, item, labels, training, context
+            probed = probe_group(
+                [selected for _, selected in members], design, dataset.descriptions, labels, training, spec
+            )
+            for (item, selected), one in zip(members, probed):
+                if isinstance(one.held_out, HeldOut):
+                    warn_about_failures(
+                        one.held_out.failures, result_stem(dataset.source, item, dataset.report.inference_times)
                     )
-                else:
-                    held_out, predictions = evaluate_item(selected, item_fit, design, labels, training)
-                    warn_about_failures(held_out.failures, stem)
-                    if conditional:
-                        held_out = dataclasses.replace(held_out, baseline=conditional[position])
-                        lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
-                        context = context._replace(without_baseline=lacking)
-                    results = results_record(
-                        held_out, predictions, selected, item_fit, design, dataset, item, labels, training, context
-                    )
+                context = item_context(item, dataset, nonfinite[item], destination)
+                results = results_record(one, selected, dataset, item, labels, training, context)
                 yield write_item(results, item, selected, dataset, labels, destination)
                 progress.update()
+
+
+def item_context(item: Item, dataset: Dataset, nonfinite: list[tuple], destination: Destination) -> ItemContext:
+    """What one item's results file records about the run, as the file is made."""
+    lacking = None
+    if dataset.source.baseline:
+        lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
+    wall_time = time.perf_counter() - destination.started
+    return ItemContext(nonfinite, destination.made_with.of_item(item), destination.command, wall_time, lacking)
 
 
 def write_item(
     results: dict, item: Item, samples: Samples, dataset: Dataset, labels: LabelConfig, destination: Destination
 ) -> tuple[dict, Path, Path]:
-    """Write one item's results, with the run's wall time so far and its command, and with --plot its figures."""
-    results["wall_time_seconds"] = time.perf_counter() - destination.started
-    results["command"] = destination.command
+    """Write one item's results, and with --plot its figures."""
     stem = result_stem(dataset.source, item, dataset.report.inference_times, labels.target)
     paths = result_paths(destination.output_dir, stem)
     destination.output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,129 @@
+"""Evaluation's typed records: the results file, the summary and the report are all read from one HeldOut, and the
+pipeline runs from Python on pooled features already in memory."""
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+import linear_probing_inference as lpi
+
+
+def load(path):
+    with open(path, "rb") as file:
+        return pickle.load(file)
+
+
+def assert_same(left, right, where="metrics"):
+    """Deep equality of a results file's values: dicts by key, arrays by value (NaN equal to NaN)."""
+    if isinstance(left, dict):
+        assert set(left) == set(right), where
+        for key in left:
+            assert_same(left[key], right[key], f"{where}[{key!r}]")
+    elif isinstance(left, (np.ndarray, list, tuple)) and not isinstance(left, str):
+        np.testing.assert_array_equal(np.asarray(left, dtype=object), np.asarray(right, dtype=object), err_msg=where)
+    elif isinstance(left, float):
+        assert left == right or (np.isnan(left) and np.isnan(right)), where
+    else:
+        assert left == right, where
+
+
+@pytest.fixture(scope="module")
+def task_split_result(demo_data, tiny_t5, tmp_path_factory):
+    """A result with every optional part: control, permutation null and p-value, MDL, intervals."""
+    output = tmp_path_factory.mktemp("records")
+    argv = ["--data_path", str(demo_data), "--t5_model", str(tiny_t5), "--cache_dir", str(output / "cache")]
+    argv += ["--output_dir", str(output), "--task_range", "0", "10", "--episode_range", "0", "6", "--quiet"]
+    argv += ["--rollout_step", "10", "--expert", "text_only", "--layer", "5", "--split", "task"]
+    assert lpi.main([*argv, "--permutations", "3", "--mdl", "--num_epochs", "20", "--bootstrap", "200"]) == 0
+    return load(output / "results_text_only_layer5_step10.pkl"), output
+
+
+def test_a_results_files_metrics_are_its_record_written_out(task_split_result):
+    results, _ = task_split_result
+    held_out = lpi.held_out_from(results["metrics"])
+    assert held_out.control is not None and held_out.control.permutation_p_value is not None
+    assert held_out.mdl is not None and held_out.mdl_control is not None
+    assert len(held_out.control.permutation_null.accuracy) == 3
+    assert_same(lpi.metrics_record(held_out), results["metrics"])
+
+
+def test_the_report_row_holds_the_records_reported_fields(task_split_result):
+    results, output = task_split_result
+    held_out = lpi.held_out_from(results["metrics"])
+    row = lpi.report_row(results, output / "results_text_only_layer5_step10.pkl")
+    assert list(lpi.REPORT_COLUMNS) == list(dict.fromkeys(lpi.REPORT_COLUMNS))  # no column twice
+    assert set(row) == set(lpi.REPORT_COLUMNS)
+    for part, kind in lpi.REPORTED_PARTS.items():
+        for field in dataclasses.fields(kind):
+            if "column" in field.metadata and getattr(held_out, part) is not None:
+                assert row[field.metadata["column"] or field.name] == getattr(getattr(held_out, part), field.name)
+    low, high = held_out.intervals["accuracy"]
+    assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == (low, high) and low <= row["accuracy"] <= high
+    assert row["baseline"] == "" and row["gain_bits"] == ""  # no --baseline: blank, not absent
+
+
+def test_the_summary_says_below_zero_only_when_it_is(task_split_result):
+    results, _ = task_split_result
+    information = results["metrics"]["information_bits"]
+    assert information > 0
+    assert "worse than knowing nothing" not in lpi.format_summary(results).split("Information: ")[1].split("\n")[0]
+    results = {**results, "metrics": {**results["metrics"], "information_bits": -0.25}}
+    assert "(below 0: worse than knowing nothing)" in lpi.format_summary(results)
+
+
+def test_a_concept_runs_record_reads_back(run_cli):
+    status, output = run_cli("--expert", "text_only", "--layer", "5", "--target", "concepts", "--num_epochs", "20")
+    assert status == 0
+    results = load(output / "results_text_only_layer5_step10_concepts.pkl")
+    held_out = lpi.concepts_held_out_from(results)
+    assert held_out.num_concepts == len(held_out.concepts) == len(results["concepts"])
+    for name, score in held_out.concepts.items():
+        assert lpi.part_fields(score) == results["concepts"][name]
+    rows = lpi.concept_report_rows(results, output / "x.pkl")
+    assert [row["concept"] for row in rows] == sorted(held_out.concepts)
+    assert set(rows[0]) == set(lpi.CONCEPT_COLUMNS)
+
+
+def demo_features(demo_data, layer: int, step: int = 10):
+    source = lpi.Source(data_path=str(demo_data), task_range=(0, 10), episode_range=(0, 6), expert="text_only")
+    dataset = lpi.read_dataset(source, [step], layer)
+    return lpi.step_samples(dataset, [layer], step), dataset.descriptions
+
+
+def test_probe_features_from_python_gives_the_clis_numbers(run_cli, demo_data, tiny_t5, tmp_path):
+    status, output = run_cli("--expert", "text_only", "--layer", "5", "--num_epochs", "20", "--bootstrap", "200")
+    assert status == 0
+    results = load(output / "results_text_only_layer5_step10.pkl")
+    samples, descriptions = demo_features(demo_data, 5)
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    training = lpi.TrainingConfig(num_epochs=20, bootstrap=200)
+    held_out = lpi.probe_features(
+        samples.features[0], samples.episode, [descriptions[t] for t in samples.task_id], labels, training
+    )
+    assert isinstance(held_out, lpi.HeldOut)
+    assert_same(lpi.metrics_record(held_out), results["metrics"])
+
+
+def test_probe_features_finds_a_planted_signal_and_not_an_absent_one(tiny_t5, tmp_path):
+    rng = np.random.default_rng(0)
+    tasks, episodes, width = 6, 8, 24
+    description = [lpi.DEMO_DESCRIPTIONS[t] for t in range(tasks) for _ in range(episodes)]
+    episode = [e for _ in range(tasks) for e in range(episodes)]
+    noise = rng.standard_normal((tasks * episodes, width)).astype(np.float32)
+    direction = 3.0 * rng.standard_normal((tasks, width)).astype(np.float32)
+    planted = noise + np.repeat(direction, episodes, axis=0)
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    training = lpi.TrainingConfig(num_epochs=30, bootstrap=0, control=False)
+    found = lpi.probe_features(planted, episode, description, labels, training)
+    assert found.retrieval.accuracy >= 0.9 and found.information.information_bits > 1.0
+    absent = lpi.probe_features(noise, episode, description, labels, training)
+    assert absent.retrieval.accuracy <= 0.5 and found.counts.num_tasks == absent.counts.num_tasks == tasks
+
+
+def test_probe_features_names_what_does_not_fit():
+    with pytest.raises(lpi.ProbeError, match="one episode and description per sample"):
+        lpi.probe_features(np.zeros((4, 3)), [0, 1, 2], ["a"] * 4)
+    with pytest.raises(lpi.ProbeError, match="non-finite"):
+        lpi.probe_features(np.full((2, 3), np.nan), [0, 1], ["a", "b"])
