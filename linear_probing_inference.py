@@ -3538,6 +3538,9 @@ def measured_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
     return lines
 
 
+RESULTS_NAME, SUMMARY_NAME = "results_{}.pkl", "summary_{}.txt"  # {} the result's stem (see result_stem)
+
+
 class ResultPaths(NamedTuple):
     """The two files of one result."""
 
@@ -3548,7 +3551,7 @@ class ResultPaths(NamedTuple):
 def result_paths(output_dir: Path, stem: str) -> ResultPaths:
     """results_{stem}.pkl and summary_{stem}.txt: the one place their names are made (the writer and --skip_existing
     both ask here)."""
-    return ResultPaths(output_dir / f"results_{stem}.pkl", output_dir / f"summary_{stem}.txt")
+    return ResultPaths(output_dir / RESULTS_NAME.format(stem), output_dir / SUMMARY_NAME.format(stem))
 
 
 def write_results(results: dict, paths: ResultPaths) -> None:
@@ -3568,7 +3571,10 @@ def write_results(results: dict, paths: ResultPaths) -> None:
 def sweep_items(source: Source, layers, steps, inference, report: ReadReport) -> list[Item]:
     """Every (rollout step, denoising step, layer) combination asked for, in a fixed order; "all" and "each" resolved
     from the data ("each": every denoising entry that step has, in each file)."""
-    layers = [None] if source.expert == "visual" else list(range(report.layer_count)) if layers == "all" else layers
+    if source.expert == "visual":
+        layers = [None]
+    elif layers == "all":
+        layers = list(range(report.layer_count))
     steps = steps_asked(steps, report.steps_seen)
 
     def denoising(step: int) -> list[int | None]:
@@ -3821,6 +3827,11 @@ def report_row(results: dict, path: Path) -> dict:
     return row
 
 
+def blank_or(value, width: int) -> str:
+    """A number of the printed table, or blanks where a run has none."""
+    return f"{value:{width}.4f}" if present(value) else " " * width
+
+
 def series_label(row: dict, varying: list[str]) -> str:
     """Legend text: the expert plus whatever else varies between the report's lines."""
     parts = [row["expert"]] + [f"{name.replace('_', ' ')} {row[name]}" for name in varying]
@@ -3830,9 +3841,9 @@ def series_label(row: dict, varying: list[str]) -> str:
 def write_report(directory: Path, strict: bool = False) -> str:
     """sweep.csv and by-layer plots from every results file in `directory`; return the printed table. A file that is
     not a readable results file of this version is skipped with a warning (--strict: the report stops)."""
-    paths = sorted(directory.glob("results_*.pkl")) if directory.is_dir() else []
+    paths = sorted(directory.glob(RESULTS_NAME.format("*"))) if directory.is_dir() else []
     if not paths:
-        raise ProbeError(f"--report {directory}: no results_*.pkl files there")
+        raise ProbeError(f"--report {directory}: no {RESULTS_NAME.format('*')} files there")
     rows, concept_rows = [], []
     for path in paths:
         try:
@@ -3885,8 +3896,8 @@ def write_report(directory: Path, strict: bool = False) -> str:
         lines.append(
             f"{row['expert']:9} {layer:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} "
             f"{row['accuracy']:8.4f} "
-            f"{interval:>15} {row['information_bits']:6.3f} {table_number(row['control_accuracy'], 7)} "
-            f"{table_number(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
+            f"{interval:>15} {row['information_bits']:6.3f} {blank_or(row['control_accuracy'], 7)} "
+            f"{blank_or(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
             f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
         )
     lines.append("wrote " + ", ".join(str(path) for path in written))
@@ -3956,11 +3967,6 @@ def plot_concepts_by_layer(panels: dict[tuple, list[dict]], path: Path) -> None:
         )
     figure.colorbar(image, ax=axes[0].tolist(), label="balanced accuracy (chance 0.5 for a word)")
     save_figure(figure, path)
-
-
-def table_number(value, width: int) -> str:
-    """A number for the printed table, or blanks where a run has none."""
-    return f"{value:{width}.4f}" if value != "" else " " * width
 
 
 def plot_by_layer(rows: list[dict], directory: Path) -> None:
