@@ -40,6 +40,21 @@ def test_token_slicing_pools_the_documented_positions(expert, tokens, first, las
     np.testing.assert_allclose(feature, 2000 + (first + last) / 2)
 
 
+@pytest.mark.parametrize(
+    "expert, words",
+    [
+        ("vlm", "VLM prefix tokens 0-815 (images 0-767 and text 768-815), mean-pooled"),
+        ("text_only", "VLM prefix tokens 768-815 (prompt text), mean-pooled"),
+        ("image", "VLM prefix tokens 0-767 (3 cameras x 256 SigLIP patches), mean-pooled"),
+        ("action", "action-expert tokens (positions 816+ when the entry holds the whole sequence), mean-pooled"),
+        ("visual", "SigLIP patches of camera base_0_rgb (vision_latents), mean-pooled"),
+    ],
+)
+def test_token_positions_are_described_in_the_words_results_files_compare(expert, words):
+    """Written into every results file and summary: the words stay what earlier versions wrote."""
+    assert lpi.describe_token_positions(config(expert)[0]) == words
+
+
 def test_slicing_works_on_a_memmap_and_on_bfloat16(tmp_path):
     array = token_index_array(3, 816, 4)
     path = tmp_path / "array.bin"
