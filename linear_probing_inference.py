@@ -518,16 +518,9 @@ def feature_array(entry: dict, source: Source) -> np.ndarray:
     return array
 
 
-def token_view(entry: dict, source: Source, layer: int, option: str | None = None) -> np.ndarray:
-    """One layer of one expert entry, cut to the token positions (see layer_tokens)."""
-    return layer_tokens(feature_array(entry, source), source, layer, option)
-
-
 def layer_tokens(array: np.ndarray, source: Source, layer: int, option: str | None = None) -> np.ndarray:
-    """One layer of an entry's feature array, cut to the token positions: (tokens, width), or (width,) for
-    per-layer vectors. Indexing only: on a mapped array nothing is read yet. `option`: the option that chose the layer,
-    as an error names it (default --layer).
-    """
+    """One layer of an entry's feature array cut to the token positions: (tokens, width), or (width,) for a per-layer
+    vector. Indexing only: nothing of a mapped array is read. An error names `option` (default --layer)."""
     if source.expert == "visual":  # vision_latents[camera][feature]: ([batch,] patch, width), no layers
         layer_array = array
     else:
@@ -555,9 +548,8 @@ def layer_tokens(array: np.ndarray, source: Source, layer: int, option: str | No
 
 
 def expert_entries(step_data: dict, source: Source, option: str | None = None) -> list[tuple[float, dict]]:
-    """(denoising time, entry) pairs a step contributes, every denoising entry for the action
-    expert (in denoising order); time is NaN for the others. `option`: the option that chose the camera, as an error
-    names it (default --camera)."""
+    """(denoising time, entry) pairs a step contributes: each denoising entry, in order, for the action expert; one
+    entry, time NaN, for the others. An error names `option` (default --camera)."""
     if source.expert == "visual":
         cameras = step_data.get("vision_latents")
         if not isinstance(cameras, dict):
@@ -647,9 +639,9 @@ VIEW_BATCH_BYTES = 256 * 2**20  # mapped slices touched at once: read ahead toge
 
 
 def pooled_rows(rows: list[SampleRow], pooling: str) -> list[SampleRow]:
-    """The rows with their views pooled: layers (layers, width), baseline (width,). A batch of up to VIEW_BATCH_BYTES
-    of slices at a time: announced together, so cold reads overlap instead of queueing, and let go once pooled (a
-    file's touched pages otherwise all count against this process: 18 layers of 50 episodes' prefixes are 6 GB)."""
+    """The rows with their views pooled: layers (layers, width), baseline (width,), VIEW_BATCH_BYTES at a time."""
+    # A batch's slices are announced together, so cold reads overlap instead of queueing, and let go once pooled: a
+    # file's touched pages otherwise all count against this process (18 layers of 50 episodes' prefixes are 6 GB).
     pooled, batch, size = [], [], 0
     for position, row in enumerate(rows):
         batch.append(row)
@@ -711,9 +703,8 @@ class Dataset(NamedTuple):
 
 
 def read_dataset(source: Source, steps: str | list[int | range], layer: int | None) -> Dataset:
-    """Walk every task file of the range once (steps: --rollout_step, "all" or steps and ranges; layer: the highest
-    asked, checked to exist, None for "all"). Unreadable files are skipped unless --strict; the walk's warnings are
-    given here, once."""
+    """Walk every task file of the range once, skipping unreadable ones unless --strict, and warn about what it missed.
+    steps: --rollout_step; layer: the highest asked, checked to exist (None for "all")."""
     paths, missing_tasks = find_task_files(Path(source.data_path), source.task_range)
     if len(missing_tasks) == 1:
         log.warning("task %d: no file task_%d_*.pkl in %s", missing_tasks[0], missing_tasks[0], source.data_path)
@@ -765,8 +756,12 @@ def walk_task_file(
     episodes = episode_steps(task_data, path, task_id, source, found)
     present = {step for steps_of_episode in episodes.values() for step in steps_of_episode}
     found.steps_seen |= present
+    asked = sorted(present)
+    if steps != "all":  # --rollout_step: the steps it names, and those inside its ranges
+        spans = [range(one, one + 1) if isinstance(one, int) else one for one in steps]
+        asked = [step for step in asked if any(step in span for span in spans)]
     held = {}
-    for step in sorted(step for step in present if step_is_asked(step, steps)):
+    for step in asked:
         try:
             held[step] = file_step(path, episodes, step, source, layer)
         except BadFileError as error:
@@ -817,11 +812,6 @@ def episode_steps(task_data: dict, path: Path, task_id: int, source: Source, fou
         numbered = ((step_number(key), key) for key in steps)
         episodes[episode] = {number: (key, steps[key]) for number, key in numbered if number is not None}
     return episodes
-
-
-def step_is_asked(step: int, steps: str | list[int | range]) -> bool:
-    """Whether --rollout_step asks for step N: "all", N itself, or a range that holds it."""
-    return steps == "all" or any(step == asked if isinstance(asked, int) else step in asked for asked in steps)
 
 
 def file_step(
@@ -1017,7 +1007,7 @@ def baseline_views(step_data: dict, source: Source, entry_count: int) -> list | 
         raise
     except ProbeError:
         return None
-    views = [token_view(entry, baseline, layer, option) for _, entry in entries]
+    views = [layer_tokens(feature_array(entry, baseline), baseline, layer, option) for _, entry in entries]
     if baseline.expert == "action":
         return views if len(views) == entry_count else None
     return views * entry_count
@@ -1692,14 +1682,11 @@ def fit_probes(
     standardize: bool,
     copies_in_sequence: bool,
 ) -> ProbeFit:
-    """Train one probe per item and copy: Adam, shuffled minibatches, early stopping.
-
-    Shapes: features (devices, items, n, d_in) — the layers (or denoising steps) of a sweep, one block
-    per device, centered over all samples (see train_linear_probes); sample_class (n,);
-    per copy (see Copies): class_embeddings (C, d), known_classes (C,), train and validation masks (n,),
-    copy_identity (5,). The epoch loop is a `while_loop`; each probe keeps the parameters of its best
-    validation epoch. One function, since splitting the loop's state across functions would hide it.
-    """
+    """Train one probe per item and copy: Adam, shuffled minibatches, early stopping that keeps each probe's best
+    validation epoch. One function, longer than a screen: splitting it would scatter the loop's state."""
+    # Shapes: features (devices, items, n, d_in), the layers (or denoising steps) of a sweep, one block per device,
+    # centered over all samples (see train_linear_probes); sample_class (n,); per copy (see Copies): class_embeddings
+    # (C, d), known_classes (C,), train and validation masks (n,), copy_identity (5,).
     model = LinearProbe(class_embeddings.shape[-1])
     optimizer = optax.adam(learning_rate)
     sample_count = features.shape[-2]
@@ -1832,20 +1819,14 @@ PROGRAM_BLOCK_BYTES = 64 * 2**20  # features handed to the compiled program per 
 def train_linear_probes(
     features: ItemFeatures, sample_class: np.ndarray, copies: Copies, config: TrainingConfig
 ) -> ProbeFit:
-    """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes.
-
-    Each item's features are first centered over all its samples (in float64): a shift that changes no probe, but
-    keeps the standardization folded into the weights exact when features sit far from zero (e.g. mean/std 1e6).
-    The items go to the program in calls of equal size holding at most PROGRAM_BLOCK_BYTES of features (one
-    compilation; the last call is padded with copies of its last item); with several local devices each call's
-    items are spread over them (JAX sharding of the items axis).
-    """
+    """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes."""
     fold_train = copies.train[copies.fold >= 0]
     # MDL probes' small prefixes repeat rows within a batch rather than shrink every probe's batch.
     batch_size = min(config.batch_size, int(fold_train.sum(1).min()))
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
-    steps_per_epoch = max(-(-int(copies.train.sum(1).max()) // batch_size), config.min_steps_per_epoch)
+    most_training_rows = int(copies.train.sum(1).max())
+    steps_per_epoch = max(math.ceil(most_training_rows / batch_size), config.min_steps_per_epoch)
     program = functools.partial(
         fit_probes,
         loss=config.loss,
@@ -1862,10 +1843,17 @@ def train_linear_probes(
     )
     per_copy = [jnp.asarray(value) for value in (copies.classes, copies.known, copies.train, copies.validation)]
     shared = (jnp.asarray(sample_class), *per_copy, np.int32(config.seed), jnp.asarray(copies.identity()))
+    # The items go to the program in calls of equal size (one compilation; the last call is padded with copies of its
+    # last item), each holding at most PROGRAM_BLOCK_BYTES of features; with several local devices, each call's items
+    # are spread over them (JAX sharding of the items axis).
     items, devices = len(features), jax.local_devices()
-    size = -(-items // -(-items // max(PROGRAM_BLOCK_BYTES // max(features[0].nbytes, 1), 1)))  # equal calls
-    size += -size % len(devices)  # equal blocks per device
+    most_per_call = max(PROGRAM_BLOCK_BYTES // max(features[0].nbytes, 1), 1)
+    call_count = math.ceil(items / most_per_call)
+    size = math.ceil(items / call_count)
+    size = math.ceil(size / len(devices)) * len(devices)  # equal blocks per device
     sharding = item_sharding(devices)
+    # Each item's features centered over all its samples (in float64): a shift that changes no probe, but keeps the
+    # standardization folded into the weights exact when features sit far from zero (e.g. mean/std 1e6).
     shift = np.stack([item_features.mean(axis=0, keepdims=True, dtype=np.float64) for item_features in features])
     calls = []
     for start in range(0, items, size):
@@ -4655,9 +4643,8 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
 def resolve_sweep(
     args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig, made_with: MadeWith
 ) -> list[Item]:
-    """The combinations this run writes (--shard and --skip_existing applied): "all" layers or steps and "each"
-    denoising step come from the walked files, and so do the denoising times in file names; with several steps,
-    every one is checked before the first is trained."""
+    """The combinations this run writes, resolved against the walked files ("all" layers or steps, "each" denoising
+    step), less --shard and --skip_existing; with several steps, each is checked before the first is trained."""
     items = sweep_items(dataset.source, args.layer, args.rollout_step, args.inference_step, dataset.report)
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
@@ -4711,9 +4698,8 @@ def left_to_run(
 
 
 def settle_existing(resume: Resume, args: argparse.Namespace, warn: bool) -> None:
-    """Stop before anything is trained when results in --output_dir were made with other options, naming what
-    differs, unless --overwrite; with `warn`, say which results of other data are made again, and which of another
-    program version are kept."""
+    """Stop, naming what differs, when results in --output_dir were made with other options (unless --overwrite);
+    with `warn`, say which results are made again (other data) and which are kept (another program version)."""
     output_dir, differing = args.output_dir, resume.differing
     if differing["options"] and not args.overwrite:
         raise ProbeError(
@@ -4737,14 +4723,13 @@ def first_difference(found: list[tuple[Path, MadeWith]]) -> str:
     """The first of these results files, and what differs in what it was made with (read from the file)."""
     path, wanted = found[0]
     difference = recorded_difference(path, wanted)
-    return f"{path.name}: {difference.text if difference else 'its summary states another fingerprint'}"
+    what = difference.text if difference else "its summary states another fingerprint"
+    return f"{path.name}: {what}"
 
 
 def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
-    """Before a sweep over several steps trains anything: each step exists, and its episodes (those with the
-    --baseline's entry) make a design (folds, validation, label space), so that a late step with, e.g., one episode of
-    some task does not stop the sweep after the earlier steps were written. Non-finite features are found only when a
-    step is read (see --strict)."""
+    """Before a sweep trains anything: each step exists, and its episodes (with the --baseline's entry) make a design
+    (folds, validation, label space), so that no late step stops the sweep halfway. No feature is read here."""
     report = dataset.report
     for step in steps:
         lacking = {(task, episode) for task, episode, at in report.without_baseline if at == step}
@@ -4783,25 +4768,30 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
     """One result: its summary; several: one line each. The demo adds what it planted."""
     if len(written) == 1:
         print(format_summary(written[0][0]))
-    for results, results_path, _ in written if len(written) > 1 else []:
-        metrics = results["metrics"]
-        if results.get("target") == "concepts":
-            mean = metrics["mean_balanced_accuracy"]
-            print(f"{results_path.name}: {metrics['num_concepts']} concepts, mean balanced accuracy {mean:.4f}")
-            continue
-        line = (
-            f"{results_path.name}: accuracy {metrics['accuracy']:.4f} (chance {metrics['chance_accuracy']:.4f}), "
-            f"information {metrics['information_bits']:.3f} of {metrics['max_information_bits']:.3f} bits"
-        )
-        if "permutation_p_value" in metrics:
-            line += f", permutation p {metrics['permutation_p_value']:.3f}"
-        print(line)
+    else:
+        for results, results_path, _ in written:
+            print(outcome_line(results, results_path))
     if args.demo:
         print(
             f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
             f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
             "Compare --expert vlm, --expert action, --layer 3."
         )
+
+
+def outcome_line(results: dict, results_path: Path) -> str:
+    """One result of a sweep in a line: its file and headline numbers."""
+    metrics = results["metrics"]
+    if results.get("target") == "concepts":
+        mean = metrics["mean_balanced_accuracy"]
+        return f"{results_path.name}: {metrics['num_concepts']} concepts, mean balanced accuracy {mean:.4f}"
+    line = (
+        f"{results_path.name}: accuracy {metrics['accuracy']:.4f} (chance {metrics['chance_accuracy']:.4f}), "
+        f"information {metrics['information_bits']:.3f} of {metrics['max_information_bits']:.3f} bits"
+    )
+    if "permutation_p_value" in metrics:
+        line += f", permutation p {metrics['permutation_p_value']:.3f}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4812,7 +4802,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(sys, name, open(os.devnull, "w"))
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
-    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    log.setLevel(logging.INFO)
+    if args.verbose:
+        log.setLevel(logging.DEBUG)
+    elif args.quiet:
+        log.setLevel(logging.WARNING)
     for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 (held as surrogates) prints as \udcff escapes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -4896,9 +4890,8 @@ class Stopped(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def interruptible():
-    """Ctrl-C (SIGINT) and SIGTERM raise Stopped where Python next runs (a compiled training call finishes first), so
-    that the pair being written is removed whole (see write_results) and the run ends in one line; the same signal
-    again ends the process at once, as whoever sends it twice expects."""
+    """Ctrl-C and SIGTERM raise Stopped where Python next runs (after a compiled call): the pair being written is
+    removed whole and the run ends in one line. The same signal again ends the process at once."""
 
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
@@ -4913,9 +4906,10 @@ COMPILE_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilatio
 
 @contextlib.contextmanager
 def compile_cache_repaired(args: argparse.Namespace):
-    """JAX writes a compile-cache entry in place and never rewrites one it finds, so a write cut short (a full disk)
-    leaves an entry it refuses, with a warning, on every later run. Here its warning becomes one line of ours, and
-    the entries of that program that cannot be decompressed are removed: they are compiled and cached anew."""
+    """JAX's warning about a compile-cache entry it cannot read or write, as one line of ours; the entries of that
+    program that cannot be decompressed are removed, to be compiled and cached anew."""
+    # JAX writes an entry in place and never rewrites one it finds: a write cut short (a full disk) leaves an entry it
+    # refuses, with a warning, on every later run.
     directory = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(args.cache_dir) / "jax")
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message="Error (reading|writing) persistent compilation cache entry")
@@ -4950,9 +4944,8 @@ def compile_cache_repaired(args: argparse.Namespace):
 
 
 def remove_unreadable_cache_entries(directory: Path, name: str, settled_seconds: float) -> int:
-    """Remove the compile-cache entries of the program `name` that JAX's own reader cannot decompress, last written
-    at least `settled_seconds` ago. Without that reader (a private function, which may
-    move), nothing is removed."""
+    """Remove the compile-cache entries of program `name` that JAX's own reader cannot decompress, last written at
+    least `settled_seconds` ago; return how many (none without that reader, a private function that may move)."""
     try:
         from jax._src.compilation_cache import decompress_executable
     except ImportError:

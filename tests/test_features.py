@@ -20,7 +20,7 @@ def token_index_array(layers: int, tokens: int, width: int, batch_axis: bool = T
 def layer_feature(entry: dict, chosen: tuple[lpi.Source, int]) -> np.ndarray:
     """What the reader does per entry: cut the view, then pool it."""
     source, layer = chosen
-    return lpi.pool_tokens(lpi.token_view(entry, source, layer), source.pooling)
+    return lpi.pool_tokens(lpi.layer_tokens(lpi.feature_array(entry, source), source, layer), source.pooling)
 
 
 def config(expert: str, layer: int = 2, **kwargs) -> tuple[lpi.Source, int]:
