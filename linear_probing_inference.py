@@ -86,35 +86,146 @@ log = logging.getLogger("linear_probing")
 # Configuration
 # -----------------------------------------------------------------------------
 
-# Token positions in the Pi0 prefix (PaliGemma expert): 3 cameras x 256 SigLIP patches
-# (base, left wrist, right wrist), then 48 prompt tokens. The action expert's own tokens come
-# after the prefix; "visual" is SigLIP's own output per camera (vision_latents), 256 patches.
-PREFIX_TOKEN_COUNT = 816
-EXPERT_TOKENS = {"vlm": slice(0, PREFIX_TOKEN_COUNT), "text_only": slice(768, 816), "image": slice(0, 768)}
+# Token positions in the Pi0 prefix (PaliGemma expert): each camera's SigLIP patches (base, left wrist, right wrist),
+# then the prompt's tokens. The action expert's own tokens come after the prefix; "visual" is SigLIP's own output per
+# camera (vision_latents), one camera's patches. The summary and --expert's help say these positions from here.
+CAMERAS, PATCHES_PER_CAMERA, PROMPT_TOKENS = 3, 256, 48
+IMAGE_TOKENS = slice(0, CAMERAS * PATCHES_PER_CAMERA)
+TEXT_TOKENS = slice(IMAGE_TOKENS.stop, IMAGE_TOKENS.stop + PROMPT_TOKENS)
+PREFIX_TOKEN_COUNT = TEXT_TOKENS.stop
+EXPERT_TOKENS = {"vlm": slice(0, PREFIX_TOKEN_COUNT), "text_only": TEXT_TOKENS, "image": IMAGE_TOKENS}
+
+
+def positions_text(positions: slice) -> str:
+    """Token positions as people write them, both ends included: 768-815."""
+    return f"{positions.start}-{positions.stop - 1}"
+
+
+EXPERT_TOKEN_CONTENTS = {  # what each prefix expert's positions hold
+    "vlm": f"images {positions_text(IMAGE_TOKENS)} and text {positions_text(TEXT_TOKENS)}",
+    "text_only": "prompt text",
+    "image": f"{CAMERAS} cameras x {PATCHES_PER_CAMERA} SigLIP patches",
+}
+
+
+def prefix_tokens_text(expert: str) -> str:
+    """A prefix expert's token positions in words: "VLM prefix tokens 768-815 (prompt text)"."""
+    return f"VLM prefix tokens {positions_text(EXPERT_TOKENS[expert])} ({EXPERT_TOKEN_CONTENTS[expert]})"
+
+
 EXPERTS = ("vlm", "text_only", "image", "action", "visual")
 EPSILON = 1e-8  # as in the guide's cosine
 DEFAULT_TASK_SPLIT_PERMUTATIONS = 20  # the permutation null of --split task
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linear_probing"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
+MOST_SEED = 2**31 - 2**16  # the seed is an int32 in the compiled program, plus repeats and MDL blocks
+
+
+class Option(NamedTuple):
+    """A field's command-line option: its help (written only here) and what argparse needs. It is --<field> with the
+    field's default; for a bool field, a switch (--no_<field>, helped as such, when the field is on by default)."""
+
+    help: str
+    type: object = None  # parses the option's text (None: the text itself); int and float: within the bounds below
+    at_least: float | None = None
+    above: float | None = None
+    below: float | None = None
+    at_most: float | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | tuple[str, ...] | None = None
+    nargs: int | None = None
+    flags: tuple[str, ...] = ()  # the option's names, when not --<field>
+    derived: bool = False  # not given, the field is derived from other options (the parser's default is None)
+
+
+def option(help: str, default=dataclasses.MISSING, **argparse_needs) -> dataclasses.Field:
+    """A configuration field set by its option (see Option); without a default the field is required."""
+    return dataclasses.field(default=default, metadata={"option": Option(help, **argparse_needs)})
+
+
+def baseline_value(text: str) -> tuple[str, int | str]:
+    """argparse type: EXPERT:LAYER (vlm:0, image:5, text_only:0, action:3) or visual[:CAMERA]."""
+    expert, _, where = text.partition(":")
+    if expert not in EXPERTS:
+        raise argparse.ArgumentTypeError(
+            f"expected EXPERT:LAYER or visual[:CAMERA] with EXPERT one of {', '.join(EXPERTS)}; got {text!r}"
+        )
+    if expert == "visual":
+        return expert, where or "base_0_rgb"
+    if not re.fullmatch(r"[0-9]+", where):
+        raise argparse.ArgumentTypeError(
+            f"--baseline {expert} needs a layer number (0 or more): {expert}:LAYER, e.g. {expert}:0; got {text!r}"
+        )
+    return expert, int(where)
+
+
+def baseline_spec_text(baseline: tuple[str, int | str]) -> str:
+    """--baseline as the user writes it."""
+    return f"{baseline[0]}:{baseline[1]}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     """How a run reads its samples: which files and episodes, and how each sample becomes one feature vector."""
 
-    data_path: str
-    task_range: tuple[int, int]  # end-exclusive, like range()
-    episode_range: tuple[int, int]  # end-exclusive, like range()
-    expert: str  # one of EXPERTS
-    feature_type: str = "hidden_states"  # "pre_logits" for "visual"
-    token_range: tuple[int, int] | None = None  # overrides the expert's token positions (end-exclusive)
-    pooling: str = "mean"  # over the token positions: "mean", "max" or "last"
-    camera: str = "base_0_rgb"  # "visual" only: which vision_latents camera
-    trust_pickle: bool = False  # allow any global in the task files (unsafe)
-    strict: bool = False  # an unreadable task file stops the run instead of being skipped
-    index_dir: str | None = None  # where each task file's structure is cached (None: no cache)
-    baseline: tuple[str, int | str | None] | None = None  # --baseline: (expert, layer or camera) read in the same walk
+    data_path: str = option("directory of task_{id}_{name}.pkl files")
+    task_range: tuple[int, int] = option(
+        "task ids START..END-1 (end-exclusive: '0 10' is ten tasks)",
+        type=int,
+        at_least=0,
+        at_most=MOST_IDS,
+        nargs=2,
+        metavar=("START", "END"),
+    )
+    episode_range: tuple[int, int] = option(
+        "episodes START..END-1 of each task (end-exclusive)",
+        type=int,
+        at_least=0,
+        at_most=MOST_IDS,
+        nargs=2,
+        metavar=("START", "END"),
+    )
+    expert: str = option(
+        "; ".join(f"{expert}: {prefix_tokens_text(expert)}" for expert in EXPERT_TOKENS)
+        + "; action: the action expert's own tokens, after the prefix; visual: SigLIP output of --camera",
+        choices=EXPERTS,
+    )
+    feature_type: str = option(
+        "key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: hidden_states; "
+        "pre_logits for visual)",
+        default="hidden_states",
+        derived=True,
+    )
+    token_range: tuple[int, int] | None = option(
+        "pool token positions START..END-1 instead of the expert's",
+        default=None,
+        type=int,
+        at_least=0,
+        nargs=2,
+        metavar=("START", "END"),
+    )
+    pooling: str = option(
+        "over the token positions (default: %(default)s)", default="mean", choices=("mean", "max", "last")
+    )
+    camera: str = option("--expert visual: which vision_latents camera (default: %(default)s)", default="base_0_rgb")
+    trust_pickle: bool = option(
+        "UNSAFE: let task files name any Python global, which runs code from the file; only for files you made, with "
+        "custom classes",
+        default=False,
+    )
+    strict: bool = option(
+        "stop at the first unreadable or malformed task file instead of skipping it with a warning", default=False
+    )
+    index_dir: str | None = None  # where each task file's structure is cached (None: no cache); under --cache_dir
+    baseline: tuple[str, int | str | None] | None = option(  # (expert, layer or camera), read in the same walk
+        "conditional probing: also train on this baseline's features alone and joined with the layer's, and report "
+        "what the layer adds (e.g. visual, visual:left_wrist_0_rgb, image:5, text_only:0, vlm:0)",
+        default=None,
+        type=baseline_value,
+        metavar="EXPERT:LAYER",
+    )
 
 
 class Item(NamedTuple):
@@ -129,36 +240,144 @@ class Item(NamedTuple):
 class LabelConfig:
     """What the probe predicts: the T5 embedding of the description (how it is made), or its concepts."""
 
-    target: str = "t5"  # "t5": the description's T5 embedding; "concepts": one logistic probe per word or attribute
-    concepts_file: str | None = None  # TSV task_id, attribute, value: explicit concepts instead of the words
-    t5_model: str = "t5-small"
-    center_labels: bool = True  # subtract the mean training-task embedding
-    label_space: str = "span"  # "span": the training tasks' embeddings' span (exact, k <= tasks); "full": T5's axes
-    label_dim: int | None = None  # keep only the training tasks' top principal directions
-    cache_dir: str = str(DEFAULT_CACHE_DIR)
+    target: str = option(
+        "t5: the description's T5 embedding (default); concepts: one logistic probe per word that varies between the "
+        "analyzed tasks (or per --concepts attribute), on held-out tasks by default",
+        default="t5",
+        choices=("t5", "concepts"),
+    )
+    concepts_file: str | None = option(
+        "--target concepts: a TSV of task_id, attribute, value giving the concepts instead of the words",
+        default=None,
+        metavar="FILE",
+        flags=("--concepts",),
+    )
+    t5_model: str = option(
+        "T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)", default="t5-small"
+    )
+    center_labels: bool = option(
+        "train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task embedding",
+        default=True,
+    )
+    label_space: str = option(
+        "span: the probe predicts coordinates in the span of the training tasks' embeddings (at most tasks - 1 "
+        "directions; exact for the loss and retrieval, and as many times cheaper as T5 is wider); full: all of T5's "
+        "axes, the guide's recipe literally (512 outputs for t5-small: about 15x the training time) (default: "
+        "%(default)s)",
+        default="span",
+        choices=("span", "full"),
+    )
+    label_dim: int | None = option(
+        "project the T5 embeddings on the training tasks' top K principal directions (default: off)",
+        default=None,
+        type=int,
+        at_least=1,
+    )
+    cache_dir: str = option(
+        "where T5 labels, task-file indexes and compiled JAX programs are cached (default: %(default)s)",
+        default=str(DEFAULT_CACHE_DIR),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """Probe optimisation and how samples are held out."""
 
-    learning_rate: float = 0.001
-    num_epochs: int = 100
-    batch_size: int = 32
-    seed: int = 42
-    patience: int = 10  # epochs without validation improvement before stopping
+    learning_rate: float = option("Adam learning rate (default: %(default)s)", default=0.001, type=float, above=0)
+    num_epochs: int = option(
+        "at most this many epochs; early stopping usually ends sooner (default: %(default)s)",
+        default=100,
+        type=int,
+        at_least=1,
+        at_most=100_000,  # the loss history is (copies, epochs) per item
+    )
+    batch_size: int = option("minibatch size (default: %(default)s)", default=32, type=int, at_least=1)
+    seed: int = option(
+        "seeds the folds, initialisation, shuffling, control labels and bootstrap (default: %(default)s)",
+        default=42,
+        type=int,
+        at_least=0,  # numpy's generators take no negative seed
+        at_most=MOST_SEED,
+    )
+    patience: int = option(
+        "epochs without validation improvement before stopping (default: %(default)s)",
+        default=10,
+        type=int,
+        at_least=1,
+        at_most=100_000,
+    )
     min_steps_per_epoch: int = 25  # small sample counts: an epoch is at least this many updates
-    cv_folds: int = 5  # fewer when the tasks have fewer episodes (or, split "task", fewer tasks)
-    split: str = "episode"  # "episode": held-out episodes of seen tasks; "task": held-out tasks
-    validation_fraction: float = 0.2  # of each fold's training episodes (or tasks), for early stopping
-    standardize: bool = True  # features, with each fold's training-set statistics
-    control: bool = True  # also train on task -> embedding assignments permuted across tasks
-    permutations: int | None = None  # permuted assignments trained (the null); None: 20 with split "task", else 1
-    repeats: int = 1  # seeds of folds and initialisation; metrics are averaged over them
-    mdl: bool = False  # also the online (prequential) codelength over blocks of whole units
-    bootstrap: int = 1000  # resamples of whole episodes (split "task": whole tasks) for 95% intervals (0: none)
-    probe: str = "linear"  # "linear": trained Dense layer; "ridge": closed form
-    loss: str = "cosine"  # "cosine" (the guide's), "mse" or "contrastive"
+    cv_folds: int = option(
+        "cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: "
+        "%(default)s)",
+        default=5,
+        type=int,
+        at_least=1,
+    )
+    split: str = option(
+        "episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe never sees "
+        "(default: episode; task with --target concepts)",
+        default="episode",
+        choices=("episode", "task"),
+        derived=True,
+    )
+    validation_fraction: float = option(
+        "share of each fold's training episodes (tasks, with --split task) used for early stopping (default: "
+        "%(default)s)",
+        default=0.2,
+        type=float,
+        above=0,
+        below=1,
+    )
+    standardize: bool = option("do not standardize features with training-set statistics", default=True)
+    control: bool = option(
+        "skip the control task and the permutation null (probes trained on task -> embedding assignments permuted "
+        "across tasks)",
+        default=True,
+    )
+    permutations: int | None = option(
+        "permuted assignments trained like the probe; the first is the control; with several, a permutation p-value "
+        f"(default: {DEFAULT_TASK_SPLIT_PERMUTATIONS} with --split task, else 1)",
+        default=None,
+        type=int,
+        at_least=1,
+        at_most=100_000,
+        metavar="N",
+    )
+    repeats: int = option(
+        "seeds of folds and initialisation; metrics are their mean, intervals widened by their spread (default: "
+        "%(default)s)",
+        default=1,
+        type=int,
+        at_least=1,
+        at_most=1_000,
+        metavar="K",
+    )
+    mdl: bool = option(
+        "also the online (prequential) codelength of the task labels, over blocks of whole episodes (tasks with "
+        "--split task)",
+        default=False,
+    )
+    bootstrap: int = option(
+        "BCa resamples of whole episodes (tasks with --split task) for 95%% intervals; 0 for none (default: "
+        "%(default)s)",
+        default=1000,
+        type=int,
+        at_least=0,
+        at_most=100_000,  # scipy draws all resamples at once: (resamples, units)
+    )
+    probe: str = option(
+        "linear: trained Dense layer; ridge: the same map in closed form, penalty by inner cross-validation (default: "
+        "%(default)s)",
+        default="linear",
+        choices=("linear", "ridge"),
+    )
+    loss: str = option(
+        "cosine: 1 - cos (the guide's); contrastive: InfoNCE over the analyzed tasks' embeddings (default: "
+        "%(default)s)",
+        default="cosine",
+        choices=("cosine", "mse", "contrastive"),
+    )
 
     @property
     def null_size(self) -> int:
@@ -305,16 +524,9 @@ def feature_array(entry: dict, source: Source) -> np.ndarray:
     return array
 
 
-def token_view(entry: dict, source: Source, layer: int, option: str | None = None) -> np.ndarray:
-    """One layer of one expert entry, cut to the token positions (see layer_tokens)."""
-    return layer_tokens(feature_array(entry, source), source, layer, option)
-
-
 def layer_tokens(array: np.ndarray, source: Source, layer: int, option: str | None = None) -> np.ndarray:
-    """One layer of an entry's feature array, cut to the token positions: (tokens, width), or (width,) for
-    per-layer vectors. Indexing only: on a mapped array nothing is read yet. `option`: the option that chose the layer,
-    as an error names it (default --layer).
-    """
+    """One layer of an entry's feature array cut to the token positions: (tokens, width), or (width,) for a per-layer
+    vector. Indexing only: nothing of a mapped array is read. An error names `option` (default --layer)."""
     if source.expert == "visual":  # vision_latents[camera][feature]: ([batch,] patch, width), no layers
         layer_array = array
     else:
@@ -342,9 +554,8 @@ def layer_tokens(array: np.ndarray, source: Source, layer: int, option: str | No
 
 
 def expert_entries(step_data: dict, source: Source, option: str | None = None) -> list[tuple[float, dict]]:
-    """(denoising time, entry) pairs a step contributes, every denoising entry for the action
-    expert (in denoising order); time is NaN for the others. `option`: the option that chose the camera, as an error
-    names it (default --camera)."""
+    """(denoising time, entry) pairs a step contributes: each denoising entry, in order, for the action expert; one
+    entry, time NaN, for the others. An error names `option` (default --camera)."""
     if source.expert == "visual":
         cameras = step_data.get("vision_latents")
         if not isinstance(cameras, dict):
@@ -434,9 +645,9 @@ VIEW_BATCH_BYTES = 256 * 2**20  # mapped slices touched at once: read ahead toge
 
 
 def pooled_rows(rows: list[SampleRow], pooling: str) -> list[SampleRow]:
-    """The rows with their views pooled: layers (layers, width), baseline (width,). A batch of up to VIEW_BATCH_BYTES
-    of slices at a time: announced together, so cold reads overlap instead of queueing, and let go once pooled (a
-    file's touched pages otherwise all count against this process: 18 layers of 50 episodes' prefixes are 6 GB)."""
+    """The rows with their views pooled: layers (layers, width), baseline (width,), VIEW_BATCH_BYTES at a time."""
+    # A batch's slices are announced together, so cold reads overlap instead of queueing, and let go once pooled: a
+    # file's touched pages otherwise all count against this process (18 layers of 50 episodes' prefixes are 6 GB).
     pooled, batch, size = [], [], 0
     for position, row in enumerate(rows):
         batch.append(row)
@@ -498,9 +709,8 @@ class Dataset(NamedTuple):
 
 
 def read_dataset(source: Source, steps: str | list[int | range], layer: int | None) -> Dataset:
-    """Walk every task file of the range once (steps: --rollout_step, "all" or steps and ranges; layer: the highest
-    asked, checked to exist, None for "all"). Unreadable files are skipped unless --strict; the walk's warnings are
-    given here, once."""
+    """Walk every task file of the range once, skipping unreadable ones unless --strict, and warn about what it missed.
+    steps: --rollout_step; layer: the highest asked, checked to exist (None for "all")."""
     paths, missing_tasks = find_task_files(Path(source.data_path), source.task_range)
     if len(missing_tasks) == 1:
         log.warning("task %d: no file task_%d_*.pkl in %s", missing_tasks[0], missing_tasks[0], source.data_path)
@@ -552,8 +762,12 @@ def walk_task_file(
     episodes = episode_steps(task_data, path, task_id, source, found)
     present = {step for steps_of_episode in episodes.values() for step in steps_of_episode}
     found.steps_seen |= present
+    asked = sorted(present)
+    if steps != "all":  # --rollout_step: the steps it names, and those inside its ranges
+        spans = [range(one, one + 1) if isinstance(one, int) else one for one in steps]
+        asked = [step for step in asked if any(step in span for span in spans)]
     held = {}
-    for step in sorted(step for step in present if step_is_asked(step, steps)):
+    for step in asked:
         try:
             held[step] = file_step(path, episodes, step, source, layer)
         except BadFileError as error:
@@ -604,11 +818,6 @@ def episode_steps(task_data: dict, path: Path, task_id: int, source: Source, fou
         numbered = ((step_number(key), key) for key in steps)
         episodes[episode] = {number: (key, steps[key]) for number, key in numbered if number is not None}
     return episodes
-
-
-def step_is_asked(step: int, steps: str | list[int | range]) -> bool:
-    """Whether --rollout_step asks for step N: "all", N itself, or a range that holds it."""
-    return steps == "all" or any(step == asked if isinstance(asked, int) else step in asked for asked in steps)
 
 
 def file_step(
@@ -804,7 +1013,7 @@ def baseline_views(step_data: dict, source: Source, entry_count: int) -> list | 
         raise
     except ProbeError:
         return None
-    views = [token_view(entry, baseline, layer, option) for _, entry in entries]
+    views = [layer_tokens(feature_array(entry, baseline), baseline, layer, option) for _, entry in entries]
     if baseline.expert == "action":
         return views if len(views) == entry_count else None
     return views * entry_count
@@ -1474,14 +1683,11 @@ def fit_probes(
     standardize: bool,
     copies_in_sequence: bool,
 ) -> ProbeFit:
-    """Train one probe per item and copy: Adam, shuffled minibatches, early stopping.
-
-    Shapes: features (devices, items, n, d_in) — the layers (or denoising steps) of a sweep, one block
-    per device, centered over all samples (see train_linear_probes); sample_class (n,);
-    per copy (see Copies): class_embeddings (C, d), known_classes (C,), train and validation masks (n,),
-    copy_identity (5,). The epoch loop is a `while_loop`; each probe keeps the parameters of its best
-    validation epoch. One function, since splitting the loop's state across functions would hide it.
-    """
+    """Train one probe per item and copy: Adam, shuffled minibatches, early stopping that keeps each probe's best
+    validation epoch. One function, longer than a screen: splitting it would scatter the loop's state."""
+    # Shapes: features (devices, items, n, d_in), the layers (or denoising steps) of a sweep, one block per device,
+    # centered over all samples (see train_linear_probes); sample_class (n,); per copy (see Copies): class_embeddings
+    # (C, d), known_classes (C,), train and validation masks (n,), copy_identity (5,).
     model = LinearProbe(class_embeddings.shape[-1])
     optimizer = optax.adam(learning_rate)
     sample_count = features.shape[-2]
@@ -1614,20 +1820,14 @@ PROGRAM_BLOCK_BYTES = 64 * 2**20  # features handed to the compiled program per 
 def train_linear_probes(
     features: ItemFeatures, sample_class: np.ndarray, copies: Copies, config: TrainingConfig
 ) -> ProbeFit:
-    """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes.
-
-    Each item's features are first centered over all its samples (in float64): a shift that changes no probe, but
-    keeps the standardization folded into the weights exact when features sit far from zero (e.g. mean/std 1e6).
-    The items go to the program in calls of equal size holding at most PROGRAM_BLOCK_BYTES of features (one
-    compilation; the last call is padded with copies of its last item); with several local devices each call's
-    items are spread over them (JAX sharding of the items axis).
-    """
+    """Fit every item's and copy's Dense probe; numpy results (items, copies, ...), with the batch and epoch sizes."""
     fold_train = copies.train[copies.fold >= 0]
     # MDL probes' small prefixes repeat rows within a batch rather than shrink every probe's batch.
     batch_size = min(config.batch_size, int(fold_train.sum(1).min()))
     # The guide's 100 epochs of batch 32 are only a few hundred updates on a few dozen
     # samples: too few to fit. An epoch is at least min_steps_per_epoch updates.
-    steps_per_epoch = max(-(-int(copies.train.sum(1).max()) // batch_size), config.min_steps_per_epoch)
+    most_training_rows = int(copies.train.sum(1).max())
+    steps_per_epoch = max(math.ceil(most_training_rows / batch_size), config.min_steps_per_epoch)
     program = functools.partial(
         fit_probes,
         loss=config.loss,
@@ -1644,10 +1844,17 @@ def train_linear_probes(
     )
     per_copy = [jnp.asarray(value) for value in (copies.classes, copies.known, copies.train, copies.validation)]
     shared = (jnp.asarray(sample_class), *per_copy, np.int32(config.seed), jnp.asarray(copies.identity()))
+    # The items go to the program in calls of equal size (one compilation; the last call is padded with copies of its
+    # last item), each holding at most PROGRAM_BLOCK_BYTES of features; with several local devices, each call's items
+    # are spread over them (JAX sharding of the items axis).
     items, devices = len(features), jax.local_devices()
-    size = -(-items // -(-items // max(PROGRAM_BLOCK_BYTES // max(features[0].nbytes, 1), 1)))  # equal calls
-    size += -size % len(devices)  # equal blocks per device
+    most_per_call = max(PROGRAM_BLOCK_BYTES // max(features[0].nbytes, 1), 1)
+    call_count = math.ceil(items / most_per_call)
+    size = math.ceil(items / call_count)
+    size = math.ceil(size / len(devices)) * len(devices)  # equal blocks per device
     sharding = item_sharding(devices)
+    # Each item's features centered over all its samples (in float64): a shift that changes no probe, but keeps the
+    # standardization folded into the weights exact when features sit far from zero (e.g. mean/std 1e6).
     shift = np.stack([item_features.mean(axis=0, keepdims=True, dtype=np.float64) for item_features in features])
     calls = []
     for start in range(0, items, size):
@@ -2961,13 +3168,7 @@ def describe_token_positions(source: Source) -> str:
     if source.token_range is not None:
         where = f"tokens {source.token_range[0]}-{source.token_range[1] - 1} (--token_range)"
     elif source.expert in EXPERT_TOKENS:
-        positions = EXPERT_TOKENS[source.expert]
-        part = {
-            "vlm": "images 0-767 and text 768-815",
-            "text_only": "prompt text",
-            "image": "3 cameras x 256 SigLIP patches",
-        }[source.expert]
-        where = f"VLM prefix tokens {positions.start}-{positions.stop - 1} ({part})"
+        where = prefix_tokens_text(source.expert)
     elif source.expert == "action":
         where = f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence)"
     else:
@@ -4378,8 +4579,6 @@ def plot_feature_pca(results: dict, features: np.ndarray, path: Path, stem: str)
 # Command line
 # -----------------------------------------------------------------------------
 
-MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
-MOST_SEED = 2**31 - 2**16  # the seed is an int32 in the compiled program, plus repeats and MDL blocks
 DEMO_DEFAULTS = {
     "rollout_step": [10],
     "expert": "text_only",
@@ -4417,11 +4616,6 @@ def bounded(
     return parse
 
 
-def default(config: type, field: str):
-    """An option's default: that of the configuration field it fills, so each default is written once."""
-    return next(one.default for one in dataclasses.fields(config) if one.name == field)
-
-
 def index_list(words: tuple[str, ...], ranges_kept: bool = False):
     """argparse type factory: '5', '0,5,10', '0-17' (inclusive) or one of `words` ('all', 'each'). With `ranges_kept`
     a range stays a `range`, resolved later to the keys that exist in it (rollout steps are sparse: 10, 20, ...)."""
@@ -4446,27 +4640,6 @@ def index_list(words: tuple[str, ...], ranges_kept: bool = False):
     return parse
 
 
-def baseline_value(text: str) -> tuple[str, int | str]:
-    """argparse type: EXPERT:LAYER (vlm:0, image:5, text_only:0, action:3) or visual[:CAMERA]."""
-    expert, _, where = text.partition(":")
-    if expert not in EXPERTS:
-        raise argparse.ArgumentTypeError(
-            f"expected EXPERT:LAYER or visual[:CAMERA] with EXPERT one of {', '.join(EXPERTS)}; got {text!r}"
-        )
-    if expert == "visual":
-        return expert, where or "base_0_rgb"
-    if not re.fullmatch(r"[0-9]+", where):
-        raise argparse.ArgumentTypeError(
-            f"--baseline {expert} needs a layer number (0 or more): {expert}:LAYER, e.g. {expert}:0; got {text!r}"
-        )
-    return expert, int(where)
-
-
-def baseline_spec_text(baseline: tuple[str, int | str]) -> str:
-    """--baseline as the user writes it."""
-    return f"{baseline[0]}:{baseline[1]}"
-
-
 def shard_value(text: str) -> tuple[int, int]:
     """argparse type: INDEX/COUNT with 0 <= INDEX < COUNT."""
     match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
@@ -4475,324 +4648,141 @@ def shard_value(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def add_what_options(parser: argparse.ArgumentParser) -> None:
-    """Options that choose the samples and how each becomes a feature vector (Source)."""
-    what = parser.add_argument_group("what to probe (required unless --demo or --report)")
-    what.add_argument(
-        "--rollout_step",
+@dataclasses.dataclass(frozen=True)
+class CommandOptions:
+    """The options that fill no configuration field: which items a sweep runs, and what is written and printed.
+    Declared as fields, like the configurations' (see Option), so that the parser adds every option alike."""
+
+    rollout_step: list[int | range] | str | None = option(
+        "environment step N of the key 'step_N' (not a position); several: 10,20, 10-30 (the keys that exist in it) "
+        "or all (every step present)",
+        default=None,
         type=index_list(("all",), ranges_kept=True),
-        help="environment step N of the key 'step_N' (not a position); several: 10,20, 10-30 (the keys that exist "
-        "in it) or all (every step present)",
     )
-    what.add_argument(
-        "--expert",
-        choices=EXPERTS,
-        help="vlm: VLM tokens 0-815; text_only: 768-815; image: 0-767; action: the action expert's own tokens; "
-        "visual: SigLIP output of --camera",
-    )
-    what.add_argument(
-        "--layer",
+    layer: list[int] | str | None = option(
+        "layer index (0-17 for Pi0; 0 is the input embeddings), checked against the data; several: 0,5,10, 0-17 or all",
+        default=None,
         type=index_list(("all",)),
-        help="layer index (0-17 for Pi0; 0 is the input embeddings), checked against the data; several: 0,5,10, "
-        "0-17 or all",
     )
-    what.add_argument("--data_path", help="directory of task_{id}_{name}.pkl files")
-    what.add_argument(
-        "--task_range",
-        nargs=2,
-        type=bounded(int, at_least=0, at_most=MOST_IDS),
-        metavar=("START", "END"),
-        help="task ids START..END-1 (end-exclusive: '0 10' is ten tasks)",
-    )
-    what.add_argument(
-        "--episode_range",
-        nargs=2,
-        type=bounded(int, at_least=0, at_most=MOST_IDS),
-        metavar=("START", "END"),
-        help="episodes START..END-1 of each task (end-exclusive)",
-    )
-    what.add_argument(
-        "--feature_type",
-        default=None,
-        help="key of the expert entry to probe: hidden_states, post_attn_embedding, ... (default: hidden_states; "
-        "pre_logits for visual)",
-    )
-    what.add_argument(
-        "--inference_step",
-        type=index_list(("all", "each")),
+    inference_step: list[int] | str = option(
+        "action expert: all = every denoising entry as its own sample, pooled in one result (default); each = one "
+        "result per denoising step; K = the K-th (0 = t 1.0, 9 = t 0.1); several: 0,9 or 0-4",
         default="all",
+        type=index_list(("all", "each")),
         metavar="{all,each,K,K-L,...}",
-        help="action expert: all = every denoising entry as its own sample, pooled in one result (default); each = "
-        "one result per denoising step; K = the K-th (0 = t 1.0, 9 = t 0.1); several: 0,9 or 0-4",
     )
-    what.add_argument(
-        "--token_range",
-        nargs=2,
-        type=bounded(int, at_least=0),
-        metavar=("START", "END"),
-        help="pool token positions START..END-1 instead of the expert's",
+    output_dir: str = option("created if missing (default: %(default)s)", default="results/linear_probing")
+    skip_existing: bool = option(
+        "leave combinations whose two result files exist and were made with the same options and data (resume a "
+        "killed sweep)",
+        default=False,
     )
-    what.add_argument(
-        "--pooling",
-        choices=("mean", "max", "last"),
-        default=default(Source, "pooling"),
-        help="over the token positions (default: %(default)s)",
-    )
-    what.add_argument(
-        "--camera",
-        default=default(Source, "camera"),
-        help="--expert visual: which vision_latents camera (default: %(default)s)",
-    )
-    what.add_argument(
-        "--baseline",
-        type=baseline_value,
-        default=None,
-        metavar="EXPERT:LAYER",
-        help="conditional probing: also train on this baseline's features alone and joined with the layer's, and "
-        "report what the layer adds (e.g. visual, visual:left_wrist_0_rgb, image:5, text_only:0, vlm:0)",
-    )
-    what.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first unreadable or malformed task file instead of skipping it with a warning",
-    )
-    what.add_argument(
-        "--trust_pickle",
-        action="store_true",
-        help="UNSAFE: let task files name any Python global, which runs code from the file; only for files you "
-        "made, with custom classes",
-    )
-
-
-def add_labels_options(parser: argparse.ArgumentParser) -> None:
-    """Options that choose what the probe predicts (LabelConfig)."""
-    labels = parser.add_argument_group("labels")
-    labels.add_argument(
-        "--target",
-        choices=("t5", "concepts"),
-        default=default(LabelConfig, "target"),
-        help="t5: the description's T5 embedding (default); concepts: one logistic probe per word that varies "
-        "between the analyzed tasks (or per --concepts attribute), on held-out tasks by default",
-    )
-    labels.add_argument(
-        "--concepts",
-        metavar="FILE",
-        dest="concepts_file",
-        help="--target concepts: a TSV of task_id, attribute, value giving the concepts instead of the words",
-    )
-    labels.add_argument(
-        "--t5_model",
-        default=default(LabelConfig, "t5_model"),
-        help="T5 hub name or local directory with config, weights and tokenizer (default: %(default)s)",
-    )
-    labels.add_argument(
-        "--no_center_labels",
-        dest="center_labels",
-        action="store_false",
-        help="train on raw T5 embeddings (the guide's exact recipe) instead of subtracting the mean training-task "
-        "embedding",
-    )
-    labels.add_argument(
-        "--label_space",
-        choices=("span", "full"),
-        default=default(LabelConfig, "label_space"),
-        help="span: the probe predicts coordinates in the span of the training tasks' embeddings (at most tasks - 1 "
-        "directions; exact for the loss and retrieval, and as many times cheaper as T5 is wider); full: all of T5's "
-        "axes, "
-        "the guide's recipe literally (512 outputs for t5-small: about 15x the training time) (default: %(default)s)",
-    )
-    labels.add_argument(
-        "--label_dim",
-        type=bounded(int, at_least=1),
-        default=default(LabelConfig, "label_dim"),
-        help="project the T5 embeddings on the training tasks' top K principal directions (default: off)",
-    )
-    labels.add_argument(
-        "--cache_dir",
-        default=default(LabelConfig, "cache_dir"),
-        help="where T5 labels, task-file indexes and compiled JAX programs are cached (default: %(default)s)",
-    )
-
-
-def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the probe's optimisation (TrainingConfig)."""
-    training = parser.add_argument_group("training")
-    training.add_argument(
-        "--learning_rate",
-        type=bounded(float, above=0),
-        default=default(TrainingConfig, "learning_rate"),
-        help="Adam learning rate (default: %(default)s)",
-    )
-    training.add_argument(
-        "--num_epochs",
-        type=bounded(int, at_least=1, at_most=100_000),  # the loss history is (copies, epochs) per item
-        default=default(TrainingConfig, "num_epochs"),
-        help="at most this many epochs; early stopping usually ends sooner (default: %(default)s)",
-    )
-    training.add_argument(
-        "--batch_size",
-        type=bounded(int, at_least=1),
-        default=default(TrainingConfig, "batch_size"),
-        help="minibatch size (default: %(default)s)",
-    )
-    training.add_argument(
-        "--seed",
-        type=bounded(int, at_least=0, at_most=MOST_SEED),  # numpy's generators take no negative seed
-        default=default(TrainingConfig, "seed"),
-        help="seeds the folds, initialisation, shuffling, control labels and bootstrap (default: %(default)s)",
-    )
-    training.add_argument(
-        "--patience",
-        type=bounded(int, at_least=1, at_most=100_000),
-        default=default(TrainingConfig, "patience"),
-        help="epochs without validation improvement before stopping (default: %(default)s)",
-    )
-    training.add_argument(
-        "--validation_fraction",
-        type=bounded(float, above=0, below=1),
-        default=default(TrainingConfig, "validation_fraction"),
-        help="share of each fold's training episodes (tasks, with --split task) used for early stopping (default: "
-        "%(default)s)",
-    )
-    training.add_argument(
-        "--probe",
-        choices=("linear", "ridge"),
-        default=default(TrainingConfig, "probe"),
-        help="linear: trained Dense layer; ridge: the same map in closed form, penalty by inner cross-validation "
-        "(default: %(default)s)",
-    )
-    training.add_argument(
-        "--loss",
-        choices=("cosine", "mse", "contrastive"),
-        default=default(TrainingConfig, "loss"),
-        help="cosine: 1 - cos (the guide's); contrastive: InfoNCE over the analyzed tasks' embeddings (default: "
-        "%(default)s)",
-    )
-    training.add_argument(
-        "--no_standardize",
-        dest="standardize",
-        action="store_false",
-        help="do not standardize features with training-set statistics",
-    )
-
-
-def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
-    """Options of how samples are held out and what is measured (TrainingConfig)."""
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument(
-        "--cv_folds",
-        type=bounded(int, at_least=1),
-        default=default(TrainingConfig, "cv_folds"),
-        help="cross-validation folds, grouped by episode (or task); fewer when there are fewer episodes (default: "
-        "%(default)s)",
-    )
-    evaluation.add_argument(
-        "--split",
-        choices=("episode", "task"),
-        default=None,
-        help="episode: hold out episodes of every task; task: hold out whole tasks, whose embeddings the probe "
-        "never sees (default: episode; task with --target concepts)",
-    )
-    evaluation.add_argument(
-        "--no_control",
-        dest="control",
-        action="store_false",
-        help="skip the control task and the permutation null (probes trained on task -> embedding assignments "
-        "permuted across tasks)",
-    )
-    evaluation.add_argument(
-        "--permutations",
-        type=bounded(int, at_least=1, at_most=100_000),
-        default=None,
-        metavar="N",
-        help="permuted assignments trained like the probe; the first is the control; with several, a permutation "
-        f"p-value (default: {DEFAULT_TASK_SPLIT_PERMUTATIONS} with --split task, else 1)",
-    )
-    evaluation.add_argument(
-        "--repeats",
-        type=bounded(int, at_least=1, at_most=1_000),
-        default=default(TrainingConfig, "repeats"),
-        metavar="K",
-        help="seeds of folds and initialisation; metrics are their mean, intervals widened by their spread "
-        "(default: %(default)s)",
-    )
-    evaluation.add_argument(
-        "--mdl",
-        action="store_true",
-        help="also the online (prequential) codelength of the task labels, over blocks of whole episodes (tasks "
-        "with --split task)",
-    )
-    evaluation.add_argument(
-        "--bootstrap",
-        type=bounded(int, at_least=0, at_most=100_000),  # scipy draws all resamples at once: (resamples, units)
-        default=default(TrainingConfig, "bootstrap"),
-        help="BCa resamples of whole episodes (tasks with --split task) for 95%% intervals; 0 for none (default: "
-        "%(default)s)",
-    )
-
-
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    """Options of what is written and printed."""
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--output_dir", default="results/linear_probing", help="created if missing (default: %(default)s)"
-    )
-    output.add_argument(
-        "--skip_existing",
-        action="store_true",
-        help="leave combinations whose two result files exist and were made with the same options and data (resume "
-        "a killed sweep)",
-    )
-    output.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace results in --output_dir made with other options (without it, such a result stops the run before "
+    overwrite: bool = option(
+        "replace results in --output_dir made with other options (without it, such a result stops the run before "
         "anything is trained, naming what differs; results of changed data are made again anyway)",
+        default=False,
     )
-    output.add_argument(
-        "--shard",
-        type=shard_value,
+    shard: tuple[int, int] | None = option(
+        "run only every COUNT-th combination, starting at INDEX (0-based), e.g. from a job array",
         default=None,
+        type=shard_value,
         metavar="INDEX/COUNT",
-        help="run only every COUNT-th combination, starting at INDEX (0-based), e.g. from a job array",
     )
-    output.add_argument(
-        "--plot",
-        action="store_true",
-        help="also write each run's training curves, confusion matrix, similarity heatmap and feature PCA (PNG)",
+    plot: bool = option(
+        "also write each run's training curves, confusion matrix, similarity heatmap and feature PCA (PNG)",
+        default=False,
     )
-    output.add_argument(
-        "--report",
+    report: str | None = option(
+        "read every results_*.pkl in DIR, write DIR/sweep.csv and accuracy/cosine-by-layer plots, print the table; "
+        "nothing else runs",
+        default=None,
         metavar="DIR",
-        help="read every results_*.pkl in DIR, write DIR/sweep.csv and accuracy/cosine-by-layer plots, print the "
-        "table; nothing else runs",
     )
-    output.add_argument(
-        "--demo",
-        action="store_true",
-        help=f"write demo data and a tiny T5 under {DEMO_DIR} (once), then probe it; other options override the demo's",
+    demo: bool = option(
+        f"write demo data and a tiny T5 under {DEMO_DIR} (once), then probe it; other options override the demo's",
+        default=False,
     )
-    verbosity = output.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    verbosity.add_argument(
-        "--quiet", action="store_true", help="print only warnings and errors: no summary, no progress bars"
-    )
+    verbose: bool = option("log each stage", default=False, flags=("-v", "--verbose"))
+    quiet: bool = option("print only warnings and errors: no summary, no progress bars", default=False)
+
+
+# --help's groups and their options (by field name) in order; a tuple in a group holds options that exclude each other.
+OPTION_GROUPS = {
+    "what to probe (required unless --demo or --report)": (
+        "rollout_step",
+        "expert",
+        "layer",
+        "data_path",
+        "task_range",
+        "episode_range",
+        "feature_type",
+        "inference_step",
+        "token_range",
+        "pooling",
+        "camera",
+        "baseline",
+        "strict",
+        "trust_pickle",
+    ),
+    "labels": ("target", "concepts_file", "t5_model", "center_labels", "label_space", "label_dim", "cache_dir"),
+    "training": (
+        "learning_rate",
+        "num_epochs",
+        "batch_size",
+        "seed",
+        "patience",
+        "validation_fraction",
+        "probe",
+        "loss",
+        "standardize",
+    ),
+    "evaluation": ("cv_folds", "split", "control", "permutations", "repeats", "mdl", "bootstrap"),
+    "output": ("output_dir", "skip_existing", "overwrite", "shard", "plot", "report", "demo", ("verbose", "quiet")),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface: the guide's options plus ours."""
+    """The command-line interface: the guide's options plus ours, each from its field (see Option)."""
     parser = argparse.ArgumentParser(
         description="Linear probe from one layer of a Pi0 expert to the T5 embedding of the task instruction, "
         "evaluated on held-out episodes. "
         "Several layers, rollout steps or denoising steps make a sweep: one result pair per combination, trained "
         "together.",
     )
-    add_what_options(parser)
-    add_labels_options(parser)
-    add_training_options(parser)
-    add_evaluation_options(parser)
-    add_output_options(parser)
+    fields = {
+        field.name: field
+        for config in (Source, LabelConfig, TrainingConfig, CommandOptions)
+        for field in dataclasses.fields(config)
+        if "option" in field.metadata
+    }
+    for title, names in OPTION_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            if isinstance(name, tuple):
+                exclusive = group.add_mutually_exclusive_group()
+                for one in name:
+                    add_option(exclusive, fields[one])
+            else:
+                add_option(group, fields[name])
     return parser
+
+
+def add_option(group, field: dataclasses.Field) -> None:
+    """Add a field's option to a group of the parser (see Option)."""
+    spec = field.metadata["option"]
+    default = None if spec.derived or field.default is dataclasses.MISSING else field.default
+    if isinstance(default, bool):  # a switch: --<field> turns the field on, --no_<field> off when on by default
+        name = f"--no_{field.name}" if default else f"--{field.name}"
+        action = "store_false" if default else "store_true"
+        group.add_argument(*(spec.flags or (name,)), dest=field.name, action=action, help=spec.help)
+        return
+    parse = spec.type
+    if parse in (int, float):
+        parse = bounded(parse, spec.at_least, spec.above, spec.below, spec.at_most)
+    needs = {"type": parse, "choices": spec.choices, "metavar": spec.metavar, "nargs": spec.nargs}
+    given = {need: value for need, value in needs.items() if value is not None}
+    flags = spec.flags or (f"--{field.name}",)
+    group.add_argument(*flags, dest=field.name, default=default, help=spec.help, **given)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -4947,9 +4937,8 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
 def resolve_sweep(
     args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig, made_with: MadeWith
 ) -> list[Item]:
-    """The combinations this run writes (--shard and --skip_existing applied): "all" layers or steps and "each"
-    denoising step come from the walked files, and so do the denoising times in file names; with several steps,
-    every one is checked before the first is trained."""
+    """The combinations this run writes, resolved against the walked files ("all" layers or steps, "each" denoising
+    step), less --shard and --skip_existing; with several steps, each is checked before the first is trained."""
     items = sweep_items(dataset.source, args.layer, args.rollout_step, args.inference_step, dataset.report)
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
@@ -5003,9 +4992,8 @@ def left_to_run(
 
 
 def settle_existing(resume: Resume, args: argparse.Namespace, warn: bool) -> None:
-    """Stop before anything is trained when results in --output_dir were made with other options, naming what
-    differs, unless --overwrite; with `warn`, say which results of other data are made again, and which of another
-    program version are kept."""
+    """Stop, naming what differs, when results in --output_dir were made with other options (unless --overwrite);
+    with `warn`, say which results are made again (other data) and which are kept (another program version)."""
     output_dir, differing = args.output_dir, resume.differing
     if differing["options"] and not args.overwrite:
         raise ProbeError(
@@ -5029,14 +5017,13 @@ def first_difference(found: list[tuple[Path, MadeWith]]) -> str:
     """The first of these results files, and what differs in what it was made with (read from the file)."""
     path, wanted = found[0]
     difference = recorded_difference(path, wanted)
-    return f"{path.name}: {difference.text if difference else 'its summary states another fingerprint'}"
+    what = difference.text if difference else "its summary states another fingerprint"
+    return f"{path.name}: {what}"
 
 
 def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
-    """Before a sweep over several steps trains anything: each step exists, and its episodes (those with the
-    --baseline's entry) make a design (folds, validation, label space), so that a late step with, e.g., one episode of
-    some task does not stop the sweep after the earlier steps were written. Non-finite features are found only when a
-    step is read (see --strict)."""
+    """Before a sweep trains anything: each step exists, and its episodes (with the --baseline's entry) make a design
+    (folds, validation, label space), so that no late step stops the sweep halfway. No feature is read here."""
     report = dataset.report
     for step in steps:
         lacking = {(task, episode) for task, episode, at in report.without_baseline if at == step}
@@ -5075,8 +5062,9 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
     """One result: its summary; several: one line each. The demo adds what it planted."""
     if len(written) == 1:
         print(format_summary(written[0][0]))
-    for results, results_path, _ in written if len(written) > 1 else []:
-        print(f"{results_path.name}: {outcome_line(results)}")
+    else:
+        for results, results_path, _ in written:
+            print(f"{results_path.name}: {outcome_line(results)}")
     if args.demo:
         print(
             f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
@@ -5109,7 +5097,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(sys, name, open(os.devnull, "w"))
     args = parse_arguments(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", force=True)  # other libraries: warnings only
-    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    log.setLevel(logging.INFO)
+    if args.verbose:
+        log.setLevel(logging.DEBUG)
+    elif args.quiet:
+        log.setLevel(logging.WARNING)
     for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 (held as surrogates) prints as \udcff escapes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -5193,9 +5185,8 @@ class Stopped(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def interruptible():
-    """Ctrl-C (SIGINT) and SIGTERM raise Stopped where Python next runs (a compiled training call finishes first), so
-    that the pair being written is removed whole (see write_results) and the run ends in one line; the same signal
-    again ends the process at once, as whoever sends it twice expects."""
+    """Ctrl-C and SIGTERM raise Stopped where Python next runs (after a compiled call): the pair being written is
+    removed whole and the run ends in one line. The same signal again ends the process at once."""
 
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
@@ -5210,9 +5201,10 @@ COMPILE_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilatio
 
 @contextlib.contextmanager
 def compile_cache_repaired(args: argparse.Namespace):
-    """JAX writes a compile-cache entry in place and never rewrites one it finds, so a write cut short (a full disk)
-    leaves an entry it refuses, with a warning, on every later run. Here its warning becomes one line of ours, and
-    the entries of that program that cannot be decompressed are removed: they are compiled and cached anew."""
+    """JAX's warning about a compile-cache entry it cannot read or write, as one line of ours; the entries of that
+    program that cannot be decompressed are removed, to be compiled and cached anew."""
+    # JAX writes an entry in place and never rewrites one it finds: a write cut short (a full disk) leaves an entry it
+    # refuses, with a warning, on every later run.
     directory = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(args.cache_dir) / "jax")
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message="Error (reading|writing) persistent compilation cache entry")
@@ -5247,9 +5239,8 @@ def compile_cache_repaired(args: argparse.Namespace):
 
 
 def remove_unreadable_cache_entries(directory: Path, name: str, settled_seconds: float) -> int:
-    """Remove the compile-cache entries of the program `name` that JAX's own reader cannot decompress, last written
-    at least `settled_seconds` ago. Without that reader (a private function, which may
-    move), nothing is removed."""
+    """Remove the compile-cache entries of program `name` that JAX's own reader cannot decompress, last written at
+    least `settled_seconds` ago; return how many (none without that reader, a private function that may move)."""
     try:
         from jax._src.compilation_cache import decompress_executable
     except ImportError:

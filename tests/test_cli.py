@@ -1,5 +1,6 @@
 """End to end: the CLI on generated Pi0-layout data finds the planted signal and writes honest files."""
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -154,6 +155,40 @@ def test_bad_arguments_exit_2_with_a_message(run_cli, capsys, options, message):
         run_cli("--expert", "vlm", "--layer", "5", *options)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def option_fields() -> list:
+    """The fields that an option sets, of every configuration and of the command's own options."""
+    configs = (lpi.Source, lpi.LabelConfig, lpi.TrainingConfig, lpi.CommandOptions)
+    return [field for config in configs for field in dataclasses.fields(config) if "option" in field.metadata]
+
+
+def test_every_option_field_is_in_one_help_group_once():
+    placed = []
+    for names in lpi.OPTION_GROUPS.values():
+        for name in names:
+            placed += list(name) if isinstance(name, tuple) else [name]
+    assert sorted(placed) == sorted(field.name for field in option_fields())
+    dests = [action.dest for action in lpi.build_parser()._actions if action.dest != "help"]
+    assert sorted(dests) == sorted(placed)
+
+
+def test_options_not_given_leave_the_configurations_at_their_field_defaults():
+    args = lpi.parse_arguments(
+        ["--rollout_step", "10", "--expert", "vlm", "--layer", "5", "--data_path", "d"]
+        + ["--task_range", "0", "2", "--episode_range", "0", "2"]
+    )
+    source, labels, training = lpi.configs_from_arguments(args)
+    assert labels == lpi.LabelConfig() and training == lpi.TrainingConfig()
+    index_dir = str(Path(labels.cache_dir) / "file_index")
+    assert source == lpi.Source("d", (0, 2), (0, 2), "vlm", index_dir=index_dir)
+
+
+def test_expert_help_states_each_prefix_experts_token_positions():
+    (expert,) = [action for action in lpi.build_parser()._actions if action.dest == "expert"]
+    for words in ("vlm: VLM prefix tokens 0-815 (images 0-767", "text_only: VLM prefix tokens 768-815 (prompt text)"):
+        assert words in expert.help
+    assert "image: VLM prefix tokens 0-767 (3 cameras x 256 SigLIP patches)" in expert.help
 
 
 @pytest.mark.parametrize(

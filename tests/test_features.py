@@ -20,7 +20,7 @@ def token_index_array(layers: int, tokens: int, width: int, batch_axis: bool = T
 def layer_feature(entry: dict, chosen: tuple[lpi.Source, int]) -> np.ndarray:
     """What the reader does per entry: cut the view, then pool it."""
     source, layer = chosen
-    return lpi.pool_tokens(lpi.token_view(entry, source, layer), source.pooling)
+    return lpi.pool_tokens(lpi.layer_tokens(lpi.feature_array(entry, source), source, layer), source.pooling)
 
 
 def config(expert: str, layer: int = 2, **kwargs) -> tuple[lpi.Source, int]:
@@ -38,6 +38,21 @@ def test_token_slicing_pools_the_documented_positions(expert, tokens, first, las
     feature = layer_feature(entry, config(expert, layer=2))
     assert feature.dtype == np.float32 and feature.shape == (3,)
     np.testing.assert_allclose(feature, 2000 + (first + last) / 2)
+
+
+@pytest.mark.parametrize(
+    "expert, words",
+    [
+        ("vlm", "VLM prefix tokens 0-815 (images 0-767 and text 768-815), mean-pooled"),
+        ("text_only", "VLM prefix tokens 768-815 (prompt text), mean-pooled"),
+        ("image", "VLM prefix tokens 0-767 (3 cameras x 256 SigLIP patches), mean-pooled"),
+        ("action", "action-expert tokens (positions 816+ when the entry holds the whole sequence), mean-pooled"),
+        ("visual", "SigLIP patches of camera base_0_rgb (vision_latents), mean-pooled"),
+    ],
+)
+def test_token_positions_are_described_in_the_words_results_files_compare(expert, words):
+    """Written into every results file and summary: the words stay what earlier versions wrote."""
+    assert lpi.describe_token_positions(config(expert)[0]) == words
 
 
 def test_slicing_works_on_a_memmap_and_on_bfloat16(tmp_path):
