@@ -2106,22 +2106,14 @@ class LabelSpaces(NamedTuple):
 
 
 def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> LabelSpaces:
-    """Per copy (given the classes on its training side): the label mean, basis and class coordinates.
-
-    span (default): the exact span of the fold's training-task embeddings (centered, unless --no_center_labels), by SVD,
-    numerically zero directions dropped: at most C - 1 directions (C uncentered) for C tasks, where T5 has 512. For the
-    cosine, MSE and contrastive losses a prediction's component outside that span only hurts, and retrieval ranks by
-    inner products that live in it, so the best map into T5 space is the best map into these coordinates followed by
-    the basis, at k/512 of the cost. --label_dim K keeps the top K directions (uncentered: of the raw embeddings, so the
-    mean direction stays). full: T5's own axes. Only training tasks shape the basis; a held-out task (--split task) is
-    represented by its projection on it.
-    """
+    """Per copy (given the classes on its training side): the label mean, basis and class coordinates. "span": the
+    training tasks' embeddings' span, exact for retrieval at k/512 of the cost (README, "What the numbers mean")."""
     means, bases = [], []
     for known in train_classes:
         mean = raw[known].mean(axis=0)
         if labels.label_space == "full" and not labels.label_dim:
             basis = np.eye(raw.shape[1], dtype=raw.dtype)
-        else:
+        else:  # by SVD, numerically zero directions dropped: at most C - 1 directions (C uncentered) for C tasks
             spanned = (raw[known] - mean if labels.center_labels else raw[known]).astype(np.float64)
             singular, components = np.linalg.svd(spanned, full_matrices=False)[1:]
             tolerance = singular.max(initial=0.0) * max(spanned.shape) * np.finfo(np.float32).eps
@@ -2149,13 +2141,10 @@ def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: Label
 
 
 def spreading_rotation(size: int) -> np.ndarray:
-    """An orthonormal (size, size) matrix (DCT-II) whose rows mix all principal directions.
-
-    Adam scales each output coordinate's step by that coordinate's own gradients. In principal coordinates the last
-    one carries the smallest differences between tasks, and Adam would fit it as fast as the first; T5's own axes each
-    carry a share of every difference. Rotated like this, the span's coordinates behave like T5's axes (planted
-    random-direction tasks, 6 seeds: held-out accuracy 0.89 in principal coordinates, 0.95 rotated, 0.96 full width).
-    """
+    """An orthonormal (size, size) matrix (DCT-II) whose rows mix all principal directions, as T5's own axes do."""
+    # Adam scales each output coordinate's step by its own gradients: in principal coordinates it would fit the last
+    # (the smallest differences between tasks) as fast as the first. Planted random-direction tasks, 6 seeds: held-out
+    # accuracy 0.89 in principal coordinates, 0.95 rotated, 0.96 full width.
     row, column = np.arange(size)[:, None], np.arange(size)[None, :]
     rotation = np.sqrt(2.0 / max(size, 1)) * np.cos(np.pi * (2 * column + 1) * row / (2 * max(size, 1)))
     rotation[:1] /= np.sqrt(2.0)
