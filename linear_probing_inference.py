@@ -2346,8 +2346,14 @@ class HeldOut:
 
 # The parts whose fields results['metrics'] holds side by side; repeats, the null, MDL and the baseline are nested.
 FLAT_PARTS = ("retrieval", "information", "cosines", "counts", "failures", "control")
-REPORTED_PARTS = {"retrieval": Retrieval, "information": Information, "control": Control, "cosines": Cosines}
-REPORTED_PARTS |= {"counts": Counts, "baseline": Conditional}  # sweep.csv's metric columns, in this order
+REPORTED_PARTS = {  # sweep.csv's metric columns, in this order (see `reported`)
+    "retrieval": Retrieval,
+    "information": Information,
+    "control": Control,
+    "cosines": Cosines,
+    "counts": Counts,
+    "baseline": Conditional,
+}
 
 
 def part_fields(part) -> dict:
