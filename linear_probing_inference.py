@@ -3038,8 +3038,8 @@ def evidence_lines(results: dict) -> list[str]:
         f"Balanced Accuracy (mean of per-task accuracies): {metrics['balanced_accuracy']:.4f}; majority baseline "
         f"{metrics['majority_accuracy']:.4f}; chance {metrics['chance_accuracy']:.4f} (1 / {metrics['num_classes']})",
         f"Information: {with_interval(metrics, 'information_bits', 3)} bits of log2({metrics['num_classes']}) = "
-        f"{metrics['max_information_bits']:.3f}; held-out cross-entropy {metrics['cross_entropy_bits']:.3f} bits "
-        "(below 0: worse than knowing nothing)",
+        f"{metrics['max_information_bits']:.3f}; held-out cross-entropy {metrics['cross_entropy_bits']:.3f} bits"
+        + (" (information below 0: worse than knowing nothing)" if metrics["information_bits"] < 0 else ""),
     ]
     if metrics["num_repeats"] > 1:
         repeats = metrics["repeats"]

@@ -90,6 +90,17 @@ def test_silent_layer_has_chance_accuracy_and_no_selectivity(run_cli):
     assert metrics["accuracy"] <= 0.3 and metrics["control_accuracy"] <= 0.3 and abs(metrics["selectivity"]) <= 0.25
 
 
+def test_the_summary_says_worse_than_knowing_nothing_only_when_the_information_is_below_0(run_cli):
+    status, output = run_cli("--expert", "vlm", "--layer", "5", "--bootstrap", "0")
+    assert status == 0
+    with open(output / "results_vlm_layer5_step10.pkl", "rb") as file:
+        results = pickle.load(file)
+    assert results["metrics"]["information_bits"] > 0  # the demo's layer 5 carries the task
+    assert "worse than knowing nothing" not in "\n".join(lpi.evidence_lines(results))
+    results["metrics"]["information_bits"] = -0.25
+    assert "bits (information below 0: worse than knowing nothing)" in "\n".join(lpi.evidence_lines(results))
+
+
 def test_ridge_and_trained_probe_agree_where_the_signal_is_strong(run_cli, tmp_path):
     results = {}
     for probe in ("linear", "ridge"):
