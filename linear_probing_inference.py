@@ -75,8 +75,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import scipy.special  # noqa: E402
-import scipy.stats  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -1995,6 +1993,8 @@ def uniform_share(calibration_count) -> np.ndarray:
 def code_bits(logits: np.ndarray, own: np.ndarray, share, allowed: np.ndarray | None = None) -> np.ndarray:
     """Per sample, -log2 of (1 - share) softmax(logits) + share / K at its own class (K = logits' width; `allowed`
     masks classes the softmax may not put mass on). A non-finite row carries no information: log2(K) bits."""
+    import scipy.special  # here, not at the top: 0.1 s of start-up that --report and --help do not need
+
     finite = np.isfinite(logits).all(axis=1)
     logits = np.where(finite[:, None], logits, 0.0)
     if allowed is not None:
@@ -2040,6 +2040,8 @@ def unit_intervals(
     other value gets (nan, nan), printed as n/a."""
     if resamples == 0:
         return {}
+    import scipy.stats  # here, not at the top: 0.4 s of start-up (docstring parsing) --report and --bootstrap 0 skip
+
     unit_index = np.unique(unit, return_inverse=True)[1]
     counts = np.bincount(unit_index).astype(np.float64)
     stratum_of_unit = np.zeros(len(counts)) if stratum is None else np.bincount(unit_index, weights=stratum) / counts
