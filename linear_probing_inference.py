@@ -5,12 +5,23 @@ Does this layer, of this expert, at this rollout step, still carry the language
 instruction? A linear probe maps the layer's token-pooled hidden state onto the T5
 embedding of the task description; we report how well it does on episodes it never saw.
 
-Pipeline, in the order of this file:
-  configuration -> features (task files -> expert/layer/token slicing -> pooling) -> T5 labels
-  (or concepts) -> folds -> Flax Dense probe -> jitted training with early stopping -> held-out
-  evaluation -> results pickle + text summary -> sweeps and report -> command line and main.
-  Appendix A is the restricted, memory-mapped pickle reader the features come through;
-  appendix B the demo generator (`--demo` writes synthetic data in the real layout).
+Sections, in the order the data flows (each section's entry function in parentheses):
+  Configuration        Source, LabelConfig, TrainingConfig: what a run reads, predicts and trains
+  Features             task files -> expert entry -> layer -> token positions -> pooled vector (read_dataset,
+                       step_samples)
+  Labels and concepts  the T5 mean over each description's real tokens, cached (t5_labels); or the words that vary
+  Folds and design     whole episodes (or tasks) held out, permuted assignments, label spaces (make_design)
+  Probe and training   every probe of a run in one jitted program, early stopping; or ridge (fit_items)
+  Evaluation           held-out predictions scored among the analyzed tasks: one HeldOut record per item
+                       (probe_group; probe_features runs it on features already in memory)
+  Output               the results file, the summary and what made them, written atomically (results_record,
+                       format_summary, write_results)
+  Sweep                layers, denoising and rollout steps, shards and resume (run_sweep)
+  Report and figures   a results directory as sweep.csv, curves and heatmaps (write_report)
+  Command line, main   options from the configs' fields, one line for every fault (main)
+Appendix A is the restricted, memory-mapped pickle reader the features come through (read_task_file); appendix B the
+demo generator (`--demo` writes synthetic data in the real layout). Every number of a summary is a field of HeldOut,
+computed in Evaluation.
 
 Design notes: ../shared/spec/linear_probing_guide.md and ../shared/pi0-latents.md.
 """
@@ -78,11 +89,12 @@ import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+# -----------------------------------------------------------------------------
+# Configuration: what a run reads, predicts and trains (Source, LabelConfig, TrainingConfig)
+# -----------------------------------------------------------------------------
+
 log = logging.getLogger("linear_probing")
 
-# -----------------------------------------------------------------------------
-# Configuration
-# -----------------------------------------------------------------------------
 
 # Token positions in the Pi0 prefix (PaliGemma expert): each camera's SigLIP patches (base, left wrist, right wrist),
 # then the prompt's tokens. The action expert's own tokens come after the prefix; "visual" is SigLIP's own output per
@@ -114,7 +126,6 @@ def prefix_tokens_text(expert: str) -> str:
 EXPERTS = ("vlm", "text_only", "image", "action", "visual")
 EPSILON = 1e-8  # as in the guide's cosine
 DEFAULT_TASK_SPLIT_PERMUTATIONS = 20  # the permutation null of --split task
-
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linear_probing"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
@@ -141,6 +152,12 @@ class Option(NamedTuple):
 def option(help: str, default=dataclasses.MISSING, **argparse_needs) -> dataclasses.Field:
     """A configuration field set by its option (see Option); without a default the field is required."""
     return dataclasses.field(default=default, metadata={"option": Option(help, **argparse_needs)})
+
+
+def reported(column: str | None = None, interval: bool = False):
+    """A record field that is a sweep.csv column, named `column` (default: the field's name); with `interval`, its
+    95% interval's ends follow it as {column}_ci_low and {column}_ci_high."""
+    return dataclasses.field(metadata={"column": column, "interval": interval})
 
 
 def baseline_value(text: str) -> tuple[str, int | str]:
@@ -399,15 +416,15 @@ class OptionError(ProbeError):
     exit_code = 2
 
 
-def reported(column: str | None = None, interval: bool = False):
-    """A record field that is a sweep.csv column, named `column` (default: the field's name); with `interval`, its
-    95% interval's ends follow it as {column}_ci_low and {column}_ci_high."""
-    return dataclasses.field(metadata={"column": column, "interval": interval})
+# -----------------------------------------------------------------------------
+# Features: task files -> expert entry -> layer -> token positions -> pooled vector (read_dataset, step_samples)
+# -----------------------------------------------------------------------------
 
 
-# -----------------------------------------------------------------------------
-# Features: expert entry -> layer -> token positions -> pooled vector
-# -----------------------------------------------------------------------------
+def progress_disabled() -> bool | None:
+    """tqdm's `disable`: off under --quiet; None lets tqdm switch itself off when stderr is not a terminal."""
+    return None if log.isEnabledFor(logging.INFO) else True
+
 
 TASK_FILE_PATTERN = re.compile(r"^task_([0-9]+)_.*\.pkl$")  # ASCII digits: int() reads "٣" as 3
 
@@ -681,6 +698,28 @@ class StepArrays(NamedTuple):
     baselines: list | None  # each sample's --baseline token view ([None, ...] without one); None: the step lacks it
 
 
+class FileVersion(NamedTuple):
+    """What changes when a file is written. The change time cannot be set back by a writer, as mtime can."""
+
+    size: int
+    modified_ns: int
+    changed_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileVersion:
+        return cls(status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev)
+
+
+def file_version(path: Path) -> FileVersion | None:
+    """A file's version now (None: there is no file)."""
+    try:
+        return FileVersion.of(os.stat(path))
+    except OSError:
+        return None
+
+
 class TaskFile(NamedTuple):
     """A readable task file, walked once: its description, its episodes in the range, and each asked rollout step's
     arrays. A file that cannot be mapped (protocols 0-2) holds none: it is read again when a step is trained."""
@@ -704,6 +743,195 @@ class Dataset(NamedTuple):
     def descriptions(self) -> dict[int, str]:
         """Each readable task's description: what its T5 label embeds."""
         return {file.task_id: file.description for file in self.files}
+
+
+def episode_steps(task_data: dict, path: Path, task_id: int, source: Source, found: ReadReport) -> dict[int, dict]:
+    """episode -> {step N: (key, the step's dict)} for the episodes of the range the file has (the others are noted)."""
+    episodes = {}
+    for episode in range(*source.episode_range):
+        episode_data = task_data["episodes"].get(f"episode_{episode}")
+        if episode_data is None:
+            found.missing_episodes.append((task_id, episode))
+            continue
+        steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
+        if not isinstance(steps, dict):
+            raise BadFileError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
+        numbered = ((step_number(key), key) for key in steps)
+        episodes[episode] = {number: (key, steps[key]) for number, key in numbered if number is not None}
+    return episodes
+
+
+def baseline_source(source: Source) -> tuple[Source, int | None]:
+    """How the --baseline features are read: its expert, the default feature, all its tokens; and its layer (None for
+    SigLIP's output, where the camera names it)."""
+    expert, where = source.baseline
+    baseline = dataclasses.replace(
+        source,
+        expert=expert,
+        baseline=None,
+        token_range=None,
+        camera=where if expert == "visual" else source.camera,
+        feature_type="pre_logits" if expert == "visual" else "hidden_states",
+    )
+    return baseline, None if expert == "visual" else where
+
+
+def baseline_views(step_data: dict, source: Source, entry_count: int) -> list | None:
+    """The --baseline token view for each of the step's samples (one per denoising entry for the action expert, the
+    step's own view repeated otherwise); [None] * count without a baseline; None when the step lacks its entry."""
+    if source.baseline is None:
+        return [None] * entry_count
+    baseline, layer = baseline_source(source)
+    option = f"--baseline {baseline_spec_text(source.baseline)}"
+    try:
+        entries = expert_entries(step_data, baseline, option)
+    except OptionError:
+        raise
+    except ProbeError:
+        return None
+    views = [layer_tokens(feature_array(entry, baseline), baseline, layer, option) for _, entry in entries]
+    if baseline.expert == "action":
+        return views if len(views) == entry_count else None
+    return views * entry_count
+
+
+def step_arrays(where: str, step_data, source: Source, layer: int | None) -> StepArrays:
+    """A rollout step's entries for the expert, checked: each has the feature, and the asked slices can be cut from
+    it (indexing only: nothing is read); with --baseline, the baseline's views (None when the step lacks its entry)."""
+    if not isinstance(step_data, dict):
+        raise BadFileError(f"{where} is a {type(step_data).__name__}, not a dict")
+    try:
+        entries = expert_entries(step_data, source)
+        arrays = [feature_array(entry, source) for _, entry in entries]
+        for array in arrays:
+            layer_tokens(array, source, 0 if layer is None else layer)
+        baselines = baseline_views(step_data, source, len(entries))
+    except OptionError:
+        raise
+    except ProbeError as error:
+        raise BadFileError(f"{where}: {error}") from None
+    return StepArrays([time for time, _ in entries], arrays, baselines)
+
+
+def file_step(
+    path: Path, episodes: dict[int, dict], step: int, source: Source, layer: int | None
+) -> dict[int, StepArrays]:
+    """The arrays of one rollout step in each episode that has it; BadFileError when any is malformed."""
+    arrays = {}
+    for episode, steps in episodes.items():
+        if step in steps:
+            key, step_data = steps[step]
+            arrays[episode] = step_arrays(f"{path}: episode_{episode}/{key}", step_data, source, layer)
+    return arrays
+
+
+def note_denoising_times(report: ReadReport, step: int, times: list[float]) -> None:
+    """Keep a step's fewest denoising entries (their times); a step seen with other times or another count is uneven."""
+    known = report.inference_times.get(step)
+    if known is not None and not np.array_equal(known, times, equal_nan=True):
+        report.uneven_steps.add(step)
+    if known is None or len(times) < len(known):
+        report.inference_times[step] = times
+
+
+def record_step(found: ReadReport, task_id: int, step: int, arrays: dict[int, StepArrays], source: Source) -> None:
+    """Note one file's step in its report: its episodes, those lacking the --baseline's entry, the layers and
+    denoising entries (the fewest seen)."""
+    found.step_episodes[step] = [(task_id, episode) for episode in arrays]
+    found.without_baseline += [(task_id, e, step) for e, one in arrays.items() if one.baselines is None]
+    for one in arrays.values():
+        found.layer_count = found.layer_count or (1 if source.expert == "visual" else one.arrays[0].shape[0])
+        note_denoising_times(found, step, one.times)
+
+
+def add_to_report(report: ReadReport, found: ReadReport) -> None:
+    """Add what one file's walk found to the run's report."""
+    report.missing_episodes += found.missing_episodes
+    report.without_baseline += found.without_baseline
+    for step, pairs in found.step_episodes.items():
+        report.step_episodes.setdefault(step, []).extend(pairs)
+    for step, skipped in found.skipped_steps.items():
+        report.skipped_steps.setdefault(step, {}).update(skipped)
+    report.steps_seen |= found.steps_seen
+    report.layer_count = report.layer_count or found.layer_count
+    report.uneven_steps |= found.uneven_steps
+    for step, times in found.inference_times.items():
+        note_denoising_times(report, step, times)
+
+
+def warn_about_gaps(report: ReadReport, source: Source) -> None:
+    """Warn about episodes missing from their files, or lacking a step or the --baseline's entry."""
+    if report.missing_episodes:
+        log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
+    for step, pairs in report.episodes_without_step.items():
+        log.warning("%d episode(s) have no step_%d and were skipped for it", len(pairs), step)
+    for step in sorted(report.uneven_steps):  # "inference step K" is a position (pi0-latents.md), not a time
+        log.warning(
+            "step_%d: the episodes' denoising entries differ (times or count); --inference_step K takes each one's "
+            "K-th entry in denoising order, and 'each' stops at the fewest",
+            step,
+        )
+    if report.without_baseline:
+        steps_lacking = ", ".join(f"step_{step}" for step in sorted({step for *_, step in report.without_baseline}))
+        log.warning(
+            "%d episode step(s) (%s) have no %s entry for --baseline; their samples are dropped",
+            len(report.without_baseline),
+            steps_lacking,
+            source.baseline[0],
+        )
+
+
+def walk_task_file(
+    path: Path, task_id: int, source: Source, steps: str | list[int | range], layer: int | None, found: ReadReport
+) -> TaskFile:
+    """One task file: its description, its episodes in the range, and each asked rollout step's arrays, checked (see
+    step_arrays). A malformed step skips the file for that step only, as a run of that step alone would."""
+    version = file_version(path)
+    held_in_memory = version is not None and version.size > 0 and not mappable(path)
+    if held_in_memory:  # said before the read: reading a big file whole takes minutes
+        log.warning("%s: a pickle protocol below 3 stores bytes as text and cannot be mapped; reading it whole", path)
+    task_data = read_task_file(path, source.trust_pickle, source.index_dir)
+    description = task_data.get("task_description")
+    if not isinstance(description, str) or not description.strip():
+        raise BadFileError(f"{path}: no 'task_description' string")
+    episodes = episode_steps(task_data, path, task_id, source, found)
+    present = {step for steps_of_episode in episodes.values() for step in steps_of_episode}
+    found.steps_seen |= present
+    asked = sorted(present)
+    if steps != "all":  # --rollout_step: the steps it names, and those inside its ranges
+        spans = [range(one, one + 1) if isinstance(one, int) else one for one in steps]
+        asked = [step for step in asked if any(step in span for span in spans)]
+    held = {}
+    for step in asked:
+        try:
+            held[step] = file_step(path, episodes, step, source, layer)
+        except BadFileError as error:
+            if source.strict:
+                raise
+            log.warning("skipping step_%d of %s (--strict makes this fatal)", step, error)
+            found.skipped_steps[step] = {str(path): str(error)}
+            continue
+        record_step(found, task_id, step, held[step], source)
+        if held_in_memory:  # not kept: memory stays one file's, and the file is read again for each step
+            held[step] = dict.fromkeys(held[step])
+    return TaskFile(task_id, path, version, description, list(episodes), held)
+
+
+def steps_asked(steps: str | list[int | range], steps_seen: set[int]) -> list[int]:
+    """--rollout_step resolved: "all" present steps; or steps named one by one, then those present in each range asked
+    for (an empty range is an error)."""
+    if steps == "all":
+        return sorted(steps_seen)
+    chosen = [step for step in steps if isinstance(step, int)]
+    for span in (step for step in steps if isinstance(step, range)):
+        present = [step for step in sorted(steps_seen) if step in span]
+        if not present:
+            seen = ", ".join(map(str, sorted(steps_seen))) or "none"
+            raise ProbeError(
+                f"--rollout_step {span.start}-{span.stop - 1}: no rollout step in that range; present: {seen}"
+            )
+        chosen += [step for step in present if step not in chosen]
+    return chosen
 
 
 def read_dataset(source: Source, steps: str | list[int | range], layer: int | None) -> Dataset:
@@ -744,166 +972,6 @@ def read_dataset(source: Source, steps: str | list[int | range], layer: int | No
     return Dataset(source, files, report)
 
 
-def walk_task_file(
-    path: Path, task_id: int, source: Source, steps: str | list[int | range], layer: int | None, found: ReadReport
-) -> TaskFile:
-    """One task file: its description, its episodes in the range, and each asked rollout step's arrays, checked (see
-    step_arrays). A malformed step skips the file for that step only, as a run of that step alone would."""
-    version = file_version(path)
-    held_in_memory = version is not None and version.size > 0 and not mappable(path)
-    if held_in_memory:  # said before the read: reading a big file whole takes minutes
-        log.warning("%s: a pickle protocol below 3 stores bytes as text and cannot be mapped; reading it whole", path)
-    task_data = read_task_file(path, source.trust_pickle, source.index_dir)
-    description = task_data.get("task_description")
-    if not isinstance(description, str) or not description.strip():
-        raise BadFileError(f"{path}: no 'task_description' string")
-    episodes = episode_steps(task_data, path, task_id, source, found)
-    present = {step for steps_of_episode in episodes.values() for step in steps_of_episode}
-    found.steps_seen |= present
-    asked = sorted(present)
-    if steps != "all":  # --rollout_step: the steps it names, and those inside its ranges
-        spans = [range(one, one + 1) if isinstance(one, int) else one for one in steps]
-        asked = [step for step in asked if any(step in span for span in spans)]
-    held = {}
-    for step in asked:
-        try:
-            held[step] = file_step(path, episodes, step, source, layer)
-        except BadFileError as error:
-            if source.strict:
-                raise
-            log.warning("skipping step_%d of %s (--strict makes this fatal)", step, error)
-            found.skipped_steps[step] = {str(path): str(error)}
-            continue
-        record_step(found, task_id, step, held[step], source)
-        if held_in_memory:  # not kept: memory stays one file's, and the file is read again for each step
-            held[step] = dict.fromkeys(held[step])
-    return TaskFile(task_id, path, version, description, list(episodes), held)
-
-
-class FileVersion(NamedTuple):
-    """What changes when a file is written. The change time cannot be set back by a writer, as mtime can."""
-
-    size: int
-    modified_ns: int
-    changed_ns: int
-    inode: int
-    device: int
-
-    @classmethod
-    def of(cls, status: os.stat_result) -> FileVersion:
-        return cls(status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev)
-
-
-def file_version(path: Path) -> FileVersion | None:
-    """A file's version now (None: there is no file)."""
-    try:
-        return FileVersion.of(os.stat(path))
-    except OSError:
-        return None
-
-
-def episode_steps(task_data: dict, path: Path, task_id: int, source: Source, found: ReadReport) -> dict[int, dict]:
-    """episode -> {step N: (key, the step's dict)} for the episodes of the range the file has (the others are noted)."""
-    episodes = {}
-    for episode in range(*source.episode_range):
-        episode_data = task_data["episodes"].get(f"episode_{episode}")
-        if episode_data is None:
-            found.missing_episodes.append((task_id, episode))
-            continue
-        steps = episode_data.get("rollout_steps") if isinstance(episode_data, dict) else None
-        if not isinstance(steps, dict):
-            raise BadFileError(f"{path}: episode_{episode} has no 'rollout_steps' dict")
-        numbered = ((step_number(key), key) for key in steps)
-        episodes[episode] = {number: (key, steps[key]) for number, key in numbered if number is not None}
-    return episodes
-
-
-def file_step(
-    path: Path, episodes: dict[int, dict], step: int, source: Source, layer: int | None
-) -> dict[int, StepArrays]:
-    """The arrays of one rollout step in each episode that has it; BadFileError when any is malformed."""
-    arrays = {}
-    for episode, steps in episodes.items():
-        if step in steps:
-            key, step_data = steps[step]
-            arrays[episode] = step_arrays(f"{path}: episode_{episode}/{key}", step_data, source, layer)
-    return arrays
-
-
-def step_arrays(where: str, step_data, source: Source, layer: int | None) -> StepArrays:
-    """A rollout step's entries for the expert, checked: each has the feature, and the asked slices can be cut from
-    it (indexing only: nothing is read); with --baseline, the baseline's views (None when the step lacks its entry)."""
-    if not isinstance(step_data, dict):
-        raise BadFileError(f"{where} is a {type(step_data).__name__}, not a dict")
-    try:
-        entries = expert_entries(step_data, source)
-        arrays = [feature_array(entry, source) for _, entry in entries]
-        for array in arrays:
-            layer_tokens(array, source, 0 if layer is None else layer)
-        baselines = baseline_views(step_data, source, len(entries))
-    except OptionError:
-        raise
-    except ProbeError as error:
-        raise BadFileError(f"{where}: {error}") from None
-    return StepArrays([time for time, _ in entries], arrays, baselines)
-
-
-def record_step(found: ReadReport, task_id: int, step: int, arrays: dict[int, StepArrays], source: Source) -> None:
-    """Note one file's step in its report: its episodes, those lacking the --baseline's entry, the layers and
-    denoising entries (the fewest seen)."""
-    found.step_episodes[step] = [(task_id, episode) for episode in arrays]
-    found.without_baseline += [(task_id, e, step) for e, one in arrays.items() if one.baselines is None]
-    for one in arrays.values():
-        found.layer_count = found.layer_count or (1 if source.expert == "visual" else one.arrays[0].shape[0])
-        note_denoising_times(found, step, one.times)
-
-
-def note_denoising_times(report: ReadReport, step: int, times: list[float]) -> None:
-    """Keep a step's fewest denoising entries (their times); a step seen with other times or another count is uneven."""
-    known = report.inference_times.get(step)
-    if known is not None and not np.array_equal(known, times, equal_nan=True):
-        report.uneven_steps.add(step)
-    if known is None or len(times) < len(known):
-        report.inference_times[step] = times
-
-
-def add_to_report(report: ReadReport, found: ReadReport) -> None:
-    """Add what one file's walk found to the run's report."""
-    report.missing_episodes += found.missing_episodes
-    report.without_baseline += found.without_baseline
-    for step, pairs in found.step_episodes.items():
-        report.step_episodes.setdefault(step, []).extend(pairs)
-    for step, skipped in found.skipped_steps.items():
-        report.skipped_steps.setdefault(step, {}).update(skipped)
-    report.steps_seen |= found.steps_seen
-    report.layer_count = report.layer_count or found.layer_count
-    report.uneven_steps |= found.uneven_steps
-    for step, times in found.inference_times.items():
-        note_denoising_times(report, step, times)
-
-
-def warn_about_gaps(report: ReadReport, source: Source) -> None:
-    """Warn about episodes missing from their files, or lacking a step or the --baseline's entry."""
-    if report.missing_episodes:
-        log.warning("%d episode(s) in --episode_range are not in their files", len(report.missing_episodes))
-    for step, pairs in report.episodes_without_step.items():
-        log.warning("%d episode(s) have no step_%d and were skipped for it", len(pairs), step)
-    for step in sorted(report.uneven_steps):  # "inference step K" is a position (pi0-latents.md), not a time
-        log.warning(
-            "step_%d: the episodes' denoising entries differ (times or count); --inference_step K takes each one's "
-            "K-th entry in denoising order, and 'each' stops at the fewest",
-            step,
-        )
-    if report.without_baseline:
-        steps_lacking = ", ".join(f"step_{step}" for step in sorted({step for *_, step in report.without_baseline}))
-        log.warning(
-            "%d episode step(s) (%s) have no %s entry for --baseline; their samples are dropped",
-            len(report.without_baseline),
-            steps_lacking,
-            source.baseline[0],
-        )
-
-
 def no_samples(step: int, report: ReadReport) -> ProbeError:
     """The error for a requested rollout step that gives no sample: the steps that exist, or why it has none."""
     if step not in report.steps_seen:
@@ -912,6 +980,47 @@ def no_samples(step: int, report: ReadReport) -> ProbeError:
     return ProbeError(
         f"no samples at step_{step}: each episode that has it is in a file skipped for it or lacks the --baseline entry"
     )
+
+
+def check_unchanged(file: TaskFile, step: int) -> None:
+    """Stop when a task file changed since the walk: its mapped pages would hold other bytes, or none (SIGBUS)."""
+    if file_version(file.path) != file.version:
+        raise ProbeError(
+            f"{file.path}: changed while this run was reading it (at step_{step}); rerun once it is written"
+        )
+
+
+def read_step_again(file: TaskFile, source: Source, step: int) -> dict[int, StepArrays]:
+    """One step's arrays of a file that cannot be mapped, from the file read again (let go once the step is pooled)."""
+    task_data = read_task_file(file.path, source.trust_pickle, source.index_dir)
+    episodes = episode_steps(task_data, file.path, file.task_id, source, ReadReport())
+    return file_step(file.path, episodes, step, source, None)
+
+
+def sample_views(arrays: StepArrays, task_id: int, episode: int, layers: list, source: Source) -> list[SampleRow]:
+    """The samples of one rollout step of one episode, as token views not yet pooled; none when the step lacks the
+    --baseline's entry."""
+    if arrays.baselines is None:
+        return []
+    return [
+        SampleRow(task_id, episode, time, index, [layer_tokens(array, source, layer) for layer in layers], baseline)
+        for index, (time, array, baseline) in enumerate(zip(arrays.times, arrays.arrays, arrays.baselines))
+    ]
+
+
+def file_rows(file: TaskFile, source: Source, layers: list, step: int) -> list[SampleRow]:
+    """One file's samples of a step, pooled; then every page of the file this process mapped is let go (and a file
+    read again is let go with this function's locals)."""
+    check_unchanged(file, step)
+    episodes = file.steps.get(step, {})
+    if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
+        episodes = read_step_again(file, source, step)
+    views = [view for e, arrays in episodes.items() for view in sample_views(arrays, file.task_id, e, layers, source)]
+    rows = pooled_rows(views, source.pooling)
+    if views:
+        let_go_of_file(views[0].layers[0])
+    check_unchanged(file, step)  # not changed while its slices were read either
+    return rows
 
 
 def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
@@ -942,88 +1051,8 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
     )
 
 
-def file_rows(file: TaskFile, source: Source, layers: list, step: int) -> list[SampleRow]:
-    """One file's samples of a step, pooled; then every page of the file this process mapped is let go (and a file
-    read again is let go with this function's locals)."""
-    check_unchanged(file, step)
-    episodes = file.steps.get(step, {})
-    if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
-        episodes = read_step_again(file, source, step)
-    views = [view for e, arrays in episodes.items() for view in sample_views(arrays, file.task_id, e, layers, source)]
-    rows = pooled_rows(views, source.pooling)
-    if views:
-        let_go_of_file(views[0].layers[0])
-    check_unchanged(file, step)  # not changed while its slices were read either
-    return rows
-
-
-def check_unchanged(file: TaskFile, step: int) -> None:
-    """Stop when a task file changed since the walk: its mapped pages would hold other bytes, or none (SIGBUS)."""
-    if file_version(file.path) != file.version:
-        raise ProbeError(
-            f"{file.path}: changed while this run was reading it (at step_{step}); rerun once it is written"
-        )
-
-
-def read_step_again(file: TaskFile, source: Source, step: int) -> dict[int, StepArrays]:
-    """One step's arrays of a file that cannot be mapped, from the file read again (let go once the step is pooled)."""
-    task_data = read_task_file(file.path, source.trust_pickle, source.index_dir)
-    episodes = episode_steps(task_data, file.path, file.task_id, source, ReadReport())
-    return file_step(file.path, episodes, step, source, None)
-
-
-def sample_views(arrays: StepArrays, task_id: int, episode: int, layers: list, source: Source) -> list[SampleRow]:
-    """The samples of one rollout step of one episode, as token views not yet pooled; none when the step lacks the
-    --baseline's entry."""
-    if arrays.baselines is None:
-        return []
-    return [
-        SampleRow(task_id, episode, time, index, [layer_tokens(array, source, layer) for layer in layers], baseline)
-        for index, (time, array, baseline) in enumerate(zip(arrays.times, arrays.arrays, arrays.baselines))
-    ]
-
-
-def baseline_source(source: Source) -> tuple[Source, int | None]:
-    """How the --baseline features are read: its expert, the default feature, all its tokens; and its layer (None for
-    SigLIP's output, where the camera names it)."""
-    expert, where = source.baseline
-    baseline = dataclasses.replace(
-        source,
-        expert=expert,
-        baseline=None,
-        token_range=None,
-        camera=where if expert == "visual" else source.camera,
-        feature_type="pre_logits" if expert == "visual" else "hidden_states",
-    )
-    return baseline, None if expert == "visual" else where
-
-
-def baseline_views(step_data: dict, source: Source, entry_count: int) -> list | None:
-    """The --baseline token view for each of the step's samples (one per denoising entry for the action expert, the
-    step's own view repeated otherwise); [None] * count without a baseline; None when the step lacks its entry."""
-    if source.baseline is None:
-        return [None] * entry_count
-    baseline, layer = baseline_source(source)
-    option = f"--baseline {baseline_spec_text(source.baseline)}"
-    try:
-        entries = expert_entries(step_data, baseline, option)
-    except OptionError:
-        raise
-    except ProbeError:
-        return None
-    views = [layer_tokens(feature_array(entry, baseline), baseline, layer, option) for _, entry in entries]
-    if baseline.expert == "action":
-        return views if len(views) == entry_count else None
-    return views * entry_count
-
-
-def progress_disabled() -> bool | None:
-    """tqdm's `disable`: off under --quiet; None lets tqdm switch itself off when stderr is not a terminal."""
-    return None if log.isEnabledFor(logging.INFO) else True
-
-
 # -----------------------------------------------------------------------------
-# Labels: T5 encoder, mean over the real tokens, cached on disk
+# Labels and concepts: T5 mean over the real tokens, cached on disk; or the words that vary (t5_labels)
 # -----------------------------------------------------------------------------
 
 
@@ -1122,10 +1151,6 @@ def t5_labels(descriptions: list[str], config: LabelConfig) -> np.ndarray:
     return embeddings
 
 
-# -----------------------------------------------------------------------------
-# Concepts: the words (or given attributes) that vary between the analyzed tasks
-# -----------------------------------------------------------------------------
-
 STOP_WORDS = frozenset(
     "a an the and or of in on onto into to it its at from with up down over under by for then".split()
 )
@@ -1206,106 +1231,8 @@ def file_concepts(path: str, class_of_task: dict[int, int], classes: int) -> lis
     return concepts
 
 
-def concept_design(
-    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
-) -> Design:
-    """Concepts of the analyzed tasks, folds (whole tasks by default) and a softmax probe copy per concept and fold."""
-    task_ids = sorted(set(samples.task_id.tolist()))
-    descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
-    class_of_task = {t: descriptions.index(descriptions_by_task[t]) for t in task_ids}
-    sample_class = np.array([class_of_task[t] for t in samples.task_id], dtype=np.int64)
-    if labels.concepts_file:
-        concepts = file_concepts(labels.concepts_file, class_of_task, len(descriptions))
-    else:
-        concepts = word_concepts(descriptions)
-    if not concepts:
-        raise ProbeError("no concepts: no word (or --concepts attribute) varies between the analyzed tasks")
-    fold, folds = assign_folds(samples.task_id, samples.episode, training)
-    validation = validation_masks(samples.task_id, samples.episode, fold, folds, training)
-    width = max(len(concept.values) for concept in concepts)
-    chosen = [(c, f) for c in range(len(concepts)) for f in range(folds)]
-    train = np.stack([(fold != f) & ~validation[f] for _, f in chosen])
-    one_hot = np.stack([np.eye(width, dtype=np.float32)[concepts[c].value_of_class] for c, _ in chosen])
-    copies = Copies(
-        repeat=np.zeros(len(chosen), int),
-        assignment=np.zeros(len(chosen), int),
-        fold=np.array([f for _, f in chosen]),
-        block=np.full(len(chosen), -1),
-        classes=one_hot,
-        known=np.stack([np.isin(np.arange(len(descriptions)), sample_class[t]) for t in train]),
-        train=train,
-        validation=np.stack([validation[f] for _, f in chosen]),
-        label_mean=np.zeros((len(chosen), 1)),
-        label_basis=np.zeros((len(chosen), width, 1)),
-        concept=np.array([c for c, _ in chosen]),
-    )
-    unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
-    identity = np.arange(len(descriptions))[None]
-    return Design(
-        task_ids, descriptions, sample_class, unit, stratum, fold[None], folds, None, identity, None, copies, concepts
-    )
-
-
-def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature, share) -> np.ndarray:
-    """-log2 p(value) under softmax(logits / temperature) over the values the copy fitted, mixed with the uniform code
-    over all the concept's values (see uniform_share): a value it never saw costs log2(values / share) bits."""
-    temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(value),))
-    return code_bits(logits / temperature[:, None], value, np.broadcast_to(share, (len(value),)), present)
-
-
-@dataclasses.dataclass(frozen=True)
-class ConceptScore:
-    """Held-out numbers of one concept's probes; see CONCEPT_DEFINITION."""
-
-    balanced_accuracy: float = reported()  # mean over values of each value's accuracy
-    accuracy: float = reported()
-    majority_accuracy: float = reported()  # always answering the fold's most frequent training value
-    information_bits: float = reported()  # cross-entropy of the training side's value frequencies minus the probe's
-    tasks_with: int = reported()
-    tasks_without: int = reported()
-    values: list[str]
-    folds_missing_values: list[int]  # folds whose held-out side has a value their training side lacks
-    failed_probes: list[int]  # folds whose probe never improved on validation
-
-
-def concept_metrics(
-    features: np.ndarray, fitted: ProbeFit, design: Design, c: int, task_id: np.ndarray, temperatures: np.ndarray
-) -> ConceptScore:
-    """Held-out numbers of one concept, from its fold probes (each copy's softmax temperature given)."""
-    concept, copies, fold = design.concepts[c], design.copies, design.fold[0]
-    members = copies.fold_copies(0, 0, concept=c)
-    logits = copy_predictions(features, fitted, members[fold])[:, : len(concept.values)].astype(np.float64)
-    value = concept.value_of_class[design.sample_class]
-    side = copies.train[members] | copies.validation[members]  # (folds, n) training side of each fold
-    counts = np.stack([np.bincount(value[s], minlength=len(concept.values)) for s in side])  # (folds, V)
-    present = np.stack([concept_values(design, m)[1] for m in members])
-    shares = uniform_share(copies.validation[members].sum(axis=1))
-    bits = concept_bits(logits, value, present[fold], temperatures[members][fold], shares[fold])
-    prior = (counts[fold] + 1) / (counts[fold].sum(axis=1, keepdims=True) + len(concept.values))
-    prior_bits = -np.log2(prior[np.arange(len(value)), value])
-    predicted = np.where(
-        np.isfinite(logits).all(axis=1), np.argmax(np.where(present[fold], logits, -np.inf), axis=1), -1
-    )
-    correct = predicted == value
-    held_values = [set(value[fold == f]) - set(value[side[f]]) for f in range(design.folds)]
-    absent = [
-        concept.values[v] in ("without", NO_VALUE) for v in {int(t): int(v) for t, v in zip(task_id, value)}.values()
-    ]
-    return ConceptScore(
-        balanced_accuracy=float(np.mean([correct[value == v].mean() for v in np.unique(value)])),
-        accuracy=float(correct.mean()),
-        majority_accuracy=float(np.mean(value == counts.argmax(axis=1)[fold])),
-        information_bits=float(np.mean(prior_bits - bits)),
-        tasks_with=absent.count(False),
-        tasks_without=absent.count(True),
-        values=concept.values,
-        folds_missing_values=[f for f, missing in enumerate(held_values) if missing],
-        failed_probes=[int(copies.fold[m]) for m in members if fitted.failed[m]],
-    )
-
-
 # -----------------------------------------------------------------------------
-# Folds: whole episodes (or whole tasks) on one side
+# Folds and design: whole episodes (or tasks) held out, permuted assignments, label spaces (make_design)
 # -----------------------------------------------------------------------------
 
 
@@ -1462,6 +1389,107 @@ class Design:
     concepts: list[Concept] | None = None  # --target concepts: what each copy's softmax predicts (Copies.concept)
 
 
+class CopySpec(NamedTuple):
+    """One probe to train: who it is and which samples it fits, stops on, and takes its label space from."""
+
+    repeat: int
+    assignment: int
+    fold: int
+    block: int
+    train: np.ndarray  # (n,) bool
+    validation: np.ndarray  # (n,) bool
+    training_side: np.ndarray  # (n,) bool: train and validation, the samples whose classes define the label space
+
+
+def pad_axis(array: np.ndarray, axis: int, width: int) -> np.ndarray:
+    """`array` with zeros appended along `axis` up to `width`."""
+    padding = [(0, 0)] * array.ndim
+    padding[axis] = (0, width - array.shape[axis])
+    return np.pad(array, padding)
+
+
+class LabelSpaces(NamedTuple):
+    """The label space of each of a set of copies."""
+
+    mean: np.ndarray  # (copies, D) the training tasks' mean embedding
+    basis: np.ndarray  # (copies, k, D) orthonormal rows (zero rows where a copy's span has fewer directions)
+    classes: np.ndarray  # (copies, C, k) every class's coordinates
+
+
+def spreading_rotation(size: int) -> np.ndarray:
+    """An orthonormal (size, size) matrix (DCT-II) whose rows mix all principal directions, as T5's own axes do."""
+    # Adam scales each output coordinate's step by its own gradients: in principal coordinates it would fit the last
+    # (the smallest differences between tasks) as fast as the first. Planted random-direction tasks, 6 seeds: held-out
+    # accuracy 0.89 in principal coordinates, 0.95 rotated, 0.96 full width.
+    row, column = np.arange(size)[:, None], np.arange(size)[None, :]
+    rotation = np.sqrt(2.0 / max(size, 1)) * np.cos(np.pi * (2 * column + 1) * row / (2 * max(size, 1)))
+    rotation[:1] /= np.sqrt(2.0)
+    return rotation
+
+
+def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> LabelSpaces:
+    """Per copy (given the classes on its training side): the label mean, basis and class coordinates. "span": the
+    training tasks' embeddings' span, exact for retrieval at k/512 of the cost (README, "What the numbers mean")."""
+    means, bases = [], []
+    for known in train_classes:
+        mean = raw[known].mean(axis=0)
+        if labels.label_space == "full" and not labels.label_dim:
+            basis = np.eye(raw.shape[1], dtype=raw.dtype)
+        else:  # by SVD, numerically zero directions dropped: at most C - 1 directions (C uncentered) for C tasks
+            spanned = (raw[known] - mean if labels.center_labels else raw[known]).astype(np.float64)
+            singular, components = np.linalg.svd(spanned, full_matrices=False)[1:]
+            tolerance = singular.max(initial=0.0) * max(spanned.shape) * np.finfo(np.float32).eps
+            basis = components[singular > tolerance]
+            if labels.label_dim and len(basis) < labels.label_dim:
+                raise OptionError(
+                    f"--label_dim {labels.label_dim}: only {len(known)} training tasks, so at most {len(basis)} "
+                    "directions"
+                )
+            basis = (spreading_rotation(len(basis[: labels.label_dim])) @ basis[: labels.label_dim]).astype(raw.dtype)
+        means.append(mean)
+        bases.append(basis)
+    # One shape for every fold (and for every table of permuted labels with the same training classes): the most
+    # directions a fold's training tasks can span. A fold whose span has fewer gets zero rows at the end of its basis;
+    # such a coordinate is 0 for every class and maps to nothing in T5 space.
+    if labels.label_dim:
+        width = labels.label_dim
+    elif labels.label_space == "full":
+        width = raw.shape[1]
+    else:
+        width = min(max(max(len(known) - int(labels.center_labels) for known in train_classes), 1), raw.shape[1])
+    bases = [np.concatenate([basis, np.zeros((width - len(basis), raw.shape[1]), raw.dtype)]) for basis in bases]
+    spaces = [(raw - mean if labels.center_labels else raw) @ basis.T for mean, basis in zip(means, bases)]
+    return LabelSpaces(np.stack(means), np.stack(bases), np.stack(spaces).astype(np.float32))
+
+
+def copies_for(
+    specs: list[CopySpec], raw: np.ndarray, assignments: np.ndarray, sample_class: np.ndarray, labels: LabelConfig
+) -> Copies:
+    """Stack the copies; each assignment's label spaces come from its own (permuted) embedding table and the classes on
+    the copy's training side, exactly as for the probe."""
+    classes = np.arange(len(raw))
+    spaces = {}
+    for assignment in sorted({spec.assignment for spec in specs}):
+        members = [i for i, spec in enumerate(specs) if spec.assignment == assignment]
+        known = [np.flatnonzero(np.isin(classes, sample_class[specs[i].training_side])) for i in members]
+        space = label_spaces(raw[assignments[assignment]], known, labels)
+        spaces.update({i: (space.mean[k], space.basis[k], space.classes[k]) for k, i in enumerate(members)})
+    width = max(basis.shape[0] for _, basis, _ in spaces.values())  # label spaces of lower rank: zero directions added
+    ordered = [spaces[i] for i in range(len(specs))]
+    return Copies(
+        repeat=np.array([spec.repeat for spec in specs]),
+        assignment=np.array([spec.assignment for spec in specs]),
+        fold=np.array([spec.fold for spec in specs]),
+        block=np.array([spec.block for spec in specs]),
+        classes=np.stack([pad_axis(targets, 1, width) for _, _, targets in ordered]).astype(np.float32),
+        known=np.stack([np.isin(classes, sample_class[spec.train]) for spec in specs]),
+        train=np.stack([spec.train for spec in specs]),
+        validation=np.stack([spec.validation for spec in specs]),
+        label_mean=np.stack([mean for mean, _, _ in ordered]),
+        label_basis=np.stack([pad_axis(basis, 0, width) for _, basis, _ in ordered]),
+    )
+
+
 def design_for(
     samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
 ) -> Design:
@@ -1508,55 +1536,64 @@ def design_for(
     )
 
 
-class CopySpec(NamedTuple):
-    """One probe to train: who it is and which samples it fits, stops on, and takes its label space from."""
-
-    repeat: int
-    assignment: int
-    fold: int
-    block: int
-    train: np.ndarray  # (n,) bool
-    validation: np.ndarray  # (n,) bool
-    training_side: np.ndarray  # (n,) bool: train and validation, the samples whose classes define the label space
-
-
-def pad_axis(array: np.ndarray, axis: int, width: int) -> np.ndarray:
-    """`array` with zeros appended along `axis` up to `width`."""
-    padding = [(0, 0)] * array.ndim
-    padding[axis] = (0, width - array.shape[axis])
-    return np.pad(array, padding)
-
-
-def copies_for(
-    specs: list[CopySpec], raw: np.ndarray, assignments: np.ndarray, sample_class: np.ndarray, labels: LabelConfig
-) -> Copies:
-    """Stack the copies; each assignment's label spaces come from its own (permuted) embedding table and the classes on
-    the copy's training side, exactly as for the probe."""
-    classes = np.arange(len(raw))
-    spaces = {}
-    for assignment in sorted({spec.assignment for spec in specs}):
-        members = [i for i, spec in enumerate(specs) if spec.assignment == assignment]
-        known = [np.flatnonzero(np.isin(classes, sample_class[specs[i].training_side])) for i in members]
-        space = label_spaces(raw[assignments[assignment]], known, labels)
-        spaces.update({i: (space.mean[k], space.basis[k], space.classes[k]) for k, i in enumerate(members)})
-    width = max(basis.shape[0] for _, basis, _ in spaces.values())  # label spaces of lower rank: zero directions added
-    ordered = [spaces[i] for i in range(len(specs))]
-    return Copies(
-        repeat=np.array([spec.repeat for spec in specs]),
-        assignment=np.array([spec.assignment for spec in specs]),
-        fold=np.array([spec.fold for spec in specs]),
-        block=np.array([spec.block for spec in specs]),
-        classes=np.stack([pad_axis(targets, 1, width) for _, _, targets in ordered]).astype(np.float32),
-        known=np.stack([np.isin(classes, sample_class[spec.train]) for spec in specs]),
-        train=np.stack([spec.train for spec in specs]),
-        validation=np.stack([spec.validation for spec in specs]),
-        label_mean=np.stack([mean for mean, _, _ in ordered]),
-        label_basis=np.stack([pad_axis(basis, 0, width) for _, basis, _ in ordered]),
+def concept_design(
+    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+) -> Design:
+    """Concepts of the analyzed tasks, folds (whole tasks by default) and a softmax probe copy per concept and fold."""
+    task_ids = sorted(set(samples.task_id.tolist()))
+    descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
+    class_of_task = {t: descriptions.index(descriptions_by_task[t]) for t in task_ids}
+    sample_class = np.array([class_of_task[t] for t in samples.task_id], dtype=np.int64)
+    if labels.concepts_file:
+        concepts = file_concepts(labels.concepts_file, class_of_task, len(descriptions))
+    else:
+        concepts = word_concepts(descriptions)
+    if not concepts:
+        raise ProbeError("no concepts: no word (or --concepts attribute) varies between the analyzed tasks")
+    fold, folds = assign_folds(samples.task_id, samples.episode, training)
+    validation = validation_masks(samples.task_id, samples.episode, fold, folds, training)
+    width = max(len(concept.values) for concept in concepts)
+    chosen = [(c, f) for c in range(len(concepts)) for f in range(folds)]
+    train = np.stack([(fold != f) & ~validation[f] for _, f in chosen])
+    one_hot = np.stack([np.eye(width, dtype=np.float32)[concepts[c].value_of_class] for c, _ in chosen])
+    copies = Copies(
+        repeat=np.zeros(len(chosen), int),
+        assignment=np.zeros(len(chosen), int),
+        fold=np.array([f for _, f in chosen]),
+        block=np.full(len(chosen), -1),
+        classes=one_hot,
+        known=np.stack([np.isin(np.arange(len(descriptions)), sample_class[t]) for t in train]),
+        train=train,
+        validation=np.stack([validation[f] for _, f in chosen]),
+        label_mean=np.zeros((len(chosen), 1)),
+        label_basis=np.zeros((len(chosen), width, 1)),
+        concept=np.array([c for c, _ in chosen]),
+    )
+    unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
+    identity = np.arange(len(descriptions))[None]
+    return Design(
+        task_ids, descriptions, sample_class, unit, stratum, fold[None], folds, None, identity, None, copies, concepts
     )
 
 
+def concept_values(design: Design, copy: int) -> tuple[np.ndarray, np.ndarray]:
+    """A concept probe's target: each sample's value of its concept, and the values its training samples have."""
+    concept = design.concepts[design.copies.concept[copy]]
+    value = concept.value_of_class[design.sample_class]
+    return value, np.bincount(value[design.copies.train[copy]], minlength=len(concept.values)) > 0
+
+
+def make_design(
+    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+) -> Design:
+    """The design of the target asked for: T5 embeddings or concepts."""
+    if labels.target == "concepts":
+        return concept_design(samples, descriptions_by_task, labels, training)
+    return design_for(samples, descriptions_by_task, labels, training)
+
+
 # -----------------------------------------------------------------------------
-# Probe
+# Probe and training: every probe of a run (folds x assignments x repeats, MDL blocks) in one program (fit_items)
 # -----------------------------------------------------------------------------
 
 CONTRASTIVE_TEMPERATURE = 0.1  # InfoNCE over cosine similarities to the tasks' embeddings
@@ -1611,11 +1648,6 @@ def sample_losses(
     candidates = known_classes[None, :] | (jnp.arange(classes.shape[0])[None, :] == own_class[:, None])
     logits = jnp.where(candidates, logits, -jnp.inf)
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), own_class[:, None], axis=-1)[:, 0]
-
-
-# -----------------------------------------------------------------------------
-# Training: every probe of a run (folds x assignments x repeats, MDL blocks) in one jitted program
-# -----------------------------------------------------------------------------
 
 
 class ProbeFit(NamedTuple):
@@ -1815,6 +1847,16 @@ ItemFeatures = Sequence[np.ndarray]  # one (samples, width) array per item (a sw
 PROGRAM_BLOCK_BYTES = 64 * 2**20  # features handed to the compiled program per call (each call holds a copy)
 
 
+def item_sharding(devices: list) -> jax.sharding.NamedSharding | None:
+    """With several local devices, the items axis spread over them; None with one."""
+    if len(devices) == 1:
+        return None
+    log.info("training in blocks of items spread over %d devices", len(devices))
+    return jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
+    )
+
+
 def train_linear_probes(
     features: ItemFeatures, sample_class: np.ndarray, copies: Copies, config: TrainingConfig
 ) -> ProbeFit:
@@ -1869,16 +1911,6 @@ def train_linear_probes(
     }
     # feature_mean back in the features' own coordinates
     return fitted._replace(feature_mean=fitted.feature_mean + shift.astype(np.float32), history=history)
-
-
-def item_sharding(devices: list) -> jax.sharding.NamedSharding | None:
-    """With several local devices, the items axis spread over them; None with one."""
-    if len(devices) == 1:
-        return None
-    log.info("training in blocks of items spread over %d devices", len(devices))
-    return jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
-    )
 
 
 RIDGE_PENALTIES = 10.0 ** np.arange(-3, 4)  # times the number of training samples
@@ -1937,231 +1969,6 @@ def train_ridge_probes(
     return ProbeFit(kernel, bias, mean, std, ~np.isfinite(kernel).all(axis=(2, 3)), {"penalty": penalty})
 
 
-# -----------------------------------------------------------------------------
-# Evaluation: held-out predictions, retrieval among the analyzed tasks' embeddings
-# -----------------------------------------------------------------------------
-
-
-def unit_rows(values: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, in float64 (no overflow on huge predictions; the guide's epsilon keeps zero rows
-    finite)."""
-    values = np.asarray(values, dtype=np.float64)
-    return values / (np.linalg.norm(values, axis=-1, keepdims=True) + EPSILON)
-
-
-def row_cosine(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Cosine between matching rows."""
-    return np.sum(unit_rows(predictions) * unit_rows(targets), axis=-1)
-
-
-class Ranked(NamedTuple):
-    """Per-sample retrieval among the analyzed tasks' embeddings."""
-
-    rank: np.ndarray  # (n,) of the own class's target among all (1 = retrieved; ties count against it)
-    correct: np.ndarray  # (n,) rank == 1
-    predicted: np.ndarray  # (n,) nearest class (-1: non-finite prediction)
-    margin: np.ndarray  # (n,) own cosine minus the nearest other's
-
-
-def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> Ranked:
-    """Retrieval from (samples, classes) cosine similarities. A row holding a non-finite value (a failed probe) ranks
-    last and counts as wrong: NaN compares False, so it would otherwise count as right."""
-    finite = np.isfinite(similarities).all(axis=1)
-    safe = np.where(finite[:, None], similarities, 0.0)
-    own = safe[np.arange(len(own_class)), own_class]
-    others = np.where(np.arange(safe.shape[1])[None, :] == own_class[:, None], -np.inf, safe)
-    rank = np.where(finite, 1 + np.sum(others >= own[:, None], axis=1), safe.shape[1])
-    return Ranked(
-        rank,
-        rank == 1,
-        np.where(finite, np.argmax(safe, axis=1), -1),
-        np.where(finite, own - others.max(axis=1), np.nan),
-    )
-
-
-TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried on each copy's own training side
-
-
-def uniform_share(calibration_count) -> np.ndarray:
-    """Weight of the uniform code mixed into every prediction. A copy's softmax is calibrated on its validation
-    samples (one without any keeps temperature 1 and mixes in the uniform code at 1/2); n samples cannot vouch for an
-    error rate below about 1 / (n + 2) (the rule of succession), so one confident held-out error costs at most
-    log2(classes x (n + 2)) bits, not the 50+ a temperature fitted on a few all-correct samples would charge."""
-    return 1.0 / (np.asarray(calibration_count, dtype=np.float64) + 2.0)
-
-
-def code_bits(logits: np.ndarray, own: np.ndarray, share, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Per sample, -log2 of (1 - share) softmax(logits) + share / K at its own class (K = logits' width; `allowed`
-    masks classes the softmax may not put mass on). A non-finite row carries no information: log2(K) bits."""
-    import scipy.special  # here, not at the top: 0.1 s of start-up that --report and --help do not need
-
-    finite = np.isfinite(logits).all(axis=1)
-    logits = np.where(finite[:, None], logits, 0.0)
-    if allowed is not None:
-        logits = np.where(allowed | ~finite[:, None], logits, -np.inf)
-    log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
-    share = np.where(finite, share, 1.0)
-    mixed = np.logaddexp(
-        np.log1p(-np.minimum(share, 1 - 1e-12))[:, None] + log_p, np.log(share / logits.shape[1])[:, None]
-    )
-    return -mixed[np.arange(len(own)), own] / np.log(2)
-
-
-def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature, share) -> np.ndarray:
-    """Per sample, -log2 p(own class) with p = softmax over the analyzed tasks of similarity / temperature (one
-    temperature, or one per sample), mixed with the uniform code (see uniform_share)."""
-    temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(own_class),))
-    return code_bits(similarities / temperature[:, None], own_class, np.broadcast_to(share, (len(own_class),)))
-
-
-def fit_temperature(logits: np.ndarray, own_class: np.ndarray, allowed: np.ndarray | None = None) -> float:
-    """The grid temperature with the least cross-entropy on the given calibration samples (every grid point at once)."""
-    grid, (count, width) = TEMPERATURE_GRID, logits.shape
-    scaled = (logits[None] / grid[:, None, None]).reshape(-1, width)
-    allowed = None if allowed is None else np.tile(allowed, (len(grid), 1))
-    bits = code_bits(scaled, np.tile(own_class, len(grid)), np.full(len(scaled), uniform_share(count)), allowed)
-    return float(grid[int(np.argmin(bits.reshape(len(grid), count).mean(axis=1)))])
-
-
-Z_95 = 1.959963984540054
-
-
-SHARE_METRICS = ("accuracy", "control_accuracy")  # per-sample values 0 or 1: a Wilson interval fits them
-
-
-def unit_intervals(
-    values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.ndarray | None, resamples: int, seed: int
-) -> dict[str, tuple[float, float]]:
-    """95% BCa intervals (scipy.stats.bootstrap) of per-sample means, resampling whole units, within their stratum.
-
-    The statistic is the mean over the resampled units' samples, as the estimate is. When resampling cannot vary
-    (every stratum's units agree, e.g. all 50 episodes right) BCa is undefined and a percentile interval would be the
-    zero-width [1, 1]: a share (SHARE_METRICS) then gets the Wilson score interval over the units ([0.93, 1]); any
-    other value gets (nan, nan), printed as n/a."""
-    if resamples == 0:
-        return {}
-    import scipy.stats  # here, not at the top: 0.4 s of start-up (docstring parsing) --report and --bootstrap 0 skip
-
-    unit_index = np.unique(unit, return_inverse=True)[1]
-    counts = np.bincount(unit_index).astype(np.float64)
-    stratum_of_unit = np.zeros(len(counts)) if stratum is None else np.bincount(unit_index, weights=stratum) / counts
-    data = tuple(np.flatnonzero(stratum_of_unit == s).astype(np.float64) for s in np.unique(stratum_of_unit))
-    intervals = {}
-    for name, per_sample in values.items():
-        sums = np.bincount(unit_index, weights=per_sample.astype(np.float64), minlength=len(counts))
-
-        def mean_of_units(*chosen, axis=-1, sums=sums):
-            picked = np.concatenate(chosen, axis=axis).astype(np.int64)
-            return sums[picked].sum(axis=axis) / counts[picked].sum(axis=axis)
-
-        unit_means = sums / counts
-        tolerance = 1e-6 * max(1.0, float(np.abs(unit_means).max()))  # rounding-level differences are no variation
-        if all(np.ptp(unit_means[group.astype(np.int64)]) <= tolerance for group in data):
-            share = float(sums.sum() / counts.sum())
-            intervals[name] = wilson_interval(share, len(counts)) if name in SHARE_METRICS else (math.nan, math.nan)
-            continue
-        for method in ("BCa", "percentile"):  # BCa's jackknife can still fail on a handful of units
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                interval = scipy.stats.bootstrap(
-                    data,
-                    mean_of_units,
-                    n_resamples=resamples,
-                    method=method,
-                    vectorized=True,
-                    random_state=np.random.default_rng([seed, 3]),
-                ).confidence_interval
-            if np.isfinite(interval.low) and np.isfinite(interval.high):
-                break
-        intervals[name] = (float(interval.low), float(interval.high))
-    return intervals
-
-
-def wilson_interval(share: float, count: int) -> tuple[float, float]:
-    """95% Wilson score interval of a share observed over `count` units."""
-    scale = 1 + Z_95**2 / count
-    center = (share + Z_95**2 / (2 * count)) / scale
-    half = Z_95 / scale * math.sqrt(share * (1 - share) / count + Z_95**2 / (4 * count**2))
-    return (float(max(0.0, center - half)), float(min(1.0, center + half)))
-
-
-def widened(
-    interval: tuple[float, float], estimate: float, repeat_values: np.ndarray, is_share: bool
-) -> tuple[float, float]:
-    """An interval widened by the spread across repeats (folds and initialisation) of the mean it brackets."""
-    if len(repeat_values) < 2 or not interval:
-        return interval
-    extra = Z_95 * np.std(repeat_values, ddof=1) / math.sqrt(len(repeat_values))
-    low, high = (
-        estimate - math.hypot(estimate - interval[0], extra),
-        estimate + math.hypot(interval[1] - estimate, extra),
-    )
-    return (max(low, 0.0), min(high, 1.0)) if is_share else (float(low), float(high))
-
-
-class LabelSpaces(NamedTuple):
-    """The label space of each of a set of copies."""
-
-    mean: np.ndarray  # (copies, D) the training tasks' mean embedding
-    basis: np.ndarray  # (copies, k, D) orthonormal rows (zero rows where a copy's span has fewer directions)
-    classes: np.ndarray  # (copies, C, k) every class's coordinates
-
-
-def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: LabelConfig) -> LabelSpaces:
-    """Per copy (given the classes on its training side): the label mean, basis and class coordinates. "span": the
-    training tasks' embeddings' span, exact for retrieval at k/512 of the cost (README, "What the numbers mean")."""
-    means, bases = [], []
-    for known in train_classes:
-        mean = raw[known].mean(axis=0)
-        if labels.label_space == "full" and not labels.label_dim:
-            basis = np.eye(raw.shape[1], dtype=raw.dtype)
-        else:  # by SVD, numerically zero directions dropped: at most C - 1 directions (C uncentered) for C tasks
-            spanned = (raw[known] - mean if labels.center_labels else raw[known]).astype(np.float64)
-            singular, components = np.linalg.svd(spanned, full_matrices=False)[1:]
-            tolerance = singular.max(initial=0.0) * max(spanned.shape) * np.finfo(np.float32).eps
-            basis = components[singular > tolerance]
-            if labels.label_dim and len(basis) < labels.label_dim:
-                raise OptionError(
-                    f"--label_dim {labels.label_dim}: only {len(known)} training tasks, so at most {len(basis)} "
-                    "directions"
-                )
-            basis = (spreading_rotation(len(basis[: labels.label_dim])) @ basis[: labels.label_dim]).astype(raw.dtype)
-        means.append(mean)
-        bases.append(basis)
-    # One shape for every fold (and for every table of permuted labels with the same training classes): the most
-    # directions a fold's training tasks can span. A fold whose span has fewer gets zero rows at the end of its basis;
-    # such a coordinate is 0 for every class and maps to nothing in T5 space.
-    if labels.label_dim:
-        width = labels.label_dim
-    elif labels.label_space == "full":
-        width = raw.shape[1]
-    else:
-        width = min(max(max(len(known) - int(labels.center_labels) for known in train_classes), 1), raw.shape[1])
-    bases = [np.concatenate([basis, np.zeros((width - len(basis), raw.shape[1]), raw.dtype)]) for basis in bases]
-    spaces = [(raw - mean if labels.center_labels else raw) @ basis.T for mean, basis in zip(means, bases)]
-    return LabelSpaces(np.stack(means), np.stack(bases), np.stack(spaces).astype(np.float32))
-
-
-def spreading_rotation(size: int) -> np.ndarray:
-    """An orthonormal (size, size) matrix (DCT-II) whose rows mix all principal directions, as T5's own axes do."""
-    # Adam scales each output coordinate's step by its own gradients: in principal coordinates it would fit the last
-    # (the smallest differences between tasks) as fast as the first. Planted random-direction tasks, 6 seeds: held-out
-    # accuracy 0.89 in principal coordinates, 0.95 rotated, 0.96 full width.
-    row, column = np.arange(size)[:, None], np.arange(size)[None, :]
-    rotation = np.sqrt(2.0 / max(size, 1)) * np.cos(np.pi * (2 * column + 1) * row / (2 * max(size, 1)))
-    rotation[:1] /= np.sqrt(2.0)
-    return rotation
-
-
-def make_design(
-    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
-) -> Design:
-    """The design of the target asked for: T5 embeddings or concepts."""
-    if labels.target == "concepts":
-        return concept_design(samples, descriptions_by_task, labels, training)
-    return design_for(samples, descriptions_by_task, labels, training)
-
-
 def fit_items(features: ItemFeatures, design: Design, training: TrainingConfig) -> ProbeFit:
     """Fit the probes of every item and copy; results (items, copies, ...)."""
     if design.concepts is not None:  # softmax probes over each concept's values
@@ -2173,57 +1980,9 @@ def fit_items(features: ItemFeatures, design: Design, training: TrainingConfig) 
     return train_linear_probes(features, design.sample_class, design.copies, training)
 
 
-def copy_predictions(features: np.ndarray, fitted: ProbeFit, copy_of_sample: np.ndarray) -> np.ndarray:
-    """(n, d) label-space prediction of every sample by the copy named for it; NaN where none is (-1) or it failed."""
-    prediction = np.full((len(features), fitted.kernel.shape[-1]), np.nan, dtype=np.float32)
-    for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
-        rows = copy_of_sample == copy
-        if not fitted.failed[copy]:
-            x = (features[rows].astype(np.float64) - fitted.feature_mean[copy]) / fitted.feature_std[copy]
-            prediction[rows] = x @ fitted.kernel[copy] + fitted.bias[copy]
-    return prediction
-
-
-def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np.ndarray) -> np.ndarray:
-    """(n, C) cosine of every prediction to every class's target in its copy's label space."""
-    similarity = np.full((len(prediction), copies.classes.shape[1]), np.nan)
-    for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
-        rows = copy_of_sample == copy
-        similarity[rows] = unit_rows(prediction[rows]) @ unit_rows(copies.classes[copy]).T
-    return similarity
-
-
-def copy_temperatures(features: np.ndarray, fitted: ProbeFit, design: Design) -> np.ndarray:
-    """Every copy's softmax temperature, fitted on its validation samples; 1 for a copy without any."""
-    copies = design.copies
-    temperatures = np.ones(len(copies.train))
-    for copy in range(len(temperatures)):
-        rows = copies.validation[copy]
-        if not rows.any():
-            continue
-        if design.concepts is None:  # over the classes' targets, by cosine
-            logits, own, allowed = (
-                rows_similarity(features, fitted, copies, copy, rows),
-                design.sample_class[rows],
-                None,
-            )
-        else:  # over the concept's values the copy saw in training, by its logits
-            value, present = concept_values(design, copy)
-            logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)]
-            logits, own, allowed = (
-                logits.astype(np.float64),
-                value[rows],
-                np.broadcast_to(present, (rows.sum(), len(present))),
-            )
-        temperatures[copy] = fit_temperature(logits, own, allowed)
-    return temperatures
-
-
-def concept_values(design: Design, copy: int) -> tuple[np.ndarray, np.ndarray]:
-    """A concept probe's target: each sample's value of its concept, and the values its training samples have."""
-    concept = design.concepts[design.copies.concept[copy]]
-    value = concept.value_of_class[design.sample_class]
-    return value, np.bincount(value[design.copies.train[copy]], minlength=len(concept.values)) > 0
+# -----------------------------------------------------------------------------
+# Evaluation: held-out predictions scored among the analyzed tasks; one HeldOut per item (probe_group)
+# -----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2346,67 +2105,137 @@ class HeldOut:
     baseline: Conditional | None = None  # --baseline
 
 
-# The parts whose fields results['metrics'] holds side by side; repeats, the null, MDL and the baseline are nested.
-FLAT_PARTS = ("retrieval", "information", "cosines", "counts", "failures", "control")
-REPORTED_PARTS = {  # sweep.csv's metric columns, in this order (see `reported`)
-    "retrieval": Retrieval,
-    "information": Information,
-    "control": Control,
-    "cosines": Cosines,
-    "counts": Counts,
-    "baseline": Conditional,
-}
+def unit_rows(values: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, in float64 (no overflow on huge predictions; the guide's epsilon keeps zero rows
+    finite)."""
+    values = np.asarray(values, dtype=np.float64)
+    return values / (np.linalg.norm(values, axis=-1, keepdims=True) + EPSILON)
 
 
-def part_fields(part) -> dict:
-    """A record's fields by name, values as they are (dataclasses.asdict would copy every array)."""
-    return {field.name: getattr(part, field.name) for field in dataclasses.fields(part)}
+def row_cosine(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Cosine between matching rows."""
+    return np.sum(unit_rows(predictions) * unit_rows(targets), axis=-1)
 
 
-def metrics_record(held_out: HeldOut) -> dict:
-    """results['metrics']: the layout of the record in a results file (read back by held_out_from)."""
-    metrics = {}
-    for name in FLAT_PARTS:
-        part = getattr(held_out, name)
-        if part is not None:
-            metrics |= part_fields(part)
-    metrics["repeats"] = held_out.repeats._asdict()
-    if held_out.control is not None:
-        metrics["permutation_null"] = held_out.control.permutation_null._asdict()
-        if held_out.control.permutation_p_value is None:
-            del metrics["permutation_p_value"]
-    if held_out.mdl is not None:
-        control = {} if held_out.mdl_control is None else {"control": held_out.mdl_control._asdict()}
-        metrics["mdl"] = {**held_out.mdl._asdict(), **control}
-    metrics["confidence_intervals"] = held_out.intervals
-    if held_out.baseline is not None:
-        metrics["baseline"] = part_fields(held_out.baseline)
-    return metrics
+class Ranked(NamedTuple):
+    """Per-sample retrieval among the analyzed tasks' embeddings."""
+
+    rank: np.ndarray  # (n,) of the own class's target among all (1 = retrieved; ties count against it)
+    correct: np.ndarray  # (n,) rank == 1
+    predicted: np.ndarray  # (n,) nearest class (-1: non-finite prediction)
+    margin: np.ndarray  # (n,) own cosine minus the nearest other's
 
 
-def held_out_from(metrics: dict) -> HeldOut:
-    """The record a results file's metrics were written from (see metrics_record)."""
-
-    def part(kind, values: dict):
-        return kind(**{field.name: values.get(field.name) for field in dataclasses.fields(kind)})
-
-    control, mdl, baseline = None, metrics.get("mdl"), metrics.get("baseline")
-    if "control_accuracy" in metrics:
-        null = PerCopySet(**metrics["permutation_null"])
-        control = dataclasses.replace(part(Control, metrics), permutation_null=null)
-    return HeldOut(
-        counts=part(Counts, metrics),
-        retrieval=part(Retrieval, metrics),
-        information=part(Information, metrics),
-        cosines=part(Cosines, metrics),
-        repeats=PerCopySet(**metrics["repeats"]),
-        failures=part(Failures, metrics),
-        intervals=metrics["confidence_intervals"],
-        control=control,
-        mdl=None if mdl is None else Codelength(*(mdl[name] for name in Codelength._fields)),
-        mdl_control=None if mdl is None or "control" not in mdl else Codelength(**mdl["control"]),
-        baseline=None if baseline is None else part(Conditional, baseline),
+def retrieval(similarities: np.ndarray, own_class: np.ndarray) -> Ranked:
+    """Retrieval from (samples, classes) cosine similarities. A row holding a non-finite value (a failed probe) ranks
+    last and counts as wrong: NaN compares False, so it would otherwise count as right."""
+    finite = np.isfinite(similarities).all(axis=1)
+    safe = np.where(finite[:, None], similarities, 0.0)
+    own = safe[np.arange(len(own_class)), own_class]
+    others = np.where(np.arange(safe.shape[1])[None, :] == own_class[:, None], -np.inf, safe)
+    rank = np.where(finite, 1 + np.sum(others >= own[:, None], axis=1), safe.shape[1])
+    return Ranked(
+        rank,
+        rank == 1,
+        np.where(finite, np.argmax(safe, axis=1), -1),
+        np.where(finite, own - others.max(axis=1), np.nan),
     )
+
+
+def copy_predictions(features: np.ndarray, fitted: ProbeFit, copy_of_sample: np.ndarray) -> np.ndarray:
+    """(n, d) label-space prediction of every sample by the copy named for it; NaN where none is (-1) or it failed."""
+    prediction = np.full((len(features), fitted.kernel.shape[-1]), np.nan, dtype=np.float32)
+    for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
+        rows = copy_of_sample == copy
+        if not fitted.failed[copy]:
+            x = (features[rows].astype(np.float64) - fitted.feature_mean[copy]) / fitted.feature_std[copy]
+            prediction[rows] = x @ fitted.kernel[copy] + fitted.bias[copy]
+    return prediction
+
+
+def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np.ndarray) -> np.ndarray:
+    """(n, C) cosine of every prediction to every class's target in its copy's label space."""
+    similarity = np.full((len(prediction), copies.classes.shape[1]), np.nan)
+    for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
+        rows = copy_of_sample == copy
+        similarity[rows] = unit_rows(prediction[rows]) @ unit_rows(copies.classes[copy]).T
+    return similarity
+
+
+def rows_similarity(features: np.ndarray, fitted: ProbeFit, copies: Copies, copy: int, rows: np.ndarray) -> np.ndarray:
+    """(rows, C) cosine of one copy's predictions of the given rows to every class's target."""
+    chosen = np.where(rows, copy, -1)
+    return copy_similarities(copy_predictions(features, fitted, chosen), copies, chosen)[rows]
+
+
+TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried on each copy's own training side
+
+
+def uniform_share(calibration_count) -> np.ndarray:
+    """Weight of the uniform code mixed into every prediction. A copy's softmax is calibrated on its validation
+    samples (one without any keeps temperature 1 and mixes in the uniform code at 1/2); n samples cannot vouch for an
+    error rate below about 1 / (n + 2) (the rule of succession), so one confident held-out error costs at most
+    log2(classes x (n + 2)) bits, not the 50+ a temperature fitted on a few all-correct samples would charge."""
+    return 1.0 / (np.asarray(calibration_count, dtype=np.float64) + 2.0)
+
+
+def code_bits(logits: np.ndarray, own: np.ndarray, share, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Per sample, -log2 of (1 - share) softmax(logits) + share / K at its own class (K = logits' width; `allowed`
+    masks classes the softmax may not put mass on). A non-finite row carries no information: log2(K) bits."""
+    import scipy.special  # here, not at the top: 0.1 s of start-up that --report and --help do not need
+
+    finite = np.isfinite(logits).all(axis=1)
+    logits = np.where(finite[:, None], logits, 0.0)
+    if allowed is not None:
+        logits = np.where(allowed | ~finite[:, None], logits, -np.inf)
+    log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+    share = np.where(finite, share, 1.0)
+    mixed = np.logaddexp(
+        np.log1p(-np.minimum(share, 1 - 1e-12))[:, None] + log_p, np.log(share / logits.shape[1])[:, None]
+    )
+    return -mixed[np.arange(len(own)), own] / np.log(2)
+
+
+def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature, share) -> np.ndarray:
+    """Per sample, -log2 p(own class) with p = softmax over the analyzed tasks of similarity / temperature (one
+    temperature, or one per sample), mixed with the uniform code (see uniform_share)."""
+    temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(own_class),))
+    return code_bits(similarities / temperature[:, None], own_class, np.broadcast_to(share, (len(own_class),)))
+
+
+def fit_temperature(logits: np.ndarray, own_class: np.ndarray, allowed: np.ndarray | None = None) -> float:
+    """The grid temperature with the least cross-entropy on the given calibration samples (every grid point at once)."""
+    grid, (count, width) = TEMPERATURE_GRID, logits.shape
+    scaled = (logits[None] / grid[:, None, None]).reshape(-1, width)
+    allowed = None if allowed is None else np.tile(allowed, (len(grid), 1))
+    bits = code_bits(scaled, np.tile(own_class, len(grid)), np.full(len(scaled), uniform_share(count)), allowed)
+    return float(grid[int(np.argmin(bits.reshape(len(grid), count).mean(axis=1)))])
+
+
+def copy_temperatures(features: np.ndarray, fitted: ProbeFit, design: Design) -> np.ndarray:
+    """Every copy's softmax temperature, fitted on its validation samples; 1 for a copy without any."""
+    copies = design.copies
+    temperatures = np.ones(len(copies.train))
+    for copy in range(len(temperatures)):
+        rows = copies.validation[copy]
+        if not rows.any():
+            continue
+        if design.concepts is None:  # over the classes' targets, by cosine
+            logits, own, allowed = (
+                rows_similarity(features, fitted, copies, copy, rows),
+                design.sample_class[rows],
+                None,
+            )
+        else:  # over the concept's values the copy saw in training, by its logits
+            value, present = concept_values(design, copy)
+            logits = copy_predictions(features, fitted, np.where(rows, copy, -1))[rows, : len(present)]
+            logits, own, allowed = (
+                logits.astype(np.float64),
+                value[rows],
+                np.broadcast_to(present, (rows.sum(), len(present))),
+            )
+        temperatures[copy] = fit_temperature(logits, own, allowed)
+    return temperatures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2446,27 +2275,6 @@ def scores_of(
     )
 
 
-class Failed(NamedTuple):
-    """Failed copies by role: the probe's folds as (repeat, fold); the null's and the MDL blocks' as copy indices."""
-
-    probe: list[tuple[int, int]]
-    null: list[int]
-    mdl: list[int]
-
-
-def fitted_failures(design: Design, failed: np.ndarray) -> Failed:
-    """The copies that never improved on validation, by role."""
-    copies = design.copies
-    return Failed(
-        [
-            (int(copies.repeat[c]), int(copies.fold[c]))
-            for c in np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment == 0))
-        ],
-        np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment > 0)).tolist(),
-        np.flatnonzero(failed & (copies.block >= 0)).tolist(),
-    )
-
-
 def heldout_copy(design: Design, repeat: int, assignment: int) -> np.ndarray:
     """(n,) the fold probe of (repeat, assignment) that never saw each sample."""
     return design.copies.fold_copies(repeat, assignment)[design.fold[repeat]]
@@ -2484,12 +2292,6 @@ def raw_space_predictions(prediction: np.ndarray, design: Design, copy: np.ndarr
         else:
             raw_prediction[rows] = prediction[rows] @ copies.label_basis[c]
     return raw_prediction
-
-
-def rows_similarity(features: np.ndarray, fitted: ProbeFit, copies: Copies, copy: int, rows: np.ndarray) -> np.ndarray:
-    """(rows, C) cosine of one copy's predictions of the given rows to every class's target."""
-    chosen = np.where(rows, copy, -1)
-    return copy_similarities(copy_predictions(features, fitted, chosen), copies, chosen)[rows]
 
 
 def information(bits: np.ndarray, classes: int) -> np.ndarray:
@@ -2614,6 +2416,101 @@ def retrieval_of(
     )
 
 
+class Failed(NamedTuple):
+    """Failed copies by role: the probe's folds as (repeat, fold); the null's and the MDL blocks' as copy indices."""
+
+    probe: list[tuple[int, int]]
+    null: list[int]
+    mdl: list[int]
+
+
+def fitted_failures(design: Design, failed: np.ndarray) -> Failed:
+    """The copies that never improved on validation, by role."""
+    copies = design.copies
+    return Failed(
+        [
+            (int(copies.repeat[c]), int(copies.fold[c]))
+            for c in np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment == 0))
+        ],
+        np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment > 0)).tolist(),
+        np.flatnonzero(failed & (copies.block >= 0)).tolist(),
+    )
+
+
+Z_95 = 1.959963984540054
+SHARE_METRICS = ("accuracy", "control_accuracy")  # per-sample values 0 or 1: a Wilson interval fits them
+
+
+def wilson_interval(share: float, count: int) -> tuple[float, float]:
+    """95% Wilson score interval of a share observed over `count` units."""
+    scale = 1 + Z_95**2 / count
+    center = (share + Z_95**2 / (2 * count)) / scale
+    half = Z_95 / scale * math.sqrt(share * (1 - share) / count + Z_95**2 / (4 * count**2))
+    return (float(max(0.0, center - half)), float(min(1.0, center + half)))
+
+
+def unit_intervals(
+    values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.ndarray | None, resamples: int, seed: int
+) -> dict[str, tuple[float, float]]:
+    """95% BCa intervals (scipy.stats.bootstrap) of per-sample means, resampling whole units, within their stratum.
+
+    The statistic is the mean over the resampled units' samples, as the estimate is. When resampling cannot vary
+    (every stratum's units agree, e.g. all 50 episodes right) BCa is undefined and a percentile interval would be the
+    zero-width [1, 1]: a share (SHARE_METRICS) then gets the Wilson score interval over the units ([0.93, 1]); any
+    other value gets (nan, nan), printed as n/a."""
+    if resamples == 0:
+        return {}
+    import scipy.stats  # here, not at the top: 0.4 s of start-up (docstring parsing) --report and --bootstrap 0 skip
+
+    unit_index = np.unique(unit, return_inverse=True)[1]
+    counts = np.bincount(unit_index).astype(np.float64)
+    stratum_of_unit = np.zeros(len(counts)) if stratum is None else np.bincount(unit_index, weights=stratum) / counts
+    data = tuple(np.flatnonzero(stratum_of_unit == s).astype(np.float64) for s in np.unique(stratum_of_unit))
+    intervals = {}
+    for name, per_sample in values.items():
+        sums = np.bincount(unit_index, weights=per_sample.astype(np.float64), minlength=len(counts))
+
+        def mean_of_units(*chosen, axis=-1, sums=sums):
+            picked = np.concatenate(chosen, axis=axis).astype(np.int64)
+            return sums[picked].sum(axis=axis) / counts[picked].sum(axis=axis)
+
+        unit_means = sums / counts
+        tolerance = 1e-6 * max(1.0, float(np.abs(unit_means).max()))  # rounding-level differences are no variation
+        if all(np.ptp(unit_means[group.astype(np.int64)]) <= tolerance for group in data):
+            share = float(sums.sum() / counts.sum())
+            intervals[name] = wilson_interval(share, len(counts)) if name in SHARE_METRICS else (math.nan, math.nan)
+            continue
+        for method in ("BCa", "percentile"):  # BCa's jackknife can still fail on a handful of units
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                interval = scipy.stats.bootstrap(
+                    data,
+                    mean_of_units,
+                    n_resamples=resamples,
+                    method=method,
+                    vectorized=True,
+                    random_state=np.random.default_rng([seed, 3]),
+                ).confidence_interval
+            if np.isfinite(interval.low) and np.isfinite(interval.high):
+                break
+        intervals[name] = (float(interval.low), float(interval.high))
+    return intervals
+
+
+def widened(
+    interval: tuple[float, float], estimate: float, repeat_values: np.ndarray, is_share: bool
+) -> tuple[float, float]:
+    """An interval widened by the spread across repeats (folds and initialisation) of the mean it brackets."""
+    if len(repeat_values) < 2 or not interval:
+        return interval
+    extra = Z_95 * np.std(repeat_values, ddof=1) / math.sqrt(len(repeat_values))
+    low, high = (
+        estimate - math.hypot(estimate - interval[0], extra),
+        estimate + math.hypot(interval[1] - estimate, extra),
+    )
+    return (max(low, 0.0), min(high, 1.0)) if is_share else (float(low), float(high))
+
+
 INTERVAL_METRICS = ("accuracy", "information_bits", "cosine_similarity_label_space", "cosine_similarity")
 
 
@@ -2632,16 +2529,6 @@ def interval_estimates(
             spread = getattr(held_out.repeats, name)
             intervals[name] = widened(intervals[name], estimate, spread, name in SHARE_METRICS)
     return intervals
-
-
-class ItemContext(NamedTuple):
-    """What the sweep knows of one item beyond its samples and probes, for its results file."""
-
-    nonfinite: list[tuple]  # (task, episode, step, denoising time) of each sample skipped as non-finite
-    made_with: MadeWith
-    command: list[str]  # the run's command line
-    wall_time_seconds: float  # the run's so far
-    without_baseline: list[tuple] | None = None  # --baseline: (task, episode, step) lacking its entry
 
 
 class Predictions(NamedTuple):
@@ -2710,6 +2597,143 @@ def evaluate_item(
     intervals = interval_estimates(design, values, repeats[0], null, held_out, training)
     held_out = dataclasses.replace(held_out, intervals=intervals)
     return held_out, Predictions(repeats[0], raw_predictions[0], null[0] if null else None, temperatures)
+
+
+class Score(NamedTuple):
+    accuracy: float
+    information_bits: float
+
+
+def first_repeat_score(features: np.ndarray, fitted: ProbeFit, design: Design) -> Score:
+    """Held-out accuracy and information of the first repeat's fold probes."""
+    scores = scores_of(
+        features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
+    )
+    classes = len(design.descriptions)
+    return Score(float(scores.correct.mean()), float(information(scores.bits.mean(), classes)))
+
+
+def conditional_metrics(
+    features: ItemFeatures,
+    samples: Samples,
+    descriptions: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+    spec: str,
+) -> list[Conditional]:
+    """Conditional probing (Hewitt et al. 2021), per item: the same probe (folds, budget, per-feature standardization)
+    on the --baseline features alone and on [baseline, layer]; the gain is what the layer adds beyond the baseline."""
+    plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
+    design = design_for(samples, descriptions, labels, plain)
+    alone = fit_items(samples.baseline[None], design, plain)
+    baseline = first_repeat_score(samples.baseline, alone.item(0), design)
+    joint_features = [np.concatenate([item_features, samples.baseline], axis=1) for item_features in features]
+    joint = fit_items(joint_features, design, plain)
+    conditional = []
+    for position, item_features in enumerate(joint_features):
+        both = first_repeat_score(item_features, joint.item(position), design)
+        conditional.append(
+            Conditional(
+                spec=spec,
+                accuracy=baseline.accuracy,
+                information_bits=baseline.information_bits,
+                joint_accuracy=both.accuracy,
+                joint_information_bits=both.information_bits,
+                gain_accuracy=both.accuracy - baseline.accuracy,
+                gain_bits=both.information_bits - baseline.information_bits,
+            )
+        )
+    return conditional
+
+
+def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature, share) -> np.ndarray:
+    """-log2 p(value) under softmax(logits / temperature) over the values the copy fitted, mixed with the uniform code
+    over all the concept's values (see uniform_share): a value it never saw costs log2(values / share) bits."""
+    temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(value),))
+    return code_bits(logits / temperature[:, None], value, np.broadcast_to(share, (len(value),)), present)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptScore:
+    """Held-out numbers of one concept's probes; see CONCEPT_DEFINITION."""
+
+    balanced_accuracy: float = reported()  # mean over values of each value's accuracy
+    accuracy: float = reported()
+    majority_accuracy: float = reported()  # always answering the fold's most frequent training value
+    information_bits: float = reported()  # cross-entropy of the training side's value frequencies minus the probe's
+    tasks_with: int = reported()
+    tasks_without: int = reported()
+    values: list[str]
+    folds_missing_values: list[int]  # folds whose held-out side has a value their training side lacks
+    failed_probes: list[int]  # folds whose probe never improved on validation
+
+
+def concept_metrics(
+    features: np.ndarray, fitted: ProbeFit, design: Design, c: int, task_id: np.ndarray, temperatures: np.ndarray
+) -> ConceptScore:
+    """Held-out numbers of one concept, from its fold probes (each copy's softmax temperature given)."""
+    concept, copies, fold = design.concepts[c], design.copies, design.fold[0]
+    members = copies.fold_copies(0, 0, concept=c)
+    logits = copy_predictions(features, fitted, members[fold])[:, : len(concept.values)].astype(np.float64)
+    value = concept.value_of_class[design.sample_class]
+    side = copies.train[members] | copies.validation[members]  # (folds, n) training side of each fold
+    counts = np.stack([np.bincount(value[s], minlength=len(concept.values)) for s in side])  # (folds, V)
+    present = np.stack([concept_values(design, m)[1] for m in members])
+    shares = uniform_share(copies.validation[members].sum(axis=1))
+    bits = concept_bits(logits, value, present[fold], temperatures[members][fold], shares[fold])
+    prior = (counts[fold] + 1) / (counts[fold].sum(axis=1, keepdims=True) + len(concept.values))
+    prior_bits = -np.log2(prior[np.arange(len(value)), value])
+    predicted = np.where(
+        np.isfinite(logits).all(axis=1), np.argmax(np.where(present[fold], logits, -np.inf), axis=1), -1
+    )
+    correct = predicted == value
+    held_values = [set(value[fold == f]) - set(value[side[f]]) for f in range(design.folds)]
+    absent = [
+        concept.values[v] in ("without", NO_VALUE) for v in {int(t): int(v) for t, v in zip(task_id, value)}.values()
+    ]
+    return ConceptScore(
+        balanced_accuracy=float(np.mean([correct[value == v].mean() for v in np.unique(value)])),
+        accuracy=float(correct.mean()),
+        majority_accuracy=float(np.mean(value == counts.argmax(axis=1)[fold])),
+        information_bits=float(np.mean(prior_bits - bits)),
+        tasks_with=absent.count(False),
+        tasks_without=absent.count(True),
+        values=concept.values,
+        folds_missing_values=[f for f, missing in enumerate(held_values) if missing],
+        failed_probes=[int(copies.fold[m]) for m in members if fitted.failed[m]],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptsHeldOut:
+    """Every concept's held-out numbers for one item: what evaluate_concepts returns."""
+
+    concepts: dict[str, ConceptScore]
+    mean_balanced_accuracy: float
+    num_concepts: int
+    num_samples: int
+    num_tasks: int
+    num_episodes: int
+    num_folds: int
+
+
+def evaluate_concepts(samples: Samples, fitted: ProbeFit, design: Design) -> ConceptsHeldOut:
+    """Every concept's held-out numbers for one item."""
+    features = samples.features[0]
+    temperatures = copy_temperatures(features, fitted, design)
+    concepts = {
+        concept.name: concept_metrics(features, fitted, design, c, samples.task_id, temperatures)
+        for c, concept in enumerate(design.concepts)
+    }
+    return ConceptsHeldOut(
+        concepts=concepts,
+        mean_balanced_accuracy=float(np.mean([one.balanced_accuracy for one in concepts.values()])),
+        num_concepts=len(concepts),
+        num_samples=len(design.sample_class),
+        num_tasks=len(design.task_ids),
+        num_episodes=len(set(zip(samples.task_id.tolist(), samples.episode.tolist()))),
+        num_folds=design.folds,
+    )
 
 
 class Probed(NamedTuple):
@@ -2793,7 +2817,286 @@ def warn_about_failures(failures: Failures, stem: str) -> None:
             )
 
 
+# -----------------------------------------------------------------------------
+# Output: the results record, what made it, the summary, atomic writes (results_record, write_results)
+# -----------------------------------------------------------------------------
+
 RESULTS_FORMAT = 3  # results files of earlier formats lack what the report reads
+
+
+# The parts whose fields results['metrics'] holds side by side; repeats, the null, MDL and the baseline are nested.
+FLAT_PARTS = ("retrieval", "information", "cosines", "counts", "failures", "control")
+REPORTED_PARTS = {  # sweep.csv's metric columns, in this order (see `reported`)
+    "retrieval": Retrieval,
+    "information": Information,
+    "control": Control,
+    "cosines": Cosines,
+    "counts": Counts,
+    "baseline": Conditional,
+}
+
+
+def part_fields(part) -> dict:
+    """A record's fields by name, values as they are (dataclasses.asdict would copy every array)."""
+    return {field.name: getattr(part, field.name) for field in dataclasses.fields(part)}
+
+
+def metrics_record(held_out: HeldOut) -> dict:
+    """results['metrics']: the layout of the record in a results file (read back by held_out_from)."""
+    metrics = {}
+    for name in FLAT_PARTS:
+        part = getattr(held_out, name)
+        if part is not None:
+            metrics |= part_fields(part)
+    metrics["repeats"] = held_out.repeats._asdict()
+    if held_out.control is not None:
+        metrics["permutation_null"] = held_out.control.permutation_null._asdict()
+        if held_out.control.permutation_p_value is None:
+            del metrics["permutation_p_value"]
+    if held_out.mdl is not None:
+        control = {} if held_out.mdl_control is None else {"control": held_out.mdl_control._asdict()}
+        metrics["mdl"] = {**held_out.mdl._asdict(), **control}
+    metrics["confidence_intervals"] = held_out.intervals
+    if held_out.baseline is not None:
+        metrics["baseline"] = part_fields(held_out.baseline)
+    return metrics
+
+
+def held_out_from(metrics: dict) -> HeldOut:
+    """The record a results file's metrics were written from (see metrics_record)."""
+
+    def part(kind, values: dict):
+        return kind(**{field.name: values.get(field.name) for field in dataclasses.fields(kind)})
+
+    control, mdl, baseline = None, metrics.get("mdl"), metrics.get("baseline")
+    if "control_accuracy" in metrics:
+        null = PerCopySet(**metrics["permutation_null"])
+        control = dataclasses.replace(part(Control, metrics), permutation_null=null)
+    return HeldOut(
+        counts=part(Counts, metrics),
+        retrieval=part(Retrieval, metrics),
+        information=part(Information, metrics),
+        cosines=part(Cosines, metrics),
+        repeats=PerCopySet(**metrics["repeats"]),
+        failures=part(Failures, metrics),
+        intervals=metrics["confidence_intervals"],
+        control=control,
+        mdl=None if mdl is None else Codelength(*(mdl[name] for name in Codelength._fields)),
+        mdl_control=None if mdl is None or "control" not in mdl else Codelength(**mdl["control"]),
+        baseline=None if baseline is None else part(Conditional, baseline),
+    )
+
+
+def concepts_held_out_from(results: dict) -> ConceptsHeldOut:
+    """The record a concept run's results file was written from (see concept_results_record)."""
+    concepts = {name: ConceptScore(**one) for name, one in results["concepts"].items()}
+    return ConceptsHeldOut(concepts=concepts, **results["metrics"])
+
+
+class Configured(NamedTuple):
+    """A results file's configuration, typed again."""
+
+    source: Source
+    item: Item
+    labels: LabelConfig
+    training: TrainingConfig
+
+
+def configured(config: dict) -> Configured:
+    """The configs a results file's config records (see results_record)."""
+    data = config["data"]
+    return Configured(
+        Source(**{field.name: data[field.name] for field in dataclasses.fields(Source)}),
+        Item(**{name: data[name] for name in Item._fields}),
+        LabelConfig(**config["labels"]),
+        TrainingConfig(**config["training"]),
+    )
+
+
+INFORMATION_DEFINITION = (
+    "p(task | features) = softmax over the analyzed tasks' embeddings of cosine / temperature, the temperature fitted "
+    "on each probe's own validation samples; information_bits = log2(classes) - held-out cross-entropy in bits "
+    "(negative: "
+    "worse than knowing nothing)"
+)
+CONCEPT_DEFINITION = (
+    "one softmax (logistic) probe per concept on the same features; accuracy = share of held-out samples whose most "
+    "probable value is their task's; balanced = mean over values; information_bits = cross-entropy of the training "
+    "side's value frequencies minus the probe's (softmax temperature fitted on validation samples), per sample"
+)
+
+
+def describe_control(training: TrainingConfig) -> str:
+    """What the permuted assignments test, in words, for this split."""
+    if training.null_size == 0:
+        return "off"
+    what = (
+        f"{training.null_size} seeded derangement(s) of the task -> embedding assignment, each trained and evaluated "
+        "exactly like the probe (same folds, budget and program)"
+    )
+    if training.split == "task":
+        return (
+            f"{what}; on held-out tasks an assignment without language structure cannot transfer: a null for the probe"
+        )
+    return (
+        f"{what}; with held-out episodes of seen tasks this measures how learnable an arbitrary assignment is, "
+        "high whenever the layer separates the tasks, whatever its geometry: not evidence for or against language"
+    )
+
+
+def describe_intervals(training: TrainingConfig) -> str:
+    """How the 95% intervals were made, in words."""
+    if training.bootstrap == 0:
+        return "none (--bootstrap 0)"
+    unit = "whole tasks" if training.split == "task" else "whole episodes within their task"
+    text = (
+        f"BCa bootstrap ({training.bootstrap} resamples of {unit}); Wilson score interval over the units when all agree"
+    )
+    if training.repeats > 1:
+        text += f"; accuracy and information widened by the spread over {training.repeats} repeats"
+    return text
+
+
+def describe_split(training: TrainingConfig, folds: int) -> str:
+    """How samples were held out, in words."""
+    unit = (
+        "whole tasks, never seen in training"
+        if training.split == "task"
+        else "whole episodes, every task on every training side"
+    )
+    if training.probe == "ridge":
+        return (
+            f"{folds}-fold cross-validation over {unit}; ridge penalty chosen by inner cross-validation on each fold's "
+            "training samples; its validation samples calibrate the softmax"
+        )
+    kind = "tasks" if training.split == "task" else "episodes"
+    share = f"{training.validation_fraction:g}"
+    return f"{folds}-fold cross-validation over {unit}; early stopping on {share} of each fold's training {kind}"
+
+
+def describe_label_space(labels: LabelConfig) -> str:
+    """What the probe's targets are, in words."""
+    text = "T5 mean over real tokens" + (
+        ", minus the mean training-task embedding" if labels.center_labels else " (raw)"
+    )
+    if labels.label_dim:
+        return text + f", projected on the training tasks' top {labels.label_dim} principal directions"
+    if labels.label_space == "span":
+        return (
+            text
+            + "; the probe predicts coordinates in the span of the training tasks' embeddings, mapped back to T5's axes"
+        )
+    return text + "; the probe predicts all of T5's axes (--label_space full)"
+
+
+def describe_token_positions(source: Source) -> str:
+    """Human-readable token positions pooled for the expert."""
+    if source.token_range is not None:
+        where = f"tokens {source.token_range[0]}-{source.token_range[1] - 1} (--token_range)"
+    elif source.expert in EXPERT_TOKENS:
+        where = prefix_tokens_text(source.expert)
+    elif source.expert == "action":
+        where = f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence)"
+    else:
+        where = f"SigLIP patches of camera {source.camera} (vision_latents)"
+    return f"{where}, {source.pooling}-pooled"
+
+
+@functools.cache  # read once per run: 18 metadata reads per layer sweep were 0.2 s
+def installed_versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers (read from metadata: imports nothing)."""
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "jax", "jaxlib", "flax", "optax", "torch", "transformers", "sentencepiece", "ml_dtypes"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class ItemContext(NamedTuple):
+    """What the sweep knows of one item beyond its samples and probes, for its results file."""
+
+    nonfinite: list[tuple]  # (task, episode, step, denoising time) of each sample skipped as non-finite
+    made_with: MadeWith
+    command: list[str]  # the run's command line
+    wall_time_seconds: float  # the run's so far
+    without_baseline: list[tuple] | None = None  # --baseline: (task, episode, step) lacking its entry
+
+
+def config_head(context: ItemContext, dataset: Dataset, item: Item, labels: LabelConfig, training: dict) -> dict:
+    """The start of a results file's config: first, so that its first DIGEST_BYTES hold the fingerprint (see
+    stated_fingerprint)."""
+    return {
+        "fingerprint": context.made_with.fingerprint(),
+        "made_with": dataclasses.asdict(context.made_with),
+        "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
+        "labels": dataclasses.asdict(labels),
+        "training": training,
+    }
+
+
+def samples_record(samples: Samples, design: Design) -> dict:
+    """Who each sample is and the fold that held it out (the first repeat's)."""
+    return {
+        "task_id": samples.task_id,
+        "episode": samples.episode,
+        "step": samples.step,
+        "inference_time": samples.inference_time,
+        "fold": design.fold[0],
+    }
+
+
+def data_report_record(dataset: Dataset, item: Item, context: ItemContext) -> dict:
+    """What was missing, skipped or unreadable for this item's rollout step."""
+    report = dataset.report
+    return {
+        "files": report.files,
+        "missing_tasks": report.missing_tasks,
+        "missing_episodes": report.missing_episodes,
+        "episodes_without_step": report.episodes_without_step.get(item.rollout_step, []),
+        "skipped_files": report.skipped_at(item.rollout_step),
+        "nonfinite_samples": context.nonfinite,
+    }
+
+
+def concept_results_record(
+    probed: Probed,
+    samples: Samples,
+    dataset: Dataset,
+    item: Item,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    context: ItemContext,
+) -> dict:
+    """The results file of a concept run: its one layout (see results_record for the T5 target's)."""
+    held_out, _, design, fitted = probed
+    training_record = {**dataclasses.asdict(training), "loss": "softmax"}
+    numbers = part_fields(held_out)
+    return {
+        "format_version": RESULTS_FORMAT,
+        "target": "concepts",
+        "config": {
+            **config_head(context, dataset, item, labels, training_record),
+            "split": describe_split(training, design.folds),
+            "token_positions": describe_token_positions(dataset.source),
+            "concept_definition": CONCEPT_DEFINITION,
+        },
+        "concepts": {name: part_fields(one) for name, one in numbers.pop("concepts").items()},
+        "metrics": numbers,
+        "tasks": {
+            "task_ids": np.array(design.task_ids),
+            "descriptions": [dataset.descriptions[t] for t in design.task_ids],
+        },
+        "samples": samples_record(samples, design),
+        "history": {key: fitted.history[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
+        "probe": {key: value for key, value in fitted._asdict().items() if key != "history"},
+        "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
+        "data_report": data_report_record(dataset, item, context),
+        "versions": dict(installed_versions()),
+        "wall_time_seconds": context.wall_time_seconds,
+        "command": context.command,
+    }
 
 
 def results_record(
@@ -2888,312 +3191,29 @@ def results_record(
     }
 
 
-def conditional_metrics(
-    features: ItemFeatures,
-    samples: Samples,
-    descriptions: dict[int, str],
-    labels: LabelConfig,
-    training: TrainingConfig,
-    spec: str,
-) -> list[Conditional]:
-    """Conditional probing (Hewitt et al. 2021), per item: the same probe (folds, budget, per-feature standardization)
-    on the --baseline features alone and on [baseline, layer]; the gain is what the layer adds beyond the baseline."""
-    plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
-    design = design_for(samples, descriptions, labels, plain)
-    alone = fit_items(samples.baseline[None], design, plain)
-    baseline = first_repeat_score(samples.baseline, alone.item(0), design)
-    joint_features = [np.concatenate([item_features, samples.baseline], axis=1) for item_features in features]
-    joint = fit_items(joint_features, design, plain)
-    conditional = []
-    for position, item_features in enumerate(joint_features):
-        both = first_repeat_score(item_features, joint.item(position), design)
-        conditional.append(
-            Conditional(
-                spec=spec,
-                accuracy=baseline.accuracy,
-                information_bits=baseline.information_bits,
-                joint_accuracy=both.accuracy,
-                joint_information_bits=both.information_bits,
-                gain_accuracy=both.accuracy - baseline.accuracy,
-                gain_bits=both.information_bits - baseline.information_bits,
-            )
-        )
-    return conditional
-
-
-class Score(NamedTuple):
-    accuracy: float
-    information_bits: float
-
-
-def first_repeat_score(features: np.ndarray, fitted: ProbeFit, design: Design) -> Score:
-    """Held-out accuracy and information of the first repeat's fold probes."""
-    scores = scores_of(
-        features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
-    )
-    classes = len(design.descriptions)
-    return Score(float(scores.correct.mean()), float(information(scores.bits.mean(), classes)))
-
-
-@dataclasses.dataclass(frozen=True)
-class ConceptsHeldOut:
-    """Every concept's held-out numbers for one item: what evaluate_concepts returns."""
-
-    concepts: dict[str, ConceptScore]
-    mean_balanced_accuracy: float
-    num_concepts: int
-    num_samples: int
-    num_tasks: int
-    num_episodes: int
-    num_folds: int
-
-
-def evaluate_concepts(samples: Samples, fitted: ProbeFit, design: Design) -> ConceptsHeldOut:
-    """Every concept's held-out numbers for one item."""
-    features = samples.features[0]
-    temperatures = copy_temperatures(features, fitted, design)
-    concepts = {
-        concept.name: concept_metrics(features, fitted, design, c, samples.task_id, temperatures)
-        for c, concept in enumerate(design.concepts)
-    }
-    return ConceptsHeldOut(
-        concepts=concepts,
-        mean_balanced_accuracy=float(np.mean([one.balanced_accuracy for one in concepts.values()])),
-        num_concepts=len(concepts),
-        num_samples=len(design.sample_class),
-        num_tasks=len(design.task_ids),
-        num_episodes=len(set(zip(samples.task_id.tolist(), samples.episode.tolist()))),
-        num_folds=design.folds,
-    )
-
-
-def concept_results_record(
-    probed: Probed,
-    samples: Samples,
-    dataset: Dataset,
-    item: Item,
-    labels: LabelConfig,
-    training: TrainingConfig,
-    context: ItemContext,
-) -> dict:
-    """The results file of a concept run: its one layout (see results_record for the T5 target's)."""
-    held_out, _, design, fitted = probed
-    training_record = {**dataclasses.asdict(training), "loss": "softmax"}
-    numbers = part_fields(held_out)
-    return {
-        "format_version": RESULTS_FORMAT,
-        "target": "concepts",
-        "config": {
-            **config_head(context, dataset, item, labels, training_record),
-            "split": describe_split(training, design.folds),
-            "token_positions": describe_token_positions(dataset.source),
-            "concept_definition": CONCEPT_DEFINITION,
-        },
-        "concepts": {name: part_fields(one) for name, one in numbers.pop("concepts").items()},
-        "metrics": numbers,
-        "tasks": {
-            "task_ids": np.array(design.task_ids),
-            "descriptions": [dataset.descriptions[t] for t in design.task_ids],
-        },
-        "samples": samples_record(samples, design),
-        "history": {key: fitted.history[key] for key in ("epochs_run", "best_epoch", "batch_size", "steps_per_epoch")},
-        "probe": {key: value for key, value in fitted._asdict().items() if key != "history"},
-        "copies": {"concept": design.copies.concept, "fold": design.copies.fold},
-        "data_report": data_report_record(dataset, item, context),
-        "versions": dict(installed_versions()),
-        "wall_time_seconds": context.wall_time_seconds,
-        "command": context.command,
-    }
-
-
-def config_head(context: ItemContext, dataset: Dataset, item: Item, labels: LabelConfig, training: dict) -> dict:
-    """The start of a results file's config: first, so that its first DIGEST_BYTES hold the fingerprint (see
-    stated_fingerprint)."""
-    return {
-        "fingerprint": context.made_with.fingerprint(),
-        "made_with": dataclasses.asdict(context.made_with),
-        "data": {**dataclasses.asdict(dataset.source), **item._asdict()},
-        "labels": dataclasses.asdict(labels),
-        "training": training,
-    }
-
-
-def samples_record(samples: Samples, design: Design) -> dict:
-    """Who each sample is and the fold that held it out (the first repeat's)."""
-    return {
-        "task_id": samples.task_id,
-        "episode": samples.episode,
-        "step": samples.step,
-        "inference_time": samples.inference_time,
-        "fold": design.fold[0],
-    }
-
-
-def data_report_record(dataset: Dataset, item: Item, context: ItemContext) -> dict:
-    """What was missing, skipped or unreadable for this item's rollout step."""
-    report = dataset.report
-    return {
-        "files": report.files,
-        "missing_tasks": report.missing_tasks,
-        "missing_episodes": report.missing_episodes,
-        "episodes_without_step": report.episodes_without_step.get(item.rollout_step, []),
-        "skipped_files": report.skipped_at(item.rollout_step),
-        "nonfinite_samples": context.nonfinite,
-    }
-
-
-CONCEPT_DEFINITION = (
-    "one softmax (logistic) probe per concept on the same features; accuracy = share of held-out samples whose most "
-    "probable value is their task's; balanced = mean over values; information_bits = cross-entropy of the training "
-    "side's value frequencies minus the probe's (softmax temperature fitted on validation samples), per sample"
-)
-
-
-def concepts_held_out_from(results: dict) -> ConceptsHeldOut:
-    """The record a concept run's results file was written from (see concept_results_record)."""
-    concepts = {name: ConceptScore(**one) for name, one in results["concepts"].items()}
-    return ConceptsHeldOut(concepts=concepts, **results["metrics"])
-
-
-def format_concept_summary(results: dict, run: Configured) -> str:
-    """A concept run's summary: what was probed, then every concept sorted by balanced accuracy."""
-    held_out = concepts_held_out_from(results)
-    if run.training.split == "task":
-        reading = (
-            "held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
-        )
-    else:
-        reading = "held-out episodes of seen tasks: decodability, not transfer"
-    lines = [
-        "Concept Probing Results",
-        "=======================",
-        "",
-        *item_lines(run),
-        f"Held out: {results['config']['split']} ({reading})",
-        f"Number of Samples: {held_out.num_samples}; Number of Tasks: {held_out.num_tasks}",
-        f"Token Positions: {results['config']['token_positions']}",
-        "",
-        f"{'concept':24} {'balanced':>8} {'accuracy':>8} {'majority':>8} {'bits':>7} {'tasks with/without':>18}  notes",
-    ]
-    for name, one in sorted(held_out.concepts.items(), key=lambda named: -named[1].balanced_accuracy):
-        notes = []
-        if one.folds_missing_values:
-            notes.append(f"folds {one.folds_missing_values} never saw a value they hold out")
-        if one.failed_probes:
-            notes.append(f"FAILED folds {one.failed_probes}")
-        lines.append(
-            f"{name:24} {one.balanced_accuracy:8.4f} {one.accuracy:8.4f} {one.majority_accuracy:8.4f} "
-            f"{one.information_bits:7.3f} {one.tasks_with:>9}/{one.tasks_without:<8}  {'; '.join(notes)}"
-        )
-    lines += ["", f"Definition: {CONCEPT_DEFINITION}", ""]
-    return "\n".join(lines)
-
-
-INFORMATION_DEFINITION = (
-    "p(task | features) = softmax over the analyzed tasks' embeddings of cosine / temperature, the temperature fitted "
-    "on each probe's own validation samples; information_bits = log2(classes) - held-out cross-entropy in bits "
-    "(negative: "
-    "worse than knowing nothing)"
-)
-
-
-def describe_control(training: TrainingConfig) -> str:
-    """What the permuted assignments test, in words, for this split."""
-    if training.null_size == 0:
-        return "off"
-    what = (
-        f"{training.null_size} seeded derangement(s) of the task -> embedding assignment, each trained and evaluated "
-        "exactly like the probe (same folds, budget and program)"
-    )
-    if training.split == "task":
-        return (
-            f"{what}; on held-out tasks an assignment without language structure cannot transfer: a null for the probe"
-        )
-    return (
-        f"{what}; with held-out episodes of seen tasks this measures how learnable an arbitrary assignment is, "
-        "high whenever the layer separates the tasks, whatever its geometry: not evidence for or against language"
-    )
-
-
-def describe_intervals(training: TrainingConfig) -> str:
-    """How the 95% intervals were made, in words."""
-    if training.bootstrap == 0:
-        return "none (--bootstrap 0)"
-    unit = "whole tasks" if training.split == "task" else "whole episodes within their task"
-    text = (
-        f"BCa bootstrap ({training.bootstrap} resamples of {unit}); Wilson score interval over the units when all agree"
-    )
-    if training.repeats > 1:
-        text += f"; accuracy and information widened by the spread over {training.repeats} repeats"
-    return text
-
-
-def describe_split(training: TrainingConfig, folds: int) -> str:
-    """How samples were held out, in words."""
-    unit = (
-        "whole tasks, never seen in training"
-        if training.split == "task"
-        else "whole episodes, every task on every training side"
-    )
-    if training.probe == "ridge":
-        return (
-            f"{folds}-fold cross-validation over {unit}; ridge penalty chosen by inner cross-validation on each fold's "
-            "training samples; its validation samples calibrate the softmax"
-        )
-    kind = "tasks" if training.split == "task" else "episodes"
-    share = f"{training.validation_fraction:g}"
-    return f"{folds}-fold cross-validation over {unit}; early stopping on {share} of each fold's training {kind}"
-
-
-def describe_label_space(labels: LabelConfig) -> str:
-    """What the probe's targets are, in words."""
-    text = "T5 mean over real tokens" + (
-        ", minus the mean training-task embedding" if labels.center_labels else " (raw)"
-    )
-    if labels.label_dim:
-        return text + f", projected on the training tasks' top {labels.label_dim} principal directions"
-    if labels.label_space == "span":
-        return (
-            text
-            + "; the probe predicts coordinates in the span of the training tasks' embeddings, mapped back to T5's axes"
-        )
-    return text + "; the probe predicts all of T5's axes (--label_space full)"
-
-
-def describe_token_positions(source: Source) -> str:
-    """Human-readable token positions pooled for the expert."""
-    if source.token_range is not None:
-        where = f"tokens {source.token_range[0]}-{source.token_range[1] - 1} (--token_range)"
-    elif source.expert in EXPERT_TOKENS:
-        where = prefix_tokens_text(source.expert)
-    elif source.expert == "action":
-        where = f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence)"
-    else:
-        where = f"SigLIP patches of camera {source.camera} (vision_latents)"
-    return f"{where}, {source.pooling}-pooled"
-
-
-@functools.cache  # read once per run: 18 metadata reads per layer sweep were 0.2 s
-def installed_versions() -> dict[str, str]:
-    """Versions of the packages that shape the numbers (read from metadata: imports nothing)."""
-    versions = {"python": platform.python_version()}
-    for name in ("numpy", "jax", "jaxlib", "flax", "optax", "torch", "transformers", "sentencepiece", "ml_dtypes"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-# -----------------------------------------------------------------------------
-# Output: results pickle and text summary, each written atomically
-# -----------------------------------------------------------------------------
-
-
 # Options that cannot change a number: where the data and caches live and whether a bad file stops the run; and the
 # model and the concepts file, which MadeWith records by what they hold.
 NOT_RESULT_OPTIONS = ("data_path", "strict", "index_dir", "cache_dir", "concepts_file", "t5_model")
 MADE_WITH_PARTS = ("options", "data", "program")
+
+
+def digest(data: bytes) -> str:
+    """16 hex digits of the SHA-256 of some bytes."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_identity(path: Path) -> str:
+    """A data file as a result records it: name, size, modification time (to the second: copies may keep no finer) and
+    the digest of both ends (see content_digest); or why it cannot be read."""
+    try:
+        with open_regular(path) as file:
+            status = os.fstat(file.fileno())
+            modified = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.st_mtime))
+            return f"{path.name}: {status.st_size} bytes, modified {modified}, ends sha256 {content_digest(file)[:16]}"
+    except BadFileError as error:
+        return f"{path.name}: {str(error).removeprefix(f'{path}: ')}"
+    except OSError as error:  # an I/O error: reading it for the run says so again, and skips it
+        return f"{path.name}: cannot read it ({error.strerror})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3238,271 +3258,8 @@ def run_made_with(source: Source, labels: LabelConfig, training: TrainingConfig)
     return MadeWith(*(json.loads(json.dumps(part)) for part in (options, data, program)))  # as a results file holds it
 
 
-def digest(data: bytes) -> str:
-    """16 hex digits of the SHA-256 of some bytes."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def file_identity(path: Path) -> str:
-    """A data file as a result records it: name, size, modification time (to the second: copies may keep no finer) and
-    the digest of both ends (see content_digest); or why it cannot be read."""
-    try:
-        with open_regular(path) as file:
-            status = os.fstat(file.fileno())
-            modified = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.st_mtime))
-            return f"{path.name}: {status.st_size} bytes, modified {modified}, ends sha256 {content_digest(file)[:16]}"
-    except BadFileError as error:
-        return f"{path.name}: {str(error).removeprefix(f'{path}: ')}"
-    except OSError as error:  # an I/O error: reading it for the run says so again, and skips it
-        return f"{path.name}: cannot read it ({error.strerror})"
-
-
 MADE_WITH_LINE = "Made With: fingerprint {} (options-data-program: config['made_with'] in the results file)"
 STATED_FINGERPRINT = re.compile(r"Made With: fingerprint ([0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{16}) .*")
-
-
-def stated_fingerprint(paths: ResultPaths) -> list[str] | None:
-    """The parts of the fingerprint a summary's last line states, if the results file beside it is whole as this
-    program writes one (a protocol-4 pickle of a dict: PROTO 4 ... SETITEMS STOP) and records the same fingerprint in
-    its first DIGEST_BYTES (the configuration comes first); None otherwise: a results file left by a run killed
-    between the two renames, cut short, or copied in from elsewhere, is read whole instead."""
-    try:
-        with open_regular(paths.summary) as file:  # the last line, as bytes: a few hundred of them
-            size = os.fstat(file.fileno()).st_size
-            last = os.pread(file.fileno(), 4096, max(0, size - 4096)).decode(errors="replace").rstrip("\n")
-        with open_regular(paths.results) as file:
-            size = os.fstat(file.fileno()).st_size
-            head, tail = os.pread(file.fileno(), DIGEST_BYTES, 0), os.pread(file.fileno(), 2, max(0, size - 2))
-    except (OSError, BadFileError):
-        return None
-    stated = STATED_FINGERPRINT.fullmatch(last.rpartition("\n")[2])
-    whole = head.startswith(pickle.PROTO + b"\x04") and tail == pickle.SETITEMS + pickle.STOP
-    if stated is None or not whole or stated.group(1).encode() not in head:
-        return None
-    return stated.group(1).split("-")
-
-
-class Existing(NamedTuple):
-    """How an existing result stands against the one a run would write."""
-
-    differs: str | None  # the first part that differs ("options", "data", "program"), or None
-    whole: bool  # its summary was written with this results file (see stated_fingerprint)
-
-
-def existing_result(paths: ResultPaths, wanted: MadeWith) -> Existing:
-    """Compare an existing result with `wanted`: from its summary's last line when the pair is whole (a line and 64 KB
-    instead of megabytes of results per combination when a big sweep resumes), else from its results file."""
-    stated = stated_fingerprint(paths)
-    if stated is None:  # not a whole pair of this version: the results file says
-        difference = recorded_difference(paths.results, wanted)
-        return Existing(difference and difference.part, False)
-    wanted_parts = wanted.fingerprint().split("-")
-    differing = [part for part, one, other in zip(MADE_WITH_PARTS, stated, wanted_parts) if one != other]
-    return Existing(differing[0] if differing else None, True)
-
-
-class Difference(NamedTuple):
-    """What differs between an existing result and the one a run would write, in words."""
-
-    part: str  # "options" (also when it cannot be told what the result was made with), "data" or "program"
-    text: str
-
-
-def recorded_difference(path: Path, wanted: MadeWith) -> Difference | None:
-    """None when the results file at `path` was made with `wanted`; otherwise the first part that differs and how (or
-    why that cannot be told)."""
-    try:
-        with open_regular(path) as file:
-            recorded = load_restricted(io.BufferedReader(file))["config"]["made_with"]
-        parts = [(part, dict(recorded[part]), getattr(wanted, part)) for part in MADE_WITH_PARTS]
-    except BadFileError as error:
-        return Difference("options", str(error))
-    except (KeyError, TypeError, AttributeError):
-        return Difference("options", "it does not record what it was made with (another program, or an older version)")
-    except UNREADABLE as error:
-        return Difference("options", f"it cannot be read ({error or type(error).__name__})")
-    for part, old, new in parts:
-        differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-        if differing:
-            words = ", ".join(f"{key} {old.get(key)!r} (now {new.get(key)!r})" for key in differing)
-            return Difference(part, f"made with {words}")
-    return None
-
-
-def result_stem(source: Source, item: Item, inference_times: dict[int, list[float]], target: str = "t5") -> str:
-    """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
-    ({camera} in place of the layer for SigLIP's output) and _concepts for concept probes."""
-    where = f"_{source.camera}" if source.expert == "visual" else f"_layer{item.layer}"
-    stem = f"{source.expert}{where}_step{item.rollout_step}"
-    if item.inference_step is not None:
-        times = inference_times.get(item.rollout_step, [])
-        if item.inference_step >= len(times):
-            raise OptionError(
-                f"--inference_step {item.inference_step} is out of range: step_{item.rollout_step} has {len(times)} "
-                f"denoising entries (0-{len(times) - 1})"
-            )
-        stem = f"{stem}_t{times[item.inference_step]:g}"
-    return f"{stem}_concepts" if target == "concepts" else stem
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write one file so that readers never see half of it (see write_together)."""
-    write_together([(path, content)])
-
-
-def write_together(files: list[tuple[Path, bytes]]) -> None:
-    """Write each file to a temporary beside it, then rename them all with Ctrl-C and SIGTERM held back: readers see
-    the old files or all the new ones, never half a file nor a mix (kill -9 between two renames aside). If a rename
-    fails, the files already renamed are removed: no new file stays beside an old one. An error names the file, not
-    its temporary."""
-    current = files[0][0]
-    try:
-        with contextlib.ExitStack() as stack:
-            temporaries = []
-            for current, content in files:
-                temporaries.append(stack.enter_context(locked_temporary(current, content)))
-            renamed = []
-            with signals_held():
-                try:
-                    for temporary, (current, _) in zip(temporaries, files):
-                        os.replace(temporary, current)
-                        renamed.append(current)
-                except BaseException:
-                    for path in renamed:
-                        path.unlink(missing_ok=True)
-                    raise
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(current)) from None
-
-
-@contextlib.contextmanager
-def locked_temporary(path: Path, content: bytes):
-    """`content` in a temporary beside `path`, with the mode open() would give; yields its name, locked until the
-    context ends, so that a run starting meanwhile does not take it for one an interrupted run left (see
-    remove_stale_temporaries); removed then unless renamed."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            with contextlib.suppress(OSError):  # without locks, remove_stale_temporaries cannot lock it either: kept
-                fcntl.flock(file, fcntl.LOCK_EX)
-            # mkstemp makes 0600, which hides results from colleagues: give the mode open() would (0666 less the umask).
-            umask = os.umask(0o022)  # there is no getter: read the umask and put it back at once
-            os.umask(umask)
-            os.fchmod(file.fileno(), 0o666 & ~umask)
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())  # a late write error (NFS, quotas) shows here, before the rename, not at close
-            yield temporary
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM noted, not acted on, for as long as the context lasts, then sent again. Handlers, not a
-    signal mask: the kernel hands a signal to any thread that does not block it (XLA has a dozen), and Python runs
-    the handler in the main thread at its next step. Outside the main thread nothing is raised anyway."""
-    received = []
-    try:
-        with stop_signals_to(lambda signum, frame: received.append(signum)):
-            yield
-    finally:
-        for signum in dict.fromkeys(received):
-            signal.raise_signal(signum)
-
-
-@contextlib.contextmanager
-def stop_signals_to(handler):
-    """Ctrl-C (SIGINT) and SIGTERM go to `handler` for as long as the context lasts, then to what they went to before.
-    Only in the main thread, the one Python runs handlers in (elsewhere nothing changes); an ignored signal stays
-    ignored (`cmd &`)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                previous[signum] = signal.signal(signum, handler)
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-# write_atomically's temporaries: .{name}.{mkstemp's 8 characters}.tmp, for the kinds of file this program writes.
-TEMPORARY_NAME = re.compile(r"^\..+\.(pkl|txt|png|csv|npz|json)\.[a-z0-9_]{8}\.tmp$")
-
-
-@contextlib.contextmanager
-def directory_locked(directory: Path):
-    """An exclusive lock on a directory for as long as a pair is checked and written there, so that two runs never
-    interleave their files of one result. Where the file system has no locks, nothing is held."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
-
-
-def remove_stale_temporaries(directory: Path, started: float) -> None:
-    """Remove the temporaries of write_atomically that an interrupted run left in `directory`: those older than this
-    run that no writer holds locked (a run in progress holds its own)."""
-    try:
-        candidates = [path for path in directory.iterdir() if TEMPORARY_NAME.match(path.name)]
-    except OSError:  # no such directory yet
-        return
-    removed = 0
-    for path in candidates:
-        try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            status = os.fstat(descriptor)
-            if stat.S_ISREG(status.st_mode) and status.st_mtime < started:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a writer holds it
-                path.unlink()
-                removed += 1
-        except OSError:
-            pass
-        finally:
-            os.close(descriptor)
-    if removed:
-        log.warning("%s: removed %d temporary file(s) that an interrupted run left", directory, removed)
-
-
-def unwritable_reason(directory: Path) -> str | None:
-    """Why files cannot be written in `directory`, or created there if it is missing; None when they can.
-    Creates nothing."""
-    existing = next(path for path in (directory, *directory.parents) if os.path.exists(path))
-    if existing == directory and not os.path.isdir(existing):
-        return "exists and is not a directory"
-    if not os.path.isdir(existing):
-        return f"cannot be created: {existing} is not a directory"
-    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
-
-
-class Configured(NamedTuple):
-    """A results file's configuration, typed again."""
-
-    source: Source
-    item: Item
-    labels: LabelConfig
-    training: TrainingConfig
-
-
-def configured(config: dict) -> Configured:
-    """The configs a results file's config records (see results_record)."""
-    data = config["data"]
-    return Configured(
-        Source(**{field.name: data[field.name] for field in dataclasses.fields(Source)}),
-        Item(**{name: data[name] for name in Item._fields}),
-        LabelConfig(**config["labels"]),
-        TrainingConfig(**config["training"]),
-    )
 
 
 def with_interval(held_out: HeldOut, name: str, value: float, digits: int = 4) -> str:
@@ -3514,26 +3271,6 @@ def with_interval(held_out: HeldOut, name: str, value: float, digits: int = 4) -
     if math.isnan(interval[0]):
         return f"{text} [95% CI n/a: resampling the units cannot vary it]"
     return f"{text} [95% CI {interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
-
-
-def format_summary(results: dict) -> str:
-    """The guide's summary block, then the evidence behind it, what was measured and how; last, what made it."""
-    run = configured(results["config"])
-    if run.labels.target == "concepts":
-        body = format_concept_summary(results, run)
-    else:
-        held_out = held_out_from(results["metrics"])
-        body = "\n".join(
-            [
-                *guide_block(results, run, held_out),
-                "",
-                *evidence_lines(results, run, held_out),
-                "",
-                *measured_lines(results, run, held_out),
-                "",
-            ]
-        )
-    return f"{body}{MADE_WITH_LINE.format(results['config']['fingerprint'])}\n"
 
 
 def item_lines(run: Configured) -> list[str]:
@@ -3563,6 +3300,73 @@ def guide_block(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
         "Task Descriptions:",
         *(f"  {t}: {d}" for t, d in zip(tasks["task_ids"], tasks["descriptions"])),
     ]
+
+
+def failure_lines(failures: Failures) -> list[str]:
+    """Probes that never improved on validation, named: their samples count as wrong."""
+    lines = []
+    if failures.failed_probes:
+        folds = ", ".join(f"repeat {r} fold {f}" for r, f in failures.failed_probes)
+        lines.append(
+            f"FAILED PROBES ({folds}): never improved on validation (non-finite loss); their samples count as wrong"
+        )
+    for role in ("null", "mdl"):
+        if failures.failed_copies[role]:
+            lines.append(f"FAILED {role.upper()} PROBES: {failures.failed_copies[role]} never improved on validation")
+    return lines
+
+
+RAW_PREDICTION = {  # how a prediction is placed in raw T5 space, by whether the labels were centered
+    True: "reconstructed as label mean + unit(prediction) x mean target norm",
+    False: "the prediction mapped back through the label basis",
+}
+
+
+# Under --split episode every task is on every training side: a permuted assignment is as learnable as the true one
+# wherever the layer separates the tasks, so the control and the null say nothing about language there.
+EPISODE_SPLIT_CONTROL = "not whether the layer is language-shaped: that question is answered by --split task"
+
+
+def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
+    """The control and the permutation null, read as what they are under this split."""
+    control = held_out.control
+    if control is None:
+        return ["Control Task: off (--no_control)"]
+    lines = [
+        f"Control (task -> embedding assignment permuted): accuracy "
+        f"{with_interval(held_out, 'control_accuracy', control.control_accuracy)}, information "
+        f"{control.control_information_bits:.3f} bits; selectivity (accuracy - control) "
+        f"{with_interval(held_out, 'selectivity', control.selectivity)}"
+    ]
+    if training.split == "episode":
+        lines.append(
+            "  With held-out episodes of seen tasks the control shows how learnable an arbitrary assignment is "
+            f"(high whenever the layer separates the tasks), {EPISODE_SPLIT_CONTROL}"
+        )
+    if control.permutation_p_value is not None:
+        if math.isnan(control.permutation_p_value):
+            test = f"no p-value: {held_out.failures.failed_copies['null']} null probe(s) failed"
+        else:
+            test = (
+                f"p = {control.permutation_p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's "
+                "accuracy as observed"
+            )
+        lines.append(
+            f"Permutation Null ({len(control.permutation_null.accuracy)} permuted assignments, trained like the "
+            f"probe): mean accuracy {control.permutation_null_mean_accuracy:.4f}, mean information "
+            f"{control.permutation_null_mean_information_bits:.3f} bits; {test}"
+        )
+        if training.split == "episode":
+            lines.append(
+                "  With held-out episodes this tests whether the true assignment is more learnable than arbitrary "
+                f"ones, {EPISODE_SPLIT_CONTROL}"
+            )
+    return lines
+
+
+def mdl_text(mdl: Codelength) -> str:
+    """An online codelength, in words."""
+    return f"{mdl.online_bits:.1f} bits vs uniform {mdl.uniform_bits:.1f} (compression {mdl.compression:.2f})"
 
 
 def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
@@ -3623,71 +3427,6 @@ def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
     return lines
 
 
-def failure_lines(failures: Failures) -> list[str]:
-    """Probes that never improved on validation, named: their samples count as wrong."""
-    lines = []
-    if failures.failed_probes:
-        folds = ", ".join(f"repeat {r} fold {f}" for r, f in failures.failed_probes)
-        lines.append(
-            f"FAILED PROBES ({folds}): never improved on validation (non-finite loss); their samples count as wrong"
-        )
-    for role in ("null", "mdl"):
-        if failures.failed_copies[role]:
-            lines.append(f"FAILED {role.upper()} PROBES: {failures.failed_copies[role]} never improved on validation")
-    return lines
-
-
-RAW_PREDICTION = {  # how a prediction is placed in raw T5 space, by whether the labels were centered
-    True: "reconstructed as label mean + unit(prediction) x mean target norm",
-    False: "the prediction mapped back through the label basis",
-}
-# Under --split episode every task is on every training side: a permuted assignment is as learnable as the true one
-# wherever the layer separates the tasks, so the control and the null say nothing about language there.
-EPISODE_SPLIT_CONTROL = "not whether the layer is language-shaped: that question is answered by --split task"
-
-
-def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
-    """The control and the permutation null, read as what they are under this split."""
-    control = held_out.control
-    if control is None:
-        return ["Control Task: off (--no_control)"]
-    lines = [
-        f"Control (task -> embedding assignment permuted): accuracy "
-        f"{with_interval(held_out, 'control_accuracy', control.control_accuracy)}, information "
-        f"{control.control_information_bits:.3f} bits; selectivity (accuracy - control) "
-        f"{with_interval(held_out, 'selectivity', control.selectivity)}"
-    ]
-    if training.split == "episode":
-        lines.append(
-            "  With held-out episodes of seen tasks the control shows how learnable an arbitrary assignment is "
-            f"(high whenever the layer separates the tasks), {EPISODE_SPLIT_CONTROL}"
-        )
-    if control.permutation_p_value is not None:
-        if math.isnan(control.permutation_p_value):
-            test = f"no p-value: {held_out.failures.failed_copies['null']} null probe(s) failed"
-        else:
-            test = (
-                f"p = {control.permutation_p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's "
-                "accuracy as observed"
-            )
-        lines.append(
-            f"Permutation Null ({len(control.permutation_null.accuracy)} permuted assignments, trained like the "
-            f"probe): mean accuracy {control.permutation_null_mean_accuracy:.4f}, mean information "
-            f"{control.permutation_null_mean_information_bits:.3f} bits; {test}"
-        )
-        if training.split == "episode":
-            lines.append(
-                "  With held-out episodes this tests whether the true assignment is more learnable than arbitrary "
-                f"ones, {EPISODE_SPLIT_CONTROL}"
-            )
-    return lines
-
-
-def mdl_text(mdl: Codelength) -> str:
-    """An online codelength, in words."""
-    return f"{mdl.online_bits:.1f} bits vs uniform {mdl.uniform_bits:.1f} (compression {mdl.compression:.2f})"
-
-
 def measured_lines(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
     """What was measured and how: positions, labels, probe, ranges, what was missing or skipped, the training run."""
     source, item, training = run.source, run.item, run.training
@@ -3736,6 +3475,76 @@ def measured_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
     return lines
 
 
+def format_concept_summary(results: dict, run: Configured) -> str:
+    """A concept run's summary: what was probed, then every concept sorted by balanced accuracy."""
+    held_out = concepts_held_out_from(results)
+    if run.training.split == "task":
+        reading = (
+            "held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
+        )
+    else:
+        reading = "held-out episodes of seen tasks: decodability, not transfer"
+    lines = [
+        "Concept Probing Results",
+        "=======================",
+        "",
+        *item_lines(run),
+        f"Held out: {results['config']['split']} ({reading})",
+        f"Number of Samples: {held_out.num_samples}; Number of Tasks: {held_out.num_tasks}",
+        f"Token Positions: {results['config']['token_positions']}",
+        "",
+        f"{'concept':24} {'balanced':>8} {'accuracy':>8} {'majority':>8} {'bits':>7} {'tasks with/without':>18}  notes",
+    ]
+    for name, one in sorted(held_out.concepts.items(), key=lambda named: -named[1].balanced_accuracy):
+        notes = []
+        if one.folds_missing_values:
+            notes.append(f"folds {one.folds_missing_values} never saw a value they hold out")
+        if one.failed_probes:
+            notes.append(f"FAILED folds {one.failed_probes}")
+        lines.append(
+            f"{name:24} {one.balanced_accuracy:8.4f} {one.accuracy:8.4f} {one.majority_accuracy:8.4f} "
+            f"{one.information_bits:7.3f} {one.tasks_with:>9}/{one.tasks_without:<8}  {'; '.join(notes)}"
+        )
+    lines += ["", f"Definition: {CONCEPT_DEFINITION}", ""]
+    return "\n".join(lines)
+
+
+def format_summary(results: dict) -> str:
+    """The guide's summary block, then the evidence behind it, what was measured and how; last, what made it."""
+    run = configured(results["config"])
+    if run.labels.target == "concepts":
+        body = format_concept_summary(results, run)
+    else:
+        held_out = held_out_from(results["metrics"])
+        body = "\n".join(
+            [
+                *guide_block(results, run, held_out),
+                "",
+                *evidence_lines(results, run, held_out),
+                "",
+                *measured_lines(results, run, held_out),
+                "",
+            ]
+        )
+    return f"{body}{MADE_WITH_LINE.format(results['config']['fingerprint'])}\n"
+
+
+def result_stem(source: Source, item: Item, inference_times: dict[int, list[float]], target: str = "t5") -> str:
+    """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
+    ({camera} in place of the layer for SigLIP's output) and _concepts for concept probes."""
+    where = f"_{source.camera}" if source.expert == "visual" else f"_layer{item.layer}"
+    stem = f"{source.expert}{where}_step{item.rollout_step}"
+    if item.inference_step is not None:
+        times = inference_times.get(item.rollout_step, [])
+        if item.inference_step >= len(times):
+            raise OptionError(
+                f"--inference_step {item.inference_step} is out of range: step_{item.rollout_step} has {len(times)} "
+                f"denoising entries (0-{len(times) - 1})"
+            )
+        stem = f"{stem}_t{times[item.inference_step]:g}"
+    return f"{stem}_concepts" if target == "concepts" else stem
+
+
 RESULTS_NAME, SUMMARY_NAME = "results_{}.pkl", "summary_{}.txt"  # {} the result's stem (see result_stem)
 
 
@@ -3752,6 +3561,159 @@ def result_paths(output_dir: Path, stem: str) -> ResultPaths:
     return ResultPaths(output_dir / RESULTS_NAME.format(stem), output_dir / SUMMARY_NAME.format(stem))
 
 
+def stated_fingerprint(paths: ResultPaths) -> list[str] | None:
+    """The parts of the fingerprint a summary's last line states, if the results file beside it is whole as this
+    program writes one (a protocol-4 pickle of a dict: PROTO 4 ... SETITEMS STOP) and records the same fingerprint in
+    its first DIGEST_BYTES (the configuration comes first); None otherwise: a results file left by a run killed
+    between the two renames, cut short, or copied in from elsewhere, is read whole instead."""
+    try:
+        with open_regular(paths.summary) as file:  # the last line, as bytes: a few hundred of them
+            size = os.fstat(file.fileno()).st_size
+            last = os.pread(file.fileno(), 4096, max(0, size - 4096)).decode(errors="replace").rstrip("\n")
+        with open_regular(paths.results) as file:
+            size = os.fstat(file.fileno()).st_size
+            head, tail = os.pread(file.fileno(), DIGEST_BYTES, 0), os.pread(file.fileno(), 2, max(0, size - 2))
+    except (OSError, BadFileError):
+        return None
+    stated = STATED_FINGERPRINT.fullmatch(last.rpartition("\n")[2])
+    whole = head.startswith(pickle.PROTO + b"\x04") and tail == pickle.SETITEMS + pickle.STOP
+    if stated is None or not whole or stated.group(1).encode() not in head:
+        return None
+    return stated.group(1).split("-")
+
+
+class Existing(NamedTuple):
+    """How an existing result stands against the one a run would write."""
+
+    differs: str | None  # the first part that differs ("options", "data", "program"), or None
+    whole: bool  # its summary was written with this results file (see stated_fingerprint)
+
+
+class Difference(NamedTuple):
+    """What differs between an existing result and the one a run would write, in words."""
+
+    part: str  # "options" (also when it cannot be told what the result was made with), "data" or "program"
+    text: str
+
+
+def recorded_difference(path: Path, wanted: MadeWith) -> Difference | None:
+    """None when the results file at `path` was made with `wanted`; otherwise the first part that differs and how (or
+    why that cannot be told)."""
+    try:
+        with open_regular(path) as file:
+            recorded = load_restricted(io.BufferedReader(file))["config"]["made_with"]
+        parts = [(part, dict(recorded[part]), getattr(wanted, part)) for part in MADE_WITH_PARTS]
+    except BadFileError as error:
+        return Difference("options", str(error))
+    except (KeyError, TypeError, AttributeError):
+        return Difference("options", "it does not record what it was made with (another program, or an older version)")
+    except UNREADABLE as error:
+        return Difference("options", f"it cannot be read ({error or type(error).__name__})")
+    for part, old, new in parts:
+        differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        if differing:
+            words = ", ".join(f"{key} {old.get(key)!r} (now {new.get(key)!r})" for key in differing)
+            return Difference(part, f"made with {words}")
+    return None
+
+
+def existing_result(paths: ResultPaths, wanted: MadeWith) -> Existing:
+    """Compare an existing result with `wanted`: from its summary's last line when the pair is whole (a line and 64 KB
+    instead of megabytes of results per combination when a big sweep resumes), else from its results file."""
+    stated = stated_fingerprint(paths)
+    if stated is None:  # not a whole pair of this version: the results file says
+        difference = recorded_difference(paths.results, wanted)
+        return Existing(difference and difference.part, False)
+    wanted_parts = wanted.fingerprint().split("-")
+    differing = [part for part, one, other in zip(MADE_WITH_PARTS, stated, wanted_parts) if one != other]
+    return Existing(differing[0] if differing else None, True)
+
+
+@contextlib.contextmanager
+def stop_signals_to(handler):
+    """Ctrl-C (SIGINT) and SIGTERM go to `handler` for as long as the context lasts, then to what they went to before.
+    Only in the main thread, the one Python runs handlers in (elsewhere nothing changes); an ignored signal stays
+    ignored (`cmd &`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handler)
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM noted, not acted on, for as long as the context lasts, then sent again. Handlers, not a
+    signal mask: the kernel hands a signal to any thread that does not block it (XLA has a dozen), and Python runs
+    the handler in the main thread at its next step. Outside the main thread nothing is raised anyway."""
+    received = []
+    try:
+        with stop_signals_to(lambda signum, frame: received.append(signum)):
+            yield
+    finally:
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def locked_temporary(path: Path, content: bytes):
+    """`content` in a temporary beside `path`, with the mode open() would give; yields its name, locked until the
+    context ends, so that a run starting meanwhile does not take it for one an interrupted run left (see
+    remove_stale_temporaries); removed then unless renamed."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            with contextlib.suppress(OSError):  # without locks, remove_stale_temporaries cannot lock it either: kept
+                fcntl.flock(file, fcntl.LOCK_EX)
+            # mkstemp makes 0600, which hides results from colleagues: give the mode open() would (0666 less the umask).
+            umask = os.umask(0o022)  # there is no getter: read the umask and put it back at once
+            os.umask(umask)
+            os.fchmod(file.fileno(), 0o666 & ~umask)
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())  # a late write error (NFS, quotas) shows here, before the rename, not at close
+            yield temporary
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def write_together(files: list[tuple[Path, bytes]]) -> None:
+    """Write each file to a temporary beside it, then rename them all with Ctrl-C and SIGTERM held back: readers see
+    the old files or all the new ones, never half a file nor a mix (kill -9 between two renames aside). If a rename
+    fails, the files already renamed are removed: no new file stays beside an old one. An error names the file, not
+    its temporary."""
+    current = files[0][0]
+    try:
+        with contextlib.ExitStack() as stack:
+            temporaries = []
+            for current, content in files:
+                temporaries.append(stack.enter_context(locked_temporary(current, content)))
+            renamed = []
+            with signals_held():
+                try:
+                    for temporary, (current, _) in zip(temporaries, files):
+                        os.replace(temporary, current)
+                        renamed.append(current)
+                except BaseException:
+                    for path in renamed:
+                        path.unlink(missing_ok=True)
+                    raise
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(current)) from None
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write one file so that readers never see half of it (see write_together)."""
+    write_together([(path, content)])
+
+
 def write_results(results: dict, paths: ResultPaths) -> None:
     """Write a result's pair of files together (see write_together): a results file is never left without its own
     summary."""
@@ -3764,6 +3726,66 @@ def write_results(results: dict, paths: ResultPaths) -> None:
             f"{error.filename}: cannot write it ({error.strerror}); neither file of this result is left: free the "
             "space, then rerun with --skip_existing"
         ) from None
+
+
+# write_atomically's temporaries: .{name}.{mkstemp's 8 characters}.tmp, for the kinds of file this program writes.
+TEMPORARY_NAME = re.compile(r"^\..+\.(pkl|txt|png|csv|npz|json)\.[a-z0-9_]{8}\.tmp$")
+
+
+@contextlib.contextmanager
+def directory_locked(directory: Path):
+    """An exclusive lock on a directory for as long as a pair is checked and written there, so that two runs never
+    interleave their files of one result. Where the file system has no locks, nothing is held."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_temporaries(directory: Path, started: float) -> None:
+    """Remove the temporaries of write_atomically that an interrupted run left in `directory`: those older than this
+    run that no writer holds locked (a run in progress holds its own)."""
+    try:
+        candidates = [path for path in directory.iterdir() if TEMPORARY_NAME.match(path.name)]
+    except OSError:  # no such directory yet
+        return
+    removed = 0
+    for path in candidates:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            status = os.fstat(descriptor)
+            if stat.S_ISREG(status.st_mode) and status.st_mtime < started:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a writer holds it
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
+    if removed:
+        log.warning("%s: removed %d temporary file(s) that an interrupted run left", directory, removed)
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """Why files cannot be written in `directory`, or created there if it is missing; None when they can.
+    Creates nothing."""
+    existing = next(path for path in (directory, *directory.parents) if os.path.exists(path))
+    if existing == directory and not os.path.isdir(existing):
+        return "exists and is not a directory"
+    if not os.path.isdir(existing):
+        return f"cannot be created: {existing} is not a directory"
+    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
+
+
+# -----------------------------------------------------------------------------
+# Sweep: items, shards, resume, one rollout step at a time (run_sweep)
+# -----------------------------------------------------------------------------
 
 
 def sweep_items(source: Source, layers, steps, inference, report: ReadReport) -> list[Item]:
@@ -3783,23 +3805,6 @@ def sweep_items(source: Source, layers, steps, inference, report: ReadReport) ->
     return [Item(step, layer, k) for step in steps for k in denoising(step) for layer in layers]
 
 
-def steps_asked(steps: str | list[int | range], steps_seen: set[int]) -> list[int]:
-    """--rollout_step resolved: "all" present steps; or steps named one by one, then those present in each range asked
-    for (an empty range is an error)."""
-    if steps == "all":
-        return sorted(steps_seen)
-    chosen = [step for step in steps if isinstance(step, int)]
-    for span in (step for step in steps if isinstance(step, range)):
-        present = [step for step in sorted(steps_seen) if step in span]
-        if not present:
-            seen = ", ".join(map(str, sorted(steps_seen))) or "none"
-            raise ProbeError(
-                f"--rollout_step {span.start}-{span.stop - 1}: no rollout step in that range; present: {seen}"
-            )
-        chosen += [step for step in present if step not in chosen]
-    return chosen
-
-
 class Destination(NamedTuple):
     """Where a run's results go, and what each records about the run."""
 
@@ -3809,91 +3814,6 @@ class Destination(NamedTuple):
     command: list[str]
     made_with: MadeWith  # the run's: each result's record of what made it
     overwrite: bool  # --overwrite: a result made meanwhile with other options may be replaced
-
-
-def sweep_groups(
-    items: list[Item], dataset: Dataset, samples: Samples, layers: list
-) -> tuple[list[list[tuple[Item, Samples]]], dict[Item, list[tuple]]]:
-    """The items grouped by the samples they share (trained together), each with its finite samples; and the samples
-    each item skipped as non-finite. --strict stops here, before any training, when any was skipped."""
-    groups: dict[tuple, list] = {}
-    nonfinite: dict[Item, list[tuple]] = {}
-    for item in items:
-        rows = np.ones(len(samples.task_id), bool)
-        if item.inference_step is not None:
-            rows = samples.inference_index == item.inference_step
-        rows, nonfinite[item] = finite_rows(samples, rows, layers.index(item.layer), item, dataset)
-        key = (samples.task_id[rows].tobytes(), samples.episode[rows].tobytes())
-        groups.setdefault(key, []).append((item, samples.select(np.flatnonzero(rows), layers.index(item.layer))))
-    skipped = sum(len(skips) for skips in nonfinite.values())
-    if skipped and dataset.source.strict:
-        raise ProbeError(f"{skipped} sample(s) have non-finite features (see the warnings above); --strict stops here")
-    return list(groups.values()), nonfinite
-
-
-def run_sweep(
-    items: list[Item],
-    dataset: Dataset,
-    samples: Samples,
-    layers: list,
-    labels: LabelConfig,
-    training: TrainingConfig,
-    destination: Destination,
-) -> Iterator[tuple[dict, Path, Path]]:
-    """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`),
-    yielding each as it is written; items that share their samples are trained together in one program."""
-    groups, nonfinite = sweep_groups(items, dataset, samples, layers)
-    # Every design before any training: a combination left without enough samples stops the run before a file is
-    # written.
-    designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
-    spec = baseline_spec_text(dataset.source.baseline) if dataset.source.baseline else ""
-    with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
-        for design, members in zip(designs, groups):
-            probed = probe_group(
-                [selected for _, selected in members], design, dataset.descriptions, labels, training, spec
-            )
-            for (item, selected), one in zip(members, probed):
-                if isinstance(one.held_out, HeldOut):
-                    warn_about_failures(
-                        one.held_out.failures, result_stem(dataset.source, item, dataset.report.inference_times)
-                    )
-                context = item_context(item, dataset, nonfinite[item], destination)
-                results = results_record(one, selected, dataset, item, labels, training, context)
-                yield write_item(results, item, selected, dataset, labels, destination)
-                progress.update()
-
-
-def item_context(item: Item, dataset: Dataset, nonfinite: list[tuple], destination: Destination) -> ItemContext:
-    """What one item's results file records about the run, as the file is made."""
-    lacking = None
-    if dataset.source.baseline:
-        lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
-    wall_time = time.perf_counter() - destination.started
-    return ItemContext(nonfinite, destination.made_with.of_item(item), destination.command, wall_time, lacking)
-
-
-def write_item(
-    results: dict, item: Item, samples: Samples, dataset: Dataset, labels: LabelConfig, destination: Destination
-) -> tuple[dict, Path, Path]:
-    """Write one item's results, and with --plot its figures."""
-    stem = result_stem(dataset.source, item, dataset.report.inference_times, labels.target)
-    paths = result_paths(destination.output_dir, stem)
-    destination.output_dir.mkdir(parents=True, exist_ok=True)
-    with directory_locked(destination.output_dir):  # another run's pair of this stem is checked, then replaced whole
-        wanted = destination.made_with.of_item(item)
-        if (
-            paths.results.is_file()
-            and not destination.overwrite
-            and existing_result(paths, wanted).differs == "options"
-        ):
-            raise ProbeError(
-                f"{first_difference([(paths.results, wanted)])}: written meanwhile by a run with other options; "
-                "--overwrite replaces it"
-            )
-        write_results(results, paths)
-    if destination.plot and labels.target == "t5":
-        write_run_plots(results, samples.features[0], destination.output_dir, stem)
-    return (results, *paths)
 
 
 NONFINITE_WARNINGS_SHOWN = 20  # per combination; the rest are counted
@@ -3940,8 +3860,217 @@ def finite_rows(
     return rows & finite, skipped
 
 
+def sweep_groups(
+    items: list[Item], dataset: Dataset, samples: Samples, layers: list
+) -> tuple[list[list[tuple[Item, Samples]]], dict[Item, list[tuple]]]:
+    """The items grouped by the samples they share (trained together), each with its finite samples; and the samples
+    each item skipped as non-finite. --strict stops here, before any training, when any was skipped."""
+    groups: dict[tuple, list] = {}
+    nonfinite: dict[Item, list[tuple]] = {}
+    for item in items:
+        rows = np.ones(len(samples.task_id), bool)
+        if item.inference_step is not None:
+            rows = samples.inference_index == item.inference_step
+        rows, nonfinite[item] = finite_rows(samples, rows, layers.index(item.layer), item, dataset)
+        key = (samples.task_id[rows].tobytes(), samples.episode[rows].tobytes())
+        groups.setdefault(key, []).append((item, samples.select(np.flatnonzero(rows), layers.index(item.layer))))
+    skipped = sum(len(skips) for skips in nonfinite.values())
+    if skipped and dataset.source.strict:
+        raise ProbeError(f"{skipped} sample(s) have non-finite features (see the warnings above); --strict stops here")
+    return list(groups.values()), nonfinite
+
+
+def item_context(item: Item, dataset: Dataset, nonfinite: list[tuple], destination: Destination) -> ItemContext:
+    """What one item's results file records about the run, as the file is made."""
+    lacking = None
+    if dataset.source.baseline:
+        lacking = [ids for ids in dataset.report.without_baseline if ids[2] == item.rollout_step]
+    wall_time = time.perf_counter() - destination.started
+    return ItemContext(nonfinite, destination.made_with.of_item(item), destination.command, wall_time, lacking)
+
+
+def first_difference(found: list[tuple[Path, MadeWith]]) -> str:
+    """The first of these results files, and what differs in what it was made with (read from the file)."""
+    path, wanted = found[0]
+    difference = recorded_difference(path, wanted)
+    what = difference.text if difference else "its summary states another fingerprint"
+    return f"{path.name}: {what}"
+
+
+def write_item(
+    results: dict, item: Item, samples: Samples, dataset: Dataset, labels: LabelConfig, destination: Destination
+) -> tuple[dict, Path, Path]:
+    """Write one item's results, and with --plot its figures."""
+    stem = result_stem(dataset.source, item, dataset.report.inference_times, labels.target)
+    paths = result_paths(destination.output_dir, stem)
+    destination.output_dir.mkdir(parents=True, exist_ok=True)
+    with directory_locked(destination.output_dir):  # another run's pair of this stem is checked, then replaced whole
+        wanted = destination.made_with.of_item(item)
+        if (
+            paths.results.is_file()
+            and not destination.overwrite
+            and existing_result(paths, wanted).differs == "options"
+        ):
+            raise ProbeError(
+                f"{first_difference([(paths.results, wanted)])}: written meanwhile by a run with other options; "
+                "--overwrite replaces it"
+            )
+        write_results(results, paths)
+    if destination.plot and labels.target == "t5":
+        write_run_plots(results, samples.features[0], destination.output_dir, stem)
+    return (results, *paths)
+
+
+def run_sweep(
+    items: list[Item],
+    dataset: Dataset,
+    samples: Samples,
+    layers: list,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    destination: Destination,
+) -> Iterator[tuple[dict, Path, Path]]:
+    """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`),
+    yielding each as it is written; items that share their samples are trained together in one program."""
+    groups, nonfinite = sweep_groups(items, dataset, samples, layers)
+    # Every design before any training: a combination left without enough samples stops the run before a file is
+    # written.
+    designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
+    spec = baseline_spec_text(dataset.source.baseline) if dataset.source.baseline else ""
+    with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
+        for design, members in zip(designs, groups):
+            probed = probe_group(
+                [selected for _, selected in members], design, dataset.descriptions, labels, training, spec
+            )
+            for (item, selected), one in zip(members, probed):
+                if isinstance(one.held_out, HeldOut):
+                    warn_about_failures(
+                        one.held_out.failures, result_stem(dataset.source, item, dataset.report.inference_times)
+                    )
+                context = item_context(item, dataset, nonfinite[item], destination)
+                results = results_record(one, selected, dataset, item, labels, training, context)
+                yield write_item(results, item, selected, dataset, labels, destination)
+                progress.update()
+
+
+class Resume(NamedTuple):
+    """What a job finds in --output_dir: the combinations left to run, how many are done, and the existing results
+    made otherwise, by the part of MadeWith that differs first (each a results file and what it is compared with)."""
+
+    items: list[Item]
+    done: int
+    differing: dict[str, list[tuple[Path, MadeWith]]]
+
+
+def left_to_run(
+    args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict, made_with: MadeWith
+) -> Resume:
+    """The combinations this job runs: its --shard, less those --skip_existing finds written whole and made the same
+    way, or made by another version of this program only (see MadeWith)."""
+    if args.shard:
+        index, count = args.shard
+        items = items[index::count]
+    output_dir, left, done, differing = Path(args.output_dir), [], 0, {part: [] for part in MADE_WITH_PARTS}
+    for item in items:
+        paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
+        for path in paths:
+            if os.path.lexists(path) and not path.is_file():
+                raise ProbeError(f"{path}: exists and is not a regular file; move it away")
+        wanted = made_with.of_item(item)
+        existing = existing_result(paths, wanted) if paths.results.is_file() else Existing(None, False)
+        if existing.differs is not None:
+            differing[existing.differs].append((paths.results, wanted))
+        if existing.whole and existing.differs in (None, "program") and args.skip_existing:
+            done += 1
+            continue
+        left.append(item)
+    return Resume(left, done, differing)
+
+
+def settle_existing(resume: Resume, args: argparse.Namespace, warn: bool) -> None:
+    """Stop, naming what differs, when results in --output_dir were made with other options (unless --overwrite);
+    with `warn`, say which results are made again (other data) and which are kept (another program version)."""
+    output_dir, differing = args.output_dir, resume.differing
+    if differing["options"] and not args.overwrite:
+        raise ProbeError(
+            f"{len(differing['options'])} result(s) in {output_dir} were made with other options, e.g. "
+            f"{first_difference(differing['options'])}. --overwrite replaces them; another --output_dir keeps both"
+        )
+    if warn and differing["data"]:  # results of data that are no longer there: never reused, made again
+        count, example = len(differing["data"]), first_difference(differing["data"])
+        log.warning("%d result(s) in %s were made from other data, e.g. %s; made again", count, output_dir, example)
+    if warn and differing["program"] and args.skip_existing:
+        log.warning(
+            "%d result(s) in %s were made by another version of this program or its packages, e.g. %s; kept (rerun "
+            "without --skip_existing to make them again)",
+            len(differing["program"]),
+            output_dir,
+            first_difference(differing["program"]),
+        )
+
+
+def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
+    """Before a sweep trains anything: each step exists, and its episodes (with the --baseline's entry) make a design
+    (folds, validation, label space), so that no late step stops the sweep halfway. No feature is read here."""
+    report = dataset.report
+    for step in steps:
+        lacking = {(task, episode) for task, episode, at in report.without_baseline if at == step}
+        pairs = [pair for pair in report.step_episodes.get(step, []) if pair not in lacking]
+        if not pairs:
+            raise no_samples(step, report)
+        pairs = np.array(pairs, dtype=np.int64)
+        count = len(pairs)
+        episodes = Samples(
+            np.zeros((0, count, 0), np.float32),
+            pairs[:, 0],
+            pairs[:, 1],
+            np.full(count, step),
+            np.full(count, np.nan),
+            np.zeros(count, np.int64),
+        )  # one sample per episode: no features
+        try:
+            make_design(episodes, dataset.descriptions, labels, training)
+        except ProbeError as error:
+            raise type(error)(f"step_{step}: {error} (checked before anything was trained)") from None
+
+
+def resolve_sweep(
+    args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig, made_with: MadeWith
+) -> list[Item]:
+    """The combinations this run writes, resolved against the walked files ("all" layers or steps, "each" denoising
+    step), less --shard and --skip_existing; with several steps, each is checked before the first is trained."""
+    items = sweep_items(dataset.source, args.layer, args.rollout_step, args.inference_step, dataset.report)
+    steps = sorted({item.rollout_step for item in items})
+    if len(steps) > 1:
+        check_steps(steps, dataset, labels, training)
+    resume = left_to_run(args, items, dataset.source, dataset.report.inference_times, made_with)
+    settle_existing(resume, args, warn=True)
+    if resume.done:
+        log.info("skipping %d combination(s) already written in %s", resume.done, args.output_dir)
+    return resume.items
+
+
+def named_by_options(args: argparse.Namespace) -> bool:
+    """Whether the options name every combination (steps and layers listed, every denoising entry pooled), so that
+    which are left to run is known before any file is read."""
+    listed_steps = args.rollout_step != "all" and all(isinstance(step, int) for step in args.rollout_step)
+    return listed_steps and args.layer != "all" and args.inference_step == "all"
+
+
+PER_SAMPLE_PARTS = ("samples", "heldout", "probe")  # of a written result: not kept once on disk (a sweep's memory)
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system: glibc keeps it for reuse, and each step of a sweep then adds to the peak.
+    Without glibc: nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # -----------------------------------------------------------------------------
-# Report and plots: a results directory as a table, curves and heatmaps (PNG, Agg)
+# Report and figures: a results directory as tables, curves and heatmaps, PNG by Agg (write_report)
 # -----------------------------------------------------------------------------
 
 
@@ -4025,6 +4154,11 @@ def report_row(results: dict, path: Path) -> dict:
     return row
 
 
+def present(value) -> bool:
+    """Whether a report cell holds a number (blank when the run had none)."""
+    return value is not None and value != ""
+
+
 def blank_or(value, width: int) -> str:
     """A number of the printed table, or blanks where a run has none."""
     return f"{value:{width}.4f}" if present(value) else " " * width
@@ -4034,6 +4168,390 @@ def series_label(row: dict, varying: list[str]) -> str:
     """Legend text: the expert plus whatever else varies between the report's lines."""
     parts = [row["expert"]] + [f"{name.replace('_', ' ')} {row[name]}" for name in varying]
     return ", ".join(parts)
+
+
+def csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
+    """CSV text of rows (None as blank): sweep.csv and the pivots share it, so a value reads back the same in each."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    return buffer.getvalue().encode()
+
+
+CONCEPT_WHERE = ["expert", "layer", "rollout_step", "inference_step", "split"]
+CONCEPT_NUMBERS = [field.name for field in dataclasses.fields(ConceptScore) if "column" in field.metadata]
+CONCEPT_COLUMNS = [*CONCEPT_WHERE, "concept", *CONCEPT_NUMBERS, "file"]
+
+
+def concept_report_rows(results: dict, path: Path) -> list[dict]:
+    """One concepts.csv row per concept of a concept run."""
+    run, held_out = configured(results["config"]), concepts_held_out_from(results)
+    where = {
+        "expert": run.source.expert,
+        "layer": run.item.layer,
+        "rollout_step": run.item.rollout_step,
+        "inference_step": "all" if run.item.inference_step is None else run.item.inference_step,
+        "split": run.training.split,
+    }
+    return [
+        {**where, "concept": name, **{key: getattr(one, key) for key in CONCEPT_NUMBERS}, "file": path.name}
+        for name, one in sorted(held_out.concepts.items())
+    ]
+
+
+def annotate_cells(axis, image, values: np.ndarray, labels: np.ndarray) -> None:
+    """Write each cell's label, dark on light cells and light on dark ones; cells without a value stay blank (grey)."""
+    size = 7 if values.shape[1] <= 12 else 6
+    for (row, column), value in np.ndenumerate(values):
+        if np.isnan(value):
+            continue
+        red, green, blue, _ = image.cmap(image.norm(value))
+        shade = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+        axis.text(column, row, labels[row, column], ha="center", va="center", fontsize=size, color=shade)
+
+
+def plot_concepts_by_layer(panels: dict[tuple, list[dict]], path: Path) -> None:
+    """One heatmap per (expert, rollout step, denoising step, split): concepts (best first) against layers."""
+    plt = pyplot()
+    most_layers = max(len({row["layer"] for row in members}) for members in panels.values())
+    most_concepts = max(len({row["concept"] for row in members}) for members in panels.values())
+    size = (1.5 + 0.9 * most_layers * len(panels), 1.5 + 0.35 * most_concepts)
+    figure, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
+    for axis, ((expert, step, inference, split), members) in zip(axes[0], panels.items()):
+        layers = sorted({row["layer"] for row in members})
+        by_concept: dict[str, dict[int, float]] = {}
+        for row in members:
+            by_concept.setdefault(row["concept"], {})[row["layer"]] = row["balanced_accuracy"]
+        names = sorted(by_concept, key=lambda name: -np.mean(list(by_concept[name].values())))
+        grid = np.array([[by_concept[name].get(layer, np.nan) for layer in layers] for name in names])
+        image = axis.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        annotate_cells(axis, image, grid, np.vectorize("{:.2f}".format, otypes=[object])(grid))
+        held_out = "held-out tasks (transfer)" if split == "task" else "held-out episodes (decodability)"
+        axis.set(
+            xticks=range(len(layers)),
+            xticklabels=layers,
+            yticks=range(len(names)),
+            yticklabels=names,
+            xlabel="layer",
+            title=f"{expert}, step {step}, denoising {inference}\nbalanced accuracy on {held_out}",
+        )
+    figure.colorbar(image, ax=axes[0].tolist(), label="balanced accuracy (chance 0.5 for a word)")
+    save_figure(figure, path)
+
+
+def write_concept_report(rows: list[dict], directory: Path) -> list[str]:
+    """concepts.csv, and concepts_by_layer.png (concept x layer, balanced accuracy) where several layers were run."""
+    write_atomically(directory / "concepts.csv", csv_bytes(CONCEPT_COLUMNS, rows))
+    panels: dict[tuple, list[dict]] = {}
+    for row in rows:
+        panels.setdefault((row["expert"], row["rollout_step"], str(row["inference_step"]), row["split"]), []).append(
+            row
+        )
+    panels = {key: members for key, members in panels.items() if len({row["layer"] for row in members}) > 1}
+    if not panels:
+        return [f"wrote {directory / 'concepts.csv'}"]
+    plot_concepts_by_layer(panels, directory / "concepts_by_layer.png")
+    return [f"wrote {directory / 'concepts.csv'} and {directory / 'concepts_by_layer.png'}"]
+
+
+def plot_accuracy_by_layer(series: list[list[dict]], varying: list[str], rows: list[dict], layers: list, path: Path):
+    """Held-out accuracy per layer, one line per series, interval shaded, chance dashed, control dotted."""
+    figure, axis = pyplot().subplots(figsize=(9, 5))
+    for members in series:
+        x, label = [row["layer"] for row in members], series_label(members[0], varying)
+        (line,) = axis.plot(x, [row["accuracy"] for row in members], marker="o", label=label)
+        if all(row["accuracy_ci_low"] != "" for row in members):
+            low, high = [row["accuracy_ci_low"] for row in members], [row["accuracy_ci_high"] for row in members]
+            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+        # the control is evidence about language only when whole tasks are held out (see SPLIT_NOTES)
+        if members[0]["split"] == "task" and all(row["control_accuracy"] != "" for row in members):
+            control = [row["control_accuracy"] for row in members]
+            axis.plot(x, control, linestyle=":", color=line.get_color(), label=f"{label} (control)")
+    for value in sorted({row["chance_accuracy"] for row in rows}):
+        axis.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"chance {value:.3f}")
+    title = "Task retrieval from each layer (95% bootstrap interval shaded)"
+    axis.set(xlabel="layer", ylabel="held-out accuracy", ylim=(-0.02, 1.02), xticks=layers, title=title)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def plot_cosine_by_layer(series: list[list[dict]], varying: list[str], layers: list, path: Path) -> None:
+    """Cosine to the own task's embedding per layer: in the probe's label space, and in raw T5 space with the
+    constant predictor (the mean embedding) for scale."""
+    figure, (centered, raw) = pyplot().subplots(1, 2, figsize=(13, 5))
+    for number, members in enumerate(series):
+        x, label = [row["layer"] for row in members], series_label(members[0], varying)
+        (line,) = centered.plot(x, [row["cosine_similarity_label_space"] for row in members], marker="o", label=label)
+        raw.plot(x, [row["cosine_similarity"] for row in members], marker="o", color=line.get_color(), label=label)
+        constant = [row["constant_predictor_cosine"] for row in members]
+        raw.plot(
+            x, constant, linestyle="--", color="grey", label=None if number else "constant predictor (mean embedding)"
+        )
+    ylabel = "cosine to own task's embedding"
+    centered.set(xlabel="layer", ylabel=ylabel, xticks=layers, title="Probe's label space")
+    raw.set(
+        xlabel="layer", ylabel=ylabel, xticks=layers, title="Raw T5 space (the guide's), with the constant predictor"
+    )
+    for axis in (centered, raw):
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def plot_by_layer(rows: list[dict], directory: Path) -> None:
+    """Accuracy (with interval, control and chance) and cosine against layer, one line per series."""
+    keys = ("rollout_step", "inference_step", "feature_type", "token_positions", "probe", "loss", "split")
+    # Token positions follow the expert: name them only when they vary within one.
+    experts = {row["expert"] for row in rows}
+    varying = [
+        key for key in keys if any(len({row[key] for row in rows if row["expert"] == expert}) > 1 for expert in experts)
+    ]
+    series: dict[tuple, list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["expert"], *(row[key] for key in varying)), []).append(row)
+    layers = sorted({row["layer"] for row in rows})
+    plot_accuracy_by_layer(list(series.values()), varying, rows, layers, directory / "accuracy_by_layer.png")
+    plot_cosine_by_layer(list(series.values()), varying, layers, directory / "cosine_by_layer.png")
+
+
+# Heatmaps: a sweep over layers and one more axis (denoising time, or rollout step) drawn as layer x column grids, one
+# panel row per combination of everything else. A cell is one results file: file names are unique per expert, layer,
+# rollout step and denoising time, so within a directory no two files compete for a cell.
+class HeatmapKind(NamedTuple):
+    stem: str  # {stem}.png and {stem}_pivot.csv
+    column: str  # the report column along a panel's x axis ("" is read as "all": every denoising entry)
+    panel_keys: tuple[str, ...]  # report columns that one panel holds fixed
+    named_key: str  # the panel key always named in a panel's title, even when all panels share it
+    descending: bool  # column order: denoising runs from t = 1.0 (pure noise) down to the action
+    xlabel: str
+    title: str
+
+
+PANEL_SETTINGS = ("feature_type", "token_positions", "probe", "loss", "split")
+HEATMAPS = (
+    HeatmapKind(
+        stem="accuracy_by_layer_and_inference_time",
+        column="inference_time",
+        panel_keys=("expert", "rollout_step", *PANEL_SETTINGS),
+        named_key="rollout_step",
+        descending=True,
+        xlabel="denoising time t (1.0: pure noise; denoising runs left to right)",
+        title="Task retrieval by layer and denoising time",
+    ),
+    HeatmapKind(
+        stem="accuracy_by_layer_and_rollout_step",
+        column="rollout_step",
+        panel_keys=("expert", "inference_step", "inference_time", *PANEL_SETTINGS),
+        named_key="inference_time",
+        descending=False,
+        xlabel="rollout step",
+        title="Task retrieval by layer and rollout step",
+    ),
+)
+SIGNIFICANT_P = 0.05  # under --split task, accuracy cells whose permutation p-value is at most this get a star
+HEATMAP_METRICS = ("accuracy", "information_bits", "control_accuracy")  # drawn side by side, in this order
+
+
+class HeatmapPanel(NamedTuple):
+    identity: dict  # panel key -> the value all its cells share
+    layers: list  # ascending
+    columns: list  # denoising times (then "all") or rollout steps, in the kind's order
+    cells: dict  # (layer, column) -> report row
+
+
+def heatmap_column(row: dict, kind: HeatmapKind):
+    """A row's place along the kind's x axis."""
+    value = row[kind.column]
+    return value if present(value) else "all"
+
+
+def column_order(kind: HeatmapKind, column) -> tuple:
+    """Sort key: numbers in the kind's direction, "all" last."""
+    if column == "all":
+        return (1, 0)
+    return (0, -column if kind.descending else column)
+
+
+def heatmap_panels(rows: list[dict], kind: HeatmapKind) -> list[HeatmapPanel]:
+    """Rows grouped by everything but layer and the kind's column; only groups with 2+ layers and 2+ columns."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row[key]) for key in kind.panel_keys), []).append(row)
+    panels = []
+    for members in groups.values():
+        cells = {(row["layer"], heatmap_column(row, kind)): row for row in members}
+        layers = sorted({layer for layer, _ in cells})
+        columns = sorted({column for _, column in cells}, key=functools.partial(column_order, kind))
+        if len(layers) > 1 and len(columns) > 1:
+            panels.append(HeatmapPanel({key: members[0][key] for key in kind.panel_keys}, layers, columns, cells))
+    return panels
+
+
+def panel_metrics(panel: HeatmapPanel) -> list[str]:
+    """The report columns a panel shows: accuracy, its interval and information where the files have them; and only
+    under --split task the control and the permutation p-value, since under --split episode they measure how learnable
+    an arbitrary task -> embedding assignment is, not language."""
+    rows = list(panel.cells.values())
+    metrics = ["accuracy"]
+    optional = ["accuracy_ci_low", "accuracy_ci_high", "information_bits"]
+    if panel.identity["split"] == "task":
+        optional += ["control_accuracy", "permutation_p_value"]
+    metrics += [name for name in optional if any(present(row[name]) for row in rows)]
+    return metrics
+
+
+def panel_values(panel: HeatmapPanel, metric: str) -> np.ndarray:
+    """(layers, columns) floats; NaN where a cell has no file or the file no value."""
+    values = np.full((len(panel.layers), len(panel.columns)), np.nan)
+    for (layer, column), row in panel.cells.items():
+        if present(row[metric]):
+            values[panel.layers.index(layer), panel.columns.index(column)] = float(row[metric])
+    return values
+
+
+SPLIT_NOTES = {
+    "episode": "held out: whole episodes of the analyzed tasks. No control shown: under this split it only measures "
+    "how learnable an arbitrary task \u2192 embedding assignment is.",
+    "task": "held out: whole tasks (unseen instructions). Control: the same probe trained on permuted task \u2192 "
+    "embedding assignments.",
+}
+
+
+def pivot_csv(panels: list[HeatmapPanel], kind: HeatmapKind) -> bytes:
+    """One line per panel, metric and layer, one column per denoising time (or rollout step); cells are the report
+    rows' own values, blank where a panel has no file."""
+    every_column = {column for panel in panels for column in panel.columns}
+    columns = sorted(every_column, key=functools.partial(column_order, kind))
+    lines = []
+    for panel in panels:
+        for metric in panel_metrics(panel):
+            for layer in panel.layers:
+                line = {**panel.identity, "metric": metric, "layer": layer}
+                for column in panel.columns:
+                    cell = panel.cells.get((layer, column))
+                    line[str(column)] = "" if cell is None else cell[metric]
+                lines.append(line)
+    return csv_bytes([*kind.panel_keys, "metric", "layer", *map(str, columns)], lines)
+
+
+def panel_name(panel: HeatmapPanel, kind: HeatmapKind, varying: list[str]) -> str:
+    """What a panel holds fixed: the expert, its rollout step or denoising time, and any setting that differs between
+    panels."""
+    parts = [panel.identity["expert"]]
+    named = panel.identity[kind.named_key]
+    if kind.named_key == "rollout_step":
+        parts.append(f"rollout step {named}")
+    elif present(named):
+        parts.append(f"t = {named:g}")
+    elif panel.identity["expert"] == "action":
+        parts.append("every denoising entry")
+    parts += [f"{key.replace('_', ' ')} {panel.identity[key]}" for key in varying]
+    return ", ".join(parts)
+
+
+def heatmap_scale(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[float, float, str, list[float], str]:
+    """Colour range, map, reference values marked on the colour bar, and title of one metric: accuracy on [0, 1] with
+    chance marked; bits from min(0, lowest) to log2(tasks) with 0 (no information) marked."""
+    rows = list(panel.cells.values())
+    chances = sorted({float(row["chance_accuracy"]) for row in rows})
+    chance = f"{chances[0]:.3g}" if len(chances) == 1 else f"{chances[0]:.3g}\u2013{chances[-1]:.3g}"
+    if metric == "information_bits":
+        top = max(float(row["max_information_bits"]) for row in rows)
+        title = f"information (bits); max log\u2082 {max(row['num_tasks'] for row in rows)} = {top:.2f}"
+        return min(0.0, float(np.nanmin(values))), top, "magma", [0.0], title
+    if metric == "control_accuracy":
+        return 0.0, 1.0, "viridis", chances, f"control accuracy (permuted tasks); chance {chance}"
+    return 0.0, 1.0, "viridis", chances, f"held-out accuracy; chance {chance}"
+
+
+def cell_labels(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[np.ndarray, str]:
+    """Each cell's text, and the title's note on it: the value to 2 decimals; accuracy starred where it beats its null
+    (under --split task a permutation p-value at most SIGNIFICANT_P, otherwise a 95% interval whose lower end is above
+    chance); the control with the permutation p-value under it."""
+    metrics = panel_metrics(panel)
+    p_values = panel_values(panel, "permutation_p_value") if "permutation_p_value" in metrics else None
+    significant, note = np.zeros(values.shape, bool), ""
+    if metric == "accuracy" and p_values is not None:
+        significant, note = p_values <= SIGNIFICANT_P, f"\n* permutation p \u2264 {SIGNIFICANT_P}"
+    elif metric == "accuracy" and "accuracy_ci_low" in metrics:
+        significant = panel_values(panel, "accuracy_ci_low") > panel_values(panel, "chance_accuracy")
+        note = "\n* 95% interval above chance"
+    elif metric == "control_accuracy" and p_values is not None:
+        note = "\nbelow each: the probe's permutation p-value"
+    labels = np.empty(values.shape, dtype=object)
+    for index, value in np.ndenumerate(values):
+        labels[index] = f"{value:.2f}*" if significant[index] else f"{value:.2f}"
+        if metric == "control_accuracy" and p_values is not None:
+            labels[index] += f"\np {p_values[index]:.2f}"
+    return labels, note
+
+
+def draw_heatmap(figure, axis, panel: HeatmapPanel, metric: str, kind: HeatmapKind, name: str) -> None:
+    """One annotated layer x column heatmap with its colour bar; layer 0 at the bottom, like a network drawn upwards."""
+    plt = pyplot()
+    values = panel_values(panel, metric)
+    low, high, colours, references, title = heatmap_scale(panel, metric, values)
+    image = axis.imshow(
+        np.ma.masked_invalid(values),
+        origin="lower",
+        aspect="auto",
+        vmin=low,
+        vmax=high,
+        cmap=plt.get_cmap(colours).with_extremes(bad="0.85"),
+        interpolation="nearest",
+    )
+    labels, note = cell_labels(panel, metric, values)
+    annotate_cells(axis, image, values, labels)
+    if "all" in panel.columns:  # the probe over every denoising entry is not a point in time: set it apart
+        axis.axvline(panel.columns.index("all") - 0.5, color="white", linewidth=4)
+    colour_bar = figure.colorbar(image, ax=axis, pad=0.02, aspect=max(20, 2 * len(panel.layers)))  # as tall as the map
+    for value in references:
+        colour_bar.ax.axhline(value, color="red", linewidth=2)
+    colour_bar.ax.tick_params(labelsize=7)
+    reference = "no information" if metric == "information_bits" else "chance"
+    colour_bar.set_label(f"red line: {reference}", fontsize=7)
+    axis.set_xticks(range(len(panel.columns)), [str(column) for column in panel.columns])
+    axis.set_yticks(range(len(panel.layers)), panel.layers)
+    axis.tick_params(labelsize=7)
+    axis.set_xlabel(kind.xlabel, fontsize=8)
+    axis.set_ylabel("layer", fontsize=8)
+    axis.set_title(f"{name}\n{title}{note}", fontsize=8)
+
+
+def plot_heatmaps(panels: list[HeatmapPanel], kind: HeatmapKind, path: Path) -> None:
+    """One row of heatmaps per panel: accuracy, information in bits beside it, and under --split task the control."""
+    plt = pyplot()
+    drawn = [[metric for metric in panel_metrics(panel) if metric in HEATMAP_METRICS] for panel in panels]
+    width = max(len(metrics) for metrics in drawn)
+    cell_columns = max(len(panel.columns) for panel in panels)
+    cell_rows = max(len(panel.layers) for panel in panels)
+    size = (width * (0.5 * cell_columns + 2.2), len(panels) * (0.3 * cell_rows + 1.4) + 1.0)
+    figure, axes = plt.subplots(len(panels), width, figsize=size, squeeze=False, layout="constrained")
+    varying = [key for key in PANEL_SETTINGS if len({str(panel.identity[key]) for panel in panels}) > 1]
+    for panel, metrics, row_axes in zip(panels, drawn, axes):
+        for position, axis in enumerate(row_axes):
+            if position < len(metrics):
+                draw_heatmap(figure, axis, panel, metrics[position], kind, panel_name(panel, kind, varying))
+            else:
+                axis.set_axis_off()
+    splits = sorted({panel.identity["split"] for panel in panels})
+    note = textwrap.fill(" ".join(SPLIT_NOTES[split] for split in splits if split in SPLIT_NOTES), int(size[0] * 13))
+    figure.suptitle(f"{kind.title}\n{note}", fontsize=9)
+    save_figure(figure, path)
+
+
+def write_heatmaps(rows: list[dict], directory: Path) -> list[Path]:
+    """Each heatmap figure whose axes the rows vary over, with its pivot CSV; return the paths written."""
+    written = []
+    for kind in HEATMAPS:
+        panels = heatmap_panels(rows, kind)
+        if panels:
+            plot_heatmaps(panels, kind, directory / f"{kind.stem}.png")
+            write_atomically(directory / f"{kind.stem}_pivot.csv", pivot_csv(panels, kind))
+            written += [directory / f"{kind.stem}.png", directory / f"{kind.stem}_pivot.csv"]
+    return written
 
 
 def write_report(directory: Path, strict: bool = False) -> str:
@@ -4100,405 +4618,6 @@ def write_report(directory: Path, strict: bool = False) -> str:
         )
     lines.append("wrote " + ", ".join(str(path) for path in written))
     return "\n".join(lines + concept_lines)
-
-
-CONCEPT_WHERE = ["expert", "layer", "rollout_step", "inference_step", "split"]
-CONCEPT_NUMBERS = [field.name for field in dataclasses.fields(ConceptScore) if "column" in field.metadata]
-CONCEPT_COLUMNS = [*CONCEPT_WHERE, "concept", *CONCEPT_NUMBERS, "file"]
-
-
-def concept_report_rows(results: dict, path: Path) -> list[dict]:
-    """One concepts.csv row per concept of a concept run."""
-    run, held_out = configured(results["config"]), concepts_held_out_from(results)
-    where = {
-        "expert": run.source.expert,
-        "layer": run.item.layer,
-        "rollout_step": run.item.rollout_step,
-        "inference_step": "all" if run.item.inference_step is None else run.item.inference_step,
-        "split": run.training.split,
-    }
-    return [
-        {**where, "concept": name, **{key: getattr(one, key) for key in CONCEPT_NUMBERS}, "file": path.name}
-        for name, one in sorted(held_out.concepts.items())
-    ]
-
-
-def write_concept_report(rows: list[dict], directory: Path) -> list[str]:
-    """concepts.csv, and concepts_by_layer.png (concept x layer, balanced accuracy) where several layers were run."""
-    write_atomically(directory / "concepts.csv", csv_bytes(CONCEPT_COLUMNS, rows))
-    panels: dict[tuple, list[dict]] = {}
-    for row in rows:
-        panels.setdefault((row["expert"], row["rollout_step"], str(row["inference_step"]), row["split"]), []).append(
-            row
-        )
-    panels = {key: members for key, members in panels.items() if len({row["layer"] for row in members}) > 1}
-    if not panels:
-        return [f"wrote {directory / 'concepts.csv'}"]
-    plot_concepts_by_layer(panels, directory / "concepts_by_layer.png")
-    return [f"wrote {directory / 'concepts.csv'} and {directory / 'concepts_by_layer.png'}"]
-
-
-def plot_concepts_by_layer(panels: dict[tuple, list[dict]], path: Path) -> None:
-    """One heatmap per (expert, rollout step, denoising step, split): concepts (best first) against layers."""
-    plt = pyplot()
-    most_layers = max(len({row["layer"] for row in members}) for members in panels.values())
-    most_concepts = max(len({row["concept"] for row in members}) for members in panels.values())
-    size = (1.5 + 0.9 * most_layers * len(panels), 1.5 + 0.35 * most_concepts)
-    figure, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
-    for axis, ((expert, step, inference, split), members) in zip(axes[0], panels.items()):
-        layers = sorted({row["layer"] for row in members})
-        by_concept: dict[str, dict[int, float]] = {}
-        for row in members:
-            by_concept.setdefault(row["concept"], {})[row["layer"]] = row["balanced_accuracy"]
-        names = sorted(by_concept, key=lambda name: -np.mean(list(by_concept[name].values())))
-        grid = np.array([[by_concept[name].get(layer, np.nan) for layer in layers] for name in names])
-        image = axis.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        annotate_cells(axis, image, grid, np.vectorize("{:.2f}".format, otypes=[object])(grid))
-        held_out = "held-out tasks (transfer)" if split == "task" else "held-out episodes (decodability)"
-        axis.set(
-            xticks=range(len(layers)),
-            xticklabels=layers,
-            yticks=range(len(names)),
-            yticklabels=names,
-            xlabel="layer",
-            title=f"{expert}, step {step}, denoising {inference}\nbalanced accuracy on {held_out}",
-        )
-    figure.colorbar(image, ax=axes[0].tolist(), label="balanced accuracy (chance 0.5 for a word)")
-    save_figure(figure, path)
-
-
-def plot_by_layer(rows: list[dict], directory: Path) -> None:
-    """Accuracy (with interval, control and chance) and cosine against layer, one line per series."""
-    keys = ("rollout_step", "inference_step", "feature_type", "token_positions", "probe", "loss", "split")
-    # Token positions follow the expert: name them only when they vary within one.
-    experts = {row["expert"] for row in rows}
-    varying = [
-        key for key in keys if any(len({row[key] for row in rows if row["expert"] == expert}) > 1 for expert in experts)
-    ]
-    series: dict[tuple, list[dict]] = {}
-    for row in rows:
-        series.setdefault((row["expert"], *(row[key] for key in varying)), []).append(row)
-    layers = sorted({row["layer"] for row in rows})
-    plot_accuracy_by_layer(list(series.values()), varying, rows, layers, directory / "accuracy_by_layer.png")
-    plot_cosine_by_layer(list(series.values()), varying, layers, directory / "cosine_by_layer.png")
-
-
-def plot_accuracy_by_layer(series: list[list[dict]], varying: list[str], rows: list[dict], layers: list, path: Path):
-    """Held-out accuracy per layer, one line per series, interval shaded, chance dashed, control dotted."""
-    figure, axis = pyplot().subplots(figsize=(9, 5))
-    for members in series:
-        x, label = [row["layer"] for row in members], series_label(members[0], varying)
-        (line,) = axis.plot(x, [row["accuracy"] for row in members], marker="o", label=label)
-        if all(row["accuracy_ci_low"] != "" for row in members):
-            low, high = [row["accuracy_ci_low"] for row in members], [row["accuracy_ci_high"] for row in members]
-            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
-        # the control is evidence about language only when whole tasks are held out (see SPLIT_NOTES)
-        if members[0]["split"] == "task" and all(row["control_accuracy"] != "" for row in members):
-            control = [row["control_accuracy"] for row in members]
-            axis.plot(x, control, linestyle=":", color=line.get_color(), label=f"{label} (control)")
-    for value in sorted({row["chance_accuracy"] for row in rows}):
-        axis.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"chance {value:.3f}")
-    title = "Task retrieval from each layer (95% bootstrap interval shaded)"
-    axis.set(xlabel="layer", ylabel="held-out accuracy", ylim=(-0.02, 1.02), xticks=layers, title=title)
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axis.grid(alpha=0.3)
-    save_figure(figure, path)
-
-
-def plot_cosine_by_layer(series: list[list[dict]], varying: list[str], layers: list, path: Path) -> None:
-    """Cosine to the own task's embedding per layer: in the probe's label space, and in raw T5 space with the
-    constant predictor (the mean embedding) for scale."""
-    figure, (centered, raw) = pyplot().subplots(1, 2, figsize=(13, 5))
-    for number, members in enumerate(series):
-        x, label = [row["layer"] for row in members], series_label(members[0], varying)
-        (line,) = centered.plot(x, [row["cosine_similarity_label_space"] for row in members], marker="o", label=label)
-        raw.plot(x, [row["cosine_similarity"] for row in members], marker="o", color=line.get_color(), label=label)
-        constant = [row["constant_predictor_cosine"] for row in members]
-        raw.plot(
-            x, constant, linestyle="--", color="grey", label=None if number else "constant predictor (mean embedding)"
-        )
-    ylabel = "cosine to own task's embedding"
-    centered.set(xlabel="layer", ylabel=ylabel, xticks=layers, title="Probe's label space")
-    raw.set(
-        xlabel="layer", ylabel=ylabel, xticks=layers, title="Raw T5 space (the guide's), with the constant predictor"
-    )
-    for axis in (centered, raw):
-        axis.legend(fontsize=7)
-        axis.grid(alpha=0.3)
-    save_figure(figure, path)
-
-
-# Heatmaps: a sweep over layers and one more axis (denoising time, or rollout step) drawn as layer x column grids, one
-# panel row per combination of everything else. A cell is one results file: file names are unique per expert, layer,
-# rollout step and denoising time, so within a directory no two files compete for a cell.
-class HeatmapKind(NamedTuple):
-    stem: str  # {stem}.png and {stem}_pivot.csv
-    column: str  # the report column along a panel's x axis ("" is read as "all": every denoising entry)
-    panel_keys: tuple[str, ...]  # report columns that one panel holds fixed
-    named_key: str  # the panel key always named in a panel's title, even when all panels share it
-    descending: bool  # column order: denoising runs from t = 1.0 (pure noise) down to the action
-    xlabel: str
-    title: str
-
-
-PANEL_SETTINGS = ("feature_type", "token_positions", "probe", "loss", "split")
-HEATMAPS = (
-    HeatmapKind(
-        stem="accuracy_by_layer_and_inference_time",
-        column="inference_time",
-        panel_keys=("expert", "rollout_step", *PANEL_SETTINGS),
-        named_key="rollout_step",
-        descending=True,
-        xlabel="denoising time t (1.0: pure noise; denoising runs left to right)",
-        title="Task retrieval by layer and denoising time",
-    ),
-    HeatmapKind(
-        stem="accuracy_by_layer_and_rollout_step",
-        column="rollout_step",
-        panel_keys=("expert", "inference_step", "inference_time", *PANEL_SETTINGS),
-        named_key="inference_time",
-        descending=False,
-        xlabel="rollout step",
-        title="Task retrieval by layer and rollout step",
-    ),
-)
-SIGNIFICANT_P = 0.05  # under --split task, accuracy cells whose permutation p-value is at most this get a star
-HEATMAP_METRICS = ("accuracy", "information_bits", "control_accuracy")  # drawn side by side, in this order
-
-
-class HeatmapPanel(NamedTuple):
-    identity: dict  # panel key -> the value all its cells share
-    layers: list  # ascending
-    columns: list  # denoising times (then "all") or rollout steps, in the kind's order
-    cells: dict  # (layer, column) -> report row
-
-
-def present(value) -> bool:
-    """Whether a report cell holds a number (blank when the run had none)."""
-    return value is not None and value != ""
-
-
-def heatmap_column(row: dict, kind: HeatmapKind):
-    """A row's place along the kind's x axis."""
-    value = row[kind.column]
-    return value if present(value) else "all"
-
-
-def column_order(kind: HeatmapKind, column) -> tuple:
-    """Sort key: numbers in the kind's direction, "all" last."""
-    if column == "all":
-        return (1, 0)
-    return (0, -column if kind.descending else column)
-
-
-def heatmap_panels(rows: list[dict], kind: HeatmapKind) -> list[HeatmapPanel]:
-    """Rows grouped by everything but layer and the kind's column; only groups with 2+ layers and 2+ columns."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(tuple(str(row[key]) for key in kind.panel_keys), []).append(row)
-    panels = []
-    for members in groups.values():
-        cells = {(row["layer"], heatmap_column(row, kind)): row for row in members}
-        layers = sorted({layer for layer, _ in cells})
-        columns = sorted({column for _, column in cells}, key=functools.partial(column_order, kind))
-        if len(layers) > 1 and len(columns) > 1:
-            panels.append(HeatmapPanel({key: members[0][key] for key in kind.panel_keys}, layers, columns, cells))
-    return panels
-
-
-def panel_metrics(panel: HeatmapPanel) -> list[str]:
-    """The report columns a panel shows: accuracy, its interval and information where the files have them; and only
-    under --split task the control and the permutation p-value, since under --split episode they measure how learnable
-    an arbitrary task -> embedding assignment is, not language."""
-    rows = list(panel.cells.values())
-    metrics = ["accuracy"]
-    optional = ["accuracy_ci_low", "accuracy_ci_high", "information_bits"]
-    if panel.identity["split"] == "task":
-        optional += ["control_accuracy", "permutation_p_value"]
-    metrics += [name for name in optional if any(present(row[name]) for row in rows)]
-    return metrics
-
-
-def panel_values(panel: HeatmapPanel, metric: str) -> np.ndarray:
-    """(layers, columns) floats; NaN where a cell has no file or the file no value."""
-    values = np.full((len(panel.layers), len(panel.columns)), np.nan)
-    for (layer, column), row in panel.cells.items():
-        if present(row[metric]):
-            values[panel.layers.index(layer), panel.columns.index(column)] = float(row[metric])
-    return values
-
-
-SPLIT_NOTES = {
-    "episode": "held out: whole episodes of the analyzed tasks. No control shown: under this split it only measures "
-    "how learnable an arbitrary task \u2192 embedding assignment is.",
-    "task": "held out: whole tasks (unseen instructions). Control: the same probe trained on permuted task \u2192 "
-    "embedding assignments.",
-}
-
-
-def write_heatmaps(rows: list[dict], directory: Path) -> list[Path]:
-    """Each heatmap figure whose axes the rows vary over, with its pivot CSV; return the paths written."""
-    written = []
-    for kind in HEATMAPS:
-        panels = heatmap_panels(rows, kind)
-        if panels:
-            plot_heatmaps(panels, kind, directory / f"{kind.stem}.png")
-            write_atomically(directory / f"{kind.stem}_pivot.csv", pivot_csv(panels, kind))
-            written += [directory / f"{kind.stem}.png", directory / f"{kind.stem}_pivot.csv"]
-    return written
-
-
-def csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
-    """CSV text of rows (None as blank): sweep.csv and the pivots share it, so a value reads back the same in each."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    return buffer.getvalue().encode()
-
-
-def pivot_csv(panels: list[HeatmapPanel], kind: HeatmapKind) -> bytes:
-    """One line per panel, metric and layer, one column per denoising time (or rollout step); cells are the report
-    rows' own values, blank where a panel has no file."""
-    every_column = {column for panel in panels for column in panel.columns}
-    columns = sorted(every_column, key=functools.partial(column_order, kind))
-    lines = []
-    for panel in panels:
-        for metric in panel_metrics(panel):
-            for layer in panel.layers:
-                line = {**panel.identity, "metric": metric, "layer": layer}
-                for column in panel.columns:
-                    cell = panel.cells.get((layer, column))
-                    line[str(column)] = "" if cell is None else cell[metric]
-                lines.append(line)
-    return csv_bytes([*kind.panel_keys, "metric", "layer", *map(str, columns)], lines)
-
-
-def plot_heatmaps(panels: list[HeatmapPanel], kind: HeatmapKind, path: Path) -> None:
-    """One row of heatmaps per panel: accuracy, information in bits beside it, and under --split task the control."""
-    plt = pyplot()
-    drawn = [[metric for metric in panel_metrics(panel) if metric in HEATMAP_METRICS] for panel in panels]
-    width = max(len(metrics) for metrics in drawn)
-    cell_columns = max(len(panel.columns) for panel in panels)
-    cell_rows = max(len(panel.layers) for panel in panels)
-    size = (width * (0.5 * cell_columns + 2.2), len(panels) * (0.3 * cell_rows + 1.4) + 1.0)
-    figure, axes = plt.subplots(len(panels), width, figsize=size, squeeze=False, layout="constrained")
-    varying = [key for key in PANEL_SETTINGS if len({str(panel.identity[key]) for panel in panels}) > 1]
-    for panel, metrics, row_axes in zip(panels, drawn, axes):
-        for position, axis in enumerate(row_axes):
-            if position < len(metrics):
-                draw_heatmap(figure, axis, panel, metrics[position], kind, panel_name(panel, kind, varying))
-            else:
-                axis.set_axis_off()
-    splits = sorted({panel.identity["split"] for panel in panels})
-    note = textwrap.fill(" ".join(SPLIT_NOTES[split] for split in splits if split in SPLIT_NOTES), int(size[0] * 13))
-    figure.suptitle(f"{kind.title}\n{note}", fontsize=9)
-    save_figure(figure, path)
-
-
-def panel_name(panel: HeatmapPanel, kind: HeatmapKind, varying: list[str]) -> str:
-    """What a panel holds fixed: the expert, its rollout step or denoising time, and any setting that differs between
-    panels."""
-    parts = [panel.identity["expert"]]
-    named = panel.identity[kind.named_key]
-    if kind.named_key == "rollout_step":
-        parts.append(f"rollout step {named}")
-    elif present(named):
-        parts.append(f"t = {named:g}")
-    elif panel.identity["expert"] == "action":
-        parts.append("every denoising entry")
-    parts += [f"{key.replace('_', ' ')} {panel.identity[key]}" for key in varying]
-    return ", ".join(parts)
-
-
-def heatmap_scale(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[float, float, str, list[float], str]:
-    """Colour range, map, reference values marked on the colour bar, and title of one metric: accuracy on [0, 1] with
-    chance marked; bits from min(0, lowest) to log2(tasks) with 0 (no information) marked."""
-    rows = list(panel.cells.values())
-    chances = sorted({float(row["chance_accuracy"]) for row in rows})
-    chance = f"{chances[0]:.3g}" if len(chances) == 1 else f"{chances[0]:.3g}\u2013{chances[-1]:.3g}"
-    if metric == "information_bits":
-        top = max(float(row["max_information_bits"]) for row in rows)
-        title = f"information (bits); max log\u2082 {max(row['num_tasks'] for row in rows)} = {top:.2f}"
-        return min(0.0, float(np.nanmin(values))), top, "magma", [0.0], title
-    if metric == "control_accuracy":
-        return 0.0, 1.0, "viridis", chances, f"control accuracy (permuted tasks); chance {chance}"
-    return 0.0, 1.0, "viridis", chances, f"held-out accuracy; chance {chance}"
-
-
-def draw_heatmap(figure, axis, panel: HeatmapPanel, metric: str, kind: HeatmapKind, name: str) -> None:
-    """One annotated layer x column heatmap with its colour bar; layer 0 at the bottom, like a network drawn upwards."""
-    plt = pyplot()
-    values = panel_values(panel, metric)
-    low, high, colours, references, title = heatmap_scale(panel, metric, values)
-    image = axis.imshow(
-        np.ma.masked_invalid(values),
-        origin="lower",
-        aspect="auto",
-        vmin=low,
-        vmax=high,
-        cmap=plt.get_cmap(colours).with_extremes(bad="0.85"),
-        interpolation="nearest",
-    )
-    labels, note = cell_labels(panel, metric, values)
-    annotate_cells(axis, image, values, labels)
-    if "all" in panel.columns:  # the probe over every denoising entry is not a point in time: set it apart
-        axis.axvline(panel.columns.index("all") - 0.5, color="white", linewidth=4)
-    colour_bar = figure.colorbar(image, ax=axis, pad=0.02, aspect=max(20, 2 * len(panel.layers)))  # as tall as the map
-    for value in references:
-        colour_bar.ax.axhline(value, color="red", linewidth=2)
-    colour_bar.ax.tick_params(labelsize=7)
-    reference = "no information" if metric == "information_bits" else "chance"
-    colour_bar.set_label(f"red line: {reference}", fontsize=7)
-    axis.set_xticks(range(len(panel.columns)), [str(column) for column in panel.columns])
-    axis.set_yticks(range(len(panel.layers)), panel.layers)
-    axis.tick_params(labelsize=7)
-    axis.set_xlabel(kind.xlabel, fontsize=8)
-    axis.set_ylabel("layer", fontsize=8)
-    axis.set_title(f"{name}\n{title}{note}", fontsize=8)
-
-
-def cell_labels(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[np.ndarray, str]:
-    """Each cell's text, and the title's note on it: the value to 2 decimals; accuracy starred where it beats its null
-    (under --split task a permutation p-value at most SIGNIFICANT_P, otherwise a 95% interval whose lower end is above
-    chance); the control with the permutation p-value under it."""
-    metrics = panel_metrics(panel)
-    p_values = panel_values(panel, "permutation_p_value") if "permutation_p_value" in metrics else None
-    significant, note = np.zeros(values.shape, bool), ""
-    if metric == "accuracy" and p_values is not None:
-        significant, note = p_values <= SIGNIFICANT_P, f"\n* permutation p \u2264 {SIGNIFICANT_P}"
-    elif metric == "accuracy" and "accuracy_ci_low" in metrics:
-        significant = panel_values(panel, "accuracy_ci_low") > panel_values(panel, "chance_accuracy")
-        note = "\n* 95% interval above chance"
-    elif metric == "control_accuracy" and p_values is not None:
-        note = "\nbelow each: the probe's permutation p-value"
-    labels = np.empty(values.shape, dtype=object)
-    for index, value in np.ndenumerate(values):
-        labels[index] = f"{value:.2f}*" if significant[index] else f"{value:.2f}"
-        if metric == "control_accuracy" and p_values is not None:
-            labels[index] += f"\np {p_values[index]:.2f}"
-    return labels, note
-
-
-def annotate_cells(axis, image, values: np.ndarray, labels: np.ndarray) -> None:
-    """Write each cell's label, dark on light cells and light on dark ones; cells without a value stay blank (grey)."""
-    size = 7 if values.shape[1] <= 12 else 6
-    for (row, column), value in np.ndenumerate(values):
-        if np.isnan(value):
-            continue
-        red, green, blue, _ = image.cmap(image.norm(value))
-        shade = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
-        axis.text(column, row, labels[row, column], ha="center", va="center", fontsize=size, color=shade)
-
-
-def write_run_plots(results: dict, features: np.ndarray, output_dir: Path, stem: str) -> None:
-    """Training curves, confusion matrix, held-out similarity heatmap and a PCA of the features."""
-    held_out = held_out_from(results["metrics"])
-    if "train_loss" in results["history"]:  # ridge has no training curves
-        plot_training_curves(results, held_out.counts.num_folds, output_dir / f"curves_{stem}.png", stem)
-    plot_confusion(results, held_out.retrieval, output_dir / f"confusion_{stem}.png", stem)
-    plot_similarity(results, output_dir / f"similarity_{stem}.png", stem)
-    plot_feature_pca(results, features, output_dir / f"pca_{stem}.png", stem)
 
 
 def plot_training_curves(results: dict, folds: int, path: Path, stem: str) -> None:
@@ -4572,8 +4691,18 @@ def plot_feature_pca(results: dict, features: np.ndarray, path: Path, stem: str)
     save_figure(figure, path)
 
 
+def write_run_plots(results: dict, features: np.ndarray, output_dir: Path, stem: str) -> None:
+    """Training curves, confusion matrix, held-out similarity heatmap and a PCA of the features."""
+    held_out = held_out_from(results["metrics"])
+    if "train_loss" in results["history"]:  # ridge has no training curves
+        plot_training_curves(results, held_out.counts.num_folds, output_dir / f"curves_{stem}.png", stem)
+    plot_confusion(results, held_out.retrieval, output_dir / f"confusion_{stem}.png", stem)
+    plot_similarity(results, output_dir / f"similarity_{stem}.png", stem)
+    plot_feature_pca(results, features, output_dir / f"pca_{stem}.png", stem)
+
+
 # -----------------------------------------------------------------------------
-# Command line
+# Command line and main (main)
 # -----------------------------------------------------------------------------
 
 DEMO_DEFAULTS = {
@@ -4738,6 +4867,24 @@ OPTION_GROUPS = {
 }
 
 
+def add_option(group, field: dataclasses.Field) -> None:
+    """Add a field's option to a group of the parser (see Option)."""
+    spec = field.metadata["option"]
+    default = None if spec.derived or field.default is dataclasses.MISSING else field.default
+    if isinstance(default, bool):  # a switch: --<field> turns the field on, --no_<field> off when on by default
+        name = f"--no_{field.name}" if default else f"--{field.name}"
+        action = "store_false" if default else "store_true"
+        group.add_argument(*(spec.flags or (name,)), dest=field.name, action=action, help=spec.help)
+        return
+    parse = spec.type
+    if parse in (int, float):
+        parse = bounded(parse, spec.at_least, spec.above, spec.below, spec.at_most)
+    needs = {"type": parse, "choices": spec.choices, "metavar": spec.metavar, "nargs": spec.nargs}
+    given = {need: value for need, value in needs.items() if value is not None}
+    flags = spec.flags or (f"--{field.name}",)
+    group.add_argument(*flags, dest=field.name, default=default, help=spec.help, **given)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface: the guide's options plus ours, each from its field (see Option)."""
     parser = argparse.ArgumentParser(
@@ -4762,24 +4909,6 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 add_option(group, fields[name])
     return parser
-
-
-def add_option(group, field: dataclasses.Field) -> None:
-    """Add a field's option to a group of the parser (see Option)."""
-    spec = field.metadata["option"]
-    default = None if spec.derived or field.default is dataclasses.MISSING else field.default
-    if isinstance(default, bool):  # a switch: --<field> turns the field on, --no_<field> off when on by default
-        name = f"--no_{field.name}" if default else f"--{field.name}"
-        action = "store_false" if default else "store_true"
-        group.add_argument(*(spec.flags or (name,)), dest=field.name, action=action, help=spec.help)
-        return
-    parse = spec.type
-    if parse in (int, float):
-        parse = bounded(parse, spec.at_least, spec.above, spec.below, spec.at_most)
-    needs = {"type": parse, "choices": spec.choices, "metavar": spec.metavar, "nargs": spec.nargs}
-    given = {need: value for need, value in needs.items() if value is not None}
-    flags = spec.flags or (f"--{field.name}",)
-    group.add_argument(*flags, dest=field.name, default=default, help=spec.help, **given)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -4870,11 +4999,6 @@ def configs_from_arguments(args: argparse.Namespace) -> tuple[Source, LabelConfi
     return source, config_from(LabelConfig, args), config_from(TrainingConfig, args)
 
 
-# -----------------------------------------------------------------------------
-# Main
-# -----------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Progress:
     """How far a run got: what an interrupted run says."""
@@ -4931,128 +5055,20 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
     return written
 
 
-def resolve_sweep(
-    args: argparse.Namespace, dataset: Dataset, labels: LabelConfig, training: TrainingConfig, made_with: MadeWith
-) -> list[Item]:
-    """The combinations this run writes, resolved against the walked files ("all" layers or steps, "each" denoising
-    step), less --shard and --skip_existing; with several steps, each is checked before the first is trained."""
-    items = sweep_items(dataset.source, args.layer, args.rollout_step, args.inference_step, dataset.report)
-    steps = sorted({item.rollout_step for item in items})
-    if len(steps) > 1:
-        check_steps(steps, dataset, labels, training)
-    resume = left_to_run(args, items, dataset.source, dataset.report.inference_times, made_with)
-    settle_existing(resume, args, warn=True)
-    if resume.done:
-        log.info("skipping %d combination(s) already written in %s", resume.done, args.output_dir)
-    return resume.items
-
-
-def named_by_options(args: argparse.Namespace) -> bool:
-    """Whether the options name every combination (steps and layers listed, every denoising entry pooled), so that
-    which are left to run is known before any file is read."""
-    listed_steps = args.rollout_step != "all" and all(isinstance(step, int) for step in args.rollout_step)
-    return listed_steps and args.layer != "all" and args.inference_step == "all"
-
-
-class Resume(NamedTuple):
-    """What a job finds in --output_dir: the combinations left to run, how many are done, and the existing results
-    made otherwise, by the part of MadeWith that differs first (each a results file and what it is compared with)."""
-
-    items: list[Item]
-    done: int
-    differing: dict[str, list[tuple[Path, MadeWith]]]
-
-
-def left_to_run(
-    args: argparse.Namespace, items: list[Item], source: Source, inference_times: dict, made_with: MadeWith
-) -> Resume:
-    """The combinations this job runs: its --shard, less those --skip_existing finds written whole and made the same
-    way, or made by another version of this program only (see MadeWith)."""
-    if args.shard:
-        index, count = args.shard
-        items = items[index::count]
-    output_dir, left, done, differing = Path(args.output_dir), [], 0, {part: [] for part in MADE_WITH_PARTS}
-    for item in items:
-        paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
-        for path in paths:
-            if os.path.lexists(path) and not path.is_file():
-                raise ProbeError(f"{path}: exists and is not a regular file; move it away")
-        wanted = made_with.of_item(item)
-        existing = existing_result(paths, wanted) if paths.results.is_file() else Existing(None, False)
-        if existing.differs is not None:
-            differing[existing.differs].append((paths.results, wanted))
-        if existing.whole and existing.differs in (None, "program") and args.skip_existing:
-            done += 1
-            continue
-        left.append(item)
-    return Resume(left, done, differing)
-
-
-def settle_existing(resume: Resume, args: argparse.Namespace, warn: bool) -> None:
-    """Stop, naming what differs, when results in --output_dir were made with other options (unless --overwrite);
-    with `warn`, say which results are made again (other data) and which are kept (another program version)."""
-    output_dir, differing = args.output_dir, resume.differing
-    if differing["options"] and not args.overwrite:
-        raise ProbeError(
-            f"{len(differing['options'])} result(s) in {output_dir} were made with other options, e.g. "
-            f"{first_difference(differing['options'])}. --overwrite replaces them; another --output_dir keeps both"
-        )
-    if warn and differing["data"]:  # results of data that are no longer there: never reused, made again
-        count, example = len(differing["data"]), first_difference(differing["data"])
-        log.warning("%d result(s) in %s were made from other data, e.g. %s; made again", count, output_dir, example)
-    if warn and differing["program"] and args.skip_existing:
-        log.warning(
-            "%d result(s) in %s were made by another version of this program or its packages, e.g. %s; kept (rerun "
-            "without --skip_existing to make them again)",
-            len(differing["program"]),
-            output_dir,
-            first_difference(differing["program"]),
-        )
-
-
-def first_difference(found: list[tuple[Path, MadeWith]]) -> str:
-    """The first of these results files, and what differs in what it was made with (read from the file)."""
-    path, wanted = found[0]
-    difference = recorded_difference(path, wanted)
-    what = difference.text if difference else "its summary states another fingerprint"
-    return f"{path.name}: {what}"
-
-
-def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
-    """Before a sweep trains anything: each step exists, and its episodes (with the --baseline's entry) make a design
-    (folds, validation, label space), so that no late step stops the sweep halfway. No feature is read here."""
-    report = dataset.report
-    for step in steps:
-        lacking = {(task, episode) for task, episode, at in report.without_baseline if at == step}
-        pairs = [pair for pair in report.step_episodes.get(step, []) if pair not in lacking]
-        if not pairs:
-            raise no_samples(step, report)
-        pairs = np.array(pairs, dtype=np.int64)
-        count = len(pairs)
-        episodes = Samples(
-            np.zeros((0, count, 0), np.float32),
-            pairs[:, 0],
-            pairs[:, 1],
-            np.full(count, step),
-            np.full(count, np.nan),
-            np.zeros(count, np.int64),
-        )  # one sample per episode: no features
-        try:
-            make_design(episodes, dataset.descriptions, labels, training)
-        except ProbeError as error:
-            raise type(error)(f"step_{step}: {error} (checked before anything was trained)") from None
-
-
-PER_SAMPLE_PARTS = ("samples", "heldout", "probe")  # of a written result: not kept once on disk (a sweep's memory)
-
-
-def release_freed_memory() -> None:
-    """Hand freed memory back to the system: glibc keeps it for reuse, and each step of a sweep then adds to the peak.
-    Without glibc: nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def outcome_line(results: dict) -> str:
+    """A result in one line: the headline numbers."""
+    if results.get("target") == "concepts":
+        concepts = concepts_held_out_from(results)
+        return f"{concepts.num_concepts} concepts, mean balanced accuracy {concepts.mean_balanced_accuracy:.4f}"
+    held_out = held_out_from(results["metrics"])
+    found, information = held_out.retrieval, held_out.information
+    line = (
+        f"accuracy {found.accuracy:.4f} (chance {found.chance_accuracy:.4f}), information "
+        f"{information.information_bits:.3f} of {information.max_information_bits:.3f} bits"
+    )
+    if held_out.control is not None and held_out.control.permutation_p_value is not None:
+        line += f", permutation p {held_out.control.permutation_p_value:.3f}"
+    return line
 
 
 def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespace) -> None:
@@ -5070,20 +5086,122 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
         )
 
 
-def outcome_line(results: dict) -> str:
-    """A result in one line: the headline numbers."""
-    if results.get("target") == "concepts":
-        concepts = concepts_held_out_from(results)
-        return f"{concepts.num_concepts} concepts, mean balanced accuracy {concepts.mean_balanced_accuracy:.4f}"
-    held_out = held_out_from(results["metrics"])
-    found, information = held_out.retrieval, held_out.information
-    line = (
-        f"accuracy {found.accuracy:.4f} (chance {found.chance_accuracy:.4f}), information "
-        f"{information.information_bits:.3f} of {information.max_information_bits:.3f} bits"
-    )
-    if held_out.control is not None and held_out.control.permutation_p_value is not None:
-        line += f", permutation p {held_out.control.permutation_p_value:.3f}"
-    return line
+def tell(line: str, status: int) -> int:
+    """Print one line for the user on stderr (nothing if stderr is gone); return the exit status."""
+    with contextlib.suppress(OSError):
+        print(f"{Path(sys.argv[0]).name}: {line}", file=sys.stderr)
+    return status
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C, or a scheduler's SIGTERM: the run stops where Python next runs, writing no half pair."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # as a shell reports a process the signal ended: 130, 143
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C and SIGTERM raise Stopped where Python next runs (after a compiled call): the pair being written is
+    removed whole and the run ends in one line. The same signal again ends the process at once."""
+
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        raise Stopped(signum)
+
+    with stop_signals_to(stop):
+        yield
+
+
+COMPILE_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)")
+
+
+def remove_unreadable_cache_entries(directory: Path, name: str, settled_seconds: float) -> int:
+    """Remove the compile-cache entries of program `name` that JAX's own reader cannot decompress, last written at
+    least `settled_seconds` ago; return how many (none without that reader, a private function that may move)."""
+    try:
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:
+        return 0
+    removed = 0
+    for path in directory.glob(f"{glob.escape(name)}-*-cache"):
+        try:
+            if time.time() - path.stat().st_mtime < settled_seconds:
+                continue
+            decompress_executable(path.read_bytes())
+            continue
+        except OSError:  # gone meanwhile
+            continue
+        except Exception:  # a stream cut short: zlib.error, ZstdError...
+            pass
+        path.unlink(missing_ok=True)
+        path.with_name(path.name.removesuffix("-cache") + "-atime").unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def compile_cache_repaired(args: argparse.Namespace):
+    """JAX's warning about a compile-cache entry it cannot read or write, as one line of ours; the entries of that
+    program that cannot be decompressed are removed, to be compiled and cached anew."""
+    # JAX writes an entry in place and never rewrites one it finds: a write cut short (a full disk) leaves an entry it
+    # refuses, with a warning, on every later run.
+    directory = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(args.cache_dir) / "jax")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message="Error (reading|writing) persistent compilation cache entry")
+        shown, said = warnings.showwarning, set()
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            match = COMPILE_CACHE_ERROR.match(str(message))
+            if match is None:
+                return shown(message, category, filename, lineno, file, line)
+            action, name, reason = match.groups()
+            program = name.split("-")[0]  # a message names the program, or one entry's key
+            # A write of ours just failed: its entry goes at once. One that fails to read may be another run's, still
+            # being written: only entries left alone for a minute go.
+            removed = remove_unreadable_cache_entries(directory, program, 0 if action == "writing" else 60)
+            if (action, program) in said and not removed:  # one line per program and run, not one per compilation
+                return
+            said.add((action, program))
+            outcome = "compiled and cached anew" if removed else "if this warning repeats, remove the directory"
+            log.warning(
+                "compile cache %s: JAX could not %s an entry of %s (%s); removed %d entr(ies) that cannot be "
+                "decompressed: %s",
+                directory,
+                action.removesuffix("ing"),
+                program,
+                reason,
+                removed,
+                outcome,
+            )
+
+        warnings.showwarning = show
+        yield
+
+
+def run_command(args: argparse.Namespace, command: list[str], progress: Progress) -> int:
+    """--report, or a run: its results written and their summary (or one line each) printed."""
+    started, started_at = time.perf_counter(), time.time()
+    check_paths(args)
+    if args.report:
+        remove_stale_temporaries(Path(args.report), started_at)
+        table = write_report(Path(args.report), args.strict)
+        if not args.quiet:
+            print(table)
+            sys.stdout.flush()  # a closed pipe is met here, not in Python's flush at exit
+        return 0
+    for directory in (Path(args.output_dir), Path(args.cache_dir) / "t5_labels", Path(args.cache_dir) / "file_index"):
+        remove_stale_temporaries(directory, started_at)
+    written = run(args, command, started, progress)
+    if not args.quiet:
+        print_outcome(written, args)
+        sys.stdout.flush()  # a closed pipe is met here, not in Python's flush at exit
+        print(
+            f"done in {time.perf_counter() - started:.1f} s: {len(written)} result pair(s) in {args.output_dir}",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5139,124 +5257,6 @@ def main(argv: list[str] | None = None) -> int:
             "(CUDA_VISIBLE_DEVICES=)",
             1,
         )
-
-
-def run_command(args: argparse.Namespace, command: list[str], progress: Progress) -> int:
-    """--report, or a run: its results written and their summary (or one line each) printed."""
-    started, started_at = time.perf_counter(), time.time()
-    check_paths(args)
-    if args.report:
-        remove_stale_temporaries(Path(args.report), started_at)
-        table = write_report(Path(args.report), args.strict)
-        if not args.quiet:
-            print(table)
-            sys.stdout.flush()  # a closed pipe is met here, not in Python's flush at exit
-        return 0
-    for directory in (Path(args.output_dir), Path(args.cache_dir) / "t5_labels", Path(args.cache_dir) / "file_index"):
-        remove_stale_temporaries(directory, started_at)
-    written = run(args, command, started, progress)
-    if not args.quiet:
-        print_outcome(written, args)
-        sys.stdout.flush()  # a closed pipe is met here, not in Python's flush at exit
-        print(
-            f"done in {time.perf_counter() - started:.1f} s: {len(written)} result pair(s) in {args.output_dir}",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def tell(line: str, status: int) -> int:
-    """Print one line for the user on stderr (nothing if stderr is gone); return the exit status."""
-    with contextlib.suppress(OSError):
-        print(f"{Path(sys.argv[0]).name}: {line}", file=sys.stderr)
-    return status
-
-
-class Stopped(KeyboardInterrupt):
-    """Ctrl-C, or a scheduler's SIGTERM: the run stops where Python next runs, writing no half pair."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum  # as a shell reports a process the signal ended: 130, 143
-
-
-@contextlib.contextmanager
-def interruptible():
-    """Ctrl-C and SIGTERM raise Stopped where Python next runs (after a compiled call): the pair being written is
-    removed whole and the run ends in one line. The same signal again ends the process at once."""
-
-    def stop(signum, frame):
-        signal.signal(signum, signal.SIG_DFL)
-        raise Stopped(signum)
-
-    with stop_signals_to(stop):
-        yield
-
-
-COMPILE_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)")
-
-
-@contextlib.contextmanager
-def compile_cache_repaired(args: argparse.Namespace):
-    """JAX's warning about a compile-cache entry it cannot read or write, as one line of ours; the entries of that
-    program that cannot be decompressed are removed, to be compiled and cached anew."""
-    # JAX writes an entry in place and never rewrites one it finds: a write cut short (a full disk) leaves an entry it
-    # refuses, with a warning, on every later run.
-    directory = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(args.cache_dir) / "jax")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("always", message="Error (reading|writing) persistent compilation cache entry")
-        shown, said = warnings.showwarning, set()
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            match = COMPILE_CACHE_ERROR.match(str(message))
-            if match is None:
-                return shown(message, category, filename, lineno, file, line)
-            action, name, reason = match.groups()
-            program = name.split("-")[0]  # a message names the program, or one entry's key
-            # A write of ours just failed: its entry goes at once. One that fails to read may be another run's, still
-            # being written: only entries left alone for a minute go.
-            removed = remove_unreadable_cache_entries(directory, program, 0 if action == "writing" else 60)
-            if (action, program) in said and not removed:  # one line per program and run, not one per compilation
-                return
-            said.add((action, program))
-            outcome = "compiled and cached anew" if removed else "if this warning repeats, remove the directory"
-            log.warning(
-                "compile cache %s: JAX could not %s an entry of %s (%s); removed %d entr(ies) that cannot be "
-                "decompressed: %s",
-                directory,
-                action.removesuffix("ing"),
-                program,
-                reason,
-                removed,
-                outcome,
-            )
-
-        warnings.showwarning = show
-        yield
-
-
-def remove_unreadable_cache_entries(directory: Path, name: str, settled_seconds: float) -> int:
-    """Remove the compile-cache entries of program `name` that JAX's own reader cannot decompress, last written at
-    least `settled_seconds` ago; return how many (none without that reader, a private function that may move)."""
-    try:
-        from jax._src.compilation_cache import decompress_executable
-    except ImportError:
-        return 0
-    removed = 0
-    for path in directory.glob(f"{glob.escape(name)}-*-cache"):
-        try:
-            if time.time() - path.stat().st_mtime < settled_seconds:
-                continue
-            decompress_executable(path.read_bytes())
-            continue
-        except OSError:  # gone meanwhile
-            continue
-        except Exception:  # a stream cut short: zlib.error, ZstdError...
-            pass
-        path.unlink(missing_ok=True)
-        path.with_name(path.name.removesuffix("-cache") + "-atime").unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 # -----------------------------------------------------------------------------
