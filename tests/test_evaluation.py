@@ -1,6 +1,8 @@
 """Reviewer-grade numbers: cross-validation, control task, intervals, retrieval metrics, unseen tasks, ridge."""
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -180,3 +182,42 @@ def test_evaluation_option_errors(run_cli, capsys, options, status, message):
         code = exit_info.code
     assert code == status
     assert message in capsys.readouterr().err
+
+
+def test_the_bootstrap_interval_is_scipys_without_importing_scipy_stats():
+    """bootstrap_interval draws and computes as scipy.stats.bootstrap does (multi-sample BCa, percentile fallback),
+    bit for bit; the program imports neither scipy.stats nor its docstrings at start-up."""
+    import warnings
+
+    import scipy.stats
+
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        sizes = rng.integers(2, 12, rng.integers(1, 5))
+        counts = rng.integers(1, 6, sizes.sum()).astype(float)
+        sums = counts * (rng.random(sizes.sum()) if trial % 2 else (rng.random(sizes.sum()) > 0.3))
+        start = np.cumsum([0, *sizes])
+        data = tuple(np.arange(start[k], start[k + 1]).astype(np.float64) for k in range(len(sizes)))
+
+        def mean_of_units(*chosen, axis=-1, sums=sums, counts=counts):
+            picked = np.concatenate(chosen, axis=axis).astype(np.int64)
+            return sums[picked].sum(axis=axis) / counts[picked].sum(axis=axis)
+
+        for method in ("BCa", "percentile"):
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                expected = scipy.stats.bootstrap(
+                    data,
+                    mean_of_units,
+                    n_resamples=200,
+                    method=method,
+                    vectorized=True,
+                    rng=np.random.default_rng(trial),
+                ).confidence_interval
+                found = lpi.bootstrap_interval(data, mean_of_units, 200, np.random.default_rng(trial), method)
+            np.testing.assert_array_equal(found, [expected.low, expected.high])
+    program = "import sys, linear_probing_inference; print('scipy.stats' in sys.modules)"
+    imported = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=lpi.Path(lpi.__file__).parent
+    )
+    assert imported.stdout.strip() == "False", imported.stderr
