@@ -1882,8 +1882,8 @@ def train_linear_probes(
         # there each copy runs alone and stops at its own epoch; accelerators run copies side by side.
         copies_in_sequence=jax.default_backend() == "cpu",
     )
-    per_copy = [jnp.asarray(value) for value in (copies.classes, copies.known, copies.train, copies.validation)]
-    shared = (jnp.asarray(sample_class), *per_copy, np.int32(config.seed), jnp.asarray(copies.identity()))
+    per_copy = (copies.classes, copies.known, copies.train, copies.validation)
+    shared = (np.asarray(sample_class, np.int32), *per_copy, np.int32(config.seed), copies.identity())
     # The items go to the program in calls of equal size (one compilation; the last call is padded with copies of its
     # last item), each holding at most PROGRAM_BLOCK_BYTES of features; with several local devices, each call's items
     # are spread over them (JAX sharding of the items axis).
