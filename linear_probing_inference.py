@@ -20,8 +20,8 @@ Sections, in the order the data flows (each section's entry function in parenthe
   Report and figures   a results directory as sweep.csv, curves and heatmaps (write_report)
   Command line, main   options from the configs' fields, one line for every fault (main)
 Appendix A is the restricted, memory-mapped pickle reader the features come through (read_task_file); appendix B the
-demo generator (`--demo` writes synthetic data in the real layout). Every number of a summary is a field of HeldOut,
-computed in Evaluation.
+demo generator (`--demo` writes synthetic data in the real layout). Every number of a summary is read from the
+HeldOut record that Evaluation returns.
 
 Design notes: ../shared/spec/linear_probing_guide.md and ../shared/pi0-latents.md.
 """
@@ -152,12 +152,6 @@ class Option(NamedTuple):
 def option(help: str, default=dataclasses.MISSING, **argparse_needs) -> dataclasses.Field:
     """A configuration field set by its option (see Option); without a default the field is required."""
     return dataclasses.field(default=default, metadata={"option": Option(help, **argparse_needs)})
-
-
-def reported(column: str | None = None, interval: bool = False):
-    """A record field that is a sweep.csv column, named `column` (default: the field's name); with `interval`, its
-    95% interval's ends follow it as {column}_ci_low and {column}_ci_high."""
-    return dataclasses.field(metadata={"column": column, "interval": interval})
 
 
 def baseline_value(text: str) -> tuple[str, int | str]:
@@ -414,6 +408,58 @@ class OptionError(ProbeError):
     """An option that does not fit the data: printed as one line, exit status 2."""
 
     exit_code = 2
+
+
+def bound_problem(value, spec: Option) -> str | None:
+    """What is wrong with a number for its option's bounds ("must be >= 1"), or None."""
+    low_ok = (spec.at_least is None or value >= spec.at_least) and (spec.above is None or value > spec.above)
+    high_ok = (spec.below is None or value < spec.below) and (spec.at_most is None or value <= spec.at_most)
+    finite = spec.type is not float or math.isfinite(value)  # an int of any size is finite (isfinite overflows)
+    if finite and low_ok and high_ok:
+        return None
+    limits = [
+        f">= {spec.at_least}" if spec.at_least is not None else None,
+        f"> {spec.above}" if spec.above is not None else None,
+        f"< {spec.below}" if spec.below is not None else None,
+        f"<= {spec.at_most}" if spec.at_most is not None else None,
+    ]
+    return f"must be {' and '.join(limit for limit in limits if limit)}"
+
+
+def check_configs(labels: LabelConfig, training: TrainingConfig) -> None:
+    """What the options are checked for, on the configs themselves (the command line's and probe_features'): each
+    field's type, bounds and choices, then the combinations that cannot run. OptionError names the option."""
+    for config in (labels, training):
+        for field in dataclasses.fields(config):
+            spec, value = field.metadata.get("option"), getattr(config, field.name)
+            if spec is None or value is None:
+                continue
+            kinds = {int: (int,), float: (int, float)}.get(spec.type)
+            if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise OptionError(f"--{field.name} {value!r}: must be a number ({spec.type.__name__})")
+            problem = bound_problem(value, spec) if kinds else None
+            if spec.choices and value not in spec.choices:
+                problem = f"must be one of {', '.join(spec.choices)}"
+            if problem:
+                raise OptionError(f"--{field.name} {value!r}: {problem}")
+    if training.cv_folds < 2:
+        raise OptionError(f"--cv_folds {training.cv_folds}: at least 2 folds are needed to hold anything out")
+    if labels.concepts_file and labels.target != "concepts":
+        raise OptionError("--concepts applies to --target concepts")
+    concept_misfits = training.probe != "linear" or training.mdl or training.repeats > 1 or training.permutations
+    if labels.target == "concepts" and concept_misfits:
+        raise OptionError(
+            "--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations "
+            "apply to --target t5"
+        )
+    if not training.control and training.permutations is not None:
+        raise OptionError("--permutations needs the control: drop --no_control")
+    if training.mdl and labels.label_dim:
+        raise OptionError(
+            "--mdl codes blocks with probes trained on a few tasks, fewer than --label_dim needs: use one or the other"
+        )
+    if training.probe == "ridge" and training.loss != "cosine":
+        raise OptionError("--loss applies to --probe linear; ridge fits squared error in closed form")
 
 
 # -----------------------------------------------------------------------------
@@ -1240,14 +1286,15 @@ def assign_folds(task_id: np.ndarray, episode: np.ndarray, config: TrainingConfi
     """Test fold of every sample, and the number of folds.
 
     split "episode": each task's episodes are dealt round the folds, so every fold trains on
-    every task. split "task": whole tasks are dealt round the folds.
+    every task. split "task": whole tasks (here their classes, see dealt_units) are dealt round the folds.
     """
     rng = np.random.default_rng(config.seed)
     tasks = np.unique(task_id)
     if config.split == "task":
         if len(tasks) < 3:
             raise ProbeError(
-                f"--split task needs at least 3 tasks (it holds out whole tasks); the range has {len(tasks)}"
+                f"--split task needs at least 3 tasks with distinct descriptions (it holds out whole tasks, those that "
+                f"share one together); the range has {len(tasks)}"
             )
         folds = min(config.cv_folds, len(tasks))
         fold_of_task = dict(zip(rng.permutation(tasks), np.arange(len(tasks)) % folds))
@@ -1266,6 +1313,12 @@ def assign_folds(task_id: np.ndarray, episode: np.ndarray, config: TrainingConfi
             fold_of_episode[(task, one_episode)] = (next_fold + position) % folds
         next_fold = (next_fold + len(episodes)) % folds  # balance fold sizes across tasks
     return np.array([fold_of_episode[(t, e)] for t, e in zip(task_id, episode)]), folds
+
+
+def dealt_units(task_id: np.ndarray, sample_class: np.ndarray, split: str) -> np.ndarray:
+    """What assign_folds deals, per sample: the task, or under split "task" its class. Tasks that share a description
+    share a target: one held out while the other is trained on would not be an unseen instruction."""
+    return sample_class if split == "task" else task_id
 
 
 def validation_count(units: int, fraction: float, fewest: int) -> int:
@@ -1497,13 +1550,14 @@ def design_for(
     task_ids = sorted(set(samples.task_id.tolist()))
     descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
     sample_class = np.array([descriptions.index(descriptions_by_task[t]) for t in samples.task_id], dtype=np.int64)
+    if len(descriptions) < 2:
+        raise ProbeError(f"the analyzed tasks have one description ({descriptions[0]!r}): nothing to tell apart")
     unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
+    dealt = dealt_units(samples.task_id, sample_class, training.split)
     repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeats)]
-    fold_sets = [assign_folds(samples.task_id, samples.episode, repeat) for repeat in repeats]
+    fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
     folds = fold_sets[0][1]
-    validation = [
-        validation_masks(samples.task_id, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)
-    ]
+    validation = [validation_masks(dealt, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)]
     assignments = np.stack(
         [np.arange(len(descriptions))]
         + [derangement(len(descriptions), training.seed, index) for index in range(training.null_size)]
@@ -1550,8 +1604,9 @@ def concept_design(
         concepts = word_concepts(descriptions)
     if not concepts:
         raise ProbeError("no concepts: no word (or --concepts attribute) varies between the analyzed tasks")
-    fold, folds = assign_folds(samples.task_id, samples.episode, training)
-    validation = validation_masks(samples.task_id, samples.episode, fold, folds, training)
+    dealt = dealt_units(samples.task_id, sample_class, training.split)
+    fold, folds = assign_folds(dealt, samples.episode, training)
+    validation = validation_masks(dealt, samples.episode, fold, folds, training)
     width = max(len(concept.values) for concept in concepts)
     chosen = [(c, f) for c in range(len(concepts)) for f in range(folds)]
     train = np.stack([(fold != f) & ~validation[f] for _, f in chosen])
@@ -1985,6 +2040,12 @@ def fit_items(features: ItemFeatures, design: Design, training: TrainingConfig) 
 # -----------------------------------------------------------------------------
 
 
+def reported(column: str | None = None, interval: bool = False, default=dataclasses.MISSING):
+    """A record field that is a sweep.csv column, named `column` (default: the field's name); with `interval`, its
+    95% interval's ends follow it as {column}_ci_low and {column}_ci_high."""
+    return dataclasses.field(default=default, metadata={"column": column, "interval": interval})
+
+
 @dataclasses.dataclass(frozen=True)
 class Retrieval:
     """Is a held-out prediction's nearest analyzed-task embedding its own task's? Averaged over repeats."""
@@ -2025,7 +2086,7 @@ class Cosines:
     cosine_similarity_normalized: float = reported()  # (cosine - constant) / (1 - constant)
 
 
-class PerCopySet(NamedTuple):
+class AccuracyAndBits(NamedTuple):
     """Accuracy and information of each repeat, or of each permuted assignment."""
 
     accuracy: np.ndarray
@@ -2039,10 +2100,11 @@ class Control:
     control_accuracy: float = reported()  # the first permuted assignment
     control_information_bits: float = reported()
     selectivity: float = reported(interval=True)  # accuracy - control accuracy, the first repeat's
-    permutation_null: PerCopySet  # every permuted assignment
+    permutation_null: AccuracyAndBits  # every permuted assignment
     permutation_null_mean_accuracy: float = reported()
     permutation_null_mean_information_bits: float
-    permutation_p_value: float | None = reported()  # None with one permuted assignment; NaN when a null probe failed
+    # None with one permuted assignment; NaN when a null probe failed
+    permutation_p_value: float | None = reported(default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2084,8 +2146,8 @@ class Conditional:
     information_bits: float = reported(column="baseline_information_bits")
     joint_accuracy: float
     joint_information_bits: float = reported()
-    gain_accuracy: float = reported()
     gain_bits: float = reported()
+    gain_accuracy: float = reported()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2096,7 +2158,7 @@ class HeldOut:
     retrieval: Retrieval
     information: Information
     cosines: Cosines
-    repeats: PerCopySet
+    repeats: AccuracyAndBits
     failures: Failures
     intervals: dict[str, tuple[float, float]]  # metric -> 95% interval; none with --bootstrap 0
     control: Control | None = None  # --no_control: None
@@ -2172,10 +2234,9 @@ TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried 
 
 
 def uniform_share(calibration_count) -> np.ndarray:
-    """Weight of the uniform code mixed into every prediction. A copy's softmax is calibrated on its validation
-    samples (one without any keeps temperature 1 and mixes in the uniform code at 1/2); n samples cannot vouch for an
-    error rate below about 1 / (n + 2) (the rule of succession), so one confident held-out error costs at most
-    log2(classes x (n + 2)) bits, not the 50+ a temperature fitted on a few all-correct samples would charge."""
+    """Weight of the uniform code mixed into every prediction: n calibration (validation) samples cannot vouch for an
+    error rate below about 1 / (n + 2), the rule of succession; so a confident held-out error costs at most
+    log2(classes x (n + 2)) bits."""
     return 1.0 / (np.asarray(calibration_count, dtype=np.float64) + 2.0)
 
 
@@ -2373,7 +2434,7 @@ def control_of(null: list[Scores], observed: Scores, classes: int, failed_null: 
         control_accuracy=float(accuracy[0]),
         control_information_bits=float(null_information[0]),
         selectivity=float(observed.correct.mean() - accuracy[0]),
-        permutation_null=PerCopySet(accuracy, null_information),
+        permutation_null=AccuracyAndBits(accuracy, null_information),
         permutation_null_mean_accuracy=float(accuracy.mean()),
         permutation_null_mean_information_bits=float(null_information.mean()),
         permutation_p_value=p_value,
@@ -2416,7 +2477,7 @@ def retrieval_of(
     )
 
 
-class Failed(NamedTuple):
+class FailedCopies(NamedTuple):
     """Failed copies by role: the probe's folds as (repeat, fold); the null's and the MDL blocks' as copy indices."""
 
     probe: list[tuple[int, int]]
@@ -2424,10 +2485,10 @@ class Failed(NamedTuple):
     mdl: list[int]
 
 
-def fitted_failures(design: Design, failed: np.ndarray) -> Failed:
+def fitted_failures(design: Design, failed: np.ndarray) -> FailedCopies:
     """The copies that never improved on validation, by role."""
     copies = design.copies
-    return Failed(
+    return FailedCopies(
         [
             (int(copies.repeat[c]), int(copies.fold[c]))
             for c in np.flatnonzero(failed & (copies.fold >= 0) & (copies.assignment == 0))
@@ -2452,12 +2513,8 @@ def wilson_interval(share: float, count: int) -> tuple[float, float]:
 def unit_intervals(
     values: dict[str, np.ndarray], unit: np.ndarray, stratum: np.ndarray | None, resamples: int, seed: int
 ) -> dict[str, tuple[float, float]]:
-    """95% BCa intervals (see bootstrap_interval) of per-sample means, resampling whole units, within their stratum.
-
-    The statistic is the mean over the resampled units' samples, as the estimate is. When resampling cannot vary
-    (every stratum's units agree, e.g. all 50 episodes right) BCa is undefined and a percentile interval would be the
-    zero-width [1, 1]: a share (SHARE_METRICS) then gets the Wilson score interval over the units ([0.93, 1]); any
-    other value gets (nan, nan), printed as n/a."""
+    """95% BCa intervals (see bootstrap_interval) of per-sample means, resampling whole units, within their stratum;
+    the statistic is the mean over the resampled units' samples, as the estimate is."""
     if resamples == 0:
         return {}
     unit_index = np.unique(unit, return_inverse=True)[1]
@@ -2472,6 +2529,8 @@ def unit_intervals(
             picked = np.concatenate(chosen, axis=axis).astype(np.int64)
             return sums[picked].sum(axis=axis) / counts[picked].sum(axis=axis)
 
+        # Units that all agree (all 50 episodes right) leave BCa undefined and a percentile interval zero-width: a share
+        # gets the Wilson score interval over the units instead, any other value none (printed as n/a).
         unit_means = sums / counts
         tolerance = 1e-6 * max(1.0, float(np.abs(unit_means).max()))  # rounding-level differences are no variation
         if all(np.ptp(unit_means[group.astype(np.int64)]) <= tolerance for group in data):
@@ -2555,19 +2614,24 @@ INTERVAL_METRICS = ("accuracy", "information_bits", "cosine_similarity_label_spa
 
 
 def interval_estimates(
-    design: Design, values: SampleValues, first: Scores, null: list[Scores], held_out: HeldOut, training: TrainingConfig
+    design: Design,
+    values: SampleValues,
+    repeats: list[Scores],
+    null: list[Scores],
+    per_repeat: AccuracyAndBits,
+    training: TrainingConfig,
 ) -> dict[str, tuple[float, float]]:
-    """95% intervals over the units that vary (see unit_intervals), widened by the spread across repeats."""
+    """95% intervals over the units that vary (see unit_intervals); accuracy's and information's widened by their
+    spread across repeats."""
     chosen = {name: getattr(values, name) for name in INTERVAL_METRICS}
     if null:
         chosen["control_accuracy"] = null[0].correct.astype(np.float64)
-        chosen["selectivity"] = first.correct.astype(np.float64) - null[0].correct
+        chosen["selectivity"] = repeats[0].correct.astype(np.float64) - null[0].correct
     intervals = unit_intervals(chosen, design.unit, design.stratum, training.bootstrap, training.seed)
-    estimates = {"accuracy": held_out.retrieval.accuracy, "information_bits": held_out.information.information_bits}
-    for name, estimate in estimates.items():
+    for name in ("accuracy", "information_bits"):
         if name in intervals:
-            spread = getattr(held_out.repeats, name)
-            intervals[name] = widened(intervals[name], estimate, spread, name in SHARE_METRICS)
+            estimate = float(getattr(values, name).mean())
+            intervals[name] = widened(intervals[name], estimate, getattr(per_repeat, name), name in SHARE_METRICS)
     return intervals
 
 
@@ -2581,9 +2645,15 @@ class Predictions(NamedTuple):
 
 
 def evaluate_item(
-    samples: Samples, fitted: ProbeFit, design: Design, labels: LabelConfig, training: TrainingConfig
+    samples: Samples,
+    fitted: ProbeFit,
+    design: Design,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    baseline: Conditional | None = None,
 ) -> tuple[HeldOut, Predictions]:
-    """Held-out numbers of one item (one layer's samples and its fitted copies), and its per-sample predictions."""
+    """Held-out numbers of one item (one layer's samples and its fitted copies), and its per-sample predictions;
+    `baseline`, its conditional probing (see conditional_metrics)."""
     features = samples.features[0]
     temperatures = copy_temperatures(features, fitted, design)
     repeats = [
@@ -2601,6 +2671,10 @@ def evaluate_item(
     raw, label_space = values.cosine_similarity.mean(), values.cosine_similarity_label_space.mean()
     failed = fitted_failures(design, fitted.failed)
     with_mdl = design.mdl_block is not None
+    per_repeat = AccuracyAndBits(
+        np.array([scores.correct.mean() for scores in repeats]),
+        information(np.array([scores.bits.mean() for scores in repeats]), classes),
+    )
     held_out = HeldOut(
         counts=Counts(
             num_samples=len(design.sample_class),
@@ -2624,33 +2698,29 @@ def evaluate_item(
             constant_predictor_cosine=float(constant.mean()),
             cosine_similarity_normalized=float((raw - constant.mean()) / (1 - constant.mean())),
         ),
-        repeats=PerCopySet(
-            np.array([scores.correct.mean() for scores in repeats]),
-            information(np.array([scores.bits.mean() for scores in repeats]), classes),
-        ),
+        repeats=per_repeat,
         failures=Failures(failed.probe, {role: len(members) for role, members in failed._asdict().items()}),
-        intervals={},
+        intervals=interval_estimates(design, values, repeats, null, per_repeat, training),
         control=control_of(null, repeats[0], classes, len(failed.null)),
         mdl=online_codelength(features, fitted, design, temperatures, 0) if with_mdl else None,
         mdl_control=online_codelength(features, fitted, design, temperatures, 1) if with_mdl and null else None,
+        baseline=baseline,
     )
-    intervals = interval_estimates(design, values, repeats[0], null, held_out, training)
-    held_out = dataclasses.replace(held_out, intervals=intervals)
     return held_out, Predictions(repeats[0], raw_predictions[0], null[0] if null else None, temperatures)
 
 
-class Score(NamedTuple):
+class Headline(NamedTuple):
     accuracy: float
     information_bits: float
 
 
-def first_repeat_score(features: np.ndarray, fitted: ProbeFit, design: Design) -> Score:
+def first_repeat_score(features: np.ndarray, fitted: ProbeFit, design: Design) -> Headline:
     """Held-out accuracy and information of the first repeat's fold probes."""
     scores = scores_of(
         features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
     )
     classes = len(design.descriptions)
-    return Score(float(scores.correct.mean()), float(information(scores.bits.mean(), classes)))
+    return Headline(float(scores.correct.mean()), float(information(scores.bits.mean(), classes)))
 
 
 def conditional_metrics(
@@ -2805,10 +2875,8 @@ def probe_group(
         if design.concepts is not None:
             yield Probed(evaluate_concepts(samples, fit, design), None, design, fit)
             continue
-        held_out, predictions = evaluate_item(samples, fit, design, labels, training)
-        if conditional:
-            held_out = dataclasses.replace(held_out, baseline=conditional[position])
-        yield Probed(held_out, predictions, design, fit)
+        baseline = conditional[position] if conditional else None
+        yield Probed(*evaluate_item(samples, fit, design, labels, training, baseline), design, fit)
 
 
 def probe_features(
@@ -2817,31 +2885,49 @@ def probe_features(
     description: Sequence[str],
     labels: LabelConfig = LabelConfig(),
     training: TrainingConfig = TrainingConfig(),
+    task: Sequence[int] | None = None,
 ) -> HeldOut | ConceptsHeldOut:
     """The pipeline on pooled features already in memory, from any collector or model: features (samples, width),
-    each sample's episode and its task's description. Tasks are numbered in the order their descriptions first
-    appear; an episode is (task, episode), as in the task files. The command line runs the same probe_group."""
-    features = np.asarray(features, dtype=np.float32)
-    episode, description = np.asarray(episode, dtype=np.int64), list(description)
-    if features.ndim != 2 or not len(features) == len(episode) == len(description):
+    each sample's episode within its task and its task's description; `task`, each sample's task id (default: tasks
+    numbered by description, in the order they first appear). The command line runs the same probe_group."""
+    check_configs(labels, training)
+    features, episode, description = np.asarray(features), np.asarray(episode), list(description)
+    if task is None:
+        first_seen = {text: number for number, text in enumerate(dict.fromkeys(description))}
+        task = [first_seen[text] for text in description]
+    task = np.asarray(task)
+    if len(task) != len(description):
+        raise ProbeError(f"probe_features: {len(task)} task ids for {len(description)} samples")
+    if features.ndim != 2 or 0 in features.shape or not len(features) == len(episode) == len(description):
         raise ProbeError(
             f"probe_features: features must be (samples, width) with one episode and description per sample; got "
             f"features {features.shape}, {len(episode)} episodes, {len(description)} descriptions"
         )
+    for name, ids in (("episode", episode), ("task", task)):
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ProbeError(f"probe_features: {name} must be one integer per sample, got {ids.dtype} {ids.shape}")
     if not np.isfinite(features).all():
         raise ProbeError("probe_features: features hold non-finite values")
-    descriptions = dict(enumerate(dict.fromkeys(description)))
-    task_of = {text: task for task, text in descriptions.items()}
+    descriptions = {}
+    for one_task, text in zip(task.tolist(), description):
+        if descriptions.setdefault(one_task, text) != text:
+            raise ProbeError(
+                f"probe_features: task {one_task} has two descriptions ({descriptions[one_task]!r}, {text!r})"
+            )
+    count = len(episode)
     samples = Samples(
-        features[None],
-        np.array([task_of[text] for text in description], dtype=np.int64),
-        episode,
-        np.zeros(len(episode), dtype=np.int64),
-        np.full(len(episode), np.nan),
-        np.zeros(len(episode), dtype=np.int64),
+        features.astype(np.float32)[None],
+        task.astype(np.int64),
+        episode.astype(np.int64),
+        np.zeros(count, dtype=np.int64),
+        np.full(count, np.nan),
+        np.zeros(count, dtype=np.int64),
     )
     design = make_design(samples, descriptions, labels, training)
-    return next(probe_group([samples], design, descriptions, labels, training)).held_out
+    held_out = next(probe_group([samples], design, descriptions, labels, training)).held_out
+    if isinstance(held_out, HeldOut):
+        warn_about_failures(held_out.failures, "probe_features")
+    return held_out
 
 
 def warn_about_failures(failures: Failures, stem: str) -> None:
@@ -2858,7 +2944,8 @@ def warn_about_failures(failures: Failures, stem: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Output: the results record, what made it, the summary, atomic writes (results_record, write_results)
+# Output: the results record, what made it, the summary, atomic writes (results_record, format_summary,
+# write_results)
 # -----------------------------------------------------------------------------
 
 RESULTS_FORMAT = 3  # results files of earlier formats lack what the report reads
@@ -2876,7 +2963,7 @@ REPORTED_PARTS = {  # sweep.csv's metric columns, in this order (see `reported`)
 }
 
 
-def part_fields(part) -> dict:
+def record_fields(part) -> dict:
     """A record's fields by name, values as they are (dataclasses.asdict would copy every array)."""
     return {field.name: getattr(part, field.name) for field in dataclasses.fields(part)}
 
@@ -2887,7 +2974,7 @@ def metrics_record(held_out: HeldOut) -> dict:
     for name in FLAT_PARTS:
         part = getattr(held_out, name)
         if part is not None:
-            metrics |= part_fields(part)
+            metrics |= record_fields(part)
     metrics["repeats"] = held_out.repeats._asdict()
     if held_out.control is not None:
         metrics["permutation_null"] = held_out.control.permutation_null._asdict()
@@ -2898,26 +2985,26 @@ def metrics_record(held_out: HeldOut) -> dict:
         metrics["mdl"] = {**held_out.mdl._asdict(), **control}
     metrics["confidence_intervals"] = held_out.intervals
     if held_out.baseline is not None:
-        metrics["baseline"] = part_fields(held_out.baseline)
+        metrics["baseline"] = record_fields(held_out.baseline)
     return metrics
 
 
 def held_out_from(metrics: dict) -> HeldOut:
     """The record a results file's metrics were written from (see metrics_record)."""
 
-    def part(kind, values: dict):
-        return kind(**{field.name: values.get(field.name) for field in dataclasses.fields(kind)})
+    def part(kind, values: dict):  # a missing field is an error (KeyError), but for the p-value, absent as None
+        return kind(**{field.name: values[field.name] for field in dataclasses.fields(kind) if field.name in values})
 
     control, mdl, baseline = None, metrics.get("mdl"), metrics.get("baseline")
     if "control_accuracy" in metrics:
-        null = PerCopySet(**metrics["permutation_null"])
+        null = AccuracyAndBits(**metrics["permutation_null"])
         control = dataclasses.replace(part(Control, metrics), permutation_null=null)
     return HeldOut(
         counts=part(Counts, metrics),
         retrieval=part(Retrieval, metrics),
         information=part(Information, metrics),
         cosines=part(Cosines, metrics),
-        repeats=PerCopySet(**metrics["repeats"]),
+        repeats=AccuracyAndBits(**metrics["repeats"]),
         failures=part(Failures, metrics),
         intervals=metrics["confidence_intervals"],
         control=control,
@@ -2933,7 +3020,7 @@ def concepts_held_out_from(results: dict) -> ConceptsHeldOut:
     return ConceptsHeldOut(concepts=concepts, **results["metrics"])
 
 
-class Configured(NamedTuple):
+class ResultConfig(NamedTuple):
     """A results file's configuration, typed again."""
 
     source: Source
@@ -2942,10 +3029,10 @@ class Configured(NamedTuple):
     training: TrainingConfig
 
 
-def configured(config: dict) -> Configured:
+def result_config(config: dict) -> ResultConfig:
     """The configs a results file's config records (see results_record)."""
     data = config["data"]
-    return Configured(
+    return ResultConfig(
         Source(**{field.name: data[field.name] for field in dataclasses.fields(Source)}),
         Item(**{name: data[name] for name in Item._fields}),
         LabelConfig(**config["labels"]),
@@ -3112,7 +3199,7 @@ def concept_results_record(
     """The results file of a concept run: its one layout (see results_record for the T5 target's)."""
     held_out, _, design, fitted = probed
     training_record = {**dataclasses.asdict(training), "loss": "softmax"}
-    numbers = part_fields(held_out)
+    numbers = record_fields(held_out)
     return {
         "format_version": RESULTS_FORMAT,
         "target": "concepts",
@@ -3122,7 +3209,7 @@ def concept_results_record(
             "token_positions": describe_token_positions(dataset.source),
             "concept_definition": CONCEPT_DEFINITION,
         },
-        "concepts": {name: part_fields(one) for name, one in numbers.pop("concepts").items()},
+        "concepts": {name: record_fields(one) for name, one in numbers.pop("concepts").items()},
         "metrics": numbers,
         "tasks": {
             "task_ids": np.array(design.task_ids),
@@ -3302,6 +3389,11 @@ MADE_WITH_LINE = "Made With: fingerprint {} (options-data-program: config['made_
 STATED_FINGERPRINT = re.compile(r"Made With: fingerprint ([0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{16}) .*")
 
 
+def is_concept_result(results: dict) -> bool:
+    """Whether a results file is a concept run's (concept_results_record) or a T5 target's (results_record)."""
+    return results["config"]["labels"]["target"] == "concepts"
+
+
 def with_interval(held_out: HeldOut, name: str, value: float, digits: int = 4) -> str:
     """A metric with its 95% interval, when there is one; an undefined interval says why instead of looking certain."""
     text = f"{value:.{digits}f}"
@@ -3313,24 +3405,24 @@ def with_interval(held_out: HeldOut, name: str, value: float, digits: int = 4) -
     return f"{text} [95% CI {interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
-def item_lines(run: Configured) -> list[str]:
+def item_lines(setup: ResultConfig) -> list[str]:
     """What was probed, in the guide's words."""
     return [
-        f"Expert: {run.source.expert}",
-        f"Layer: {run.item.layer}",
-        f"Rollout Step: {run.item.rollout_step}",
-        f"Feature Type: {run.source.feature_type}",
+        f"Expert: {setup.source.expert}",
+        f"Layer: {setup.item.layer}",
+        f"Rollout Step: {setup.item.rollout_step}",
+        f"Feature Type: {setup.source.feature_type}",
     ]
 
 
-def guide_block(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
+def guide_block(results: dict, setup: ResultConfig, held_out: HeldOut) -> list[str]:
     """The guide's block, its cosine now the probe's own (label space); the raw T5 one follows with its definition."""
     tasks = results["tasks"]
     return [
         "Linear Probing Results",
         "=====================",
         "",
-        *item_lines(run),
+        *item_lines(setup),
         "",
         f"Accuracy: {held_out.retrieval.accuracy:.4f}",
         f"Cosine Similarity: {held_out.cosines.cosine_similarity_label_space:.4f} (probe's label space; raw T5 below)",
@@ -3372,10 +3464,11 @@ def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
     control = held_out.control
     if control is None:
         return ["Control Task: off (--no_control)"]
+    observed = "accuracy" if held_out.counts.num_repeats == 1 else "the first repeat's accuracy"
     lines = [
         f"Control (task -> embedding assignment permuted): accuracy "
         f"{with_interval(held_out, 'control_accuracy', control.control_accuracy)}, information "
-        f"{control.control_information_bits:.3f} bits; selectivity (accuracy - control) "
+        f"{control.control_information_bits:.3f} bits; selectivity ({observed} - control) "
         f"{with_interval(held_out, 'selectivity', control.selectivity)}"
     ]
     if training.split == "episode":
@@ -3409,10 +3502,10 @@ def mdl_text(mdl: Codelength) -> str:
     return f"{mdl.online_bits:.1f} bits vs uniform {mdl.uniform_bits:.1f} (compression {mdl.compression:.2f})"
 
 
-def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
+def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> list[str]:
     """How well the probe does on what it never saw, each number labelled with what it measures."""
     config, counts, found, information = results["config"], held_out.counts, held_out.retrieval, held_out.information
-    below_zero = " (below 0: worse than knowing nothing)" if information.information_bits < 0 else ""
+    below_zero = " (information below 0: worse than knowing nothing)" if information.information_bits < 0 else ""
     lines = [
         "Held-out Evidence",
         "-----------------",
@@ -3433,7 +3526,7 @@ def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
             f"{repeats.accuracy.mean():.4f} +/- {repeats.accuracy.std(ddof=1):.4f}, information "
             f"{repeats.information_bits.mean():.3f} +/- {repeats.information_bits.std(ddof=1):.3f} bits (sd)"
         )
-    lines += control_lines(held_out, run.training)
+    lines += control_lines(held_out, setup.training)
     if held_out.baseline is not None:
         base = held_out.baseline
         lines.append(
@@ -3444,7 +3537,7 @@ def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
         )
     if held_out.mdl is not None:
         control = "" if held_out.mdl_control is None else f"; control {mdl_text(held_out.mdl_control)}"
-        lines.append(f"MDL (online code over {run.training.split} blocks): {mdl_text(held_out.mdl)}{control}")
+        lines.append(f"MDL (online code over {setup.training.split} blocks): {mdl_text(held_out.mdl)}{control}")
     cosines = held_out.cosines
     lines += [
         "Top-k Accuracy: " + ", ".join(f"top-{k} {v:.4f}" for k, v in found.top_k_accuracy.items()),
@@ -3453,13 +3546,13 @@ def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
         f"Training Accuracy: {found.training_accuracy:.4f}",
         f"Cosine Similarity (probe's label space: {config['label_space']}): "
         f"{with_interval(held_out, 'cosine_similarity_label_space', cosines.cosine_similarity_label_space)}",
-        f"Cosine Similarity (raw T5, {RAW_PREDICTION[run.labels.center_labels]}): "
+        f"Cosine Similarity (raw T5, {RAW_PREDICTION[setup.labels.center_labels]}): "
         f"{with_interval(held_out, 'cosine_similarity', cosines.cosine_similarity)}; constant predictor (mean "
         f"embedding) {cosines.constant_predictor_cosine:.4f}; normalized (cos - constant) / (1 - constant) "
         f"{cosines.cosine_similarity_normalized:.4f}",
         f"Intervals: {config['interval_definition']}",
     ]
-    if run.source.expert == "text_only":
+    if setup.source.expert == "text_only":
         lines.append("Positive control: text tokens are the prompt itself, so high accuracy is expected at every layer")
     lines += failure_lines(held_out.failures)
     lines.append("Per-task Accuracy:")
@@ -3467,9 +3560,9 @@ def evidence_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
     return lines
 
 
-def measured_lines(results: dict, run: Configured, held_out: HeldOut) -> list[str]:
+def measured_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> list[str]:
     """What was measured and how: positions, labels, probe, ranges, what was missing or skipped, the training run."""
-    source, item, training = run.source, run.item, run.training
+    source, item, training = setup.source, setup.item, setup.training
     report, history = results["data_report"], results["history"]
     if source.expert != "action":
         inference = "n/a (VLM expert)"
@@ -3489,7 +3582,7 @@ def measured_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
         "-----------------",
         f"Token Positions: {results['config']['token_positions']}",
         f"Inference Step: {inference}",
-        f"Labels: {results['config']['label_space']}; T5 model {run.labels.t5_model}",
+        f"Labels: {results['config']['label_space']}; T5 model {setup.labels.t5_model}",
         f"Features: {features}",
         f"Probe: {probe}",
         f"Seed: {training.seed}; repeats {training.repeats}; bootstrap resamples: {training.bootstrap}",
@@ -3515,10 +3608,10 @@ def measured_lines(results: dict, run: Configured, held_out: HeldOut) -> list[st
     return lines
 
 
-def format_concept_summary(results: dict, run: Configured) -> str:
+def format_concept_summary(results: dict, setup: ResultConfig) -> str:
     """A concept run's summary: what was probed, then every concept sorted by balanced accuracy."""
     held_out = concepts_held_out_from(results)
-    if run.training.split == "task":
+    if setup.training.split == "task":
         reading = (
             "held-out tasks: a concept counts only if it is encoded in a way that transfers to unseen combinations"
         )
@@ -3528,7 +3621,7 @@ def format_concept_summary(results: dict, run: Configured) -> str:
         "Concept Probing Results",
         "=======================",
         "",
-        *item_lines(run),
+        *item_lines(setup),
         f"Held out: {results['config']['split']} ({reading})",
         f"Number of Samples: {held_out.num_samples}; Number of Tasks: {held_out.num_tasks}",
         f"Token Positions: {results['config']['token_positions']}",
@@ -3551,18 +3644,18 @@ def format_concept_summary(results: dict, run: Configured) -> str:
 
 def format_summary(results: dict) -> str:
     """The guide's summary block, then the evidence behind it, what was measured and how; last, what made it."""
-    run = configured(results["config"])
-    if run.labels.target == "concepts":
-        body = format_concept_summary(results, run)
+    setup = result_config(results["config"])
+    if is_concept_result(results):
+        body = format_concept_summary(results, setup)
     else:
         held_out = held_out_from(results["metrics"])
         body = "\n".join(
             [
-                *guide_block(results, run, held_out),
+                *guide_block(results, setup, held_out),
                 "",
-                *evidence_lines(results, run, held_out),
+                *evidence_lines(results, setup, held_out),
                 "",
-                *measured_lines(results, run, held_out),
+                *measured_lines(results, setup, held_out),
                 "",
             ]
         )
@@ -3993,13 +4086,22 @@ def run_sweep(
                 progress.update()
 
 
+class MadeOtherwise(NamedTuple):
+    """Existing results made otherwise, by the part of MadeWith that differs first (see MADE_WITH_PARTS): each a
+    results file and what it is compared with."""
+
+    options: list[tuple[Path, MadeWith]]
+    data: list[tuple[Path, MadeWith]]
+    program: list[tuple[Path, MadeWith]]
+
+
 class Resume(NamedTuple):
     """What a job finds in --output_dir: the combinations left to run, how many are done, and the existing results
     made otherwise, by the part of MadeWith that differs first (each a results file and what it is compared with)."""
 
     items: list[Item]
     done: int
-    differing: dict[str, list[tuple[Path, MadeWith]]]
+    differing: MadeOtherwise
 
 
 def left_to_run(
@@ -4010,7 +4112,7 @@ def left_to_run(
     if args.shard:
         index, count = args.shard
         items = items[index::count]
-    output_dir, left, done, differing = Path(args.output_dir), [], 0, {part: [] for part in MADE_WITH_PARTS}
+    output_dir, left, done, differing = Path(args.output_dir), [], 0, MadeOtherwise([], [], [])
     for item in items:
         paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
         for path in paths:
@@ -4019,7 +4121,7 @@ def left_to_run(
         wanted = made_with.of_item(item)
         existing = existing_result(paths, wanted) if paths.results.is_file() else Existing(None, False)
         if existing.differs is not None:
-            differing[existing.differs].append((paths.results, wanted))
+            getattr(differing, existing.differs).append((paths.results, wanted))
         if existing.whole and existing.differs in (None, "program") and args.skip_existing:
             done += 1
             continue
@@ -4031,21 +4133,21 @@ def settle_existing(resume: Resume, args: argparse.Namespace, warn: bool) -> Non
     """Stop, naming what differs, when results in --output_dir were made with other options (unless --overwrite);
     with `warn`, say which results are made again (other data) and which are kept (another program version)."""
     output_dir, differing = args.output_dir, resume.differing
-    if differing["options"] and not args.overwrite:
+    if differing.options and not args.overwrite:
         raise ProbeError(
-            f"{len(differing['options'])} result(s) in {output_dir} were made with other options, e.g. "
-            f"{first_difference(differing['options'])}. --overwrite replaces them; another --output_dir keeps both"
+            f"{len(differing.options)} result(s) in {output_dir} were made with other options, e.g. "
+            f"{first_difference(differing.options)}. --overwrite replaces them; another --output_dir keeps both"
         )
-    if warn and differing["data"]:  # results of data that are no longer there: never reused, made again
-        count, example = len(differing["data"]), first_difference(differing["data"])
+    if warn and differing.data:  # results of data that are no longer there: never reused, made again
+        count, example = len(differing.data), first_difference(differing.data)
         log.warning("%d result(s) in %s were made from other data, e.g. %s; made again", count, output_dir, example)
-    if warn and differing["program"] and args.skip_existing:
+    if warn and differing.program and args.skip_existing:
         log.warning(
             "%d result(s) in %s were made by another version of this program or its packages, e.g. %s; kept (rerun "
             "without --skip_existing to make them again)",
-            len(differing["program"]),
+            len(differing.program),
             output_dir,
-            first_difference(differing["program"]),
+            first_difference(differing.program),
         )
 
 
@@ -4168,19 +4270,19 @@ REPORT_COLUMNS = [
 
 def report_row(results: dict, path: Path) -> dict:
     """One sweep.csv row: what was probed and how well (blank where a run has no such number)."""
-    run, held_out = configured(results["config"]), held_out_from(results["metrics"])
+    setup, held_out = result_config(results["config"]), held_out_from(results["metrics"])
     times = np.unique(results["samples"]["inference_time"])
     row = {
-        "expert": run.source.expert,
-        "layer": run.item.layer,
-        "rollout_step": run.item.rollout_step,
-        "inference_step": "all" if run.item.inference_step is None else run.item.inference_step,
+        "expert": setup.source.expert,
+        "layer": setup.item.layer,
+        "rollout_step": setup.item.rollout_step,
+        "inference_step": "all" if setup.item.inference_step is None else setup.item.inference_step,
         "inference_time": float(times[0]) if len(times) == 1 and not np.isnan(times[0]) else "",
-        "feature_type": run.source.feature_type,
+        "feature_type": setup.source.feature_type,
         "token_positions": results["config"]["token_positions"],
-        "probe": run.training.probe,
-        "loss": run.training.loss if run.training.probe == "linear" else "",
-        "split": run.training.split,
+        "probe": setup.training.probe,
+        "loss": setup.training.loss if setup.training.probe == "linear" else "",
+        "split": setup.training.split,
         "top_3_accuracy": held_out.retrieval.top_k_accuracy.get(3, ""),
         "file": path.name,
     }
@@ -4194,14 +4296,14 @@ def report_row(results: dict, path: Path) -> dict:
     return row
 
 
-def present(value) -> bool:
+def has_value(value) -> bool:
     """Whether a report cell holds a number (blank when the run had none)."""
     return value is not None and value != ""
 
 
 def blank_or(value, width: int) -> str:
     """A number of the printed table, or blanks where a run has none."""
-    return f"{value:{width}.4f}" if present(value) else " " * width
+    return f"{value:{width}.4f}" if has_value(value) else " " * width
 
 
 def series_label(row: dict, varying: list[str]) -> str:
@@ -4226,13 +4328,13 @@ CONCEPT_COLUMNS = [*CONCEPT_WHERE, "concept", *CONCEPT_NUMBERS, "file"]
 
 def concept_report_rows(results: dict, path: Path) -> list[dict]:
     """One concepts.csv row per concept of a concept run."""
-    run, held_out = configured(results["config"]), concepts_held_out_from(results)
+    setup, held_out = result_config(results["config"]), concepts_held_out_from(results)
     where = {
-        "expert": run.source.expert,
-        "layer": run.item.layer,
-        "rollout_step": run.item.rollout_step,
-        "inference_step": "all" if run.item.inference_step is None else run.item.inference_step,
-        "split": run.training.split,
+        "expert": setup.source.expert,
+        "layer": setup.item.layer,
+        "rollout_step": setup.item.rollout_step,
+        "inference_step": "all" if setup.item.inference_step is None else setup.item.inference_step,
+        "split": setup.training.split,
     }
     return [
         {**where, "concept": name, **{key: getattr(one, key) for key in CONCEPT_NUMBERS}, "file": path.name}
@@ -4404,7 +4506,7 @@ class HeatmapPanel(NamedTuple):
 def heatmap_column(row: dict, kind: HeatmapKind):
     """A row's place along the kind's x axis."""
     value = row[kind.column]
-    return value if present(value) else "all"
+    return value if has_value(value) else "all"
 
 
 def column_order(kind: HeatmapKind, column) -> tuple:
@@ -4438,7 +4540,7 @@ def panel_metrics(panel: HeatmapPanel) -> list[str]:
     optional = ["accuracy_ci_low", "accuracy_ci_high", "information_bits"]
     if panel.identity["split"] == "task":
         optional += ["control_accuracy", "permutation_p_value"]
-    metrics += [name for name in optional if any(present(row[name]) for row in rows)]
+    metrics += [name for name in optional if any(has_value(row[name]) for row in rows)]
     return metrics
 
 
@@ -4446,7 +4548,7 @@ def panel_values(panel: HeatmapPanel, metric: str) -> np.ndarray:
     """(layers, columns) floats; NaN where a cell has no file or the file no value."""
     values = np.full((len(panel.layers), len(panel.columns)), np.nan)
     for (layer, column), row in panel.cells.items():
-        if present(row[metric]):
+        if has_value(row[metric]):
             values[panel.layers.index(layer), panel.columns.index(column)] = float(row[metric])
     return values
 
@@ -4483,7 +4585,7 @@ def panel_name(panel: HeatmapPanel, kind: HeatmapKind, varying: list[str]) -> st
     named = panel.identity[kind.named_key]
     if kind.named_key == "rollout_step":
         parts.append(f"rollout step {named}")
-    elif present(named):
+    elif has_value(named):
         parts.append(f"t = {named:g}")
     elif panel.identity["expert"] == "action":
         parts.append("every denoising entry")
@@ -4594,6 +4696,28 @@ def write_heatmaps(rows: list[dict], directory: Path) -> list[Path]:
     return written
 
 
+def report_table(rows: list[dict]) -> list[str]:
+    """The printed table of a report: one line per results file."""
+    header = (
+        f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'bits':>6} {'control':>7} "
+        f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        interval = (
+            f"[{row['accuracy_ci_low']:.2f}, {row['accuracy_ci_high']:.2f}]" if row["accuracy_ci_low"] != "" else ""
+        )
+        layer = "-" if row["layer"] is None else row["layer"]
+        lines.append(
+            f"{row['expert']:9} {layer:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} "
+            f"{row['accuracy']:8.4f} "
+            f"{interval:>15} {row['information_bits']:6.3f} {blank_or(row['control_accuracy'], 7)} "
+            f"{blank_or(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
+            f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
+        )
+    return lines
+
+
 def write_report(directory: Path, strict: bool = False) -> str:
     """sweep.csv and by-layer plots from every results file in `directory`; return the printed table. A file that is
     not a readable results file of this version is skipped with a warning (--strict: the report stops)."""
@@ -4610,7 +4734,7 @@ def write_report(directory: Path, strict: bool = False) -> str:
                     f"{path}: written by an older version of this program (format {results.get('format_version')}); "
                     "rerun it"
                 )
-            if results.get("target") == "concepts":
+            if is_concept_result(results):
                 concept_rows += concept_report_rows(results, path)
             else:
                 rows.append(report_row(results, path))
@@ -4639,24 +4763,7 @@ def write_report(directory: Path, strict: bool = False) -> str:
         plot_by_layer(layered, directory)
         written += [directory / "accuracy_by_layer.png", directory / "cosine_by_layer.png"]
         written += write_heatmaps(layered, directory)
-    header = (
-        f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'bits':>6} {'control':>7} "
-        f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}"
-    )
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        interval = (
-            f"[{row['accuracy_ci_low']:.2f}, {row['accuracy_ci_high']:.2f}]" if row["accuracy_ci_low"] != "" else ""
-        )
-        layer = "-" if row["layer"] is None else row["layer"]
-        lines.append(
-            f"{row['expert']:9} {layer:>5} {row['rollout_step']:>5} {row['inference_step']!s:>5} "
-            f"{row['accuracy']:8.4f} "
-            f"{interval:>15} {row['information_bits']:6.3f} {blank_or(row['control_accuracy'], 7)} "
-            f"{blank_or(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
-            f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
-        )
-    lines.append("wrote " + ", ".join(str(path) for path in written))
+    lines = report_table(rows) + ["wrote " + ", ".join(str(path) for path in written)]
     return "\n".join(lines + concept_lines)
 
 
@@ -4670,7 +4777,7 @@ def plot_training_curves(results: dict, folds: int, path: Path, stem: str) -> No
         validation = history["validation_loss"][fold][: len(epochs)]
         axis.plot(epochs, validation, linestyle="--", color=line.get_color(), label=f"fold {fold} validation")
         axis.axvline(int(history["best_epoch"][fold]), color=line.get_color(), linewidth=0.5)
-    loss = results["config"]["training"]["loss"]
+    loss = result_config(results["config"]).training.loss
     axis.set(xlabel="epoch", ylabel=f"{loss} loss", title=f"Training curves, {stem} (vertical: kept epoch)")
     axis.legend(fontsize=7, ncol=2)
     axis.grid(alpha=0.3)
@@ -4765,17 +4872,9 @@ def bounded(
 
     def parse(text: str):
         value = kind(text)
-        low_ok = (at_least is None or value >= at_least) and (above is None or value > above)
-        high_ok = (below is None or value < below) and (at_most is None or value <= at_most)
-        finite = kind is not float or math.isfinite(value)  # an int of any size is finite (isfinite overflows)
-        if not (finite and low_ok and high_ok):
-            limits = [
-                f">= {at_least}" if at_least is not None else None,
-                f"> {above}" if above is not None else None,
-                f"< {below}" if below is not None else None,
-                f"<= {at_most}" if at_most is not None else None,
-            ]
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(limit for limit in limits if limit)}, got {text}")
+        problem = bound_problem(value, Option("", kind, at_least, above, below, at_most))
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
@@ -4977,28 +5076,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is not None and args.__dict__[name][0] >= args.__dict__[name][1]:
             start, end = getattr(args, name)
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
-    if args.cv_folds < 2:
-        parser.error(f"--cv_folds {args.cv_folds}: at least 2 folds are needed to hold anything out")
     if args.baseline and args.target == "concepts":
         parser.error("--baseline applies to --target t5")
     if args.baseline and args.baseline[0] == "action" and args.expert != "action":
         parser.error("--baseline action:L needs --expert action: its denoising entries pair with the probed ones")
-    if args.concepts_file and args.target != "concepts":
-        parser.error("--concepts applies to --target concepts")
-    if args.target == "concepts" and (args.probe != "linear" or args.mdl or args.repeats > 1 or args.permutations):
-        parser.error(
-            "--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations "
-            "apply to --target t5"
-        )
     args.split = args.split or ("task" if args.target == "concepts" else "episode")
-    if not args.control and args.permutations is not None:
-        parser.error("--permutations needs the control: drop --no_control")
-    if args.mdl and args.label_dim:
-        parser.error(
-            "--mdl codes blocks with probes trained on a few tasks, fewer than --label_dim needs: use one or the other"
-        )
-    if args.probe == "ridge" and args.loss != "cosine":
-        parser.error("--loss applies to --probe linear; ridge fits squared error in closed form")
+    try:
+        check_configs(config_from(LabelConfig, args), config_from(TrainingConfig, args))
+    except OptionError as error:
+        parser.error(str(error))
     if args.inference_step != "all" and args.expert != "action":
         parser.error(f"--inference_step applies to --expert action only, not {args.expert}")
     if args.expert == "visual" and args.layer != [None]:
@@ -5097,7 +5183,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
 
 def outcome_line(results: dict) -> str:
     """A result in one line: the headline numbers."""
-    if results.get("target") == "concepts":
+    if is_concept_result(results):
         concepts = concepts_held_out_from(results)
         return f"{concepts.num_concepts} concepts, mean balanced accuracy {concepts.mean_balanced_accuracy:.4f}"
     held_out = held_out_from(results["metrics"])
@@ -5815,7 +5901,7 @@ def demo_step(
     step_data["vision_latents"] = {  # SigLIP output per camera; LIBERO's right wrist image is all zeros
         camera: {
             "pre_logits": (
-                rng.standard_normal((256, vlm_width), dtype=np.float32)
+                rng.standard_normal((PATCHES_PER_CAMERA, vlm_width), dtype=np.float32)
                 + rng.standard_normal(vlm_width, dtype=np.float32)
                 + strength * vlm_signature
             ).astype(np.float32)

@@ -70,7 +70,7 @@ def test_the_summary_says_below_zero_only_when_it_is(task_split_result):
     assert information > 0
     assert "worse than knowing nothing" not in lpi.format_summary(results).split("Information: ")[1].split("\n")[0]
     results = {**results, "metrics": {**results["metrics"], "information_bits": -0.25}}
-    assert "(below 0: worse than knowing nothing)" in lpi.format_summary(results)
+    assert "bits (information below 0: worse than knowing nothing)" in lpi.format_summary(results)
 
 
 def test_a_concept_runs_record_reads_back(run_cli):
@@ -80,7 +80,7 @@ def test_a_concept_runs_record_reads_back(run_cli):
     held_out = lpi.concepts_held_out_from(results)
     assert held_out.num_concepts == len(held_out.concepts) == len(results["concepts"])
     for name, score in held_out.concepts.items():
-        assert lpi.part_fields(score) == results["concepts"][name]
+        assert lpi.record_fields(score) == results["concepts"][name]
     rows = lpi.concept_report_rows(results, output / "x.pkl")
     assert [row["concept"] for row in rows] == sorted(held_out.concepts)
     assert set(rows[0]) == set(lpi.CONCEPT_COLUMNS)
@@ -127,3 +127,89 @@ def test_probe_features_names_what_does_not_fit():
         lpi.probe_features(np.zeros((4, 3)), [0, 1, 2], ["a"] * 4)
     with pytest.raises(lpi.ProbeError, match="non-finite"):
         lpi.probe_features(np.full((2, 3), np.nan), [0, 1], ["a", "b"])
+
+
+def test_probe_features_gives_the_clis_numbers_under_split_task_and_for_concepts(run_cli, demo_data, tiny_t5, tmp_path):
+    samples, descriptions = demo_features(demo_data, 5)
+    description = [descriptions[t] for t in samples.task_id]
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    cases = [
+        (["--split", "task", "--permutations", "3"], lpi.TrainingConfig(split="task", permutations=3), labels),
+        (
+            ["--target", "concepts"],
+            lpi.TrainingConfig(split="task"),
+            lpi.LabelConfig(**{**vars(labels), "target": "concepts"}),
+        ),
+    ]
+    for options, training, case_labels in cases:
+        common = ["--expert", "text_only", "--layer", "5", "--num_epochs", "20", "--bootstrap", "100"]
+        status, output = run_cli(*common, *options, "--overwrite")
+        assert status == 0
+        training = lpi.dataclasses.replace(training, num_epochs=20, bootstrap=100)
+        held_out = lpi.probe_features(samples.features[0], samples.episode, description, case_labels, training)
+        if case_labels.target == "concepts":
+            results = load(output / "results_text_only_layer5_step10_concepts.pkl")
+            assert lpi.record_fields(held_out)["num_concepts"] == results["metrics"]["num_concepts"]
+            assert {name: lpi.record_fields(one) for name, one in held_out.concepts.items()} == results["concepts"]
+        else:
+            results = load(output / "results_text_only_layer5_step10.pkl")
+            assert_same(lpi.metrics_record(held_out), results["metrics"])
+
+
+def test_tasks_that_share_a_description_are_held_out_together(tiny_t5, tmp_path):
+    """Under --split task a fold holds out classes (descriptions), not task ids: a task held out while another with
+    its instruction is trained on would not be an unseen instruction."""
+    tasks, episodes = 10, 4
+    task_id = np.repeat(np.arange(tasks), episodes)
+    shared = {t: lpi.DEMO_DESCRIPTIONS[t // 2] for t in range(tasks)}  # tasks 0 and 1, 2 and 3, ... share one
+    samples = lpi.Samples(
+        np.random.default_rng(0).standard_normal((1, len(task_id), 8)).astype(np.float32),
+        task_id,
+        np.tile(np.arange(episodes), tasks),
+        np.zeros(len(task_id), int),
+        np.full(len(task_id), np.nan),
+        np.zeros(len(task_id), int),
+    )
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    for split in ("task", "episode"):
+        design = lpi.design_for(samples, shared, labels, lpi.TrainingConfig(split=split, repeats=3))
+        fold_of_task = [{int(f) for f in fold[task_id == t]} for fold in design.fold for t in range(tasks)]
+        if split == "task":
+            assert all(len(folds) == 1 for folds in fold_of_task)
+            assert all(
+                fold_of_task[r * tasks + t] == fold_of_task[r * tasks + t + 1]
+                for r in range(3)
+                for t in (0, 2, 4, 6, 8)
+            )
+            validation = design.copies.validation
+            for t in (0, 2, 4, 6, 8):  # early stopping never validates on one of a pair while fitting the other
+                both = [validation[:, task_id == t].any(axis=1), validation[:, task_id == t + 1].any(axis=1)]
+                np.testing.assert_array_equal(both[0], both[1])
+        else:
+            assert all(len(folds) > 1 for folds in fold_of_task)  # every task's episodes on every side
+
+
+def test_probe_features_keeps_task_ids_and_checks_its_configs(tiny_t5, tmp_path):
+    rng = np.random.default_rng(1)
+    task = np.repeat(np.arange(6), 4)
+    description = [lpi.DEMO_DESCRIPTIONS[t % 3] for t in task]  # tasks 0 and 3 share a description, and so on
+    features = rng.standard_normal((len(task), 8)) + 3 * rng.standard_normal((3, 8))[task % 3]
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    training = lpi.TrainingConfig(num_epochs=10, bootstrap=0, control=False)
+    held_out = lpi.probe_features(features, np.tile(np.arange(4), 6), description, labels, training, task=task)
+    assert (held_out.counts.num_tasks, held_out.counts.num_classes, held_out.counts.num_episodes) == (6, 3, 24)
+    bad = [
+        (lpi.TrainingConfig(cv_folds=1), labels, "--cv_folds 1"),
+        (lpi.TrainingConfig(repeats=0), labels, "--repeats 0"),
+        (lpi.TrainingConfig(probe="ridge"), lpi.LabelConfig(target="concepts"), "--target concepts"),
+        (lpi.TrainingConfig(loss="hinge"), labels, "--loss 'hinge'"),
+    ]
+    for bad_training, bad_labels, message in bad:
+        with pytest.raises(lpi.OptionError, match=message):
+            lpi.probe_features(features, np.tile(np.arange(4), 6), description, bad_labels, bad_training, task=task)
+    with pytest.raises(lpi.ProbeError, match="two descriptions"):
+        lpi.probe_features(features, np.tile(np.arange(4), 6), description, labels, training, task=task % 2)
+    with pytest.raises(lpi.ProbeError, match="one description"):
+        lpi.probe_features(features, np.tile(np.arange(4), 6), ["same"] * len(task), labels, training)
+    with pytest.raises(lpi.ProbeError, match="episode must be one integer"):
+        lpi.probe_features(features, np.tile(np.arange(4), 6) + 0.5, description, labels, training)
