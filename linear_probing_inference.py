@@ -1987,41 +1987,66 @@ def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[
 def train_ridge_probes(
     features: ItemFeatures, sample_class: np.ndarray, copies: Copies, units: np.ndarray, config: TrainingConfig
 ) -> ProbeFit:
-    """Fit every item's and copy's linear map in closed form; the penalty is chosen by inner cross-validation over
-    whole resampling units (episodes, or tasks under split "task"; mean cosine). Results (items, copies, ...)."""
-    parts = {name: [] for name in ("kernel", "bias", "feature_mean", "feature_std", "penalty")}
-    for item_features in features:
-        per_copy = {name: [] for name in parts}
-        for classes, train in zip(copies.classes, copies.train):  # validation samples fit the softmax temperature only
-            x_train = item_features[train].astype(np.float64)
-            mean = x_train.mean(0) if config.standardize else np.zeros(x_train.shape[1])
-            std = usable_std(x_train.std(0)) if config.standardize else np.ones(x_train.shape[1])
-            x, y = (x_train - mean) / std, classes[sample_class[train]].astype(np.float64)
-            penalties = RIDGE_PENALTIES * len(x)
-            inner = np.unique(units[train], return_inverse=True)[1] % RIDGE_INNER_FOLDS  # whole units per inner fold
-            scores = np.zeros(len(penalties))
-            for f in range(RIDGE_INNER_FOLDS):
-                fit, held = inner != f, inner == f
-                if fit.sum() == 0 or held.sum() == 0:
-                    continue
-                x_mean, y_mean = x[fit].mean(0), y[fit].mean(0)
-                for index, weights in enumerate(ridge_solution(x[fit] - x_mean, y[fit] - y_mean, penalties)):
-                    scores[index] += row_cosine((x[held] - x_mean) @ weights + y_mean, y[held]).sum()
-            best = penalties[int(np.argmax(scores))]
-            x_mean, y_mean = x.mean(0), y.mean(0)
-            weights = ridge_solution(x - x_mean, y - y_mean, np.array([best]))[0]
-            for name, value in (
-                ("kernel", weights),
-                ("bias", y_mean - x_mean @ weights),
-                ("feature_mean", mean),
-                ("feature_std", std),
-                ("penalty", best),
-            ):
-                per_copy[name].append(np.asarray(value, dtype=np.float32) if name != "penalty" else value)
-        for name in parts:
-            parts[name].append(np.asarray(per_copy[name]))
-    kernel, bias, mean, std, penalty = (np.asarray(value) for value in parts.values())
+    """Fit every item's and copy's linear map in closed form; the penalty is chosen per copy by inner
+    cross-validation over whole resampling units (episodes, or tasks under split "task"; mean cosine). Results
+    (items, copies, ...).
+
+    A copy's targets are rows of its class table (Copies.classes), so its fit is the table times the fit of the
+    class indicators: one decomposition per (item, training side, inner fold) serves every penalty and every copy
+    that trains on those samples (the probe, the control, each permuted assignment)."""
+    fits = [ridge_item(item_features, sample_class, copies, units, config) for item_features in features]
+    kernel, bias, mean, std, penalty = (np.stack(part) for part in zip(*fits))
     return ProbeFit(kernel, bias, mean, std, ~np.isfinite(kernel).all(axis=(2, 3)), {"penalty": penalty})
+
+
+def ridge_item(
+    features: np.ndarray, sample_class: np.ndarray, copies: Copies, units: np.ndarray, config: TrainingConfig
+) -> tuple[np.ndarray, ...]:
+    """One item's ridge copies: kernel (M, d_in, d), bias (M, d), feature mean and std (M, d_in), penalty (M,)."""
+    count, width = len(copies.train), features.shape[1]
+    kernel = np.zeros((count, width, copies.classes.shape[2]), np.float32)
+    bias = np.zeros((count, copies.classes.shape[2]), np.float32)
+    mean, std, penalty = np.zeros((count, width), np.float32), np.ones((count, width), np.float32), np.zeros(count)
+    indicator = np.eye(copies.classes.shape[1])[sample_class]  # (n, C): targets = indicator @ class table
+    sides: dict[bytes, list[int]] = {}
+    for copy, train in enumerate(copies.train):  # validation samples fit the softmax temperature only
+        sides.setdefault(train.tobytes(), []).append(copy)
+    for members in sides.values():
+        train = copies.train[members[0]]
+        x_train = features[train].astype(np.float64)
+        side_mean = x_train.mean(0) if config.standardize else np.zeros(width)
+        side_std = usable_std(x_train.std(0)) if config.standardize else np.ones(width)
+        x, classes = (x_train - side_mean) / side_std, indicator[train]
+        tables = copies.classes[members].astype(np.float64)  # (m, C, d)
+        penalties = RIDGE_PENALTIES * len(x)
+        best = np.argmax(inner_scores(x, classes, tables, units[train], penalties), axis=1)
+        x_mean, class_mean = x.mean(0), classes.mean(0)
+        used = np.unique(best)
+        maps = dict(zip(used, ridge_solution(x - x_mean, classes - class_mean, penalties[used])))
+        for member, chosen, table in zip(members, best, tables):
+            weights = maps[chosen] @ table
+            kernel[member], bias[member] = weights, class_mean @ table - x_mean @ weights
+            mean[member], std[member], penalty[member] = side_mean, side_std, penalties[chosen]
+    return kernel, bias, mean, std, penalty
+
+
+def inner_scores(
+    x: np.ndarray, classes: np.ndarray, tables: np.ndarray, units: np.ndarray, penalties: np.ndarray
+) -> np.ndarray:
+    """(copies, penalties) summed cosine of held-out inner-fold predictions to their targets, whole units per inner
+    fold; a copy's prediction is its class table applied to the class indicators' fit."""
+    inner = np.unique(units, return_inverse=True)[1] % RIDGE_INNER_FOLDS
+    scores = np.zeros((len(tables), len(penalties)))
+    for f in range(RIDGE_INNER_FOLDS):
+        fit, held = inner != f, inner == f
+        if fit.sum() == 0 or held.sum() == 0:
+            continue
+        x_mean, class_mean = x[fit].mean(0), classes[fit].mean(0)
+        targets = classes[held] @ tables  # (m, held, d)
+        for index, class_map in enumerate(ridge_solution(x[fit] - x_mean, classes[fit] - class_mean, penalties)):
+            predicted = ((x[held] - x_mean) @ class_map + class_mean) @ tables
+            scores[:, index] += row_cosine(predicted, targets).sum(axis=1)
+    return scores
 
 
 def fit_items(features: ItemFeatures, design: Design, training: TrainingConfig) -> ProbeFit:

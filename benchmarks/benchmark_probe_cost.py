@@ -10,6 +10,9 @@ Cases, each run in its own process (its peak resident memory is that process's V
   memory with a planted task signal; reading is measured by benchmark_reader.py and the `steps` case.
 - full: the 512-dim sweep with `--label_space full` (the guide's 512 outputs), once (minutes; not by default).
 - scale: the same at LIBERO-90 size (90 tasks x 50 episodes), 512-dim labels.
+- ridge: 10 tasks x 30 episodes, 18 layers at width 2048, 512-dim labels: the default (Adam) run, `--probe ridge`,
+  and `--probe ridge --split task` (20 permuted assignments); with `--against DIR`, each also by that checkout's
+  program, the two side by side in this one run.
 - steps: whole commands on task files (the action expert, width 1024, 18 layers, 8 rollout steps): peak memory of
   `--rollout_step all` against one step.
 - walk: the same files without a file index (an unwritable --cache_dir, as on a read-only cache or a first run):
@@ -19,7 +22,8 @@ Cases, each run in its own process (its peak resident memory is that process's V
 Each 10 x 50 sweep runs twice in its process: the first pays for T5, XLA compilation and caches; the second is what
 a warm run costs. The scale case runs once. Run on an idle machine (timings are wall clock).
 
-    python benchmarks/benchmark_probe_cost.py [--cases sweep full scale steps walk] [--repo DIR] [--dir DIR]
+    python benchmarks/benchmark_probe_cost.py [--cases sweep full scale ridge steps walk] [--repo DIR]
+        [--against DIR] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -115,7 +119,11 @@ def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra
         start = time.perf_counter()
         if hasattr(lpi, "Dataset"):  # this version: the walked files carry the descriptions
             files = [lpi.TaskFile(t, Path(f"task_{t}.pkl"), None, text, [], {}) for t, text in enumerate(texts)]
-            destination = lpi.Destination(output, False, start, [], {})
+            if "made_with" in lpi.Destination._fields:  # what made each result, recorded in it
+                made_with = lpi.run_made_with(base, labels, training)
+                destination = lpi.Destination(output, False, start, [], made_with, False)
+            else:
+                destination = lpi.Destination(output, False, start, [], {})
             dataset = lpi.Dataset(base, files, report)
             written = list(lpi.run_sweep(items, dataset, samples, list(range(LAYERS)), labels, training, destination))
         elif hasattr(lpi, "Destination"):  # earlier versions, for before/after tables: one step's samples
@@ -179,7 +187,7 @@ def tiny_t5(lpi, work: Path, width: int, tasks: int) -> Path:
 
 
 def sweep_case(
-    arguments, work: Path, lpi, tasks: int, episodes: int, width: int, extra: list[str], runs: int = 2
+    arguments, work: Path, lpi, tasks: int, episodes: int, width: int, extra: list[str], runs: int = 2, repo=None
 ) -> dict:
     """One in-process sweep case in its own process."""
     case = {
@@ -189,11 +197,13 @@ def sweep_case(
         "extra": extra,
         "runs": runs,
     }
-    command = [sys.executable, __file__, "--repo", arguments.repo, "--dir", str(work), "--child", json.dumps(case)]
+    repo = repo or arguments.repo
+    command = [sys.executable, __file__, "--repo", repo, "--dir", str(work), "--child", json.dumps(case)]
     wall, peak, output = measured(command)
     figures = json.loads(output.strip().splitlines()[-1])
+    checkout = "" if repo == arguments.repo else f" [{Path(repo).name}]"
     return {
-        "case": f"{tasks}x{episodes}, labels {width}-dim {' '.join(extra)}".strip(),
+        "case": f"{tasks}x{episodes}, labels {width}-dim {' '.join(extra)}{checkout}".strip(),
         "process_s": wall,
         "peak_mb": peak,
         **figures,
@@ -289,8 +299,9 @@ def main() -> None:
         "--cases",
         nargs="+",
         default=["sweep", "scale", "steps", "walk"],
-        choices=["sweep", "full", "scale", "steps", "walk"],
+        choices=["sweep", "full", "scale", "ridge", "steps", "walk"],
     )
+    parser.add_argument("--against", default=None, help="ridge: also measure this checkout, case by case")
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose program is measured (default: this one)")
     parser.add_argument(
         "--dir", default=None, help="where data and outputs go (default: a temporary directory, removed)"
@@ -318,6 +329,11 @@ def main() -> None:
         if "scale" in arguments.cases:
             rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, [], runs=1))  # minutes: once
             print(json.dumps(rows[-1]), flush=True)
+        if "ridge" in arguments.cases:
+            for extra in ([], ["--probe", "ridge"], ["--probe", "ridge", "--split", "task"]):
+                for repo in [arguments.repo, *([arguments.against] if arguments.against else [])]:
+                    rows.append(sweep_case(arguments, work, lpi, 10, 30, 512, extra, repo=repo))
+                    print(json.dumps(rows[-1]), flush=True)
         for name, case in (("steps", steps_case), ("walk", walk_case)):
             for row in case(arguments, work, lpi) if name in arguments.cases else []:
                 rows.append(row)

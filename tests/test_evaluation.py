@@ -224,3 +224,61 @@ def test_the_bootstrap_interval_is_scipys_without_importing_scipy_stats():
         [sys.executable, "-c", program], capture_output=True, text=True, cwd=lpi.Path(lpi.__file__).parent
     )
     assert imported.stdout.strip() == "False", imported.stderr
+
+
+def reference_ridge(x_all, sample_class, copies, units, standardize):
+    """The per-copy ridge solver the shared one replaced: every copy and inner fold solved from scratch."""
+    kernels, penalties = [], []
+    for classes, train in zip(copies.classes, copies.train):
+        x_train = x_all[train].astype(np.float64)
+        mean = x_train.mean(0) if standardize else np.zeros(x_train.shape[1])
+        std = lpi.usable_std(x_train.std(0)) if standardize else np.ones(x_train.shape[1])
+        x, y = (x_train - mean) / std, classes[sample_class[train]].astype(np.float64)
+        grid = lpi.RIDGE_PENALTIES * len(x)
+        inner = np.unique(units[train], return_inverse=True)[1] % lpi.RIDGE_INNER_FOLDS
+        scores = np.zeros(len(grid))
+        for f in range(lpi.RIDGE_INNER_FOLDS):
+            fit, held = inner != f, inner == f
+            x_mean, y_mean = x[fit].mean(0), y[fit].mean(0)
+            for index, weights in enumerate(lpi.ridge_solution(x[fit] - x_mean, y[fit] - y_mean, grid)):
+                scores[index] += lpi.row_cosine((x[held] - x_mean) @ weights + y_mean, y[held]).sum()
+        best = grid[int(np.argmax(scores))]
+        weights = lpi.ridge_solution(x - x.mean(0), y - y.mean(0), np.array([best]))[0]
+        kernels.append(weights / std[:, None])  # in the features' own units, for comparing predictions
+        penalties.append(best)
+    return np.array(kernels), np.array(penalties)
+
+
+@pytest.mark.parametrize(
+    "split, permutations, standardize", [("episode", 3, True), ("task", 8, True), ("task", 4, False)]
+)
+def test_the_shared_ridge_solver_is_the_per_copy_one(tiny_t5, tmp_path, split, permutations, standardize):
+    """One decomposition per training side and inner fold, every copy a product with its class table: the same
+    penalties, and the same predictions to float precision, as solving each copy (and permuted assignment) alone."""
+    rng = np.random.default_rng(3)
+    tasks, episodes, width = 8, 5, 40
+    task_id, episode = np.repeat(np.arange(tasks), episodes), np.tile(np.arange(episodes), tasks)
+    features = (rng.standard_normal((len(task_id), width)) + 2 * rng.standard_normal((tasks, width))[task_id]).astype(
+        np.float32
+    )
+    samples = lpi.Samples(
+        features[None],
+        task_id,
+        episode,
+        np.zeros(len(task_id), int),
+        np.full(len(task_id), np.nan),
+        np.zeros(len(task_id), int),
+    )
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    training = lpi.TrainingConfig(
+        split=split, permutations=permutations, probe="ridge", standardize=standardize, mdl=split == "episode"
+    )
+    design = lpi.design_for(samples, dict(enumerate(lpi.DEMO_DESCRIPTIONS[:tasks])), labels, training)
+    fitted = lpi.train_ridge_probes([features], design.sample_class, design.copies, design.unit, training)
+    kernels, penalties = reference_ridge(features, design.sample_class, design.copies, design.unit, standardize)
+    np.testing.assert_array_equal(fitted.history["penalty"][0], penalties)
+    shared = (features[None] - fitted.feature_mean[0][:, None]) / fitted.feature_std[0][:, None] @ fitted.kernel[0]
+    alone = features.astype(np.float64) @ kernels
+    # Predictions up to each copy's constant (the bias and the feature mean): centered over the samples.
+    shared, alone = shared - shared.mean(1, keepdims=True), alone - alone.mean(1, keepdims=True)
+    np.testing.assert_allclose(shared, alone, atol=1e-5 * np.abs(alone).max())
