@@ -1,6 +1,7 @@
 """Evaluation's typed records: the results file, the summary and the report are all read from one HeldOut, and the
 pipeline runs from Python on pooled features already in memory."""
 
+import csv
 import dataclasses
 import pickle
 
@@ -213,3 +214,56 @@ def test_probe_features_keeps_task_ids_and_checks_its_configs(tiny_t5, tmp_path)
         lpi.probe_features(features, np.tile(np.arange(4), 6), ["same"] * len(task), labels, training)
     with pytest.raises(lpi.ProbeError, match="episode must be one integer"):
         lpi.probe_features(features, np.tile(np.arange(4), 6) + 0.5, description, labels, training)
+
+
+def scores_with(correct: list[bool]) -> "lpi.Scores":
+    """Scores that matter for a p-value: which samples were right (and zero-bit codes)."""
+    correct = np.array(correct)
+    blank = np.zeros(len(correct))
+    return lpi.Scores(blank, blank, blank[:, None], blank, correct, blank, blank, blank, blank)
+
+
+def test_the_permutation_p_value_is_one_plus_the_count_over_one_plus_n():
+    observed = scores_with([True, True, False, False])  # accuracy 0.5
+    lower = [scores_with([True, False, False, False])] * 4  # 0.25 each: none reaches the observed
+    control = lpi.control_of(lower, observed, classes=4, failed_null=0)
+    assert control.permutation_p_value == pytest.approx(1 / 5)  # never 0
+    tie = [scores_with([False, True, True, False])] + lower[:3]  # one null ties the observed: it counts
+    assert lpi.control_of(tie, observed, classes=4, failed_null=0).permutation_p_value == pytest.approx(2 / 5)
+    assert np.isnan(lpi.control_of(lower, observed, classes=4, failed_null=1).permutation_p_value)
+    assert lpi.control_of(lower[:1], observed, classes=4, failed_null=0).permutation_p_value is None
+
+
+def test_family_wise_p_values_take_the_largest_null_over_the_family():
+    alike = ((0, 1, 2), "task", b"same")
+    nulls = [np.array([0.1, 0.5, 0.2, 0.3]), np.array([0.2, 0.1, 0.6, 0.1]), np.array([0.0, 0.2, 0.1, 0.4])]
+    observed = [0.55, 0.3, 0.7]
+    cells = [lpi.NullCell(("vlm", "hidden_states"), alike, o, n, True) for o, n in zip(observed, nulls)]
+    per_cell = [(1 + (n >= o).sum()) / 5 for n, o in zip(nulls, observed)]
+    rows = [{"permutation_p_value": p} for p in per_cell]
+    lines = lpi.family_corrections(rows, cells)
+    # Per permutation, the family's largest null: 0.2, 0.5, 0.6, 0.4
+    assert [row["permutation_p_value_fwer"] for row in rows] == pytest.approx([2 / 5, 4 / 5, 1 / 5])
+    assert all(row["permutation_p_value_fwer"] >= row["permutation_p_value"] for row in rows)
+    assert all(row["permutation_q_value"] >= row["permutation_p_value"] for row in rows)
+    assert rows[0]["correction_family"] == "vlm/hidden_states" and "3 cells x 4 permutations" in lines[0]
+    other = [{"permutation_p_value": p} for p in per_cell]
+    mixed = cells[:2] + [cells[2]._replace(alike=((0, 1, 3), "task", b"same"))]
+    assert "differ in tasks" in lpi.family_corrections(other, mixed)[0] and "permutation_p_value_fwer" not in other[0]
+    assert "one cell" in lpi.family_corrections(other[:1], cells[:1])[0]
+
+
+def test_a_sweep_report_corrects_over_its_cells_with_aligned_permutations(run_cli):
+    options = ("--expert", "vlm", "--layer", "2-5", "--split", "task", "--probe", "ridge", "--permutations", "9")
+    status, output = run_cli(*options, "--bootstrap", "0")
+    assert status == 0
+    results = [load(path) for path in sorted(output.glob("results_*.pkl"))]
+    assignments = [r["config"]["permuted_assignments"] for r in results]
+    assert all(np.array_equal(one, assignments[0]) for one in assignments)  # permutation k: one derangement everywhere
+    assert lpi.main(["--report", str(output), "--quiet"]) == 0
+    with open(output / "sweep.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {row["correction_family"] for row in rows} == {"vlm/hidden_states"}
+    for row in rows:
+        assert float(row["permutation_p_value"]) <= float(row["permutation_p_value_fwer"])
+        assert float(row["permutation_p_value"]) <= float(row["permutation_q_value"]) <= 1
