@@ -1409,6 +1409,9 @@ class Copies:
     validation: np.ndarray  # (M, n) samples for early stopping and the softmax temperature
     label_mean: np.ndarray  # (M, D) the training tasks' mean embedding; subtracted when centering
     label_basis: np.ndarray  # (M, d, D) label-space coordinates = (raw [- label_mean]) @ label_basis.T
+    # (M, C) the norm of each class's target in T5's axes: its embedding (minus label_mean when centering), whole, not
+    # its projection on the copy's span; None for concept probes
+    target_norm: np.ndarray | None = None
     concept: np.ndarray | None = None  # (M,) the concept a concept probe predicts (--target concepts); None: T5 probes
 
     def fold_copies(self, repeat: int, assignment: int, concept: int | None = None) -> np.ndarray:
@@ -1521,12 +1524,16 @@ def copies_for(
     """Stack the copies; each assignment's label spaces come from its own (permuted) embedding table and the classes on
     the copy's training side, exactly as for the probe."""
     classes = np.arange(len(raw))
-    spaces = {}
+    spaces, norms = {}, {}
     for assignment in sorted({spec.assignment for spec in specs}):
         members = [i for i, spec in enumerate(specs) if spec.assignment == assignment]
         known = [np.flatnonzero(np.isin(classes, sample_class[specs[i].training_side])) for i in members]
-        space = label_spaces(raw[assignments[assignment]], known, labels)
+        table = raw[assignments[assignment]]
+        space = label_spaces(table, known, labels)
         spaces.update({i: (space.mean[k], space.basis[k], space.classes[k]) for k, i in enumerate(members)})
+        for k, i in enumerate(members):
+            whole = table - space.mean[k] if labels.center_labels else table
+            norms[i] = np.linalg.norm(whole.astype(np.float64), axis=1)
     width = max(basis.shape[0] for _, basis, _ in spaces.values())  # label spaces of lower rank: zero directions added
     ordered = [spaces[i] for i in range(len(specs))]
     return Copies(
@@ -1540,6 +1547,7 @@ def copies_for(
         validation=np.stack([spec.validation for spec in specs]),
         label_mean=np.stack([mean for mean, _, _ in ordered]),
         label_basis=np.stack([pad_axis(basis, 0, width) for _, basis, _ in ordered]),
+        target_norm=np.stack([norms[i] for i in range(len(specs))]),
     )
 
 
@@ -2241,11 +2249,16 @@ def copy_predictions(features: np.ndarray, fitted: ProbeFit, copy_of_sample: np.
 
 
 def copy_similarities(prediction: np.ndarray, copies: Copies, copy_of_sample: np.ndarray) -> np.ndarray:
-    """(n, C) cosine of every prediction to every class's target in its copy's label space."""
+    """(n, C) cosine, in T5's axes, of every prediction (mapped back through its copy's basis) to every class's whole
+    target embedding. A class outside the copy's span (a held-out task under --split task) is scored by its embedding,
+    not by its projection, whose cosine would be inflated by 1 / cos(embedding, span)."""
     similarity = np.full((len(prediction), copies.classes.shape[1]), np.nan)
     for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
         rows = copy_of_sample == copy
-        similarity[rows] = unit_rows(prediction[rows]) @ unit_rows(copies.classes[copy]).T
+        spanned = np.any(copies.label_basis[copy] != 0, axis=1)  # directions a narrower span padded out map to nothing
+        # prediction @ basis . target = prediction . (basis @ target) = prediction . the target's coordinates
+        targets = copies.classes[copy] / (copies.target_norm[copy][:, None] + EPSILON)
+        similarity[rows] = unit_rows(prediction[rows] * spanned) @ targets.T
     return similarity
 
 

@@ -23,7 +23,11 @@ def assert_same(left, right, where="metrics"):
         for key in left:
             assert_same(left[key], right[key], f"{where}[{key!r}]")
     elif isinstance(left, (np.ndarray, list, tuple)) and not isinstance(left, str):
-        np.testing.assert_array_equal(np.asarray(left, dtype=object), np.asarray(right, dtype=object), err_msg=where)
+        try:  # numbers: NaN equals NaN
+            left, right = np.asarray(left, dtype=float), np.asarray(right, dtype=float)
+        except (TypeError, ValueError):
+            left, right = np.asarray(left, dtype=object), np.asarray(right, dtype=object)
+        np.testing.assert_array_equal(left, right, err_msg=where)
     elif isinstance(left, float):
         assert left == right or (np.isnan(left) and np.isnan(right)), where
     else:
@@ -267,3 +271,22 @@ def test_a_sweep_report_corrects_over_its_cells_with_aligned_permutations(run_cl
     for row in rows:
         assert float(row["permutation_p_value"]) <= float(row["permutation_p_value_fwer"])
         assert float(row["permutation_p_value"]) <= float(row["permutation_q_value"]) <= 1
+
+
+def test_unseen_tasks_are_retrieved_against_their_whole_embeddings(task_split_result):
+    """Under --split task a held-out task is not in the training tasks' span: its candidate is its whole centered
+    embedding, not the projection (whose cosine 1 / cos(embedding, span) inflates). Recomputed from the results file
+    with numpy alone: the prediction in T5's axes against every task's centered embedding, per fold."""
+    results, _ = task_split_result
+    tasks, heldout, fold = results["tasks"], results["heldout"], results["samples"]["fold"]
+    mean = tasks["label_mean"][fold]  # (samples, D) the training tasks' mean embedding of each sample's fold
+    predicted = heldout["prediction"] - mean  # in T5's axes, as the raw cosine scores it
+    targets = tasks["t5_embeddings"][None] - mean[:, None]  # (samples, C, D) every task, whole
+    cosine = np.einsum("nd,ncd->nc", predicted, targets) / (
+        np.linalg.norm(predicted, axis=1)[:, None] * np.linalg.norm(targets, axis=2)
+    )
+    own = heldout["true_class"]
+    others = np.where(np.arange(cosine.shape[1]) == own[:, None], -np.inf, cosine)
+    recomputed = cosine[np.arange(len(own)), own] > others.max(axis=1)
+    assert results["metrics"]["repeats"]["accuracy"][0] == pytest.approx(recomputed.mean())
+    np.testing.assert_array_equal(heldout["rank"] == 1, recomputed)
