@@ -243,6 +243,18 @@ def test_task_split_intervals_resample_tasks_and_are_wider(compositional, tmp_pa
     by_episode = lpi.unit_intervals({"accuracy": correct}, episodes, samples["task_id"], 200, seed=42)["accuracy"]
     assert recorded == pytest.approx(by_task)
     assert by_task[1] - by_task[0] > by_episode[1] - by_episode[0]
+    # The same, by a bootstrap written here: resample the 20 tasks with replacement, the mean over their samples.
+    tasks = np.unique(samples["task_id"])
+    hits = np.array([correct[samples["task_id"] == t].sum() for t in tasks])
+    sizes = np.array([(samples["task_id"] == t).sum() for t in tasks])
+    draws = np.random.default_rng(0).integers(0, len(tasks), (20_000, len(tasks)))
+    means = hits[draws].sum(axis=1) / sizes[draws].sum(axis=1)
+    percentile = np.percentile(means, [2.5, 97.5])
+    estimate = correct.mean()
+    assert recorded[0] <= estimate <= recorded[1]
+    assert recorded == pytest.approx(percentile, abs=0.05)  # BCa against percentile: a shift, not another unit
+    per_sample = np.random.default_rng(0).integers(0, len(correct), (20_000, len(correct)))
+    assert np.ptp(np.percentile(correct[per_sample].mean(axis=1), [2.5, 97.5])) < 0.8 * np.ptp(percentile)
 
 
 def test_repeats_average_several_seeds_and_widen_the_interval(run_cli, tmp_path):
