@@ -2132,7 +2132,9 @@ class Control:
 
     control_accuracy: float = reported()  # the first permuted assignment
     control_information_bits: float = reported()
-    selectivity: float = reported(interval=True)  # accuracy - control accuracy, the first repeat's
+    # the first repeat's accuracy - the mean accuracy of the permuted assignments (the control's alone when it is the
+    # only one): against one permutation, selectivity is as much about that draw as about the layer
+    selectivity: float = reported(interval=True)
     permutation_null: AccuracyAndBits  # every permuted assignment
     permutation_null_mean_accuracy: float = reported()
     permutation_null_mean_information_bits: float
@@ -2471,7 +2473,7 @@ def control_of(null: list[Scores], observed: Scores, classes: int, failed_null: 
     return Control(
         control_accuracy=float(accuracy[0]),
         control_information_bits=float(null_information[0]),
-        selectivity=float(observed.correct.mean() - accuracy[0]),
+        selectivity=float(observed.correct.mean() - accuracy.mean()),
         permutation_null=AccuracyAndBits(accuracy, null_information),
         permutation_null_mean_accuracy=float(accuracy.mean()),
         permutation_null_mean_information_bits=float(null_information.mean()),
@@ -2664,7 +2666,7 @@ def interval_estimates(
     chosen = {name: getattr(values, name) for name in INTERVAL_METRICS}
     if null:
         chosen["control_accuracy"] = null[0].correct.astype(np.float64)
-        chosen["selectivity"] = repeats[0].correct.astype(np.float64) - null[0].correct
+        chosen["selectivity"] = repeats[0].correct - np.mean([scores.correct for scores in null], axis=0)
     intervals = unit_intervals(chosen, design.unit, design.stratum, training.bootstrap, training.seed)
     for name in ("accuracy", "information_bits"):
         if name in intervals:
@@ -3503,10 +3505,12 @@ def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
     if control is None:
         return ["Control Task: off (--no_control)"]
     observed = "accuracy" if held_out.counts.num_repeats == 1 else "the first repeat's accuracy"
+    count = len(control.permutation_null.accuracy)
+    against = "control" if count == 1 else f"the {count} permuted assignments' mean accuracy"
     lines = [
         f"Control (task -> embedding assignment permuted): accuracy "
         f"{with_interval(held_out, 'control_accuracy', control.control_accuracy)}, information "
-        f"{control.control_information_bits:.3f} bits; selectivity ({observed} - control) "
+        f"{control.control_information_bits:.3f} bits; selectivity ({observed} - {against}) "
         f"{with_interval(held_out, 'selectivity', control.selectivity)}"
     ]
     if training.split == "episode":
@@ -3518,7 +3522,6 @@ def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
         if math.isnan(control.permutation_p_value):
             test = f"no p-value: {held_out.failures.failed_copies['null']} null probe(s) failed"
         else:
-            count = len(control.permutation_null.accuracy)
             test = (
                 f"p = {control.permutation_p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's "
                 f"accuracy as observed; it cannot go below 1 / (1 + N) = {1 / (1 + count):.4f}"
@@ -4336,6 +4339,8 @@ def report_row(results: dict, path: Path) -> dict:
         else:
             value = held_out.intervals.get(column.field, (None, None))[column.interval_end]
         row[column.name] = "" if value is None else value
+    if setup.training.split == "episode":  # how learnable an arbitrary assignment is, not language: not a column
+        row.update(dict.fromkeys(["selectivity", "selectivity_ci_low", "selectivity_ci_high"], ""))
     return row
 
 

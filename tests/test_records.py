@@ -232,8 +232,11 @@ def test_the_permutation_p_value_is_one_plus_the_count_over_one_plus_n():
     lower = [scores_with([True, False, False, False])] * 4  # 0.25 each: none reaches the observed
     control = lpi.control_of(lower, observed, classes=4, failed_null=0)
     assert control.permutation_p_value == pytest.approx(1 / 5)  # never 0
+    assert control.selectivity == pytest.approx(0.5 - 0.25)
     tie = [scores_with([False, True, True, False])] + lower[:3]  # one null ties the observed: it counts
     assert lpi.control_of(tie, observed, classes=4, failed_null=0).permutation_p_value == pytest.approx(2 / 5)
+    # Selectivity is against every permuted assignment's mean, not the first (here the one at 0.5) alone.
+    assert lpi.control_of(tie, observed, classes=4, failed_null=0).selectivity == pytest.approx(0.5 - 0.3125)
     assert np.isnan(lpi.control_of(lower, observed, classes=4, failed_null=1).permutation_p_value)
     assert lpi.control_of(lower[:1], observed, classes=4, failed_null=0).permutation_p_value is None
 
@@ -290,3 +293,16 @@ def test_unseen_tasks_are_retrieved_against_their_whole_embeddings(task_split_re
     recomputed = cosine[np.arange(len(own)), own] > others.max(axis=1)
     assert results["metrics"]["repeats"]["accuracy"][0] == pytest.approx(recomputed.mean())
     np.testing.assert_array_equal(heldout["rank"] == 1, recomputed)
+
+
+def test_selectivity_is_no_column_under_the_episode_split(run_cli):
+    """Under --split episode the control measures how learnable an arbitrary assignment is: the summary says so, and
+    sweep.csv leaves selectivity blank rather than carry it without the caveat."""
+    status, output = run_cli("--expert", "text_only", "--layer", "5", "--num_epochs", "10", "--bootstrap", "50")
+    assert status == 0
+    path = output / "results_text_only_layer5_step10.pkl"
+    results = load(path)
+    assert results["metrics"]["selectivity"] is not None  # still in the results file and the summary
+    row = lpi.report_row(results, path)
+    assert row["selectivity"] == row["selectivity_ci_low"] == row["selectivity_ci_high"] == ""
+    assert row["control_accuracy"] != ""
