@@ -1412,6 +1412,9 @@ class Copies:
     # (M, C) the norm of each class's target in T5's axes: its embedding (minus label_mean when centering), whole, not
     # its projection on the copy's span; None for concept probes
     target_norm: np.ndarray | None = None
+    # (M,) resampling units among the validation samples: what a copy's softmax calibration counts (a unit's samples,
+    # the ten denoising entries of an episode under --inference_step all, are not ten independent checks)
+    validation_units: np.ndarray | None = None
     concept: np.ndarray | None = None  # (M,) the concept a concept probe predicts (--target concepts); None: T5 probes
 
     def fold_copies(self, repeat: int, assignment: int, concept: int | None = None) -> np.ndarray:
@@ -1519,7 +1522,12 @@ def label_spaces(raw: np.ndarray, train_classes: list[np.ndarray], labels: Label
 
 
 def copies_for(
-    specs: list[CopySpec], raw: np.ndarray, assignments: np.ndarray, sample_class: np.ndarray, labels: LabelConfig
+    specs: list[CopySpec],
+    raw: np.ndarray,
+    assignments: np.ndarray,
+    sample_class: np.ndarray,
+    unit: np.ndarray,
+    labels: LabelConfig,
 ) -> Copies:
     """Stack the copies; each assignment's label spaces come from its own (permuted) embedding table and the classes on
     the copy's training side, exactly as for the probe."""
@@ -1548,6 +1556,7 @@ def copies_for(
         label_mean=np.stack([mean for mean, _, _ in ordered]),
         label_basis=np.stack([pad_axis(basis, 0, width) for _, basis, _ in ordered]),
         target_norm=np.stack([norms[i] for i in range(len(specs))]),
+        validation_units=np.array([len(np.unique(unit[spec.validation])) for spec in specs]),
     )
 
 
@@ -1594,7 +1603,7 @@ def design_for(
         raw,
         assignments,
         blocks,
-        copies_for(specs, raw, assignments, sample_class, labels),
+        copies_for(specs, raw, assignments, sample_class, unit, labels),
     )
 
 
@@ -1612,6 +1621,7 @@ def concept_design(
         concepts = word_concepts(descriptions)
     if not concepts:
         raise ProbeError("no concepts: no word (or --concepts attribute) varies between the analyzed tasks")
+    unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
     dealt = dealt_units(samples.task_id, sample_class, training.split)
     fold, folds = assign_folds(dealt, samples.episode, training)
     validation = validation_masks(dealt, samples.episode, fold, folds, training)
@@ -1628,11 +1638,11 @@ def concept_design(
         known=np.stack([np.isin(np.arange(len(descriptions)), sample_class[t]) for t in train]),
         train=train,
         validation=np.stack([validation[f] for _, f in chosen]),
+        validation_units=np.array([len(np.unique(unit[validation[f]])) for _, f in chosen]),
         label_mean=np.zeros((len(chosen), 1)),
         label_basis=np.zeros((len(chosen), width, 1)),
         concept=np.array([c for c, _ in chosen]),
     )
-    unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
     identity = np.arange(len(descriptions))[None]
     return Design(
         task_ids, descriptions, sample_class, unit, stratum, fold[None], folds, None, identity, None, copies, concepts
@@ -2274,9 +2284,9 @@ TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried 
 
 
 def uniform_share(calibration_count) -> np.ndarray:
-    """Weight of the uniform code mixed into every prediction: n calibration (validation) samples cannot vouch for an
-    error rate below about 1 / (n + 2), the rule of succession; so a confident held-out error costs at most
-    log2(classes x (n + 2)) bits."""
+    """Weight of the uniform code mixed into every prediction: calibration (validation) samples from n independent
+    units cannot vouch for an error rate below about 1 / (n + 2), the rule of succession; so a confident held-out
+    error costs at most log2(classes x (n + 2)) bits."""
     return 1.0 / (np.asarray(calibration_count, dtype=np.float64) + 2.0)
 
 
@@ -2304,12 +2314,13 @@ def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature, 
     return code_bits(similarities / temperature[:, None], own_class, np.broadcast_to(share, (len(own_class),)))
 
 
-def fit_temperature(logits: np.ndarray, own_class: np.ndarray, allowed: np.ndarray | None = None) -> float:
-    """The grid temperature with the least cross-entropy on the given calibration samples (every grid point at once)."""
+def fit_temperature(logits: np.ndarray, own_class: np.ndarray, units: int, allowed: np.ndarray | None = None) -> float:
+    """The grid temperature with the least cross-entropy on the given calibration samples (every grid point at once),
+    the uniform code's share set by the number of resampling units they come from."""
     grid, (count, width) = TEMPERATURE_GRID, logits.shape
     scaled = (logits[None] / grid[:, None, None]).reshape(-1, width)
     allowed = None if allowed is None else np.tile(allowed, (len(grid), 1))
-    bits = code_bits(scaled, np.tile(own_class, len(grid)), np.full(len(scaled), uniform_share(count)), allowed)
+    bits = code_bits(scaled, np.tile(own_class, len(grid)), np.full(len(scaled), uniform_share(units)), allowed)
     return float(grid[int(np.argmin(bits.reshape(len(grid), count).mean(axis=1)))])
 
 
@@ -2335,7 +2346,7 @@ def copy_temperatures(features: np.ndarray, fitted: ProbeFit, design: Design) ->
                 value[rows],
                 np.broadcast_to(present, (rows.sum(), len(present))),
             )
-        temperatures[copy] = fit_temperature(logits, own, allowed)
+        temperatures[copy] = fit_temperature(logits, own, copies.validation_units[copy], allowed)
     return temperatures
 
 
@@ -2362,8 +2373,7 @@ def scores_of(
     similarity = copy_similarities(prediction, design.copies, copy)
     ranked = retrieval(similarity, design.sample_class)
     temperature = np.where(copy >= 0, temperatures[np.maximum(copy, 0)], 1.0)
-    calibration = design.copies.validation.sum(axis=1)
-    share = uniform_share(calibration[np.maximum(copy, 0)])
+    share = uniform_share(design.copies.validation_units[np.maximum(copy, 0)])
     target = design.copies.classes[np.maximum(copy, 0), design.sample_class]
     cosine = np.nan_to_num(row_cosine(prediction, target))  # a failed probe's prediction aligns with nothing: 0
     return Scores(
@@ -2829,7 +2839,7 @@ def concept_metrics(
     side = copies.train[members] | copies.validation[members]  # (folds, n) training side of each fold
     counts = np.stack([np.bincount(value[s], minlength=len(concept.values)) for s in side])  # (folds, V)
     present = np.stack([concept_values(design, m)[1] for m in members])
-    shares = uniform_share(copies.validation[members].sum(axis=1))
+    shares = uniform_share(copies.validation_units[members])
     bits = concept_bits(logits, value, present[fold], temperatures[members][fold], shares[fold])
     prior = (counts[fold] + 1) / (counts[fold].sum(axis=1, keepdims=True) + len(concept.values))
     prior_bits = -np.log2(prior[np.arange(len(value)), value])

@@ -306,3 +306,36 @@ def test_selectivity_is_no_column_under_the_episode_split(run_cli):
     row = lpi.report_row(results, path)
     assert row["selectivity"] == row["selectivity_ci_low"] == row["selectivity_ci_high"] == ""
     assert row["control_accuracy"] != ""
+
+
+def test_the_softmax_code_counts_units_not_samples(tiny_t5, tmp_path):
+    """The uniform share of the code is set by the validation units (episodes; tasks under --split task), not their
+    samples: ten denoising entries of one episode are not ten independent checks. So a cell whose samples come ten to
+    an episode codes like one with one sample per episode and the same held-out predictions."""
+    rng = np.random.default_rng(2)
+    logits, own = 3 * rng.standard_normal((12, 5)), rng.integers(0, 5, 12)
+    once = lpi.fit_temperature(logits, own, 12)
+    tenfold = lpi.fit_temperature(np.repeat(logits, 10, axis=0), np.repeat(own, 10), 12)
+    assert once == tenfold
+    np.testing.assert_allclose(
+        lpi.log_loss_bits(logits, own, once, lpi.uniform_share(12)),
+        lpi.log_loss_bits(logits, own, tenfold, lpi.uniform_share(12)),
+    )
+    tasks, episodes, entries = 6, 5, 10
+    task_id = np.repeat(np.arange(tasks), episodes * entries)
+    episode = np.tile(np.repeat(np.arange(episodes), entries), tasks)
+    samples = lpi.Samples(
+        np.zeros((1, len(task_id), 4), np.float32),
+        task_id,
+        episode,
+        np.zeros(len(task_id), int),
+        np.tile(np.linspace(1.0, 0.1, entries), tasks * episodes),
+        np.tile(np.arange(entries), tasks * episodes),
+    )
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    for split in ("episode", "task"):
+        design = lpi.design_for(
+            samples, dict(enumerate(lpi.DEMO_DESCRIPTIONS[:tasks])), labels, lpi.TrainingConfig(split=split)
+        )
+        for rows, units in zip(design.copies.validation, design.copies.validation_units):
+            assert units == len(np.unique(design.unit[rows])) and rows.sum() >= entries * units
