@@ -4527,7 +4527,8 @@ def write_concept_report(rows: list[dict], directory: Path) -> list[str]:
 
 
 def plot_accuracy_by_layer(series: list[list[dict]], varying: list[str], rows: list[dict], layers: list, path: Path):
-    """Held-out accuracy per layer, one line per series, interval shaded, chance dashed, control dotted."""
+    """Held-out accuracy per layer, one line per series, interval shaded, chance dashed, control dotted, and where
+    the tasks are imbalanced the majority baseline (always answering the most frequent training task) dash-dotted."""
     figure, axis = pyplot().subplots(figsize=(9, 5))
     for members in series:
         x, label = [row["layer"] for row in members], series_label(members[0], varying)
@@ -4539,6 +4540,9 @@ def plot_accuracy_by_layer(series: list[list[dict]], varying: list[str], rows: l
         if members[0]["split"] == "task" and all(row["control_accuracy"] != "" for row in members):
             control = [row["control_accuracy"] for row in members]
             axis.plot(x, control, linestyle=":", color=line.get_color(), label=f"{label} (control)")
+        majority = [row["majority_accuracy"] for row in members]
+        if any(value > row["chance_accuracy"] + 1e-9 for value, row in zip(majority, members)):  # imbalanced tasks
+            axis.plot(x, majority, linestyle="-.", linewidth=1, color=line.get_color(), label=f"{label} (majority)")
     for value in sorted({row["chance_accuracy"] for row in rows}):
         axis.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"chance {value:.3f}")
     title = "Task retrieval from each layer (95% bootstrap interval shaded)"
@@ -4739,8 +4743,8 @@ def heatmap_scale(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple
 
 def cell_labels(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[np.ndarray, str]:
     """Each cell's text, and the title's note on it: the value to 2 decimals; accuracy starred where it beats its null
-    (under --split task a permutation p-value at most SIGNIFICANT_P, otherwise a 95% interval whose lower end is above
-    chance); the control with the permutation p-value under it."""
+    (under --split task a family-wise, else per-cell, permutation p-value at most SIGNIFICANT_P; otherwise a 95%
+    interval whose lower end is above chance and the majority baseline); the control with its p-value under it."""
     metrics = panel_metrics(panel)
     p_values = panel_values(panel, "permutation_p_value") if "permutation_p_value" in metrics else None
     significant, note = np.zeros(values.shape, bool), ""
@@ -4750,8 +4754,11 @@ def cell_labels(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple[n
     elif metric == "accuracy" and p_values is not None:
         significant, note = p_values <= SIGNIFICANT_P, f"\n* permutation p \u2264 {SIGNIFICANT_P}, uncorrected"
     elif metric == "accuracy" and "accuracy_ci_low" in metrics:
-        significant = panel_values(panel, "accuracy_ci_low") > panel_values(panel, "chance_accuracy")
-        note = "\n* 95% interval above chance"
+        # Above chance and above the majority baseline: with imbalanced tasks, always answering the most frequent one
+        # beats 1 / tasks with no information about the sample.
+        baseline = np.fmax(panel_values(panel, "chance_accuracy"), panel_values(panel, "majority_accuracy"))
+        significant = panel_values(panel, "accuracy_ci_low") > baseline
+        note = "\n* 95% interval above chance and the majority baseline"
     elif metric == "control_accuracy" and p_values is not None:
         note = "\nbelow each: the probe's permutation p-value"
     labels = np.empty(values.shape, dtype=object)

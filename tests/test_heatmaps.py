@@ -101,3 +101,17 @@ def test_the_probe_over_every_denoising_entry_comes_last_and_a_missing_file_leav
         [("1.0", "1.4"), ("0.5", ""), ("all", "0.123456789012345")],
     ]
     assert drawn(tmp_path / f"{TIME_MAP.stem}.png")
+
+
+def test_an_imbalanced_noise_layer_gets_no_star():
+    """With one task at 30 episodes and nine at 3, always answering it scores 0.5 against chance 0.1: an interval
+    above chance but not above the majority baseline is no evidence, and gets no star."""
+    rows = []
+    for layer, (low, majority) in enumerate([(0.15, 0.5), (0.6, 0.5), (0.15, 0.1)]):
+        row = report_row(layer, 0.5, low + 0.05)
+        row.update(accuracy_ci_low=low, accuracy_ci_high=low + 0.1, chance_accuracy=0.1, majority_accuracy=majority)
+        rows.append(row)
+    panel = lpi.HeatmapPanel({"split": "episode"}, [0, 1, 2], [0.5], {(row["layer"], 0.5): row for row in rows})
+    labels, note = lpi.cell_labels(panel, "accuracy", lpi.panel_values(panel, "accuracy"))
+    assert [label.endswith("*") for label in labels[:, 0]] == [False, True, True]
+    assert "majority baseline" in note
