@@ -2998,7 +2998,10 @@ def warn_about_failures(failures: Failures, stem: str) -> None:
 # write_results)
 # -----------------------------------------------------------------------------
 
-RESULTS_FORMAT = 3  # results files of earlier formats lack what the report reads
+# Results files of earlier formats lack what the report reads, or mean something else by it. 4: unseen tasks scored by
+# their whole embeddings, the code's uniform share by units, selectivity against the null's mean: a format-3 file
+# under --split task would mix those definitions into one report and one family-wise correction.
+RESULTS_FORMAT = 4
 
 
 # The parts whose fields results['metrics'] holds side by side; repeats, the null, MDL and the baseline are nested.

@@ -437,11 +437,11 @@ def test_report_skips_results_of_an_older_format(run_cli, tmp_path, capsys):
     status, output = run_cli("--expert", "text_only", "--layer", "5", "--bootstrap", "0", "--no_control")
     with open(output / "results_text_only_layer5_step10.pkl", "rb") as file:
         old = pickle.load(file)
-    old["format_version"] = 2
+    old["format_version"] = 3  # before unseen tasks were scored by their whole embeddings: another definition
     with open(output / "results_text_only_layer4_step10.pkl", "wb") as file:
         pickle.dump(old, file)
     assert lpi.main(["--report", str(output)]) == 0
-    assert "older version of this program (format 2)" in capsys.readouterr().err
+    assert "older version of this program (format 3)" in capsys.readouterr().err
     assert (output / "sweep.csv").read_text().count("\n") == 2  # header and the current file
 
 
