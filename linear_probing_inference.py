@@ -125,7 +125,12 @@ def prefix_tokens_text(expert: str) -> str:
 
 EXPERTS = ("vlm", "text_only", "image", "action", "visual")
 EPSILON = 1e-8  # as in the guide's cosine
-DEFAULT_TASK_SPLIT_PERMUTATIONS = 20  # the permutation null of --split task
+DEFAULT_TASK_SPLIT_PERMUTATIONS = 20  # the permutation null of --split task: trained probes
+# Ridge scores a permuted assignment for a small matrix product (the fit of the class indicators times the permuted
+# table), so under --split task its null is large enough for a family-wise correction over a sweep, and its folds are
+# dealt several times (one deal of ten tasks swings accuracy by 0.2)
+RIDGE_TASK_SPLIT_PERMUTATIONS = 1000
+RIDGE_TASK_SPLIT_REPEATS = 5
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linear_probing"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
@@ -346,17 +351,18 @@ class TrainingConfig:
     )
     permutations: int | None = option(
         "permuted assignments trained like the probe; the first is the control; with several, a permutation p-value "
-        f"(default: {DEFAULT_TASK_SPLIT_PERMUTATIONS} with --split task, else 1)",
+        f"(default: with --split task {DEFAULT_TASK_SPLIT_PERMUTATIONS}, {RIDGE_TASK_SPLIT_PERMUTATIONS} with --probe "
+        "ridge; else 1)",
         default=None,
         type=int,
         at_least=1,
         at_most=100_000,
         metavar="N",
     )
-    repeats: int = option(
+    repeats: int | None = option(
         "seeds of folds and initialisation; metrics are their mean, intervals widened by their spread (default: "
-        "%(default)s)",
-        default=1,
+        f"{RIDGE_TASK_SPLIT_REPEATS} with --probe ridge --split task, else 1)",
+        default=None,
         type=int,
         at_least=1,
         at_most=1_000,
@@ -395,7 +401,16 @@ class TrainingConfig:
             return 0
         if self.permutations is not None:
             return self.permutations
-        return DEFAULT_TASK_SPLIT_PERMUTATIONS if self.split == "task" else 1
+        if self.split != "task":
+            return 1
+        return RIDGE_TASK_SPLIT_PERMUTATIONS if self.probe == "ridge" else DEFAULT_TASK_SPLIT_PERMUTATIONS
+
+    @property
+    def repeat_count(self) -> int:
+        """How many seeds of folds and initialisation are run."""
+        if self.repeats is not None:
+            return self.repeats
+        return RIDGE_TASK_SPLIT_REPEATS if self.probe == "ridge" and self.split == "task" else 1
 
 
 class ProbeError(Exception):
@@ -446,7 +461,7 @@ def check_configs(labels: LabelConfig, training: TrainingConfig) -> None:
         raise OptionError(f"--cv_folds {training.cv_folds}: at least 2 folds are needed to hold anything out")
     if labels.concepts_file and labels.target != "concepts":
         raise OptionError("--concepts applies to --target concepts")
-    concept_misfits = training.probe != "linear" or training.mdl or training.repeats > 1 or training.permutations
+    concept_misfits = training.probe != "linear" or training.mdl or training.repeats or training.permutations
     if labels.target == "concepts" and concept_misfits:
         raise OptionError(
             "--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations "
@@ -1424,6 +1439,11 @@ class Copies:
             chosen &= self.concept == concept
         return np.flatnonzero(chosen)[np.argsort(self.fold[chosen])]
 
+    def kept(self) -> np.ndarray:
+        """The copies whose weights a results file keeps: the first repeat's fold probes, then the control's (the
+        permutation null's are not kept)."""
+        return np.concatenate([self.fold_copies(0, 0), self.fold_copies(0, 1)])
+
     def identity(self) -> np.ndarray:
         """(M, 5) integers naming each copy; its initialisation key is derived from them, not from its position."""
         concept = np.full(len(self.fold), -1) if self.concept is None else self.concept
@@ -1571,7 +1591,7 @@ def design_for(
         raise ProbeError(f"the analyzed tasks have one description ({descriptions[0]!r}): nothing to tell apart")
     unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
     dealt = dealt_units(samples.task_id, sample_class, training.split)
-    repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeats)]
+    repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeat_count)]
     fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
     folds = fold_sets[0][1]
     validation = [validation_masks(dealt, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)]
@@ -1581,7 +1601,9 @@ def design_for(
     )
     blocks = mdl_blocks(unit, stratum, training.seed) if training.mdl else None
     specs = []
-    for repeat, assignment in [(r, 0) for r in range(training.repeats)] + [(0, a) for a in range(1, len(assignments))]:
+    for repeat, assignment in [(r, 0) for r in range(training.repeat_count)] + [
+        (0, a) for a in range(1, len(assignments))
+    ]:
         fold = fold_sets[repeat][0]
         for f in range(folds):
             held = validation[repeat][f]
@@ -1723,9 +1745,20 @@ def sample_losses(
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), own_class[:, None], axis=-1)[:, 0]
 
 
+class ClassFit(NamedTuple):
+    """Ridge's fit of every copy of one item. A copy's targets are rows of its class table (Copies.classes), so its
+    map is the table applied to the map fitted to the class indicators on its training side: one indicator fit per
+    (training side, penalty) serves the probe, the control and every permuted assignment (train_ridge_probes)."""
+
+    predictions: np.ndarray  # (fits, n, C) each indicator fit's prediction of every sample
+    fit: np.ndarray  # (copies,) the indicator fit each copy's predictions are (times its table)
+    tables: np.ndarray  # (copies, C, d) = Copies.classes
+
+
 class ProbeFit(NamedTuple):
     """Fitted probes, one per copy (from the trainers, one set per item first): a Dense kernel and bias on features
-    standardized with the copy's training statistics, whether it failed, and how its training went."""
+    standardized with the copy's training statistics, whether it failed, and how its training went. Ridge keeps the
+    weights of the copies a results file keeps only (`mapped`); its predictions come from `class_fit`."""
 
     kernel: np.ndarray  # ([items,] copies, width, outputs)
     bias: np.ndarray  # ([items,] copies, outputs)
@@ -1733,12 +1766,19 @@ class ProbeFit(NamedTuple):
     feature_std: np.ndarray  # ([items,] copies, width)
     failed: np.ndarray  # ([items,] copies) bool: never improved on validation (a non-finite loss from the start)
     history: dict[str, np.ndarray]  # per copy: epochs and losses (trained), or the chosen penalty (ridge)
+    mapped: np.ndarray | None = None  # the copies whose weights the four arrays above hold, in order; None: every copy
+    class_fit: ClassFit | None = None  # ridge: every copy's predictions (one item's)
 
     def item(self, position: int) -> ProbeFit:
-        """One item's copies."""
+        """One item's copies (of a trained fit: ridge fits one item at a time)."""
         history = {key: value[position] for key, value in self.history.items()}
         parts = (self.kernel, self.bias, self.feature_mean, self.feature_std, self.failed)
         return ProbeFit(*(part[position] for part in parts), history)
+
+    def weights(self, copies: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Kernel, bias, feature mean and feature std of the given copies."""
+        rows = copies if self.mapped is None else np.array([np.flatnonzero(self.mapped == c)[0] for c in copies])
+        return tuple(part[rows] for part in (self.kernel, self.bias, self.feature_mean, self.feature_std))
 
 
 class TrainState(NamedTuple):
@@ -1994,88 +2034,175 @@ def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[
     """Exact ridge weights for each penalty, from one eigendecomposition (of the Gram matrix when there are fewer
     samples than features)."""
     if x.shape[0] < x.shape[1]:  # dual: W = X^T (X X^T + l I)^-1 Y
-        values, vectors = np.linalg.eigh(x @ x.T)
-        projected = vectors.T @ y
-        return [x.T @ (vectors @ (projected / (values + penalty)[:, None])) for penalty in penalties]
+        return [x.T @ coefficients for coefficients in dual_coefficients(x @ x.T, y, penalties)]
     values, vectors = np.linalg.eigh(x.T @ x)
     projected = vectors.T @ (x.T @ y)
     return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
 
 
+class RidgeSide(NamedTuple):
+    """One training side's samples, for ridge fits on any subset of them that predict any samples."""
+
+    z: np.ndarray  # (n, width) every sample, standardized with the side's training statistics
+    rows: np.ndarray  # (n_t,) the side's training samples
+    # (n, n_t) z @ z[rows].T when the side has fewer samples than features: every fit is then solved in the dual from
+    # blocks of it, and no width-sized work is repeated per inner fold or penalty; None otherwise (the primal)
+    gram: np.ndarray | None
+
+
+def ridge_side(features: np.ndarray, train: np.ndarray, standardize: bool) -> tuple[RidgeSide, np.ndarray, np.ndarray]:
+    """The side of the training samples `train` (bool), and its feature mean and std."""
+    x_train = features[train].astype(np.float64)
+    mean = x_train.mean(0) if standardize else np.zeros(features.shape[1])
+    std = usable_std(x_train.std(0)) if standardize else np.ones(features.shape[1])
+    z = (features.astype(np.float64) - mean) / std
+    rows = np.flatnonzero(train)
+    return RidgeSide(z, rows, z @ z[rows].T if len(rows) < z.shape[1] else None), mean, std
+
+
+def side_predictions(
+    side: RidgeSide, fit: np.ndarray, predict: np.ndarray, targets: np.ndarray, penalties: np.ndarray
+) -> list[np.ndarray]:
+    """Per penalty, the predictions of samples `predict` by the ridge fit of `targets` on the side's samples `fit`
+    (bool over side.rows), features and targets centered by their means over `fit`."""
+    target_mean = targets.mean(0)
+    if side.gram is None:
+        x = side.z[side.rows[fit]]
+        x_mean = x.mean(0)
+        maps = ridge_solution(x - x_mean, targets - target_mean, penalties)
+        return [(side.z[predict] - x_mean) @ weights + target_mean for weights in maps]
+    fitted, crossed = centered_gram(side, fit, predict)
+    return [crossed @ a + target_mean for a in dual_coefficients(fitted, targets - target_mean, penalties)]
+
+
+def dual_coefficients(gram: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
+    """(gram + l I)^-1 y for each penalty l, from one eigendecomposition."""
+    values, vectors = np.linalg.eigh(gram)
+    projected = vectors.T @ y
+    return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
+
+
+def centered_gram(side: RidgeSide, fit: np.ndarray, predict: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inner products of the side's samples `fit` (bool over side.rows) with each other and of samples `predict`
+    with them, all centered by the mean over `fit`: from the side's plain Gram matrix, z_i . mean being row i's mean
+    over the fit columns."""
+    columns = np.flatnonzero(fit)
+    block, cross = side.gram[side.rows[columns]][:, columns], side.gram[predict][:, columns]
+    column_mean = block.mean(0)
+    fitted = block - block.mean(1)[:, None] - column_mean + column_mean.mean()
+    return fitted, cross - cross.mean(1)[:, None] - column_mean + column_mean.mean()
+
+
+def side_weights(side: RidgeSide, targets: np.ndarray, penalty: float) -> np.ndarray:
+    """(width, C) ridge weights of `targets` on all the side's samples, centered (the primal map)."""
+    x = side.z[side.rows]
+    if side.gram is None:
+        return ridge_solution(x - x.mean(0), targets - targets.mean(0), np.array([penalty]))[0]
+    fitted, _ = centered_gram(side, np.ones(len(side.rows), bool), side.rows[:0])
+    return (x - x.mean(0)).T @ dual_coefficients(fitted, targets - targets.mean(0), np.array([penalty]))[0]
+
+
 def train_ridge_probes(
-    features: ItemFeatures, sample_class: np.ndarray, copies: Copies, units: np.ndarray, config: TrainingConfig
-) -> ProbeFit:
-    """Fit every item's and copy's linear map in closed form; the penalty is chosen per copy by inner
-    cross-validation over whole resampling units (episodes, or tasks under split "task"; mean cosine). Results
-    (items, copies, ...).
-
-    A copy's targets are rows of its class table (Copies.classes), so its fit is the table times the fit of the
-    class indicators: one decomposition per (item, training side, inner fold) serves every penalty and every copy
-    that trains on those samples (the probe, the control, each permuted assignment)."""
-    fits = [ridge_item(item_features, sample_class, copies, units, config) for item_features in features]
-    kernel, bias, mean, std, penalty = (np.stack(part) for part in zip(*fits))
-    return ProbeFit(kernel, bias, mean, std, ~np.isfinite(kernel).all(axis=(2, 3)), {"penalty": penalty})
-
-
-def ridge_item(
     features: np.ndarray, sample_class: np.ndarray, copies: Copies, units: np.ndarray, config: TrainingConfig
-) -> tuple[np.ndarray, ...]:
-    """One item's ridge copies: kernel (M, d_in, d), bias (M, d), feature mean and std (M, d_in), penalty (M,)."""
-    count, width = len(copies.train), features.shape[1]
-    kernel = np.zeros((count, width, copies.classes.shape[2]), np.float32)
-    bias = np.zeros((count, copies.classes.shape[2]), np.float32)
-    mean, std, penalty = np.zeros((count, width), np.float32), np.ones((count, width), np.float32), np.zeros(count)
-    indicator = np.eye(copies.classes.shape[1])[sample_class]  # (n, C): targets = indicator @ class table
+) -> ProbeFit:
+    """Fit one item's copies in closed form; the penalty is chosen per copy by inner cross-validation over whole
+    resampling units (episodes, or tasks under split "task"; mean cosine).
+
+    A copy's targets are rows of its class table, so its fit is the table times the fit of the class indicators: one
+    decomposition per (training side, inner fold) serves every penalty and every copy that trains on those samples
+    (the probe, the control, each permuted assignment), and a copy's predictions are the indicators' times its table."""
+    count, width, (classes, outputs) = len(copies.train), features.shape[1], copies.classes.shape[1:]
+    kept = copies.kept()
+    kernel, bias = np.zeros((len(kept), width, outputs), np.float32), np.zeros((len(kept), outputs), np.float32)
+    mean, std = np.zeros((len(kept), width), np.float32), np.ones((len(kept), width), np.float32)
+    indicator = np.eye(classes)[sample_class]  # (n, C): targets = indicator @ class table
+    predictions, fit_of_copy, penalty, failed = [], np.zeros(count, np.int64), np.zeros(count), np.zeros(count, bool)
     sides: dict[bytes, list[int]] = {}
     for copy, train in enumerate(copies.train):  # validation samples fit the softmax temperature only
         sides.setdefault(train.tobytes(), []).append(copy)
-    for members in sides.values():
+    for members in map(np.array, sides.values()):
         train = copies.train[members[0]]
-        x_train = features[train].astype(np.float64)
-        side_mean = x_train.mean(0) if config.standardize else np.zeros(width)
-        side_std = usable_std(x_train.std(0)) if config.standardize else np.ones(width)
-        x, classes = (x_train - side_mean) / side_std, indicator[train]
-        tables = copies.classes[members].astype(np.float64)  # (m, C, d)
-        penalties = RIDGE_PENALTIES * len(x)
-        best = np.argmax(inner_scores(x, classes, tables, units[train], penalties), axis=1)
-        x_mean, class_mean = x.mean(0), classes.mean(0)
+        side, side_mean, side_std = ridge_side(features, train, config.standardize)
+        targets, penalties = indicator[train], RIDGE_PENALTIES * train.sum()
+        best = np.argmax(inner_scores(side, targets, copies.classes[members], units[train], penalties), axis=1)
         used = np.unique(best)
-        maps = dict(zip(used, ridge_solution(x - x_mean, classes - class_mean, penalties[used])))
-        for member, chosen, table in zip(members, best, tables):
-            weights = maps[chosen] @ table
-            kernel[member], bias[member] = weights, class_mean @ table - x_mean @ weights
-            mean[member], std[member], penalty[member] = side_mean, side_std, penalties[chosen]
-    return kernel, bias, mean, std, penalty
+        every = np.ones(len(side.rows), bool)
+        for chosen, predicted in zip(
+            used, side_predictions(side, every, np.arange(len(features)), targets, penalties[used])
+        ):
+            these = members[best == chosen]
+            fit_of_copy[these], penalty[these] = len(predictions), penalties[chosen]
+            failed[these] = not np.isfinite(predicted).all()
+            predictions.append(predicted.astype(np.float32))
+            rows = np.flatnonzero(np.isin(kept, these))
+            if len(rows):  # the weights a results file keeps
+                weights, x_mean = side_weights(side, targets, penalties[chosen]), side.z[side.rows].mean(0)
+                for row in rows:
+                    table = copies.classes[kept[row]].astype(np.float64)
+                    kernel[row], bias[row] = weights @ table, (targets.mean(0) - x_mean @ weights) @ table
+                    mean[row], std[row] = side_mean, side_std
+    class_fit = ClassFit(np.stack(predictions), fit_of_copy, copies.classes)
+    return ProbeFit(kernel, bias, mean, std, failed, {"penalty": penalty}, kept, class_fit)
 
 
 def inner_scores(
-    x: np.ndarray, classes: np.ndarray, tables: np.ndarray, units: np.ndarray, penalties: np.ndarray
+    side: RidgeSide, classes: np.ndarray, tables: np.ndarray, units: np.ndarray, penalties: np.ndarray
 ) -> np.ndarray:
     """(copies, penalties) summed cosine of held-out inner-fold predictions to their targets, whole units per inner
     fold; a copy's prediction is its class table applied to the class indicators' fit."""
     inner = np.unique(units, return_inverse=True)[1] % RIDGE_INNER_FOLDS
+    grams = table_grams(tables)
+    flat = grams.reshape(len(grams), -1).T  # (C * C, copies)
     scores = np.zeros((len(tables), len(penalties)))
     for f in range(RIDGE_INNER_FOLDS):
         fit, held = inner != f, inner == f
         if fit.sum() == 0 or held.sum() == 0:
             continue
-        x_mean, class_mean = x[fit].mean(0), classes[fit].mean(0)
-        targets = classes[held] @ tables  # (m, held, d)
-        for index, class_map in enumerate(ridge_solution(x[fit] - x_mean, classes[fit] - class_mean, penalties)):
-            predicted = ((x[held] - x_mean) @ class_map + class_mean) @ tables
-            scores[:, index] += row_cosine(predicted, targets).sum(axis=1)
+        own, indicators = np.argmax(classes[held], axis=1), classes[held]
+        own_norm = np.sqrt(np.maximum(grams[:, own, own], 0.0))  # (copies, held)
+        predictions = side_predictions(side, fit, side.rows[held], classes[fit], penalties)
+        for index, predicted in enumerate(predictions):  # (held, C) each: in class space
+            # With a copy's prediction p = predicted @ T and target T[own]: p . T[own] = (predicted (x) e_own) . vec(G)
+            # and |p|^2 = (predicted (x) predicted) . vec(G), G = T T^T; every copy in one product.
+            pairs = np.concatenate(
+                [predicted[:, :, None] * indicators[:, None, :], predicted[:, :, None] * predicted[:, None, :]]
+            )
+            along, length = np.split(pairs.reshape(len(pairs), -1) @ flat, 2)  # (held, copies) each
+            cosine = along / (np.sqrt(np.maximum(length, 0.0)) + EPSILON) / (own_norm.T + EPSILON)
+            scores[:, index] += cosine.sum(axis=0)
     return scores
 
 
-def fit_items(features: ItemFeatures, design: Design, training: TrainingConfig) -> ProbeFit:
-    """Fit the probes of every item and copy; results (items, copies, ...)."""
+def table_grams(tables: np.ndarray) -> np.ndarray:
+    """(m, C, C) inner products of every pair of a class table's targets, in float64."""
+    tables = tables.astype(np.float64)
+    return tables @ tables.transpose(0, 2, 1)
+
+
+def table_cosines(predicted: np.ndarray, grams: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """(m, n, C) cosine of each prediction in class space ((n, C), or (m, n, C): one set per table), mapped through
+    each of m class tables, to every
+    class's target: from the tables' Gram matrices, never forming a d-wide prediction. `norms` (m, C): the targets'
+    norms to divide by (default their norms in the table)."""
+    products = predicted @ grams  # (m, n, C): prediction . target, as (indicators @ T) . T[k] = (indicators @ T T^T)_k
+    length = np.sqrt(np.maximum((products * predicted).sum(axis=-1), 0.0))
+    if norms is None:
+        norms = np.sqrt(np.maximum(np.diagonal(grams, axis1=1, axis2=2), 0.0))
+    return products / (length[:, :, None] + EPSILON) / (norms[:, None, :] + EPSILON)
+
+
+def fit_items(features: ItemFeatures, design: Design, training: TrainingConfig) -> Iterator[ProbeFit]:
+    """The fitted probes of every item in turn (all its copies each): trained ones in one program for every item,
+    ridge one item at a time (its fits of the class indicators are kept per item for evaluation)."""
     if design.concepts is not None:  # softmax probes over each concept's values
-        return train_linear_probes(
-            features, design.sample_class, design.copies, dataclasses.replace(training, loss="softmax")
-        )
-    if training.probe == "ridge":
-        return train_ridge_probes(features, design.sample_class, design.copies, design.unit, training)
-    return train_linear_probes(features, design.sample_class, design.copies, training)
+        training = dataclasses.replace(training, loss="softmax")
+    elif training.probe == "ridge":
+        for item_features in features:
+            yield train_ridge_probes(item_features, design.sample_class, design.copies, design.unit, training)
+        return
+    fitted = train_linear_probes(features, design.sample_class, design.copies, training)
+    for position in range(len(features)):
+        yield fitted.item(position)
 
 
 # -----------------------------------------------------------------------------
@@ -2145,7 +2272,8 @@ class Control:
     # the first repeat's accuracy - the mean accuracy of the permuted assignments (the control's alone when it is the
     # only one): against one permutation, selectivity is as much about that draw as about the layer
     selectivity: float = reported(interval=True)
-    permutation_null: AccuracyAndBits  # every permuted assignment
+    # accuracy under every permuted assignment; information under the first NULL_INFORMATION_PERMUTATIONS
+    permutation_null: AccuracyAndBits
     permutation_null_mean_accuracy: float = reported()
     permutation_null_mean_information_bits: float
     # None with one permuted assignment; NaN when a null probe failed
@@ -2254,7 +2382,12 @@ def copy_predictions(features: np.ndarray, fitted: ProbeFit, copy_of_sample: np.
     prediction = np.full((len(features), fitted.kernel.shape[-1]), np.nan, dtype=np.float32)
     for copy in np.unique(copy_of_sample[copy_of_sample >= 0]):
         rows = copy_of_sample == copy
-        if not fitted.failed[copy]:
+        if fitted.failed[copy]:
+            continue
+        if fitted.class_fit is not None:  # ridge: the class indicators' fit times the copy's table
+            class_fit = fitted.class_fit
+            prediction[rows] = class_fit.predictions[class_fit.fit[copy]][rows] @ class_fit.tables[copy]
+        else:
             x = (features[rows].astype(np.float64) - fitted.feature_mean[copy]) / fitted.feature_std[copy]
             prediction[rows] = x @ fitted.kernel[copy] + fitted.bias[copy]
     return prediction
@@ -2281,6 +2414,9 @@ def rows_similarity(features: np.ndarray, fitted: ProbeFit, copies: Copies, copy
 
 
 TEMPERATURE_GRID = np.geomspace(0.01, 100.0, 161)  # softmax temperatures tried on each copy's own training side
+# The permutation null's information: its first 20 permuted assignments. Fitting a copy's softmax temperature costs
+# about as much as retrieving with 50 ridge copies; the permutation p-value rests on retrieval, under every one.
+NULL_INFORMATION_PERMUTATIONS = 20
 
 
 def uniform_share(calibration_count) -> np.ndarray:
@@ -2315,21 +2451,33 @@ def log_loss_bits(similarities: np.ndarray, own_class: np.ndarray, temperature, 
 
 
 def fit_temperature(logits: np.ndarray, own_class: np.ndarray, units: int, allowed: np.ndarray | None = None) -> float:
-    """The grid temperature with the least cross-entropy on the given calibration samples (every grid point at once),
-    the uniform code's share set by the number of resampling units they come from."""
-    grid, (count, width) = TEMPERATURE_GRID, logits.shape
-    scaled = (logits[None] / grid[:, None, None]).reshape(-1, width)
-    allowed = None if allowed is None else np.tile(allowed, (len(grid), 1))
-    bits = code_bits(scaled, np.tile(own_class, len(grid)), np.full(len(scaled), uniform_share(units)), allowed)
-    return float(grid[int(np.argmin(bits.reshape(len(grid), count).mean(axis=1)))])
+    """The grid temperature with the least cross-entropy (code_bits) on the given calibration samples, every grid
+    point at once, the uniform code's share set by the number of resampling units they come from. A non-finite row
+    costs log2(K) bits at every temperature: it cannot move the choice and is left out."""
+    finite = np.isfinite(logits).all(axis=1)
+    if not finite.any():  # every temperature codes as well: the first, as a search over equal values gives
+        return float(TEMPERATURE_GRID[0])
+    logits, own_class = logits[finite].astype(np.float64), own_class[finite]
+    if allowed is not None:
+        logits = np.where(allowed[finite], logits, -np.inf)
+    shifted = logits - logits.max(axis=1, keepdims=True)  # as logsumexp does: exp never overflows
+    scaled = shifted[None] / TEMPERATURE_GRID[:, None, None]  # (grid, n, K)
+    log_p = scaled[:, np.arange(len(own_class)), own_class] - np.log(np.exp(scaled).sum(axis=2))
+    share, width = uniform_share(units), logits.shape[1]
+    mixed = np.logaddexp(np.log1p(-min(share, 1 - 1e-12)) + log_p, np.log(share / width))
+    return float(TEMPERATURE_GRID[int(np.argmin(-mixed.mean(axis=1)))])
 
 
 def copy_temperatures(features: np.ndarray, fitted: ProbeFit, design: Design) -> np.ndarray:
-    """Every copy's softmax temperature, fitted on its validation samples; 1 for a copy without any."""
+    """Every copy's softmax temperature, fitted on its validation samples; 1 for a copy without any; NaN for a
+    permuted assignment past the first NULL_INFORMATION_PERMUTATIONS (scored by retrieval only)."""
     copies = design.copies
     temperatures = np.ones(len(copies.train))
     for copy in range(len(temperatures)):
         rows = copies.validation[copy]
+        if copies.assignment[copy] > NULL_INFORMATION_PERMUTATIONS:
+            temperatures[copy] = np.nan
+            continue
         if not rows.any():
             continue
         if design.concepts is None:  # over the classes' targets, by cosine
@@ -2384,6 +2532,64 @@ def scores_of(
         log_loss_bits(similarity, design.sample_class, temperature, share),
         cosine,
     )
+
+
+class NullScores(NamedTuple):
+    """Held-out scores under the permuted assignments (the first is the control), with the first repeat's folds."""
+
+    correct: np.ndarray  # (A, n) retrieval under every permuted assignment
+    bits: np.ndarray  # (min(A, NULL_INFORMATION_PERMUTATIONS), n) code lengths under the first ones
+    control_predicted: np.ndarray  # (n,) the control's nearest class (-1: non-finite prediction)
+
+
+NULL_BLOCK = 100  # permuted assignments scored at once by ridge: (block, fold's samples, classes) similarities
+
+
+def null_similarity_blocks(features: np.ndarray, fitted: ProbeFit, design: Design) -> Iterator[tuple]:
+    """(assignments - 1, rows, (assignments, rows, C) similarities) of the permutation null, block by block: a
+    trained copy's from its predictions; ridge's from its class indicators' fit and each permuted table's Gram
+    matrix (table_cosines), the same cosines to the whole targets as copy_similarities gives."""
+    copies, assignments = design.copies, len(design.assignments) - 1
+    if fitted.class_fit is None:
+        for a in range(assignments):
+            copy = heldout_copy(design, 0, a + 1)
+            yield (
+                np.array([a]),
+                copy >= 0,
+                copy_similarities(copy_predictions(features, fitted, copy), copies, copy)[None],
+            )
+        return
+    null = (copies.repeat == 0) & (copies.assignment >= 1) & (copies.fold >= 0)
+    fold_copy = np.zeros((assignments, design.folds), np.int64)
+    fold_copy[copies.assignment[null] - 1, copies.fold[null]] = np.flatnonzero(null)
+    class_fit = fitted.class_fit
+    for fold in range(design.folds):
+        rows = design.fold[0] == fold
+        for start in range(0, assignments, NULL_BLOCK):
+            chosen = fold_copy[start : start + NULL_BLOCK, fold]
+            predicted = class_fit.predictions[class_fit.fit[chosen][:, None], np.flatnonzero(rows)].astype(np.float64)
+            similarity = table_cosines(predicted, table_grams(class_fit.tables[chosen]), copies.target_norm[chosen])
+            similarity[fitted.failed[chosen]] = np.nan
+            yield np.arange(start, start + len(chosen)), rows, similarity
+
+
+def null_scores(features: np.ndarray, fitted: ProbeFit, design: Design, temperatures: np.ndarray) -> NullScores:
+    """Retrieval under every permuted assignment; code lengths under the first NULL_INFORMATION_PERMUTATIONS."""
+    assignments, count = len(design.assignments) - 1, len(design.sample_class)
+    correct = np.zeros((assignments, count), bool)
+    bits = np.full((min(assignments, NULL_INFORMATION_PERMUTATIONS), count), np.nan)
+    control_predicted = np.full(count, -1)
+    for index, rows, similarity in null_similarity_blocks(features, fitted, design):
+        own = design.sample_class[rows]
+        ranked = retrieval(similarity.reshape(-1, similarity.shape[2]), np.tile(own, len(index)))
+        correct[np.ix_(index, np.flatnonzero(rows))] = ranked.correct.reshape(len(index), -1)
+        if index[0] == 0:
+            control_predicted[rows] = ranked.predicted[: rows.sum()]
+        for position in np.flatnonzero(index < len(bits)):
+            copy = heldout_copy(design, 0, index[position] + 1)[rows]
+            share = uniform_share(design.copies.validation_units[copy])
+            bits[index[position], rows] = log_loss_bits(similarity[position], own, temperatures[copy], share)
+    return NullScores(correct, bits, control_predicted)
 
 
 def heldout_copy(design: Design, repeat: int, assignment: int) -> np.ndarray:
@@ -2468,17 +2674,17 @@ def sample_means(repeats: list[Scores], raw_cosines: list[np.ndarray], classes: 
     )
 
 
-def control_of(null: list[Scores], observed: Scores, classes: int, failed_null: int) -> Control | None:
+def control_of(null: NullScores | None, observed: Scores, classes: int, failed_null: int) -> Control | None:
     """The control (first permuted assignment) and, with more, the permutation null and its p-value; like for like,
     against the first repeat's probe, whose folds the permutations were trained with."""
-    if not null:
+    if null is None:
         return None
-    accuracy = np.array([scores.correct.mean() for scores in null])
-    null_information = information(np.array([scores.bits.mean() for scores in null]), classes)
+    accuracy = null.correct.mean(axis=1)
+    null_information = information(null.bits.mean(axis=1), classes)
     p_value = None
-    if len(null) > 1:  # a failed null probe scores as wrong, which would make the p-value too small: none then
+    if len(accuracy) > 1:  # a failed null probe scores as wrong, which would make the p-value too small: none then
         p_value = (
-            math.nan if failed_null else float((1 + np.sum(accuracy >= observed.correct.mean())) / (1 + len(null)))
+            math.nan if failed_null else float((1 + np.sum(accuracy >= observed.correct.mean())) / (1 + len(accuracy)))
         )
     return Control(
         control_accuracy=float(accuracy[0]),
@@ -2667,16 +2873,16 @@ def interval_estimates(
     design: Design,
     values: SampleValues,
     repeats: list[Scores],
-    null: list[Scores],
+    null: NullScores | None,
     per_repeat: AccuracyAndBits,
     training: TrainingConfig,
 ) -> dict[str, tuple[float, float]]:
     """95% intervals over the units that vary (see unit_intervals); accuracy's and information's widened by their
     spread across repeats."""
     chosen = {name: getattr(values, name) for name in INTERVAL_METRICS}
-    if null:
-        chosen["control_accuracy"] = null[0].correct.astype(np.float64)
-        chosen["selectivity"] = repeats[0].correct - np.mean([scores.correct for scores in null], axis=0)
+    if null is not None:
+        chosen["control_accuracy"] = null.correct[0].astype(np.float64)
+        chosen["selectivity"] = repeats[0].correct - null.correct.mean(axis=0)
     intervals = unit_intervals(chosen, design.unit, design.stratum, training.bootstrap, training.seed)
     for name in ("accuracy", "information_bits"):
         if name in intervals:
@@ -2690,8 +2896,8 @@ class Predictions(NamedTuple):
 
     first: Scores  # the first repeat's held-out scores
     raw_prediction: np.ndarray  # (n, D) the first repeat's predictions in raw T5 space
-    control: Scores | None  # the first permuted assignment's
-    temperatures: np.ndarray  # (copies,) each copy's softmax temperature
+    control_predicted: np.ndarray | None  # (n,) the first permuted assignment's nearest class
+    temperatures: np.ndarray  # (copies,) each copy's softmax temperature (NaN: not fitted, see copy_temperatures)
 
 
 def evaluate_item(
@@ -2707,12 +2913,10 @@ def evaluate_item(
     features = samples.features[0]
     temperatures = copy_temperatures(features, fitted, design)
     repeats = [
-        scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0)) for r in range(training.repeats)
+        scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0))
+        for r in range(training.repeat_count)
     ]
-    null = [
-        scores_of(features, fitted, design, temperatures, heldout_copy(design, 0, a))
-        for a in range(1, len(design.assignments))
-    ]
+    null = null_scores(features, fitted, design, temperatures) if len(design.assignments) > 1 else None
     own, classes = design.raw[design.sample_class], len(design.descriptions)
     raw_predictions = [raw_space_predictions(scores.prediction, design, scores.copy, labels) for scores in repeats]
     raw_cosines = [np.nan_to_num(row_cosine(prediction, own)) for prediction in raw_predictions]
@@ -2753,10 +2957,13 @@ def evaluate_item(
         intervals=interval_estimates(design, values, repeats, null, per_repeat, training),
         control=control_of(null, repeats[0], classes, len(failed.null)),
         mdl=online_codelength(features, fitted, design, temperatures, 0) if with_mdl else None,
-        mdl_control=online_codelength(features, fitted, design, temperatures, 1) if with_mdl and null else None,
+        mdl_control=online_codelength(features, fitted, design, temperatures, 1)
+        if with_mdl and null is not None
+        else None,
         baseline=baseline,
     )
-    return held_out, Predictions(repeats[0], raw_predictions[0], null[0] if null else None, temperatures)
+    control_predicted = None if null is None else null.control_predicted
+    return held_out, Predictions(repeats[0], raw_predictions[0], control_predicted, temperatures)
 
 
 class Headline(NamedTuple):
@@ -2785,13 +2992,11 @@ def conditional_metrics(
     on the --baseline features alone and on [baseline, layer]; the gain is what the layer adds beyond the baseline."""
     plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
     design = design_for(samples, descriptions, labels, plain)
-    alone = fit_items(samples.baseline[None], design, plain)
-    baseline = first_repeat_score(samples.baseline, alone.item(0), design)
+    baseline = first_repeat_score(samples.baseline, next(fit_items(samples.baseline[None], design, plain)), design)
     joint_features = [np.concatenate([item_features, samples.baseline], axis=1) for item_features in features]
-    joint = fit_items(joint_features, design, plain)
     conditional = []
-    for position, item_features in enumerate(joint_features):
-        both = first_repeat_score(item_features, joint.item(position), design)
+    for item_features, joint in zip(joint_features, fit_items(joint_features, design, plain)):
+        both = first_repeat_score(item_features, joint, design)
         conditional.append(
             Conditional(
                 spec=spec,
@@ -2916,12 +3121,12 @@ def probe_group(
     """Fit the probes of items that share their samples (one Samples each, its features the item's) in one program,
     then evaluate each item; with a baseline in the samples, conditional probing too."""
     features = [samples.features[0] for samples in members]  # views where possible: no stacked copy
-    fitted = fit_items(features, design, training)
+    fitted = fit_items(features, design, training)  # ridge fits an item when it is evaluated
     conditional = None
     if members[0].baseline is not None and design.concepts is None:
         conditional = conditional_metrics(features, members[0], descriptions, labels, training, baseline_spec)
     for position, samples in enumerate(members):
-        fit = fitted.item(position)
+        fit = next(fitted)
         if design.concepts is not None:
             yield Probed(evaluate_concepts(samples, fit, design), None, design, fit)
             continue
@@ -3132,8 +3337,8 @@ def describe_intervals(training: TrainingConfig) -> str:
     text = (
         f"BCa bootstrap ({training.bootstrap} resamples of {unit}); Wilson score interval over the units when all agree"
     )
-    if training.repeats > 1:
-        text += f"; accuracy and information widened by the spread over {training.repeats} repeats"
+    if training.repeat_count > 1:
+        text += f"; accuracy and information widened by the spread over {training.repeat_count} repeats"
     return text
 
 
@@ -3295,14 +3500,18 @@ def results_record(
     held_out, predictions, design, fitted = probed
     copies, report, first = design.copies, dataset.report, predictions.first
     descriptions_of_tasks = [dataset.descriptions[t] for t in design.task_ids]
-    probe_folds = copies.fold_copies(0, 0)
-    kept = np.concatenate([probe_folds, copies.fold_copies(0, 1)])  # the permutation null's weights are not kept
+    probe_folds, kept = copies.fold_copies(0, 0), copies.kept()
+    kernel, bias, feature_mean, feature_std = fitted.weights(kept)
     full_space = labels.label_space == "full" and not labels.label_dim  # T5's own axes: no basis to store
     return {
         "format_version": RESULTS_FORMAT,
         "config": {
             **config_head(
-                context, dataset, item, labels, {**dataclasses.asdict(training), "permutations": training.null_size}
+                context,
+                dataset,
+                item,
+                labels,
+                {**dataclasses.asdict(training), "permutations": training.null_size, "repeats": training.repeat_count},
             ),
             "first_repeat_only": "heldout, probe, samples.fold and samples.validation hold the first repeat's",
             "split": describe_split(training, design.folds),
@@ -3342,14 +3551,14 @@ def results_record(
             "cosine": first.cosine,
             "log_loss_bits": first.bits,
             "similarity": first.similarity,  # (samples, classes): cosine of each prediction to each class's target
-            "control_predicted_class": None if predictions.control is None else predictions.control.predicted,
+            "control_predicted_class": predictions.control_predicted,
         },
         "history": fitted.history,
         "probe": {  # the first repeat's fold probes, then the control's: Dense kernel and bias on standardized features
-            "kernel": fitted.kernel[kept],
-            "bias": fitted.bias[kept],
-            "feature_mean": fitted.feature_mean[kept],
-            "feature_std": fitted.feature_std[kept],
+            "kernel": kernel,
+            "bias": bias,
+            "feature_mean": feature_mean,
+            "feature_std": feature_std,
             "copy": kept,
         },
         "copies": {  # every probe trained: who it is, whether it failed, its softmax temperature
@@ -3428,6 +3637,7 @@ def run_made_with(source: Source, labels: LabelConfig, training: TrainingConfig)
     options.update(
         results_format=RESULTS_FORMAT,
         permutations=training.null_size,
+        repeats=training.repeat_count,
         t5_model=model.name if model.is_dir() else labels.t5_model,
         concepts=labels.concepts_file and digest(concepts_text(labels.concepts_file).encode()),
     )
@@ -3539,10 +3749,12 @@ def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
                 f"p = {control.permutation_p_value:.4f} (1 + #null >= observed) / (1 + N), the first repeat's "
                 f"accuracy as observed; it cannot go below 1 / (1 + N) = {1 / (1 + count):.4f}"
             )
+        informed = len(control.permutation_null.information_bits)
+        over = "" if informed == count else f" (over the first {informed}: calibrating each costs 50 retrievals)"
         lines.append(
-            f"Permutation Null ({len(control.permutation_null.accuracy)} permuted assignments, trained like the "
-            f"probe): mean accuracy {control.permutation_null_mean_accuracy:.4f}, mean information "
-            f"{control.permutation_null_mean_information_bits:.3f} bits; {test}"
+            f"Permutation Null ({count} permuted assignments, trained like the probe): mean accuracy "
+            f"{control.permutation_null_mean_accuracy:.4f}, mean information "
+            f"{control.permutation_null_mean_information_bits:.3f} bits{over}; {test}"
         )
         if training.split == "episode":
             lines.append(
@@ -3640,7 +3852,7 @@ def measured_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
         f"Labels: {results['config']['label_space']}; T5 model {setup.labels.t5_model}",
         f"Features: {features}",
         f"Probe: {probe}",
-        f"Seed: {training.seed}; repeats {training.repeats}; bootstrap resamples: {training.bootstrap}",
+        f"Seed: {training.seed}; repeats {training.repeat_count}; bootstrap resamples: {training.bootstrap}",
         f"Task Range: {source.task_range[0]}-{source.task_range[1] - 1}; "
         f"Episode Range: {source.episode_range[0]}-{source.episode_range[1] - 1}",
         f"Missing Task Files: {id_runs(report['missing_tasks']) or 'none'}",

@@ -11,8 +11,11 @@ Cases, each run in its own process (its peak resident memory is that process's V
 - full: the 512-dim sweep with `--label_space full` (the guide's 512 outputs), once (minutes; not by default).
 - scale: the same at LIBERO-90 size (90 tasks x 50 episodes), 512-dim labels.
 - ridge: 10 tasks x 30 episodes, 18 layers at width 2048, 512-dim labels: the default (Adam) run, `--probe ridge`,
-  and `--probe ridge --split task` (20 permuted assignments); with `--against DIR`, each also by that checkout's
-  program, the two side by side in this one run.
+  `--probe ridge --split task` with 20 permuted assignments and one repeat, and with its defaults (1000 permuted
+  assignments, 5 repeats); with `--against DIR`, each but the last also by that checkout's program, the two side by
+  side in this one run.
+- ridge90: `--probe ridge` and `--probe ridge --split task` (its defaults) at LIBERO-90 size (90 tasks x 50
+  episodes, 18 layers at width 2048, 512-dim labels), once each; the Adam run of that size is the scale case.
 - steps: whole commands on task files (the action expert, width 1024, 18 layers, 8 rollout steps): peak memory of
   `--rollout_step all` against one step.
 - walk: the same files without a file index (an unwritable --cache_dir, as on a read-only cache or a first run):
@@ -22,7 +25,7 @@ Cases, each run in its own process (its peak resident memory is that process's V
 Each 10 x 50 sweep runs twice in its process: the first pays for T5, XLA compilation and caches; the second is what
 a warm run costs. The scale case runs once. Run on an idle machine (timings are wall clock).
 
-    python benchmarks/benchmark_probe_cost.py [--cases sweep full scale ridge steps walk] [--repo DIR]
+    python benchmarks/benchmark_probe_cost.py [--cases sweep full scale ridge ridge90 steps walk] [--repo DIR]
         [--against DIR] [--dir DIR]
 """
 
@@ -178,6 +181,15 @@ def measured(command: list[str]) -> tuple[float, float, str]:
         return seconds, int(Path(peak.name).read_text()) / 1024, result.stdout.decode()
 
 
+RIDGE_TASK_SPLIT = ["--probe", "ridge", "--split", "task", "--permutations", "1000", "--repeats", "5"]  # its defaults
+RIDGE_CASES = (  # options, and whether --against measures them too (1000 permutations of per-copy ridge: not)
+    ([], True),
+    (["--probe", "ridge"], True),
+    (["--probe", "ridge", "--split", "task", "--permutations", "20", "--repeats", "1"], True),
+    (RIDGE_TASK_SPLIT, False),
+)
+
+
 def tiny_t5(lpi, work: Path, width: int, tasks: int) -> Path:
     """A random-weight T5 of the given embedding width, vocabulary from the case's descriptions."""
     directory = work / f"t5_width{width}_tasks{tasks}"
@@ -299,7 +311,7 @@ def main() -> None:
         "--cases",
         nargs="+",
         default=["sweep", "scale", "steps", "walk"],
-        choices=["sweep", "full", "scale", "ridge", "steps", "walk"],
+        choices=["sweep", "full", "scale", "ridge", "ridge90", "steps", "walk"],
     )
     parser.add_argument("--against", default=None, help="ridge: also measure this checkout, case by case")
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose program is measured (default: this one)")
@@ -330,10 +342,14 @@ def main() -> None:
             rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, [], runs=1))  # minutes: once
             print(json.dumps(rows[-1]), flush=True)
         if "ridge" in arguments.cases:
-            for extra in ([], ["--probe", "ridge"], ["--probe", "ridge", "--split", "task"]):
-                for repo in [arguments.repo, *([arguments.against] if arguments.against else [])]:
+            for extra, against in RIDGE_CASES:
+                for repo in [arguments.repo, *([arguments.against] if arguments.against and against else [])]:
                     rows.append(sweep_case(arguments, work, lpi, 10, 30, 512, extra, repo=repo))
                     print(json.dumps(rows[-1]), flush=True)
+        if "ridge90" in arguments.cases:  # LIBERO-90 size, once each (the Adam run is the scale case)
+            for extra in (["--probe", "ridge"], RIDGE_TASK_SPLIT):
+                rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, extra, runs=1))
+                print(json.dumps(rows[-1]), flush=True)
         for name, case in (("steps", steps_case), ("walk", walk_case)):
             for row in case(arguments, work, lpi) if name in arguments.cases else []:
                 rows.append(row)

@@ -274,11 +274,93 @@ def test_the_shared_ridge_solver_is_the_per_copy_one(tiny_t5, tmp_path, split, p
         split=split, permutations=permutations, probe="ridge", standardize=standardize, mdl=split == "episode"
     )
     design = lpi.design_for(samples, dict(enumerate(lpi.DEMO_DESCRIPTIONS[:tasks])), labels, training)
-    fitted = lpi.train_ridge_probes([features], design.sample_class, design.copies, design.unit, training)
+    fitted = lpi.train_ridge_probes(features, design.sample_class, design.copies, design.unit, training)
     kernels, penalties = reference_ridge(features, design.sample_class, design.copies, design.unit, standardize)
-    np.testing.assert_array_equal(fitted.history["penalty"][0], penalties)
-    shared = (features[None] - fitted.feature_mean[0][:, None]) / fitted.feature_std[0][:, None] @ fitted.kernel[0]
+    np.testing.assert_array_equal(fitted.history["penalty"], penalties)
+    every = np.arange(len(design.copies.train))
+    shared = np.stack([lpi.copy_predictions(features, fitted, np.full(len(features), copy)) for copy in every])
+    kept = design.copies.kept()  # the weights a results file keeps predict what the class fit does
+    kernel, bias, mean, std = fitted.weights(kept)
+    weighted = (features[None] - mean[:, None]) / std[:, None] @ kernel + bias[:, None]
+    np.testing.assert_allclose(weighted, shared[kept], atol=1e-5 * np.abs(shared).max())
     alone = features.astype(np.float64) @ kernels
     # Predictions up to each copy's constant (the bias and the feature mean): centered over the samples.
     shared, alone = shared - shared.mean(1, keepdims=True), alone - alone.mean(1, keepdims=True)
     np.testing.assert_allclose(shared, alone, atol=1e-5 * np.abs(alone).max())
+
+
+def ridge_case(tiny_t5, tmp_path, training: lpi.TrainingConfig):
+    """8 tasks x 5 episodes at width 40 with a task signal: samples, design and ridge fit."""
+    rng = np.random.default_rng(3)
+    tasks, episodes, width = 8, 5, 40
+    task_id, episode = np.repeat(np.arange(tasks), episodes), np.tile(np.arange(episodes), tasks)
+    features = (rng.standard_normal((len(task_id), width)) + rng.standard_normal((tasks, width))[task_id]).astype(
+        np.float32
+    )
+    count = len(task_id)
+    samples = lpi.Samples(
+        features[None], task_id, episode, np.zeros(count, int), np.full(count, np.nan), np.zeros(count, int)
+    )
+    labels = lpi.LabelConfig(t5_model=str(tiny_t5), cache_dir=str(tmp_path / "cache"))
+    design = lpi.design_for(samples, dict(enumerate(lpi.DEMO_DESCRIPTIONS[:tasks])), labels, training)
+    return features, design, lpi.train_ridge_probes(features, design.sample_class, design.copies, design.unit, training)
+
+
+def test_ridge_scores_its_permutation_null_as_each_copy_would_be_scored(tiny_t5, tmp_path):
+    """Ridge's null from Gram matrices of the permuted tables equals each copy's own predictions scored against the
+    whole targets (copy_similarities); information under the first 20 only, retrieval under all 30."""
+    training = lpi.TrainingConfig(split="task", permutations=30, probe="ridge", repeats=1)
+    features, design, fitted = ridge_case(tiny_t5, tmp_path, training)
+    temperatures = lpi.copy_temperatures(features, fitted, design)
+    null = lpi.null_scores(features, fitted, design, temperatures)
+    assert null.correct.shape == (30, len(features)) and null.bits.shape == (20, len(features))
+    assert np.isnan(temperatures[design.copies.assignment > 20]).all()
+    assert np.isfinite(temperatures[design.copies.assignment <= 20]).all()
+    for a in range(1, 31):
+        copy = lpi.heldout_copy(design, 0, a)
+        reference = lpi.scores_of(features, fitted, design, temperatures, copy)
+        np.testing.assert_array_equal(null.correct[a - 1], reference.correct)
+        if a <= 20:
+            np.testing.assert_allclose(null.bits[a - 1], reference.bits, rtol=1e-6)
+        if a == 1:
+            np.testing.assert_array_equal(null.control_predicted, reference.predicted)
+    control = lpi.control_of(
+        null,
+        lpi.scores_of(features, fitted, design, temperatures, lpi.heldout_copy(design, 0, 0)),
+        len(design.descriptions),
+        0,
+    )
+    assert len(control.permutation_null.accuracy) == 30 and len(control.permutation_null.information_bits) == 20
+
+
+def reference_temperature(logits, own, units, allowed=None):
+    """The grid search as code_bits states it: every grid point's mean code length, the least one's temperature."""
+    bits = [
+        lpi.code_bits(logits / t, own, np.full(len(own), lpi.uniform_share(units)), allowed).mean()
+        for t in lpi.TEMPERATURE_GRID
+    ]
+    return lpi.TEMPERATURE_GRID[int(np.argmin(bits))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_temperature_fit_is_the_grid_search_of_code_bits(seed):
+    rng = np.random.default_rng(seed)
+    rows, width = 40, 7
+    logits = rng.uniform(-1, 1, (rows, width)) * rng.uniform(0.1, 20)
+    own = rng.integers(0, width, rows)
+    logits[own == 0, 0] += 0.5  # a class the scores favour: an interior temperature
+    allowed = None
+    if seed % 2:
+        allowed = np.broadcast_to(rng.random(width) < 0.8, (rows, width)).copy()
+        allowed[np.arange(rows), own] = True
+    if seed % 3 == 0:
+        logits[:3] = np.nan  # failed rows cost log2(K) at every temperature
+    assert lpi.fit_temperature(logits, own, 5, allowed) == reference_temperature(logits, own, 5, allowed)
+
+
+def test_ridge_under_the_task_split_defaults_to_a_null_for_a_sweep_and_five_repeats():
+    ridge = lpi.TrainingConfig(split="task", probe="ridge")
+    assert (ridge.null_size, ridge.repeat_count) == (lpi.RIDGE_TASK_SPLIT_PERMUTATIONS, 5) == (1000, 5)
+    assert (lpi.TrainingConfig(split="task").null_size, lpi.TrainingConfig(split="task").repeat_count) == (20, 1)
+    assert (lpi.TrainingConfig(probe="ridge").null_size, lpi.TrainingConfig(probe="ridge").repeat_count) == (1, 1)
+    assert lpi.TrainingConfig(split="task", probe="ridge", permutations=7, repeats=2).null_size == 7

@@ -227,18 +227,24 @@ def scores_with(correct: list[bool]) -> "lpi.Scores":
     return lpi.Scores(blank, blank, blank[:, None], blank, correct, blank, blank, blank, blank)
 
 
+def null_with(rows: list[list[bool]]) -> "lpi.NullScores":
+    """A permutation null: which samples each permuted assignment got right (and zero-bit codes)."""
+    correct = np.array(rows)
+    return lpi.NullScores(correct, np.zeros(correct.shape), np.zeros(correct.shape[1], int))
+
+
 def test_the_permutation_p_value_is_one_plus_the_count_over_one_plus_n():
     observed = scores_with([True, True, False, False])  # accuracy 0.5
-    lower = [scores_with([True, False, False, False])] * 4  # 0.25 each: none reaches the observed
-    control = lpi.control_of(lower, observed, classes=4, failed_null=0)
+    lower = [[True, False, False, False]] * 4  # 0.25 each: none reaches the observed
+    control = lpi.control_of(null_with(lower), observed, classes=4, failed_null=0)
     assert control.permutation_p_value == pytest.approx(1 / 5)  # never 0
     assert control.selectivity == pytest.approx(0.5 - 0.25)
-    tie = [scores_with([False, True, True, False])] + lower[:3]  # one null ties the observed: it counts
+    tie = null_with([[False, True, True, False]] + lower[:3])  # one null ties the observed: it counts
     assert lpi.control_of(tie, observed, classes=4, failed_null=0).permutation_p_value == pytest.approx(2 / 5)
     # Selectivity is against every permuted assignment's mean, not the first (here the one at 0.5) alone.
     assert lpi.control_of(tie, observed, classes=4, failed_null=0).selectivity == pytest.approx(0.5 - 0.3125)
-    assert np.isnan(lpi.control_of(lower, observed, classes=4, failed_null=1).permutation_p_value)
-    assert lpi.control_of(lower[:1], observed, classes=4, failed_null=0).permutation_p_value is None
+    assert np.isnan(lpi.control_of(null_with(lower), observed, classes=4, failed_null=1).permutation_p_value)
+    assert lpi.control_of(null_with(lower[:1]), observed, classes=4, failed_null=0).permutation_p_value is None
 
 
 def test_family_wise_p_values_take_the_largest_null_over_the_family():
