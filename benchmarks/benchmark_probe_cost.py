@@ -14,8 +14,8 @@ Cases, each run in its own process (its peak resident memory is that process's V
   `--probe ridge --split task` with 20 permuted assignments and one repeat, and with its defaults (1000 permuted
   assignments, 5 repeats); with `--against DIR`, each but the last also by that checkout's program, the two side by
   side in this one run.
-- ridge90: `--probe ridge` and `--probe ridge --split task` (its defaults) at LIBERO-90 size (90 tasks x 50
-  episodes, 18 layers at width 2048, 512-dim labels), once each; the Adam run of that size is the scale case.
+- ridge90: the default (Adam) run, `--probe ridge` and `--probe ridge --split task` (its defaults) at LIBERO-90
+  size (90 tasks x 50 episodes at width 2048, 512-dim labels), one layer each (`--layer 0`: a layer's cost, once).
 - steps: whole commands on task files (the action expert, width 1024, 18 layers, 8 rollout steps): peak memory of
   `--rollout_step all` against one step.
 - walk: the same files without a file index (an unwritable --cache_dir, as on a read-only cache or a first run):
@@ -346,9 +346,9 @@ def main() -> None:
                 for repo in [arguments.repo, *([arguments.against] if arguments.against and against else [])]:
                     rows.append(sweep_case(arguments, work, lpi, 10, 30, 512, extra, repo=repo))
                     print(json.dumps(rows[-1]), flush=True)
-        if "ridge90" in arguments.cases:  # LIBERO-90 size, once each (the Adam run is the scale case)
-            for extra in (["--probe", "ridge"], RIDGE_TASK_SPLIT):
-                rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, extra, runs=1))
+        if "ridge90" in arguments.cases:  # LIBERO-90 size, one layer (the last --layer wins), once each
+            for extra in ([], ["--probe", "ridge"], RIDGE_TASK_SPLIT):
+                rows.append(sweep_case(arguments, work, lpi, 90, 50, 512, [*extra, "--layer", "0"], runs=1))
                 print(json.dumps(rows[-1]), flush=True)
         for name, case in (("steps", steps_case), ("walk", walk_case)):
             for row in case(arguments, work, lpi) if name in arguments.cases else []:
