@@ -131,7 +131,8 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
 MOST_SEED = 2**31 - 2**16  # the seed is an int32 in the compiled program, plus repeats and MDL blocks
-LABEL_SOURCES = ("task", "prompt")  # --labels: what names a sample's class, its task or the prompt its step ran under
+# --labels: what names a sample's class, its task or the prompt its step ran under; or both, compared
+LABEL_SOURCES = ("task", "prompt", "task,prompt")
 
 
 class Option(NamedTuple):
@@ -266,7 +267,8 @@ class LabelConfig:
     )
     label_by: str = option(
         "task: a sample's class is its task's description (default); prompt: the prompt its step ran under "
-        "(step['prompt']; an empty prompt is a class of its own)",
+        "(step['prompt']; an empty prompt is a class of its own); task,prompt: both probes on the same features, "
+        "folds and budget, compared on the samples whose prompt differs from their task's",
         default="task",
         choices=LABEL_SOURCES,
         flags=("--labels",),
@@ -470,6 +472,8 @@ def check_configs(labels: LabelConfig, training: TrainingConfig) -> None:
         )
     if labels.target == "concepts" and labels.label_by != "task":
         raise OptionError("--labels prompt applies to --target t5; concepts are the task description's words")
+    if labels.label_by == "task,prompt" and training.split != "episode":
+        raise OptionError("--labels task,prompt compares two probes on the same folds: it needs --split episode")
     if not training.control and training.permutations is not None:
         raise OptionError("--permutations needs the control: drop --no_control")
     if training.mdl and labels.label_dim:
@@ -1699,7 +1703,7 @@ def class_texts(
 ) -> tuple[list[str], np.ndarray]:
     """The classes (one per distinct text) and each sample's class: by its task's description, or under --labels
     prompt by the prompt its step ran under, classes in the order they first appear by task and episode."""
-    if labels.label_by == "task":
+    if labels.label_by != "prompt":  # "task,prompt": the task's are the headline, compared with the prompt's
         descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in sorted(set(samples.task_id.tolist()))))
         classes = [descriptions.index(descriptions_by_task[t]) for t in samples.task_id]
         return descriptions, np.array(classes, dtype=np.int64)
@@ -1722,7 +1726,7 @@ def design_for(
     dealt = dealt_units(samples.task_id, sample_class, training.split)
     # Under --labels prompt and split "task" a held-out unit is a prompt class, whose samples come from several tasks.
     unit, stratum = resampling_units(
-        samples.task_id if labels.label_by == "task" else dealt, samples.episode, training.split
+        samples.task_id if labels.label_by != "prompt" else dealt, samples.episode, training.split
     )
     repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeats)]
     fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
@@ -2349,6 +2353,29 @@ class Conditional:
 
 
 @dataclasses.dataclass(frozen=True)
+class LabelComparison:
+    """--labels task,prompt: the task's probe and the prompt's (the same features, folds and budget, one repeat, no
+    control) over the samples whose prompt differs from their task's description. Accuracy intervals: 95% Wilson
+    over those samples' episodes."""
+
+    samples: int  # the samples compared: those whose prompt differs from their task's description
+    task_accuracy: float = reported()
+    task_accuracy_interval: tuple[float, float]
+    task_balanced_accuracy: float = reported()
+    task_information_bits: float = reported()
+    prompt_accuracy: float = reported()
+    prompt_accuracy_interval: tuple[float, float]
+    prompt_balanced_accuracy: float = reported()
+    prompt_information_bits: float = reported()
+    prompt_minus_task_bits: float = reported()
+    verdict: str = reported(column="label_verdict")  # LABEL_VERDICTS, by whether the accuracy intervals overlap
+
+
+LABEL_VERDICTS = ("follows the prompt", "follows the task", "both/neither")
+LABEL_SCORES = ("accuracy", "accuracy_interval", "balanced_accuracy", "information_bits")  # per labeling, as filed
+
+
+@dataclasses.dataclass(frozen=True)
 class HeldOut:
     """Every held-out number of one item (one layer's samples at one step): what evaluate_item returns."""
 
@@ -2363,6 +2390,7 @@ class HeldOut:
     mdl: Codelength | None = None  # --mdl
     mdl_control: Codelength | None = None  # --mdl, of the control
     baseline: Conditional | None = None  # --baseline
+    labels: LabelComparison | None = None  # --labels task,prompt
 
 
 def unit_rows(values: np.ndarray) -> np.ndarray:
@@ -2959,6 +2987,71 @@ def conditional_metrics(
     return conditional
 
 
+class LabelScore(NamedTuple):
+    """One labeling's held-out numbers over the compared samples (see LabelComparison)."""
+
+    accuracy: float
+    accuracy_interval: tuple[float, float]
+    balanced_accuracy: float
+    information_bits: float
+
+
+def label_score(features: np.ndarray, fitted: ProbeFit, design: Design, compared: np.ndarray, units: int) -> LabelScore:
+    """The first repeat's held-out accuracy, balanced accuracy and information over the `compared` samples."""
+    scores = scores_of(
+        features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
+    )
+    correct, classes = scores.correct[compared], design.sample_class[compared]
+    accuracy = float(correct.mean())
+    balanced = float(np.mean([correct[classes == c].mean() for c in np.unique(classes)]))
+    bits = float(information(scores.bits[compared].mean(), len(design.descriptions)))
+    return LabelScore(accuracy, wilson_interval(accuracy, units), balanced, bits)
+
+
+def label_verdict(task: LabelScore, prompt: LabelScore) -> str:
+    """Which labeling the layer follows on the compared samples: the one whose accuracy interval lies above."""
+    if prompt.accuracy_interval[0] > task.accuracy_interval[1]:
+        return LABEL_VERDICTS[0]
+    if task.accuracy_interval[0] > prompt.accuracy_interval[1]:
+        return LABEL_VERDICTS[1]
+    return LABEL_VERDICTS[2]
+
+
+def label_comparisons(
+    features: ItemFeatures,
+    samples: Samples,
+    descriptions: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+) -> list[LabelComparison]:
+    """--labels task,prompt, per item: a probe of the task's labels and one of the prompt's, trained alike (the same
+    features, folds and budget; one repeat, no control), compared on the samples whose prompt differs from their
+    task's description, where the two labelings disagree."""
+    plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
+    own = np.array([descriptions[task] for task in samples.task_id.tolist()], dtype=object)
+    compared = samples.prompt != own
+    units = len(set(zip(samples.task_id[compared].tolist(), samples.episode[compared].tolist())))
+    scored = {}
+    for name in ("task", "prompt"):
+        design = design_for(samples, descriptions, dataclasses.replace(labels, label_by=name), plain)
+        fitted = fit_items(features, design, plain)
+        scored[name] = [
+            label_score(one, fitted.item(position), design, compared, units) for position, one in enumerate(features)
+        ]
+    comparisons = []
+    for task, prompt in zip(scored["task"], scored["prompt"]):
+        comparisons.append(
+            LabelComparison(
+                samples=int(compared.sum()),
+                prompt_minus_task_bits=prompt.information_bits - task.information_bits,
+                verdict=label_verdict(task, prompt),
+                **{f"task_{key}": value for key, value in task._asdict().items()},
+                **{f"prompt_{key}": value for key, value in prompt._asdict().items()},
+            )
+        )
+    return comparisons
+
+
 def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature, share) -> np.ndarray:
     """-log2 p(value) under softmax(logits / temperature) over the values the copy fitted, mixed with the uniform code
     over all the concept's values (see uniform_share): a value it never saw costs log2(values / share) bits."""
@@ -3073,13 +3166,19 @@ def probe_group(
     conditional = None
     if members[0].baseline is not None and design.concepts is None:
         conditional = conditional_metrics(features, members[0], descriptions, labels, training, baseline_spec)
+    compared = None
+    if labels.label_by == "task,prompt" and design.concepts is None:
+        compared = label_comparisons(features, members[0], descriptions, labels, training)
     for position, samples in enumerate(members):
         fit = fitted.item(position)
         if design.concepts is not None:
             yield Probed(evaluate_concepts(samples, fit, design), None, design, fit)
             continue
         baseline = conditional[position] if conditional else None
-        yield Probed(*evaluate_item(samples, fit, design, labels, training, baseline), design, fit)
+        held_out, predictions = evaluate_item(samples, fit, design, labels, training, baseline)
+        if compared:
+            held_out = dataclasses.replace(held_out, labels=compared[position])
+        yield Probed(held_out, predictions, design, fit)
 
 
 def probe_features(
@@ -3166,6 +3265,7 @@ REPORTED_PARTS = {  # sweep.csv's metric columns, in this order (see `reported`)
     "cosines": Cosines,
     "counts": Counts,
     "baseline": Conditional,
+    "labels": LabelComparison,
 }
 
 
@@ -3192,7 +3292,28 @@ def metrics_record(held_out: HeldOut) -> dict:
     metrics["confidence_intervals"] = held_out.intervals
     if held_out.baseline is not None:
         metrics["baseline"] = record_fields(held_out.baseline)
+    if held_out.labels is not None:
+        metrics["labels"] = labels_record(held_out.labels)
     return metrics
+
+
+def labels_record(comparison: LabelComparison) -> dict:
+    """results['metrics']['labels']: {'task': {...}, 'prompt': {...}} (LABEL_SCORES each), the samples compared, the
+    difference in bits and the verdict."""
+    record = {name: {key: getattr(comparison, f"{name}_{key}") for key in LABEL_SCORES} for name in ("task", "prompt")}
+    shared = ("samples", "prompt_minus_task_bits", "verdict")
+    return {**record, **{name: getattr(comparison, name) for name in shared}}
+
+
+def comparison_from(record: dict) -> LabelComparison:
+    """The LabelComparison a results file's metrics['labels'] was written from."""
+    scores = {f"{name}_{key}": record[name][key] for name in ("task", "prompt") for key in LABEL_SCORES}
+    return LabelComparison(
+        samples=record["samples"],
+        prompt_minus_task_bits=record["prompt_minus_task_bits"],
+        verdict=record["verdict"],
+        **scores,
+    )
 
 
 def held_out_from(metrics: dict) -> HeldOut:
@@ -3217,6 +3338,7 @@ def held_out_from(metrics: dict) -> HeldOut:
         mdl=None if mdl is None else Codelength(*(mdl[name] for name in Codelength._fields)),
         mdl_control=None if mdl is None or "control" not in mdl else Codelength(**mdl["control"]),
         baseline=None if baseline is None else part(Conditional, baseline),
+        labels=comparison_from(metrics["labels"]) if "labels" in metrics else None,
     )
 
 
@@ -3864,6 +3986,28 @@ def prompt_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> list[
             for task, lengths in report["prompt_lengths"].items()
         )
         lines.append(f"Prompt Lengths Found (text tokens kept, with their samples): {found}")
+    if held_out.labels is not None:
+        lines += comparison_lines(held_out.labels)
+    return lines
+
+
+def comparison_lines(comparison: LabelComparison) -> list[str]:
+    """--labels task,prompt in the summary: both probes on the samples whose prompt differs, and the verdict."""
+    lines = [
+        f"Task vs Prompt Labels ({comparison.samples} samples whose prompt differs from their task's description; "
+        "the same features, folds and budget, one repeat):"
+    ]
+    for name in ("task", "prompt"):
+        low, high = getattr(comparison, f"{name}_accuracy_interval")
+        lines.append(
+            f"  {name + ':':7} accuracy {getattr(comparison, f'{name}_accuracy'):.4f} [95% CI {low:.4f}, {high:.4f}], "
+            f"balanced {getattr(comparison, f'{name}_balanced_accuracy'):.4f}, information "
+            f"{getattr(comparison, f'{name}_information_bits'):.3f} bits"
+        )
+    lines.append(
+        f"  Verdict: {comparison.verdict} (prompt - task: {comparison.prompt_minus_task_bits:+.3f} bits; a side wins "
+        "when its accuracy interval lies above the other's)"
+    )
     return lines
 
 
@@ -3940,8 +4084,8 @@ def result_stem(
         stem = f"{stem}_t{times[item.inference_step]:g}"
     if source.tokens == "prompt":
         stem = f"{stem}_prompt_tokens"
-    if label_by == "prompt":
-        stem = f"{stem}_prompt_labels"
+    if label_by != "task":
+        stem = f"{stem}_{label_by.replace(',', '_and_')}_labels"
     return f"{stem}_concepts" if target == "concepts" else stem
 
 
@@ -4437,10 +4581,16 @@ def prompts_differing(samples: Samples, descriptions_by_task: dict[int, str]) ->
     return sum(prompt is not None and prompt != text for prompt, text in zip(samples.prompt, own))
 
 
-def warn_about_prompts(samples: Samples, dataset: Dataset, step: int) -> None:
-    """--labels task on samples whose step ran under another prompt: said once per step, counted in each result."""
+def check_step_prompts(samples: Samples, dataset: Dataset, step: int, labels: LabelConfig) -> None:
+    """--labels task on samples whose step ran under another prompt: said once per step, counted in each result.
+    --labels task,prompt with no such sample: nothing to compare."""
     differing = prompts_differing(samples, dataset.descriptions)
-    if differing:
+    if labels.label_by == "task,prompt" and not differing:
+        raise ProbeError(
+            f"--labels task,prompt: no sample at step_{step} ran under a prompt other than its task's description, so "
+            "the two labelings agree everywhere: nothing to compare"
+        )
+    if differing and labels.label_by == "task":
         log.warning(
             "step_%d: %d of %d sample(s) ran under a prompt other than their task's description; --labels task labels "
             "them by the task (--labels prompt: by the prompt the model saw)",
@@ -4875,7 +5025,8 @@ HEATMAPS = (
     ),
 )
 SIGNIFICANT_P = 0.05  # under --split task, accuracy cells whose permutation p-value is at most this get a star
-HEATMAP_METRICS = ("accuracy", "information_bits", "control_accuracy")  # drawn side by side, in this order
+# Drawn side by side, in this order; prompt_minus_task_bits: --labels task,prompt.
+HEATMAP_METRICS = ("accuracy", "information_bits", "control_accuracy", "prompt_minus_task_bits")
 
 
 class HeatmapPanel(NamedTuple):
@@ -4922,6 +5073,7 @@ def panel_metrics(panel: HeatmapPanel) -> list[str]:
     optional = ["accuracy_ci_low", "accuracy_ci_high", "information_bits"]
     if panel.identity["split"] == "task":
         optional += ["control_accuracy", "permutation_p_value", "permutation_p_value_fwer", "permutation_q_value"]
+    optional.append("prompt_minus_task_bits")  # --labels task,prompt
     metrics += [name for name in optional if any(has_value(row[name]) for row in rows)]
     return metrics
 
@@ -4987,6 +5139,10 @@ def heatmap_scale(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple
         return min(0.0, float(np.nanmin(values))), top, "magma", [0.0], title
     if metric == "control_accuracy":
         return 0.0, 1.0, "viridis", chances, f"control accuracy (permuted tasks); chance {chance}"
+    if metric == "prompt_minus_task_bits":  # diverging around 0: which labeling the layer follows, and by how much
+        reach = max(float(np.nanmax(np.abs(values))), 1e-3)
+        title = "prompt \u2212 task information (bits), on samples whose prompt differs"
+        return -reach, reach, "coolwarm", [0.0], title
     return 0.0, 1.0, "viridis", chances, f"held-out accuracy; chance {chance}"
 
 
@@ -5040,7 +5196,7 @@ def draw_heatmap(figure, axis, panel: HeatmapPanel, metric: str, kind: HeatmapKi
     for value in references:
         colour_bar.ax.axhline(value, color="red", linewidth=2)
     colour_bar.ax.tick_params(labelsize=7)
-    reference = "no information" if metric == "information_bits" else "chance"
+    reference = {"information_bits": "no information", "prompt_minus_task_bits": "prompt = task"}.get(metric, "chance")
     colour_bar.set_label(f"red line: {reference}", fontsize=7)
     axis.set_xticks(range(len(panel.columns)), [str(column) for column in panel.columns])
     axis.set_yticks(range(len(panel.layers)), panel.layers)
@@ -5559,7 +5715,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         settle_existing(resume, args, warn=finished)
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
     dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
-    if dataset and labels.label_by == "prompt":
+    if dataset and labels.label_by != "task":
         check_prompts(dataset)
     items = resolve_sweep(args, dataset, labels, training, made_with) if dataset else []
     progress.total = len(items)
@@ -5574,8 +5730,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         step_items = [item for item in items if item.rollout_step == step]
         layers = sorted({item.layer for item in step_items}, key=lambda layer: -1 if layer is None else layer)
         samples = step_samples(dataset, layers, step)
-        if labels.label_by == "task":
-            warn_about_prompts(samples, dataset, step)
+        check_step_prompts(samples, dataset, step, labels)
         for file in dataset.files:  # the step's array views are not needed again
             file.steps.pop(step, None)
         tasks, width = len(np.unique(samples.task_id)), samples.features.shape[2]

@@ -4,6 +4,7 @@ Planted (DemoPrompts): odd episodes run under the next task's description; text 
 image tokens the scene's; each task's description takes PLANTED_LENGTHS[task] of the 48 text positions, the rest hold
 the pad embedding at layer 0 and, at later layers, one vector that carries the scene."""
 
+import csv
 import pickle
 from pathlib import Path
 
@@ -16,18 +17,18 @@ TASKS, EPISODES, LAYER = 10, 6, 2
 PLANTED_LENGTHS = tuple(10 + (3 * task) % 11 for task in range(TASKS))  # 10-20 tokens, as LIBERO's instructions
 
 
-def counterfactual(directory: Path, lengths=PLANTED_LENGTHS, tasks: int = TASKS) -> Path:
-    """Counterfactual-prompt files at width 32, 4 layers, one rollout step; padding that carries the scene."""
+def counterfactual(directory: Path, lengths=PLANTED_LENGTHS, tasks: int = TASKS, steps=(10,)) -> Path:
+    """Counterfactual-prompt files at width 32, 4 layers (3 silent); padding that carries the scene."""
     prompts = lpi.DemoPrompts(lengths=lengths, padding_scene=3.0, scene=3.0)
     lpi.write_demo_dataset(
-        directory, num_tasks=tasks, num_episodes=EPISODES, steps=(10,), vlm_width=32, num_layers=4, prompts=prompts
+        directory, num_tasks=tasks, num_episodes=EPISODES, steps=steps, vlm_width=32, num_layers=4, prompts=prompts
     )
     return directory
 
 
 @pytest.fixture(scope="module")
 def prompted(tmp_path_factory) -> Path:
-    return counterfactual(tmp_path_factory.mktemp("counterfactual"))
+    return counterfactual(tmp_path_factory.mktemp("counterfactual"), steps=(10, 20))
 
 
 def probe(run_cli, data: Path, output: Path, *options: str) -> dict:
@@ -181,9 +182,46 @@ def test_padding_that_cannot_be_found_stops_the_run(run_cli, tmp_path, capsys):
         ("--expert", "image", "--tokens", "prompt"),
         ("--expert", "text_only", "--tokens", "prompt", "--token_range", "768", "790"),
         ("--expert", "text_only", "--target", "concepts", "--labels", "prompt"),
+        ("--expert", "text_only", "--split", "task", "--labels", "task,prompt"),
     ],
 )
 def test_prompt_options_that_do_not_fit_are_refused(run_cli, options):
     with pytest.raises(SystemExit) as stopped:
         run_cli("--layer", "2", *options)
     assert stopped.value.code == 2
+
+
+def test_one_command_compares_task_and_prompt_labels(run_cli, prompted, tmp_path):
+    """--labels task,prompt: both probes in one results file, compared where the prompt names another task; text
+    tokens follow the prompt, the silent layer neither, image tokens the task. --report adds the difference in bits."""
+    options = ("--labels", "task,prompt", "--bootstrap", "0", "--no_control")
+    text = ("--expert", "text_only", "--tokens", "prompt", "--layer", "2-3", "--rollout_step", "10,20", *options)
+    status, output = run_cli(*text, data_path=prompted, output_dir=tmp_path / "text")
+    assert status == 0 and lpi.main(["--report", str(output)]) == 0
+    verdicts = {}
+    for path in sorted(output.glob("results_*_prompt_tokens_task_and_prompt_labels.pkl")):
+        with open(path, "rb") as file:
+            results = pickle.load(file)
+        labels, item = results["metrics"]["labels"], results["config"]["data"]
+        verdicts[item["layer"], item["rollout_step"]] = labels["verdict"]
+        assert labels["samples"] == results["data_report"]["prompt_differs"] >= 29  # task 1 episode 5 ends early
+        if item["layer"] == LAYER:
+            assert labels["prompt"]["accuracy"] >= 0.9 and labels["task"]["accuracy"] <= 0.5
+            assert labels["prompt_minus_task_bits"] > 1.5
+    assert verdicts == {(2, 10): "follows the prompt", (2, 20): "follows the prompt"} | {
+        (3, 10): "both/neither",
+        (3, 20): "both/neither",
+    }
+    with open(output / "sweep.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {(row["layer"], row["rollout_step"], row["label_verdict"]) for row in rows} == {
+        (str(layer), str(step), verdict) for (layer, step), verdict in verdicts.items()
+    }
+    with open(output / "accuracy_by_layer_and_rollout_step_pivot.csv") as file:
+        pivot = [line for line in csv.DictReader(file) if line["metric"] == "prompt_minus_task_bits"]
+    assert [line["layer"] for line in pivot] == ["2", "3"] and float(pivot[0]["10"]) > 1.5
+    status, output = run_cli("--expert", "image", "--layer", str(LAYER), *options, data_path=prompted)
+    assert status == 0
+    (path,) = output.glob("results_*.pkl")
+    with open(path, "rb") as file:
+        assert pickle.load(file)["metrics"]["labels"]["verdict"] == "follows the task"
