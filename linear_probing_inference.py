@@ -471,7 +471,7 @@ def check_configs(labels: LabelConfig, training: TrainingConfig) -> None:
             "apply to --target t5"
         )
     if labels.target == "concepts" and labels.label_by != "task":
-        raise OptionError("--labels prompt applies to --target t5; concepts are the task description's words")
+        raise OptionError(f"--labels {labels.label_by} applies to --target t5; concepts are the description's words")
     if labels.label_by == "task,prompt" and training.split != "episode":
         raise OptionError("--labels task,prompt compares two probes on the same folds: it needs --split episode")
     if not training.control and training.permutations is not None:
@@ -5330,9 +5330,17 @@ def plot_training_curves(results: dict, folds: int, path: Path, stem: str) -> No
     save_figure(figure, path)
 
 
+def class_names(results: dict) -> tuple[list[str], str]:
+    """The classes' tick labels and what they are: task ids; under --labels prompt, the prompt classes' numbers (the
+    summary lists their prompts), which need not match the tasks one to one."""
+    if results["config"]["labels"].get("label_by") == "prompt":
+        return [str(number) for number in range(len(results["tasks"]["class_descriptions"]))], "prompt class"
+    return [str(task) for task in results["tasks"]["task_ids"]], "task"
+
+
 def plot_confusion(results: dict, found: Retrieval, path: Path, stem: str) -> None:
-    """The held-out confusion matrix over the analyzed tasks."""
-    labels = [str(task) for task in results["tasks"]["task_ids"]]
+    """The held-out confusion matrix over the analyzed tasks (prompt classes under --labels prompt)."""
+    labels, kind = class_names(results)
     figure, axis = pyplot().subplots(figsize=(6.5, 5.5))
     image = axis.imshow(found.confusion_matrix, cmap="Blues")
     title = f"Held-out confusion, {stem}\naccuracy {found.accuracy:.3f} (chance {found.chance_accuracy:.3f})"
@@ -5342,8 +5350,8 @@ def plot_confusion(results: dict, found: Retrieval, path: Path, stem: str) -> No
         yticks=ticks,
         xticklabels=labels,
         yticklabels=labels,
-        xlabel="predicted task",
-        ylabel="true task",
+        xlabel=f"predicted {kind}",
+        ylabel=f"true {kind}",
         title=title,
     )
     figure.colorbar(image, ax=axis, label="samples")
@@ -5352,7 +5360,7 @@ def plot_confusion(results: dict, found: Retrieval, path: Path, stem: str) -> No
 
 def plot_similarity(results: dict, path: Path, stem: str) -> None:
     """Each held-out prediction's cosine to every task's embedding, samples grouped by their true task."""
-    heldout, labels = results["heldout"], [str(task) for task in results["tasks"]["task_ids"]]
+    heldout, (labels, kind) = results["heldout"], class_names(results)
     order = np.argsort(heldout["true_class"], kind="stable")
     figure, axis = pyplot().subplots(figsize=(6.5, 6))
     similarity = heldout["similarity"][order]
@@ -5360,8 +5368,8 @@ def plot_similarity(results: dict, path: Path, stem: str) -> None:
     axis.set(
         xticks=range(len(labels)),
         xticklabels=labels,
-        xlabel="task embedding",
-        ylabel="held-out sample (grouped by true task)",
+        xlabel=f"{kind} embedding",
+        ylabel=f"held-out sample (grouped by true {kind})",
         title=f"Prediction-to-task-embedding cosine, {stem}",
     )
     figure.colorbar(image, ax=axis, label="cosine")

@@ -144,6 +144,25 @@ def test_prompt_labels_need_every_step_to_hold_its_prompt(run_cli, tmp_path, cap
     assert status == 0  # --labels task needs no prompt
 
 
+def test_an_empty_prompt_is_a_class_of_its_own(run_cli, tmp_path):
+    data = counterfactual(tmp_path / "data", tasks=3)
+    for task in (0, 1):  # two masked episodes in each of two tasks: 4 classes over 3 tasks
+        rewrite_steps(
+            next(data.glob(f"task_{task}_*.pkl")), lambda step, episode: episode < 2 and step.update(prompt="")
+        )
+    options = ("--task_range", "0", "3", "--layer", "2", "--expert", "text_only", "--labels", "prompt", "--plot")
+    status, output = run_cli(*options, "--bootstrap", "0", data_path=data, output_dir=tmp_path / "out")
+    assert status == 0
+    (path,) = output.glob("results_*_prompt_labels.pkl")
+    with open(path, "rb") as file:
+        results = pickle.load(file)
+    classes = results["tasks"]["class_descriptions"]
+    assert "" in classes and len(classes) == 4 and results["tasks"]["class_samples"][classes.index("")] == 4
+    summary = next(output.glob("summary_*.txt")).read_text()
+    assert f"  {classes.index('')}: (empty prompt) (accuracy" in summary
+    assert (output / path.name.replace("results_", "confusion_").replace(".pkl", ".png")).is_file()
+
+
 def test_padding_that_cannot_be_found_stops_the_run(run_cli, tmp_path, capsys):
     data = counterfactual(tmp_path / "data", tasks=3)
     path = next(data.glob("task_1_*.pkl"))
