@@ -271,6 +271,7 @@ class LabelConfig:
         "folds and budget, compared on the samples whose prompt differs from their task's",
         default="task",
         choices=LABEL_SOURCES,
+        metavar="{task|prompt|task,prompt}",
         flags=("--labels",),
     )
     concepts_file: str | None = option(
