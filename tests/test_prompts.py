@@ -33,7 +33,9 @@ def prompted(tmp_path_factory) -> Path:
 
 def probe(run_cli, data: Path, output: Path, *options: str) -> dict:
     """Run one probe of layer LAYER on `data`; its results file."""
-    status, output = run_cli("--layer", str(LAYER), "--bootstrap", "0", *options, data_path=data, output_dir=output)
+    status, output = run_cli(
+        "--layer", str(LAYER), "--bootstrap", "0", "--probe", "ridge", *options, data_path=data, output_dir=output
+    )
     assert status == 0
     (path,) = output.glob("results_*.pkl")
     with open(path, "rb") as file:
@@ -139,7 +141,18 @@ def test_prompt_labels_need_every_step_to_hold_its_prompt(run_cli, tmp_path, cap
     error = one_error_line(run_cli, data, tmp_path, capsys, "--expert", "image", "--labels", "prompt")
     assert "task_2_" in error and "episode_4/step_10" in error and "'prompt'" in error
     status, _ = run_cli(
-        "--task_range", "0", "3", "--layer", "2", "--expert", "image", "--bootstrap", "0", data_path=data
+        "--task_range",
+        "0",
+        "3",
+        "--layer",
+        "2",
+        "--expert",
+        "image",
+        "--bootstrap",
+        "0",
+        "--probe",
+        "ridge",
+        data_path=data,
     )
     assert status == 0  # --labels task needs no prompt
 
@@ -151,7 +164,9 @@ def test_an_empty_prompt_is_a_class_of_its_own(run_cli, tmp_path):
             next(data.glob(f"task_{task}_*.pkl")), lambda step, episode: episode < 2 and step.update(prompt="")
         )
     options = ("--task_range", "0", "3", "--layer", "2", "--expert", "text_only", "--labels", "prompt", "--plot")
-    status, output = run_cli(*options, "--bootstrap", "0", data_path=data, output_dir=tmp_path / "out")
+    status, output = run_cli(
+        *options, "--bootstrap", "0", "--probe", "ridge", data_path=data, output_dir=tmp_path / "out"
+    )
     assert status == 0
     (path,) = output.glob("results_*_prompt_labels.pkl")
     with open(path, "rb") as file:
@@ -213,7 +228,7 @@ def test_prompt_options_that_do_not_fit_are_refused(run_cli, options):
 def test_one_command_compares_task_and_prompt_labels(run_cli, prompted, tmp_path):
     """--labels task,prompt: both probes in one results file, compared where the prompt names another task; text
     tokens follow the prompt, the silent layer neither, image tokens the task. --report adds the difference in bits."""
-    options = ("--labels", "task,prompt", "--bootstrap", "0", "--no_control")
+    options = ("--labels", "task,prompt", "--bootstrap", "0", "--no_control", "--probe", "ridge")
     text = ("--expert", "text_only", "--tokens", "prompt", "--layer", "2-3", "--rollout_step", "10,20", *options)
     status, output = run_cli(*text, data_path=prompted, output_dir=tmp_path / "text")
     assert status == 0 and lpi.main(["--report", str(output)]) == 0
