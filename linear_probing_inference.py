@@ -104,6 +104,7 @@ IMAGE_TOKENS = slice(0, CAMERAS * PATCHES_PER_CAMERA)
 TEXT_TOKENS = slice(IMAGE_TOKENS.stop, IMAGE_TOKENS.stop + PROMPT_TOKENS)
 PREFIX_TOKEN_COUNT = TEXT_TOKENS.stop
 EXPERT_TOKENS = {"vlm": slice(0, PREFIX_TOKEN_COUNT), "text_only": TEXT_TOKENS, "image": IMAGE_TOKENS}
+PROMPT_EXPERTS = ("text_only", "vlm")  # --tokens prompt: the experts whose positions end with the prompt's text
 
 
 def positions_text(positions: slice) -> str:
@@ -135,6 +136,8 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
 MOST_SEED = 2**31 - 2**16  # the seed is an int32 in the compiled program, plus repeats and MDL blocks
+# --labels: what names a sample's class, its task or the prompt its step ran under; or both, compared
+LABEL_SOURCES = ("task", "prompt", "task,prompt")
 
 
 class Option(NamedTuple):
@@ -223,6 +226,13 @@ class Source:
     pooling: str = option(
         "over the token positions (default: %(default)s)", default="mean", choices=("mean", "max", "last")
     )
+    tokens: str = option(
+        "text_only and vlm: all = every text position, padding included (default); prompt = only the prompt's own "
+        "tokens, the padding found from the layer-0 embeddings (a padded position attends to every token, images "
+        "included)",
+        default="all",
+        choices=("all", "prompt"),
+    )
     camera: str = option("--expert visual: which vision_latents camera (default: %(default)s)", default="base_0_rgb")
     trust_pickle: bool = option(
         "UNSAFE: let task files name any Python global, which runs code from the file; only for files you made, with "
@@ -259,6 +269,15 @@ class LabelConfig:
         "analyzed tasks (or per --concepts attribute), on held-out tasks by default",
         default="t5",
         choices=("t5", "concepts"),
+    )
+    label_by: str = option(
+        "task: a sample's class is its task's description (default); prompt: the prompt its step ran under "
+        "(step['prompt']; an empty prompt is a class of its own); task,prompt: both probes on the same features, "
+        "folds and budget, compared on the samples whose prompt differs from their task's",
+        default="task",
+        choices=LABEL_SOURCES,
+        metavar="{task|prompt|task,prompt}",
+        flags=("--labels",),
     )
     concepts_file: str | None = option(
         "--target concepts: a TSV of task_id, attribute, value giving the concepts instead of the words",
@@ -467,6 +486,10 @@ def check_configs(labels: LabelConfig, training: TrainingConfig) -> None:
             "--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations "
             "apply to --target t5"
         )
+    if labels.target == "concepts" and labels.label_by != "task":
+        raise OptionError(f"--labels {labels.label_by} applies to --target t5; concepts are the description's words")
+    if labels.label_by == "task,prompt" and training.split != "episode":
+        raise OptionError("--labels task,prompt compares two probes on the same folds: it needs --split episode")
     if not training.control and training.permutations is not None:
         raise OptionError("--permutations needs the control: drop --no_control")
     if training.mdl and labels.label_dim:
@@ -664,6 +687,8 @@ class Samples:
     inference_time: np.ndarray  # (samples,) float, NaN but for the action expert
     inference_index: np.ndarray  # (samples,) int: position in denoising order (0 = t 1.0); 0 but for the action expert
     baseline: np.ndarray | None = None  # (samples, width) pooled features of --baseline, the same samples
+    prompt: np.ndarray | None = None  # (samples,) object: the prompt each sample's step ran under (None: it has none)
+    prompt_length: np.ndarray | None = None  # (samples,) int: --tokens prompt, the text positions kept (padding out)
 
     def select(self, rows: np.ndarray, layer_position: int) -> Samples:
         """The given rows of one layer, as a one-layer Samples (views, not copies, when the rows are all, in order)."""
@@ -678,6 +703,8 @@ class Samples:
             self.inference_time[rows],
             self.inference_index[rows],
             baseline,
+            None if self.prompt is None else self.prompt[rows],
+            None if self.prompt_length is None else self.prompt_length[rows],
         )
 
 
@@ -690,6 +717,23 @@ class SampleRow(NamedTuple):
     inference_index: int
     layers: list  # the token view of each requested layer (pooled: (layers, width) float32)
     baseline: object = None  # the --baseline token view (pooled: (width,)), or None
+    prompt_length: int = PROMPT_TOKENS  # the text positions kept (--tokens prompt drops the padding)
+
+
+class TextEnd(NamedTuple):
+    """How a sample's text positions end in the layer-0 hidden states (the token embeddings), where every padded
+    position holds one vector, the pad token's embedding: what --tokens prompt finds the padding from."""
+
+    last: bytes  # digest of the vector at the last text position
+    run: int  # how many positions at the end hold that same vector
+
+
+def text_end(embeddings: np.ndarray) -> TextEnd:
+    """The TextEnd of a (text positions, width) view of the layer-0 hidden states; vectors compared bit for bit."""
+    rows = np.ascontiguousarray(embeddings).view(np.uint8).reshape(len(embeddings), -1)
+    same = (rows == rows[-1]).all(axis=1)
+    run = len(same) if same.all() else int(np.argmin(same[::-1]))
+    return TextEnd(hashlib.sha256(rows[-1].tobytes()).digest()[:16], run)
 
 
 @dataclasses.dataclass
@@ -711,6 +755,10 @@ class ReadReport:
     # step -> its entries' denoising times, in denoising order (the file with the fewest, when files differ)
     inference_times: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     uneven_steps: set[int] = dataclasses.field(default_factory=set)  # steps whose episodes' denoising entries differ
+    # step -> (task, episode) -> the prompt that step ran under (None: the step holds no 'prompt' string)
+    prompts: dict[int, dict[tuple[int, int], str | None]] = dataclasses.field(default_factory=dict)
+    # step -> (task, episode) -> how its text ends in the layer-0 embeddings (--tokens prompt only)
+    text_ends: dict[int, dict[tuple[int, int], TextEnd]] = dataclasses.field(default_factory=dict)
 
     def skipped_at(self, step: int) -> dict[str, str]:
         """The files a step's results list as skipped: unreadable ones, and those whose step is malformed."""
@@ -757,6 +805,8 @@ class StepArrays(NamedTuple):
     times: list[float]  # each entry's denoising time (NaN but for the action expert)
     arrays: list[np.ndarray]  # each entry's --feature_type array: ([layer,] [batch,] token, width)
     baselines: list | None  # each sample's --baseline token view ([None, ...] without one); None: the step lacks it
+    prompt: str | None = None  # step['prompt'], the instruction the model saw (None: the step holds no string)
+    text_end: TextEnd | None = None  # --tokens prompt: how the text ends in the layer-0 embeddings
 
 
 class FileVersion(NamedTuple):
@@ -871,7 +921,30 @@ def step_arrays(where: str, step_data, source: Source, layer: int | None) -> Ste
         raise
     except ProbeError as error:
         raise BadFileError(f"{where}: {error}") from None
-    return StepArrays([time for time, _ in entries], arrays, baselines)
+    prompt = step_data.get("prompt")
+    end = step_text_end(where, step_data, source, arrays, layer) if source.tokens == "prompt" else None
+    return StepArrays(
+        [time for time, _ in entries], arrays, baselines, prompt if isinstance(prompt, str) else None, end
+    )
+
+
+def step_text_end(where: str, step_data: dict, source: Source, arrays: list, layer: int | None) -> TextEnd:
+    """--tokens prompt: how the step's text ends in its layer-0 hidden states (the token embeddings), read now (48
+    vectors); a step without them stops the run: its padding cannot be found."""
+    if layer_tokens(arrays[0], source, 0 if layer is None else layer).ndim != 2:
+        raise OptionError(f"--tokens prompt needs a token axis; feature {source.feature_type!r} has none")
+    entry = step_data.get("vlm_layer_output")
+    array = entry.get("hidden_states") if isinstance(entry, dict) else None
+    if not hasattr(array, "ndim") or array.ndim < 3 or array.shape[0] == 0:
+        raise ProbeError(
+            f"{where}: no layer-0 token embeddings (vlm_layer_output['hidden_states'][0]), which --tokens prompt finds "
+            "the padding from"
+        )
+    text = dataclasses.replace(source, expert="text_only", feature_type="hidden_states", token_range=None)
+    try:
+        return text_end(layer_tokens(array, text, 0))
+    except ProbeError as error:
+        raise ProbeError(f"{where}: --tokens prompt: {error}") from None
 
 
 def file_step(
@@ -900,6 +973,9 @@ def record_step(found: ReadReport, task_id: int, step: int, arrays: dict[int, St
     denoising entries (the fewest seen)."""
     found.step_episodes[step] = [(task_id, episode) for episode in arrays]
     found.without_baseline += [(task_id, e, step) for e, one in arrays.items() if one.baselines is None]
+    found.prompts[step] = {(task_id, e): one.prompt for e, one in arrays.items()}
+    if source.tokens == "prompt":
+        found.text_ends[step] = {(task_id, e): one.text_end for e, one in arrays.items()}
     for one in arrays.values():
         found.layer_count = found.layer_count or (1 if source.expert == "visual" else one.arrays[0].shape[0])
         note_denoising_times(found, step, one.times)
@@ -913,6 +989,10 @@ def add_to_report(report: ReadReport, found: ReadReport) -> None:
         report.step_episodes.setdefault(step, []).extend(pairs)
     for step, skipped in found.skipped_steps.items():
         report.skipped_steps.setdefault(step, {}).update(skipped)
+    for step, prompts in found.prompts.items():
+        report.prompts.setdefault(step, {}).update(prompts)
+    for step, ends in found.text_ends.items():
+        report.text_ends.setdefault(step, {}).update(ends)
     report.steps_seen |= found.steps_seen
     report.layer_count = report.layer_count or found.layer_count
     report.uneven_steps |= found.uneven_steps
@@ -1058,25 +1138,73 @@ def read_step_again(file: TaskFile, source: Source, step: int) -> dict[int, Step
     return file_step(file.path, episodes, step, source, None)
 
 
-def sample_views(arrays: StepArrays, task_id: int, episode: int, layers: list, source: Source) -> list[SampleRow]:
-    """The samples of one rollout step of one episode, as token views not yet pooled; none when the step lacks the
-    --baseline's entry."""
+def sample_views(
+    arrays: StepArrays, task_id: int, episode: int, layers: list, source: Source, padding: int = 0
+) -> list[SampleRow]:
+    """The samples of one rollout step of one episode, as token views not yet pooled, less `padding` positions at the
+    end (--tokens prompt: the text ends every such expert's positions); none when the step lacks the --baseline's
+    entry."""
     if arrays.baselines is None:
         return []
+    kept = PROMPT_TOKENS - padding
     return [
-        SampleRow(task_id, episode, time, index, [layer_tokens(array, source, layer) for layer in layers], baseline)
+        SampleRow(
+            task_id,
+            episode,
+            time,
+            index,
+            [without_padding(layer_tokens(array, source, layer), padding) for layer in layers],
+            baseline,
+            kept,
+        )
         for index, (time, array, baseline) in enumerate(zip(arrays.times, arrays.arrays, arrays.baselines))
     ]
 
 
-def file_rows(file: TaskFile, source: Source, layers: list, step: int) -> list[SampleRow]:
+def without_padding(view: np.ndarray, padding: int) -> np.ndarray:
+    """A (tokens, width) view less its last `padding` positions (a view still: nothing is read)."""
+    return view if padding == 0 else view[: view.shape[0] - padding]
+
+
+def prompt_padding(dataset: Dataset, step: int) -> dict[tuple[int, int], int]:
+    """--tokens prompt: how many padded positions end each episode's text at a step, from the layer-0 embeddings.
+
+    Every padded position holds one vector, the pad token's embedding, repeated at the end of the text: it is the
+    vector that ends a run of two or more positions in some sample (one vector: two different ones leave no common
+    padding vector). A sample whose text ends in another vector keeps every position, and so does every sample when
+    no text ends in a run: a prompt that fills all 48 positions ends once, in its newline."""
+    ends = dataset.report.text_ends.get(step, {})
+    repeated = {end.last for end in ends.values() if end.run >= 2}
+    if len(repeated) > 1:
+        raise ProbeError(
+            f"--tokens prompt: no common padding vector at step_{step}: the samples' text ends in {len(repeated)} "
+            "different repeated vectors in the layer-0 embeddings"
+        )
+    padding = {pair: end.run if end.last in repeated else 0 for pair, end in ends.items()}
+    for (task, episode), count in padding.items():
+        if count >= PROMPT_TOKENS:
+            raise ProbeError(
+                f"{dataset.report.files[task]}: episode_{episode}/step_{step}: --tokens prompt leaves no text token "
+                f"(all {PROMPT_TOKENS} text positions hold the padding vector)"
+            )
+    return padding
+
+
+def file_rows(
+    file: TaskFile, source: Source, layers: list, step: int, padding: dict[tuple[int, int], int] | None = None
+) -> list[SampleRow]:
     """One file's samples of a step, pooled; then every page of the file this process mapped is let go (and a file
     read again is let go with this function's locals)."""
     check_unchanged(file, step)
     episodes = file.steps.get(step, {})
     if any(arrays is None for arrays in episodes.values()):  # a file that cannot be mapped
         episodes = read_step_again(file, source, step)
-    views = [view for e, arrays in episodes.items() for view in sample_views(arrays, file.task_id, e, layers, source)]
+    padding = padding or {}
+    views = [
+        view
+        for e, arrays in episodes.items()
+        for view in sample_views(arrays, file.task_id, e, layers, source, padding.get((file.task_id, e), 0))
+    ]
     rows = pooled_rows(views, source.pooling)
     if views:
         let_go_of_file(views[0].layers[0])
@@ -1088,9 +1216,10 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
     """One rollout step's samples from the walked files: one pooled feature vector per sample and asked layer (this
     reads the step's slices, and only them, but for a file that cannot be mapped: see read_step_again)."""
     source, rows = dataset.source, []
+    padding = prompt_padding(dataset, step) if source.tokens == "prompt" else None
     files = tqdm(dataset.files, desc=f"step_{step} files", unit="file", disable=progress_disabled(), leave=False)
     for file in files:  # file by file: the pages touched at once are one file's slices (see pooled_rows)
-        rows += file_rows(file, source, layers, step)
+        rows += file_rows(file, source, layers, step, padding)
     if not rows:
         raise no_samples(step, dataset.report)
     for name in ("layers", "baseline"):
@@ -1109,7 +1238,17 @@ def step_samples(dataset: Dataset, layers: list, step: int) -> Samples:
         inference_time=np.array([row.inference_time for row in rows], dtype=np.float64),
         inference_index=np.array([row.inference_index for row in rows], dtype=np.int64),
         baseline=None if source.baseline is None else np.stack([row.baseline for row in rows]),
+        prompt=step_prompts(dataset.report, step, [(row.task_id, row.episode) for row in rows]),
+        prompt_length=None if padding is None else np.array([row.prompt_length for row in rows], dtype=np.int64),
     )
+
+
+def step_prompts(report: ReadReport, step: int, pairs: list) -> np.ndarray:
+    """(samples,) object: the prompt the step of each (task, episode) ran under (None where it holds none)."""
+    prompts = report.prompts.get(step, {})
+    chosen = np.empty(len(pairs), dtype=object)
+    chosen[:] = [prompts.get(tuple(pair)) for pair in pairs]
+    return chosen
 
 
 # -----------------------------------------------------------------------------
@@ -1580,17 +1719,36 @@ def copies_for(
     )
 
 
+def class_texts(
+    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig
+) -> tuple[list[str], np.ndarray]:
+    """The classes (one per distinct text) and each sample's class: by its task's description, or under --labels
+    prompt by the prompt its step ran under, classes in the order they first appear by task and episode."""
+    if labels.label_by != "prompt":  # "task,prompt": the task's are the headline, compared with the prompt's
+        descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in sorted(set(samples.task_id.tolist()))))
+        classes = [descriptions.index(descriptions_by_task[t]) for t in samples.task_id]
+        return descriptions, np.array(classes, dtype=np.int64)
+    if samples.prompt is None or any(prompt is None for prompt in samples.prompt):
+        raise ProbeError("--labels prompt: some samples carry no prompt (step['prompt'])")
+    order = np.lexsort((samples.episode, samples.task_id))
+    descriptions = list(dict.fromkeys(samples.prompt[order].tolist()))
+    position = {text: number for number, text in enumerate(descriptions)}
+    return descriptions, np.array([position[prompt] for prompt in samples.prompt], dtype=np.int64)
+
+
 def design_for(
     samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
 ) -> Design:
     """Classes, folds of every repeat, permuted assignments, MDL blocks and the copies they imply."""
     task_ids = sorted(set(samples.task_id.tolist()))
-    descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
-    sample_class = np.array([descriptions.index(descriptions_by_task[t]) for t in samples.task_id], dtype=np.int64)
+    descriptions, sample_class = class_texts(samples, descriptions_by_task, labels)
     if len(descriptions) < 2:
         raise ProbeError(f"the analyzed tasks have one description ({descriptions[0]!r}): nothing to tell apart")
-    unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
     dealt = dealt_units(samples.task_id, sample_class, training.split)
+    # Under --labels prompt and split "task" a held-out unit is a prompt class, whose samples come from several tasks.
+    unit, stratum = resampling_units(
+        samples.task_id if labels.label_by != "prompt" else dealt, samples.episode, training.split
+    )
     repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeat_count)]
     fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
     folds = fold_sets[0][1]
@@ -2324,6 +2482,29 @@ class Conditional:
 
 
 @dataclasses.dataclass(frozen=True)
+class LabelComparison:
+    """--labels task,prompt: the task's probe and the prompt's (the same features, folds and budget, one repeat, no
+    control) over the samples whose prompt differs from their task's description. Accuracy intervals: 95% Wilson
+    over those samples' episodes."""
+
+    samples: int  # the samples compared: those whose prompt differs from their task's description
+    task_accuracy: float = reported()
+    task_accuracy_interval: tuple[float, float]
+    task_balanced_accuracy: float = reported()
+    task_information_bits: float = reported()
+    prompt_accuracy: float = reported()
+    prompt_accuracy_interval: tuple[float, float]
+    prompt_balanced_accuracy: float = reported()
+    prompt_information_bits: float = reported()
+    prompt_minus_task_bits: float = reported()
+    verdict: str = reported(column="label_verdict")  # LABEL_VERDICTS, by whether the accuracy intervals overlap
+
+
+LABEL_VERDICTS = ("follows the prompt", "follows the task", "both/neither")
+LABEL_SCORES = ("accuracy", "accuracy_interval", "balanced_accuracy", "information_bits")  # per labeling, as filed
+
+
+@dataclasses.dataclass(frozen=True)
 class HeldOut:
     """Every held-out number of one item (one layer's samples at one step): what evaluate_item returns."""
 
@@ -2338,6 +2519,7 @@ class HeldOut:
     mdl: Codelength | None = None  # --mdl
     mdl_control: Codelength | None = None  # --mdl, of the control
     baseline: Conditional | None = None  # --baseline
+    labels: LabelComparison | None = None  # --labels task,prompt
 
 
 def unit_rows(values: np.ndarray) -> np.ndarray:
@@ -3011,6 +3193,71 @@ def conditional_metrics(
     return conditional
 
 
+class LabelScore(NamedTuple):
+    """One labeling's held-out numbers over the compared samples (see LabelComparison)."""
+
+    accuracy: float
+    accuracy_interval: tuple[float, float]
+    balanced_accuracy: float
+    information_bits: float
+
+
+def label_score(features: np.ndarray, fitted: ProbeFit, design: Design, compared: np.ndarray, units: int) -> LabelScore:
+    """The first repeat's held-out accuracy, balanced accuracy and information over the `compared` samples."""
+    scores = scores_of(
+        features, fitted, design, copy_temperatures(features, fitted, design), heldout_copy(design, 0, 0)
+    )
+    correct, classes = scores.correct[compared], design.sample_class[compared]
+    accuracy = float(correct.mean())
+    balanced = float(np.mean([correct[classes == c].mean() for c in np.unique(classes)]))
+    bits = float(information(scores.bits[compared].mean(), len(design.descriptions)))
+    return LabelScore(accuracy, wilson_interval(accuracy, units), balanced, bits)
+
+
+def label_verdict(task: LabelScore, prompt: LabelScore) -> str:
+    """Which labeling the layer follows on the compared samples: the one whose accuracy interval lies above."""
+    if prompt.accuracy_interval[0] > task.accuracy_interval[1]:
+        return LABEL_VERDICTS[0]
+    if task.accuracy_interval[0] > prompt.accuracy_interval[1]:
+        return LABEL_VERDICTS[1]
+    return LABEL_VERDICTS[2]
+
+
+def label_comparisons(
+    features: ItemFeatures,
+    samples: Samples,
+    descriptions: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+) -> list[LabelComparison]:
+    """--labels task,prompt, per item: a probe of the task's labels and one of the prompt's, trained alike (the same
+    features, folds and budget; one repeat, no control), compared on the samples whose prompt differs from their
+    task's description, where the two labelings disagree."""
+    plain = dataclasses.replace(training, control=False, mdl=False, repeats=1)
+    own = np.array([descriptions[task] for task in samples.task_id.tolist()], dtype=object)
+    compared = samples.prompt != own
+    units = len(set(zip(samples.task_id[compared].tolist(), samples.episode[compared].tolist())))
+    scored = {}
+    for name in ("task", "prompt"):
+        design = design_for(samples, descriptions, dataclasses.replace(labels, label_by=name), plain)
+        scored[name] = [
+            label_score(one, fitted, design, compared, units)
+            for one, fitted in zip(features, fit_items(features, design, plain))
+        ]
+    comparisons = []
+    for task, prompt in zip(scored["task"], scored["prompt"]):
+        comparisons.append(
+            LabelComparison(
+                samples=int(compared.sum()),
+                prompt_minus_task_bits=prompt.information_bits - task.information_bits,
+                verdict=label_verdict(task, prompt),
+                **{f"task_{key}": value for key, value in task._asdict().items()},
+                **{f"prompt_{key}": value for key, value in prompt._asdict().items()},
+            )
+        )
+    return comparisons
+
+
 def concept_bits(logits: np.ndarray, value: np.ndarray, present: np.ndarray, temperature, share) -> np.ndarray:
     """-log2 p(value) under softmax(logits / temperature) over the values the copy fitted, mixed with the uniform code
     over all the concept's values (see uniform_share): a value it never saw costs log2(values / share) bits."""
@@ -3125,13 +3372,19 @@ def probe_group(
     conditional = None
     if members[0].baseline is not None and design.concepts is None:
         conditional = conditional_metrics(features, members[0], descriptions, labels, training, baseline_spec)
+    compared = None
+    if labels.label_by == "task,prompt" and design.concepts is None:
+        compared = label_comparisons(features, members[0], descriptions, labels, training)
     for position, samples in enumerate(members):
         fit = next(fitted)
         if design.concepts is not None:
             yield Probed(evaluate_concepts(samples, fit, design), None, design, fit)
             continue
         baseline = conditional[position] if conditional else None
-        yield Probed(*evaluate_item(samples, fit, design, labels, training, baseline), design, fit)
+        held_out, predictions = evaluate_item(samples, fit, design, labels, training, baseline)
+        if compared:
+            held_out = dataclasses.replace(held_out, labels=compared[position])
+        yield Probed(held_out, predictions, design, fit)
 
 
 def probe_features(
@@ -3218,6 +3471,7 @@ REPORTED_PARTS = {  # sweep.csv's metric columns, in this order (see `reported`)
     "cosines": Cosines,
     "counts": Counts,
     "baseline": Conditional,
+    "labels": LabelComparison,
 }
 
 
@@ -3244,7 +3498,28 @@ def metrics_record(held_out: HeldOut) -> dict:
     metrics["confidence_intervals"] = held_out.intervals
     if held_out.baseline is not None:
         metrics["baseline"] = record_fields(held_out.baseline)
+    if held_out.labels is not None:
+        metrics["labels"] = labels_record(held_out.labels)
     return metrics
+
+
+def labels_record(comparison: LabelComparison) -> dict:
+    """results['metrics']['labels']: {'task': {...}, 'prompt': {...}} (LABEL_SCORES each), the samples compared, the
+    difference in bits and the verdict."""
+    record = {name: {key: getattr(comparison, f"{name}_{key}") for key in LABEL_SCORES} for name in ("task", "prompt")}
+    shared = ("samples", "prompt_minus_task_bits", "verdict")
+    return {**record, **{name: getattr(comparison, name) for name in shared}}
+
+
+def comparison_from(record: dict) -> LabelComparison:
+    """The LabelComparison a results file's metrics['labels'] was written from."""
+    scores = {f"{name}_{key}": record[name][key] for name in ("task", "prompt") for key in LABEL_SCORES}
+    return LabelComparison(
+        samples=record["samples"],
+        prompt_minus_task_bits=record["prompt_minus_task_bits"],
+        verdict=record["verdict"],
+        **scores,
+    )
 
 
 def held_out_from(metrics: dict) -> HeldOut:
@@ -3269,6 +3544,7 @@ def held_out_from(metrics: dict) -> HeldOut:
         mdl=None if mdl is None else Codelength(*(mdl[name] for name in Codelength._fields)),
         mdl_control=None if mdl is None or "control" not in mdl else Codelength(**mdl["control"]),
         baseline=None if baseline is None else part(Conditional, baseline),
+        labels=comparison_from(metrics["labels"]) if "labels" in metrics else None,
     )
 
 
@@ -3290,8 +3566,8 @@ class ResultConfig(NamedTuple):
 def result_config(config: dict) -> ResultConfig:
     """The configs a results file's config records (see results_record)."""
     data = config["data"]
-    return ResultConfig(
-        Source(**{field.name: data[field.name] for field in dataclasses.fields(Source)}),
+    return ResultConfig(  # a field a file lacks (written before the option existed) has its default
+        Source(**{field.name: data[field.name] for field in dataclasses.fields(Source) if field.name in data}),
         Item(**{name: data[name] for name in Item._fields}),
         LabelConfig(**config["labels"]),
         TrainingConfig(**config["training"]),
@@ -3384,6 +3660,8 @@ def describe_token_positions(source: Source) -> str:
         where = f"action-expert tokens (positions {PREFIX_TOKEN_COUNT}+ when the entry holds the whole sequence)"
     else:
         where = f"SigLIP patches of camera {source.camera} (vision_latents)"
+    if source.tokens == "prompt":
+        where += ", less the prompt's padding (--tokens prompt: found from the layer-0 embeddings)"
     return f"{where}, {source.pooling}-pooled"
 
 
@@ -3484,6 +3762,23 @@ def concept_results_record(
     }
 
 
+def class_of_tasks(design: Design, descriptions_of_tasks: list[str]) -> np.ndarray:
+    """Each task's class: its description's (-1 under --labels prompt when no sample ran under its description)."""
+    position = {text: number for number, text in enumerate(design.descriptions)}
+    return np.array([position.get(text, -1) for text in descriptions_of_tasks], dtype=np.int64)
+
+
+def prompt_lengths(samples: Samples) -> dict[int, dict[int, int]] | None:
+    """--tokens prompt: the prompt lengths found (text positions before the padding), per task: length -> samples."""
+    if samples.prompt_length is None:
+        return None
+    found = {}
+    for task, length in zip(samples.task_id.tolist(), samples.prompt_length.tolist()):
+        counts = found.setdefault(task, {})
+        counts[length] = counts.get(length, 0) + 1
+    return {task: dict(sorted(counts.items())) for task, counts in sorted(found.items())}
+
+
 def results_record(
     probed: Probed,
     samples: Samples,
@@ -3528,8 +3823,9 @@ def results_record(
         "tasks": {
             "task_ids": np.array(design.task_ids),
             "descriptions": descriptions_of_tasks,
-            "class_of_task": np.array([design.descriptions.index(d) for d in descriptions_of_tasks]),
+            "class_of_task": class_of_tasks(design, descriptions_of_tasks),
             "class_descriptions": design.descriptions,
+            "class_samples": np.bincount(design.sample_class, minlength=len(design.descriptions)),
             "t5_embeddings": design.raw,
             "label_mean": copies.label_mean[probe_folds],  # per fold; subtracted when centering
             "label_basis": None if full_space else copies.label_basis[probe_folds],  # per fold; None: T5's own axes
@@ -3539,6 +3835,8 @@ def results_record(
             "repeat_folds": design.fold,  # (repeats, samples)
             "validation": copies.validation[probe_folds],  # (folds, samples): early-stopping samples
             "mdl_block": design.mdl_block,
+            "prompt": None if samples.prompt is None else samples.prompt.tolist(),  # step['prompt'] (None: none)
+            "prompt_length": samples.prompt_length,  # --tokens prompt: text positions kept (None: all 48)
         },
         "heldout": {  # the first repeat's
             "prediction": predictions.raw_prediction.astype(np.float32),  # in raw T5 space, as the raw cosine scores it
@@ -3573,6 +3871,8 @@ def results_record(
             **data_report_record(dataset, item, context),
             "steps_seen": sorted(report.steps_seen),
             **({} if held_out.baseline is None else {"steps_without_baseline": context.without_baseline}),
+            "prompt_differs": prompts_differing(samples, dataset.descriptions),  # prompt other than the description
+            "prompt_lengths": prompt_lengths(samples),  # --tokens prompt: task -> {text positions kept: samples}
         },
         "versions": dict(installed_versions()),
         "wall_time_seconds": context.wall_time_seconds,
@@ -3875,6 +4175,55 @@ def measured_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
     return lines
 
 
+EMPTY_PROMPT = "(empty prompt)"  # how a summary names the class of an empty or masked prompt
+
+
+def prompt_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> list[str]:
+    """The prompts the model saw: each prompt class's accuracy (--labels prompt), how many samples ran under another
+    task's prompt, and the prompt lengths --tokens prompt found."""
+    report, tasks, lines = results["data_report"], results["tasks"], []
+    if setup.labels.label_by == "prompt":
+        lines.append("Classes (--labels prompt: the prompt each sample's step ran under):")
+        for number, text in enumerate(tasks["class_descriptions"]):
+            accuracy, count = held_out.retrieval.per_class_accuracy[number], tasks["class_samples"][number]
+            lines.append(f"  {number}: {text or EMPTY_PROMPT} (accuracy {accuracy:.4f}, {count} samples)")
+    differs = report.get("prompt_differs", 0)
+    if differs or setup.labels.label_by == "prompt":
+        labelled = "labelled by the prompt" if setup.labels.label_by == "prompt" else "labelled by the task"
+        lines.append(
+            f"Prompt Differs From Task Description: {differs} of {held_out.counts.num_samples} samples ({labelled})"
+        )
+    if report.get("prompt_lengths"):
+        found = "; ".join(
+            f"task {task}: " + ", ".join(f"{length} ({count})" for length, count in lengths.items())
+            for task, lengths in report["prompt_lengths"].items()
+        )
+        lines.append(f"Prompt Lengths Found (text tokens kept, with their samples): {found}")
+    if held_out.labels is not None:
+        lines += comparison_lines(held_out.labels)
+    return lines
+
+
+def comparison_lines(comparison: LabelComparison) -> list[str]:
+    """--labels task,prompt in the summary: both probes on the samples whose prompt differs, and the verdict."""
+    lines = [
+        f"Task vs Prompt Labels ({comparison.samples} samples whose prompt differs from their task's description; "
+        "the same features, folds and budget, one repeat):"
+    ]
+    for name in ("task", "prompt"):
+        low, high = getattr(comparison, f"{name}_accuracy_interval")
+        lines.append(
+            f"  {name + ':':7} accuracy {getattr(comparison, f'{name}_accuracy'):.4f} [95% CI {low:.4f}, {high:.4f}], "
+            f"balanced {getattr(comparison, f'{name}_balanced_accuracy'):.4f}, information "
+            f"{getattr(comparison, f'{name}_information_bits'):.3f} bits"
+        )
+    lines.append(
+        f"  Verdict: {comparison.verdict} (prompt - task: {comparison.prompt_minus_task_bits:+.3f} bits; a side wins "
+        "when its accuracy interval lies above the other's)"
+    )
+    return lines
+
+
 def format_concept_summary(results: dict, setup: ResultConfig) -> str:
     """A concept run's summary: what was probed, then every concept sorted by balanced accuracy."""
     held_out = concepts_held_out_from(results)
@@ -3923,15 +4272,19 @@ def format_summary(results: dict) -> str:
                 *evidence_lines(results, setup, held_out),
                 "",
                 *measured_lines(results, setup, held_out),
+                *prompt_lines(results, setup, held_out),
                 "",
             ]
         )
     return f"{body}{MADE_WITH_LINE.format(results['config']['fingerprint'])}\n"
 
 
-def result_stem(source: Source, item: Item, inference_times: dict[int, list[float]], target: str = "t5") -> str:
+def result_stem(
+    source: Source, item: Item, inference_times: dict[int, list[float]], target: str = "t5", label_by: str = "task"
+) -> str:
     """The guide's file stem, {expert}_layer{L}_step{S}, plus _t{time} for one denoising step
-    ({camera} in place of the layer for SigLIP's output) and _concepts for concept probes."""
+    ({camera} in place of the layer for SigLIP's output), _prompt_tokens for --tokens prompt, _prompt_labels for
+    --labels prompt and _concepts for concept probes."""
     where = f"_{source.camera}" if source.expert == "visual" else f"_layer{item.layer}"
     stem = f"{source.expert}{where}_step{item.rollout_step}"
     if item.inference_step is not None:
@@ -3942,6 +4295,10 @@ def result_stem(source: Source, item: Item, inference_times: dict[int, list[floa
                 f"denoising entries (0-{len(times) - 1})"
             )
         stem = f"{stem}_t{times[item.inference_step]:g}"
+    if source.tokens == "prompt":
+        stem = f"{stem}_prompt_tokens"
+    if label_by != "task":
+        stem = f"{stem}_{label_by.replace(',', '_and_')}_labels"
     return f"{stem}_concepts" if target == "concepts" else stem
 
 
@@ -4301,7 +4658,7 @@ def write_item(
     results: dict, item: Item, samples: Samples, dataset: Dataset, labels: LabelConfig, destination: Destination
 ) -> tuple[dict, Path, Path]:
     """Write one item's results, and with --plot its figures."""
-    stem = result_stem(dataset.source, item, dataset.report.inference_times, labels.target)
+    stem = result_stem(dataset.source, item, dataset.report.inference_times, labels.target, labels.label_by)
     paths = result_paths(destination.output_dir, stem)
     destination.output_dir.mkdir(parents=True, exist_ok=True)
     with directory_locked(destination.output_dir):  # another run's pair of this stem is checked, then replaced whole
@@ -4381,7 +4738,7 @@ def left_to_run(
         items = items[index::count]
     output_dir, left, done, differing = Path(args.output_dir), [], 0, MadeOtherwise([], [], [])
     for item in items:
-        paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target))
+        paths = result_paths(output_dir, result_stem(source, item, inference_times, args.target, args.label_by))
         for path in paths:
             if os.path.lexists(path) and not path.is_file():
                 raise ProbeError(f"{path}: exists and is not a regular file; move it away")
@@ -4418,6 +4775,44 @@ def settle_existing(resume: Resume, args: argparse.Namespace, warn: bool) -> Non
         )
 
 
+def check_prompts(dataset: Dataset) -> None:
+    """--labels prompt: every walked step must hold the prompt it ran under; the first that does not stops the run."""
+    for step, prompts in sorted(dataset.report.prompts.items()):
+        for (task, episode), prompt in prompts.items():
+            if prompt is None:
+                raise ProbeError(
+                    f"{dataset.report.files[task]}: episode_{episode}/step_{step} has no 'prompt' string: --labels "
+                    "prompt labels each sample by the prompt its step ran under (--labels task: by the task)"
+                )
+
+
+def prompts_differing(samples: Samples, descriptions_by_task: dict[int, str]) -> int:
+    """How many samples ran under a prompt (step['prompt']) other than their task's description."""
+    if samples.prompt is None:
+        return 0
+    own = [descriptions_by_task[task] for task in samples.task_id.tolist()]
+    return sum(prompt is not None and prompt != text for prompt, text in zip(samples.prompt, own))
+
+
+def check_step_prompts(samples: Samples, dataset: Dataset, step: int, labels: LabelConfig) -> None:
+    """--labels task on samples whose step ran under another prompt: said once per step, counted in each result.
+    --labels task,prompt with no such sample: nothing to compare."""
+    differing = prompts_differing(samples, dataset.descriptions)
+    if labels.label_by == "task,prompt" and not differing:
+        raise ProbeError(
+            f"--labels task,prompt: no sample at step_{step} ran under a prompt other than its task's description, so "
+            "the two labelings agree everywhere: nothing to compare"
+        )
+    if differing and labels.label_by == "task":
+        log.warning(
+            "step_%d: %d of %d sample(s) ran under a prompt other than their task's description; --labels task labels "
+            "them by the task (--labels prompt: by the prompt the model saw)",
+            step,
+            differing,
+            len(samples.task_id),
+        )
+
+
 def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, training: TrainingConfig) -> None:
     """Before a sweep trains anything: each step exists, and its episodes (with the --baseline's entry) make a design
     (folds, validation, label space), so that no late step stops the sweep halfway. No feature is read here."""
@@ -4436,6 +4831,7 @@ def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, trainin
             np.full(count, step),
             np.full(count, np.nan),
             np.zeros(count, np.int64),
+            prompt=step_prompts(report, step, pairs.tolist()),
         )  # one sample per episode: no features
         try:
             make_design(episodes, dataset.descriptions, labels, training)
@@ -4525,7 +4921,7 @@ def metric_columns() -> list[MetricColumn]:
 
 METRIC_COLUMNS = metric_columns()
 ITEM_COLUMNS = ["expert", "layer", "rollout_step", "inference_step", "inference_time", "feature_type"]
-SETTING_COLUMNS = ["token_positions", "probe", "loss", "split"]
+SETTING_COLUMNS = ["token_positions", "labels", "probe", "loss", "split"]
 # Sweep-level: the cell's permutation p-value corrected over its family (see family_corrections), and the family.
 FAMILY_COLUMNS = ["permutation_p_value_fwer", "permutation_q_value", "correction_family"]
 REPORT_COLUMNS = [
@@ -4550,6 +4946,7 @@ def report_row(results: dict, path: Path) -> dict:
         "inference_time": float(times[0]) if len(times) == 1 and not np.isnan(times[0]) else "",
         "feature_type": setup.source.feature_type,
         "token_positions": results["config"]["token_positions"],
+        "labels": setup.labels.label_by,
         "probe": setup.training.probe,
         "loss": setup.training.loss if setup.training.probe == "linear" else "",
         "split": setup.training.split,
@@ -4819,7 +5216,7 @@ class HeatmapKind(NamedTuple):
     title: str
 
 
-PANEL_SETTINGS = ("feature_type", "token_positions", "probe", "loss", "split")
+PANEL_SETTINGS = ("feature_type", "token_positions", "labels", "probe", "loss", "split")
 HEATMAPS = (
     HeatmapKind(
         stem="accuracy_by_layer_and_inference_time",
@@ -4841,7 +5238,8 @@ HEATMAPS = (
     ),
 )
 SIGNIFICANT_P = 0.05  # under --split task, accuracy cells whose permutation p-value is at most this get a star
-HEATMAP_METRICS = ("accuracy", "information_bits", "control_accuracy")  # drawn side by side, in this order
+# Drawn side by side, in this order; prompt_minus_task_bits: --labels task,prompt.
+HEATMAP_METRICS = ("accuracy", "information_bits", "control_accuracy", "prompt_minus_task_bits")
 
 
 class HeatmapPanel(NamedTuple):
@@ -4888,6 +5286,7 @@ def panel_metrics(panel: HeatmapPanel) -> list[str]:
     optional = ["accuracy_ci_low", "accuracy_ci_high", "information_bits"]
     if panel.identity["split"] == "task":
         optional += ["control_accuracy", "permutation_p_value", "permutation_p_value_fwer", "permutation_q_value"]
+    optional.append("prompt_minus_task_bits")  # --labels task,prompt
     metrics += [name for name in optional if any(has_value(row[name]) for row in rows)]
     return metrics
 
@@ -4953,6 +5352,10 @@ def heatmap_scale(panel: HeatmapPanel, metric: str, values: np.ndarray) -> tuple
         return min(0.0, float(np.nanmin(values))), top, "magma", [0.0], title
     if metric == "control_accuracy":
         return 0.0, 1.0, "viridis", chances, f"control accuracy (permuted tasks); chance {chance}"
+    if metric == "prompt_minus_task_bits":  # diverging around 0: which labeling the layer follows, and by how much
+        reach = max(float(np.nanmax(np.abs(values))), 1e-3)
+        title = "prompt \u2212 task information (bits), on samples whose prompt differs"
+        return -reach, reach, "coolwarm", [0.0], title
     return 0.0, 1.0, "viridis", chances, f"held-out accuracy; chance {chance}"
 
 
@@ -5006,7 +5409,7 @@ def draw_heatmap(figure, axis, panel: HeatmapPanel, metric: str, kind: HeatmapKi
     for value in references:
         colour_bar.ax.axhline(value, color="red", linewidth=2)
     colour_bar.ax.tick_params(labelsize=7)
-    reference = "no information" if metric == "information_bits" else "chance"
+    reference = {"information_bits": "no information", "prompt_minus_task_bits": "prompt = task"}.get(metric, "chance")
     colour_bar.set_label(f"red line: {reference}", fontsize=7)
     axis.set_xticks(range(len(panel.columns)), [str(column) for column in panel.columns])
     axis.set_yticks(range(len(panel.layers)), panel.layers)
@@ -5140,9 +5543,17 @@ def plot_training_curves(results: dict, folds: int, path: Path, stem: str) -> No
     save_figure(figure, path)
 
 
+def class_names(results: dict) -> tuple[list[str], str]:
+    """The classes' tick labels and what they are: task ids; under --labels prompt, the prompt classes' numbers (the
+    summary lists their prompts), which need not match the tasks one to one."""
+    if results["config"]["labels"].get("label_by") == "prompt":
+        return [str(number) for number in range(len(results["tasks"]["class_descriptions"]))], "prompt class"
+    return [str(task) for task in results["tasks"]["task_ids"]], "task"
+
+
 def plot_confusion(results: dict, found: Retrieval, path: Path, stem: str) -> None:
-    """The held-out confusion matrix over the analyzed tasks."""
-    labels = [str(task) for task in results["tasks"]["task_ids"]]
+    """The held-out confusion matrix over the analyzed tasks (prompt classes under --labels prompt)."""
+    labels, kind = class_names(results)
     figure, axis = pyplot().subplots(figsize=(6.5, 5.5))
     image = axis.imshow(found.confusion_matrix, cmap="Blues")
     title = f"Held-out confusion, {stem}\naccuracy {found.accuracy:.3f} (chance {found.chance_accuracy:.3f})"
@@ -5152,8 +5563,8 @@ def plot_confusion(results: dict, found: Retrieval, path: Path, stem: str) -> No
         yticks=ticks,
         xticklabels=labels,
         yticklabels=labels,
-        xlabel="predicted task",
-        ylabel="true task",
+        xlabel=f"predicted {kind}",
+        ylabel=f"true {kind}",
         title=title,
     )
     figure.colorbar(image, ax=axis, label="samples")
@@ -5162,7 +5573,7 @@ def plot_confusion(results: dict, found: Retrieval, path: Path, stem: str) -> No
 
 def plot_similarity(results: dict, path: Path, stem: str) -> None:
     """Each held-out prediction's cosine to every task's embedding, samples grouped by their true task."""
-    heldout, labels = results["heldout"], [str(task) for task in results["tasks"]["task_ids"]]
+    heldout, (labels, kind) = results["heldout"], class_names(results)
     order = np.argsort(heldout["true_class"], kind="stable")
     figure, axis = pyplot().subplots(figsize=(6.5, 6))
     similarity = heldout["similarity"][order]
@@ -5170,8 +5581,8 @@ def plot_similarity(results: dict, path: Path, stem: str) -> None:
     axis.set(
         xticks=range(len(labels)),
         xticklabels=labels,
-        xlabel="task embedding",
-        ylabel="held-out sample (grouped by true task)",
+        xlabel=f"{kind} embedding",
+        ylabel=f"held-out sample (grouped by true {kind})",
         title=f"Prediction-to-task-embedding cosine, {stem}",
     )
     figure.colorbar(image, ax=axis, label="cosine")
@@ -5340,12 +5751,22 @@ OPTION_GROUPS = {
         "inference_step",
         "token_range",
         "pooling",
+        "tokens",
         "camera",
         "baseline",
         "strict",
         "trust_pickle",
     ),
-    "labels": ("target", "concepts_file", "t5_model", "center_labels", "label_space", "label_dim", "cache_dir"),
+    "labels": (
+        "target",
+        "label_by",
+        "concepts_file",
+        "t5_model",
+        "center_labels",
+        "label_space",
+        "label_dim",
+        "cache_dir",
+    ),
     "training": (
         "learning_rate",
         "num_epochs",
@@ -5447,6 +5868,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--layer does not apply to --expert visual: SigLIP's output (vision_latents) has no layer axis")
     if args.expert != "visual" and args.camera != parser.get_default("camera"):
         parser.error("--camera applies to --expert visual only")
+    if args.tokens == "prompt" and (args.expert not in PROMPT_EXPERTS or args.token_range):
+        parser.error(
+            f"--tokens prompt applies to --expert {' or '.join(PROMPT_EXPERTS)} without --token_range: it drops "
+            "the padding of the prompt's text positions"
+        )
     return args
 
 
@@ -5510,6 +5936,8 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         settle_existing(resume, args, warn=finished)
     highest_layer = None if args.layer in ("all", [None]) else max(args.layer)
     dataset = None if finished else read_dataset(source, args.rollout_step, highest_layer)
+    if dataset and labels.label_by != "task":
+        check_prompts(dataset)
     items = resolve_sweep(args, dataset, labels, training, made_with) if dataset else []
     progress.total = len(items)
     if not items:
@@ -5523,6 +5951,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         step_items = [item for item in items if item.rollout_step == step]
         layers = sorted({item.layer for item in step_items}, key=lambda layer: -1 if layer is None else layer)
         samples = step_samples(dataset, layers, step)
+        check_step_prompts(samples, dataset, step, labels)
         for file in dataset.files:  # the step's array views are not needed again
             file.steps.pop(step, None)
         tasks, width = len(np.unique(samples.task_id)), samples.features.shape[2]
@@ -6219,6 +6648,41 @@ DEMO_CAMERA_SIGNAL = {
     "right_wrist_0_rgb": 0.0,
 }  # SigLIP output (vision_latents)
 DEMO_TIMES = [round(1.0 - 0.1 * k, 1) for k in range(10)]  # denoising order: 1.0 ... 0.1
+DEMO_PAD_SEED = 7  # draws the pad token's embedding: one vector at every padded position of every sample's layer 0
+
+
+class DemoPrompts(NamedTuple):
+    """write_demo_dataset's counterfactual prompts and planted padding. A step's text tokens follow the prompt it ran
+    under (a text direction of the prompt's task, not the scene's), its image tokens the scene (the task's own)."""
+
+    swapped: bool = True  # odd episodes run under the next task's description as step['prompt']
+    lengths: tuple[int, ...] | None = None  # text tokens of each task's description, of 48 (None: 48, no padding)
+    # Scene signal at the padded positions of layers >= 1, in DEMO_SIGNAL's units: openpi's padded query has no valid
+    # key, so its output averages every position, images included.
+    padding_scene: float = 0.0
+    scene: float = DEMO_SIGNAL["image"]  # scene signal of the image tokens
+
+
+def demo_prompt_entry(
+    rng: np.random.Generator, scene: np.ndarray, text: np.ndarray, length: int, prompts: DemoPrompts, num_layers: int
+) -> dict:
+    """A counterfactual-prompt step's VLM entry: image tokens carry the `scene` direction, the first `length` text
+    tokens the `text` one; the padded text positions hold the pad token's embedding at layer 0 and, at later layers,
+    one vector per layer (the episode's, plus prompts.padding_scene times the scene)."""
+    width = scene.shape[0]
+    layer_gain = np.ones(num_layers, dtype=np.float32)
+    layer_gain[DEMO_SILENT_LAYER] = 0.0
+    signal = np.zeros((PREFIX_TOKEN_COUNT, width), dtype=np.float32)
+    signal[IMAGE_TOKENS] = prompts.scene * scene
+    prompt_end = TEXT_TOKENS.start + length
+    signal[TEXT_TOKENS.start : prompt_end] = DEMO_SIGNAL["text"] * text
+    episode = rng.standard_normal((num_layers, 1, 1, width), dtype=np.float32)
+    hidden = rng.standard_normal((num_layers, 1, PREFIX_TOKEN_COUNT, width), dtype=np.float32) + episode
+    hidden += layer_gain[:, None, None, None] * signal[None, None]
+    padded = episode[:, 0] + (prompts.padding_scene * layer_gain)[:, None, None] * scene  # (layers, 1, width)
+    hidden[:, 0, prompt_end : TEXT_TOKENS.stop] = padded
+    hidden[0, 0, prompt_end : TEXT_TOKENS.stop] = np.random.default_rng(DEMO_PAD_SEED).standard_normal(width)
+    return {"hidden_states": hidden, "pre_attn_norm_scales": rng.standard_normal((num_layers, width), dtype=np.float32)}
 
 
 def demo_expert_entry(
@@ -6287,6 +6751,7 @@ def write_demo_dataset(
     seed: int = 0,
     vlm_signatures: np.ndarray | None = None,
     descriptions: list[str] | None = None,
+    prompts: DemoPrompts | None = None,
 ) -> list[str]:
     """Write task_{id}_{name}.pkl files in the Pi0 layout; return the task descriptions.
 
@@ -6294,7 +6759,7 @@ def write_demo_dataset(
     weakly (DEMO_SIGNAL), layer DEMO_SILENT_LAYER not at all. Each task's signal is a random
     direction unless `vlm_signatures` (tasks x vlm_width) gives them, e.g. a linear image of the
     tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. The last episode of task 1 ends before the
-    last step, as short episodes do.
+    last step, as short episodes do. `prompts`: counterfactual prompts and planted padding (see DemoPrompts).
     """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -6303,6 +6768,7 @@ def write_demo_dataset(
     vlm_signal[EXPERT_TOKENS["image"]] = DEMO_SIGNAL["image"]
     vlm_signal[EXPERT_TOKENS["text_only"]] = DEMO_SIGNAL["text"]
     action_signal = np.full(51, DEMO_SIGNAL["action"], dtype=np.float32)
+    text_signatures = None if prompts is None else rng.standard_normal((len(descriptions), vlm_width), np.float32)
     for task_id, description in enumerate(descriptions):
         vlm_signature = rng.standard_normal(vlm_width, dtype=np.float32)
         if vlm_signatures is not None:
@@ -6318,6 +6784,14 @@ def write_demo_dataset(
                 )
                 for step in episode_steps
             }
+            if prompts is not None:
+                shown = (task_id + 1) % len(descriptions) if prompts.swapped and episode % 2 else task_id
+                length = PROMPT_TOKENS if prompts.lengths is None else prompts.lengths[shown]
+                for step_data in rollout_steps.values():
+                    step_data["prompt"] = descriptions[shown]
+                    step_data["vlm_layer_output"] = demo_prompt_entry(
+                        rng, vlm_signature, text_signatures[shown], length, prompts, num_layers
+                    )
             metadata = {"success": bool(episode % 2), "total_steps": episode_steps[-1] + 5, "episode_idx": episode}
             episodes[f"episode_{episode}"] = {"rollout_steps": rollout_steps, "metadata": metadata}
         name = description.replace(" ", "_")

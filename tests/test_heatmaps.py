@@ -49,7 +49,18 @@ def test_action_expert_over_layers_and_denoising_time(run_cli):
     assert drawn(output / "accuracy_by_layer_and_inference_time.png")
     assert not (output / "accuracy_by_layer_and_rollout_step.png").exists()  # one rollout step: nothing to draw
     pivot = read_csv(output / "accuracy_by_layer_and_inference_time_pivot.csv")
-    header = ["expert", "rollout_step", "feature_type", "token_positions", "probe", "loss", "split", "metric", "layer"]
+    header = [
+        "expert",
+        "rollout_step",
+        "feature_type",
+        "token_positions",
+        "labels",
+        "probe",
+        "loss",
+        "split",
+        "metric",
+        "layer",
+    ]
     assert list(pivot[0]) == header + [str(time) for time in lpi.DEMO_TIMES]  # denoising order: t = 1.0 first
     assert [line["layer"] for line in pivot if line["metric"] == "accuracy"] == [str(layer) for layer in range(6)]
     assert pivot_metrics_checked_against_sweep(output, TIME_MAP) == {"accuracy", "information_bits"}
