@@ -387,6 +387,13 @@ class TrainingConfig:
         default="cosine",
         choices=("cosine", "mse", "contrastive"),
     )
+    generalize: bool = option(
+        "a sweep over several rollout steps, or denoising steps (--inference_step each), or both: also test each "
+        "cell's probe on the same layer's samples at every other step (train at one step, test at another); folds "
+        "are then dealt over the episodes of all the sweep's steps, so an episode is held out by the same fold in "
+        "every cell",
+        default=False,
+    )
 
     @property
     def null_size(self) -> int:
@@ -1321,6 +1328,40 @@ def dealt_units(task_id: np.ndarray, sample_class: np.ndarray, split: str) -> np
     return sample_class if split == "task" else task_id
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepFolds:
+    """--generalize: the test fold of every (task, episode) of a sweep in each repeat, dealt once over the episodes of
+    all its rollout steps as assign_folds deals one step's. An episode is then held out by the same fold in every cell
+    whichever steps it has, so a probe tested at another step is tested only on episodes it never saw."""
+
+    position: dict[tuple[int, int], int]  # (task, episode) -> its column in `fold`
+    fold: np.ndarray  # (repeats, episodes)
+    folds: int
+
+    def of(self, task_id: np.ndarray, episode: np.ndarray) -> np.ndarray:
+        """(repeats, n) the test fold of each sample in each repeat."""
+        columns = [self.position[pair] for pair in zip(task_id.tolist(), episode.tolist())]
+        return self.fold[:, np.array(columns, dtype=np.int64)]
+
+
+def sweep_folds(
+    pairs: list[tuple[int, int]], descriptions_by_task: dict[int, str], training: TrainingConfig
+) -> SweepFolds:
+    """Folds of every repeat dealt over a sweep's (task, episode) pairs, under split "task" over their classes (tasks
+    numbered by description as design_for numbers them): on one step's episodes, the folds assign_folds gives."""
+    pairs = sorted(set(pairs))
+    task_id = np.array([task for task, _ in pairs], dtype=np.int64)
+    episode = np.array([one for _, one in pairs], dtype=np.int64)
+    descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in sorted(set(task_id.tolist()))))
+    sample_class = np.array([descriptions.index(descriptions_by_task[t]) for t in task_id.tolist()], dtype=np.int64)
+    dealt = dealt_units(task_id, sample_class, training.split)
+    fold_sets = [
+        assign_folds(dealt, episode, dataclasses.replace(training, seed=training.seed + r))
+        for r in range(training.repeats)
+    ]
+    return SweepFolds({pair: i for i, pair in enumerate(pairs)}, np.stack([f for f, _ in fold_sets]), fold_sets[0][1])
+
+
 def validation_count(units: int, fraction: float, fewest: int) -> int:
     """How many of `units` whole units validate: the fraction, at least one, none when fewer than `fewest` remain."""
     return max(1, round(units * fraction)) if units >= fewest else 0
@@ -1561,9 +1602,14 @@ def copies_for(
 
 
 def design_for(
-    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+    samples: Samples,
+    descriptions_by_task: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+    folds_given: SweepFolds | None = None,
 ) -> Design:
-    """Classes, folds of every repeat, permuted assignments, MDL blocks and the copies they imply."""
+    """Classes, folds of every repeat (`folds_given`: a --generalize sweep's), permuted assignments, MDL blocks and the
+    copies they imply."""
     task_ids = sorted(set(samples.task_id.tolist()))
     descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in task_ids))
     sample_class = np.array([descriptions.index(descriptions_by_task[t]) for t in samples.task_id], dtype=np.int64)
@@ -1572,7 +1618,10 @@ def design_for(
     unit, stratum = resampling_units(samples.task_id, samples.episode, training.split)
     dealt = dealt_units(samples.task_id, sample_class, training.split)
     repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeats)]
-    fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
+    if folds_given is None:
+        fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
+    else:
+        fold_sets = [(fold, folds_given.folds) for fold in folds_given.of(samples.task_id, samples.episode)]
     folds = fold_sets[0][1]
     validation = [validation_masks(dealt, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)]
     assignments = np.stack(
@@ -1657,12 +1706,16 @@ def concept_values(design: Design, copy: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_design(
-    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+    samples: Samples,
+    descriptions_by_task: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+    folds_given: SweepFolds | None = None,
 ) -> Design:
-    """The design of the target asked for: T5 embeddings or concepts."""
+    """The design of the target asked for: T5 embeddings or concepts (`folds_given`: a --generalize sweep's folds)."""
     if labels.target == "concepts":
         return concept_design(samples, descriptions_by_task, labels, training)
-    return design_for(samples, descriptions_by_task, labels, training)
+    return design_for(samples, descriptions_by_task, labels, training, folds_given)
 
 
 # -----------------------------------------------------------------------------
@@ -4109,7 +4162,16 @@ def write_item(
     return (results, *paths)
 
 
-def run_sweep(
+class Cell(NamedTuple):
+    """One item of a rollout step, trained and evaluated: its samples, probes and results record (not yet written)."""
+
+    item: Item
+    samples: Samples  # the item's own, one layer
+    probed: Probed
+    results: dict
+
+
+def probed_cells(
     items: list[Item],
     dataset: Dataset,
     samples: Samples,
@@ -4117,13 +4179,15 @@ def run_sweep(
     labels: LabelConfig,
     training: TrainingConfig,
     destination: Destination,
-) -> Iterator[tuple[dict, Path, Path]]:
-    """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`),
-    yielding each as it is written; items that share their samples are trained together in one program."""
+    folds_given: SweepFolds | None = None,
+) -> Iterator[Cell]:
+    """Train and evaluate every item of one rollout step (samples: its layers, in the order of `layers`), yielding each
+    with its results record; items that share their samples are trained together in one program. `folds_given`: a
+    --generalize sweep's folds."""
     groups, nonfinite = sweep_groups(items, dataset, samples, layers)
     # Every design before any training: a combination left without enough samples stops the run before a file is
     # written.
-    designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
+    designs = [make_design(members[0][1], dataset.descriptions, labels, training, folds_given) for members in groups]
     spec = baseline_spec_text(dataset.source.baseline) if dataset.source.baseline else ""
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for design, members in zip(designs, groups):
@@ -4136,9 +4200,22 @@ def run_sweep(
                         one.held_out.failures, result_stem(dataset.source, item, dataset.report.inference_times)
                     )
                 context = item_context(item, dataset, nonfinite[item], destination)
-                results = results_record(one, selected, dataset, item, labels, training, context)
-                yield write_item(results, item, selected, dataset, labels, destination)
+                yield Cell(item, selected, one, results_record(one, selected, dataset, item, labels, training, context))
                 progress.update()
+
+
+def run_sweep(
+    items: list[Item],
+    dataset: Dataset,
+    samples: Samples,
+    layers: list,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    destination: Destination,
+) -> Iterator[tuple[dict, Path, Path]]:
+    """Train, evaluate and write every item of one rollout step (see probed_cells), yielding each as it is written."""
+    for cell in probed_cells(items, dataset, samples, layers, labels, training, destination):
+        yield write_item(cell.results, cell.item, cell.samples, dataset, labels, destination)
 
 
 class MadeOtherwise(NamedTuple):
@@ -4210,6 +4287,7 @@ def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, trainin
     """Before a sweep trains anything: each step exists, and its episodes (with the --baseline's entry) make a design
     (folds, validation, label space), so that no late step stops the sweep halfway. No feature is read here."""
     report = dataset.report
+    folds_given = generalize_folds(dataset, steps, training)
     for step in steps:
         lacking = {(task, episode) for task, episode, at in report.without_baseline if at == step}
         pairs = [pair for pair in report.step_episodes.get(step, []) if pair not in lacking]
@@ -4226,7 +4304,7 @@ def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, trainin
             np.zeros(count, np.int64),
         )  # one sample per episode: no features
         try:
-            make_design(episodes, dataset.descriptions, labels, training)
+            make_design(episodes, dataset.descriptions, labels, training, folds_given)
         except ProbeError as error:
             raise type(error)(f"step_{step}: {error} (checked before anything was trained)") from None
 
@@ -4237,6 +4315,11 @@ def resolve_sweep(
     """The combinations this run writes, resolved against the walked files ("all" layers or steps, "each" denoising
     step), less --shard and --skip_existing; with several steps, each is checked before the first is trained."""
     items = sweep_items(dataset.source, args.layer, args.rollout_step, args.inference_step, dataset.report)
+    if training.generalize and not generalization_axes(items):
+        raise OptionError(
+            "--generalize needs a sweep over several rollout steps (e.g. --rollout_step all) or denoising steps "
+            "(--inference_step each), or both: there is no other step to test a probe at"
+        )
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
         check_steps(steps, dataset, labels, training)
@@ -4257,6 +4340,14 @@ def named_by_options(args: argparse.Namespace) -> bool:
 PER_SAMPLE_PARTS = ("samples", "heldout", "probe")  # of a written result: not kept once on disk (a sweep's memory)
 
 
+def without_per_sample_parts(results: dict, items: int) -> dict:
+    """What a run keeps of a written result: all of it for a single result (its summary is printed), else the small
+    parts."""
+    if items == 1:
+        return results
+    return {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
+
+
 def release_freed_memory() -> None:
     """Hand freed memory back to the system: glibc keeps it for reuse, and each step of a sweep then adds to the peak.
     Without glibc: nothing."""
@@ -4264,6 +4355,266 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# -----------------------------------------------------------------------------
+# Generalization across steps (--generalize): each cell's probe tested at every other step of the sweep
+# -----------------------------------------------------------------------------
+
+
+def generalization_axes(cells: list[Item]) -> list[str]:
+    """The axes a sweep's cells vary along (results['generalization'] keys): rollout steps, denoising steps."""
+    axes = []
+    if len({cell.rollout_step for cell in cells}) > 1:
+        axes.append("rollout_step")
+    if len({cell.inference_step for cell in cells} - {None}) > 1:
+        axes.append("inference_step")
+    return axes
+
+
+def generalization_targets(item: Item, cells: list[Item]) -> dict[str, list[Item]]:
+    """The sweep's cells a cell's probe is tested at, by axis: its layer and denoising step at every rollout step, and
+    its layer and rollout step at every denoising step. Its own cell is on each axis (the diagonal)."""
+    targets = {}
+    for axis in generalization_axes(cells):
+        fixed = "inference_step" if axis == "rollout_step" else "rollout_step"
+        targets[axis] = [
+            cell for cell in cells if cell.layer == item.layer and getattr(cell, fixed) == getattr(item, fixed)
+        ]
+    return targets
+
+
+def generalize_folds(dataset: Dataset, steps: list[int], training: TrainingConfig) -> SweepFolds | None:
+    """--generalize: folds dealt over the episodes of every rollout step of the sweep (see SweepFolds); else None."""
+    if not training.generalize:
+        return None
+    pairs = [pair for step in steps for pair in dataset.report.step_episodes.get(step, [])]
+    return sweep_folds(pairs, dataset.descriptions, training)
+
+
+def warn_about_fold_gaps(folds_given: SweepFolds, dataset: Dataset, step: int, split: str) -> None:
+    """Folds dealt over the whole sweep can leave a step, which lacks some episodes, with a fold that holds out nothing
+    or whose training side lacks a task (that fold's probe then meets the task as an unseen one): say so."""
+    pairs = dataset.report.step_episodes.get(step, [])
+    task_id = np.array([task for task, _ in pairs], dtype=np.int64)
+    folds = folds_given.of(task_id, np.array([episode for _, episode in pairs], dtype=np.int64))
+    for repeat, fold in enumerate(folds):
+        empty = sorted(set(range(folds_given.folds)) - set(fold.tolist()))
+        if empty:
+            log.warning("step_%d: fold(s) %s of repeat %d hold out no episode at this step", step, empty, repeat)
+        for task in np.unique(task_id) if split == "episode" else []:
+            held = np.unique(fold[task_id == task])
+            if len(held) == 1:
+                log.warning(
+                    "step_%d: every episode of task %d at this step is in fold %d of repeat %d (--generalize deals "
+                    "folds over the whole sweep's episodes): that fold's probe never trains on the task here",
+                    step,
+                    task,
+                    held[0],
+                    repeat,
+                )
+
+
+class KeptProbe(NamedTuple):
+    """A cell's probe as --generalize applies it at other steps: the fold probes of the true assignment (every repeat;
+    the permuted assignments' are not kept), their label spaces and their softmax temperatures, fitted at the cell's
+    own step. Memory: repeats x folds x width x outputs floats (and the label bases) per cell."""
+
+    item: Item
+    design: Design  # the cell's classes, with only these copies (its per-sample arrays dropped)
+    fitted: ProbeFit  # these copies
+    temperatures: np.ndarray  # (copies,) fitted on each copy's validation samples at the cell's step
+    fold_copy: np.ndarray  # (repeats, folds) which of these copies is each repeat's probe of each fold
+    episodes: frozenset  # (task, episode) of the cell's samples
+
+
+def copies_subset(copies: Copies, chosen: np.ndarray) -> Copies:
+    """The chosen copies: those rows of every per-copy array."""
+    fields = {field.name: getattr(copies, field.name) for field in dataclasses.fields(Copies)}
+    return Copies(**{name: None if value is None else value[chosen] for name, value in fields.items()})
+
+
+def kept_probe(cell: Cell, repeats: int) -> KeptProbe:
+    """What of a trained cell --generalize keeps until every step has been tested (see KeptProbe)."""
+    design, fitted = cell.probed.design, cell.probed.fitted
+    chosen = np.concatenate([design.copies.fold_copies(repeat, 0) for repeat in range(repeats)])
+    nothing = np.zeros(0, dtype=np.int64)
+    slim = dataclasses.replace(
+        design,
+        sample_class=nothing,
+        unit=nothing,
+        stratum=None,
+        fold=np.zeros((repeats, 0), dtype=np.int64),
+        assignments=design.assignments[:1],
+        mdl_block=None,
+        copies=copies_subset(design.copies, chosen),
+    )
+    parts = (fitted.kernel, fitted.bias, fitted.feature_mean, fitted.feature_std, fitted.failed)
+    fit = ProbeFit(*(np.asarray(part)[chosen] for part in parts), {})
+    return KeptProbe(
+        cell.item,
+        slim,
+        fit,
+        cell.probed.predictions.temperatures[chosen],
+        np.arange(len(chosen)).reshape(repeats, -1),
+        frozenset(zip(cell.samples.task_id.tolist(), cell.samples.episode.tolist())),
+    )
+
+
+class Transfer(NamedTuple):
+    """A cell's probe on the same layer's samples at one step of the sweep: results['generalization'][axis][step]. At
+    the cell's own step (the diagonal) these are the cell's own numbers."""
+
+    accuracy: float  # retrieval among the cell's analyzed tasks, mean over repeats
+    accuracy_interval: tuple[float, float] | None  # 95%, over the test samples' resampling units; None: --bootstrap 0
+    balanced_accuracy: float  # mean of the per-task accuracies of the tasks present
+    information_bits: float  # log2(tasks) - cross-entropy, with the temperatures fitted at the cell's step
+    samples: int
+    episodes: int
+    episodes_missing: int  # of the cell's episodes, those this step lacks (left out)
+    episodes_left_out: int  # this step's episodes of tasks the cell did not analyze
+    inference_time: float  # of the test samples; NaN: the VLM, or every denoising entry pooled
+
+
+def test_rows(samples: Samples, layer_position: int, inference_step: int | None) -> np.ndarray:
+    """The rows of a step's samples that a cell holds (as sweep_groups selects them, non-finite ones dropped)."""
+    rows = np.ones(len(samples.task_id), bool)
+    if inference_step is not None:
+        rows = samples.inference_index == inference_step
+    rows &= np.isfinite(samples.features[layer_position]).all(axis=1)
+    if samples.baseline is not None:
+        rows &= np.isfinite(samples.baseline).all(axis=1)
+    return np.flatnonzero(rows)
+
+
+def transfer(
+    kept: KeptProbe, test: Samples, descriptions: dict[int, str], folds_given: SweepFolds, training: TrainingConfig
+) -> Transfer:
+    """A kept probe on one cell's samples: each sample predicted, in every repeat, by the fold probe that never saw its
+    episode (its task, under --split task), and scored as evaluate_item scores the cell's own: retrieval among the
+    cell's analyzed tasks, bits with the temperatures fitted at the cell's step, the interval over the same units."""
+    design, pairs = kept.design, list(zip(test.task_id.tolist(), test.episode.tolist()))
+    class_of = {text: number for number, text in enumerate(design.descriptions)}
+    own = np.array([class_of.get(descriptions[task], -1) for task, _ in pairs], dtype=np.int64)
+    analyzed, present = own >= 0, set(pairs)
+    left_out = {pair for pair, known in zip(pairs, own >= 0) if not known}
+    times = np.unique(test.inference_time)
+    counts = dict(
+        samples=int(analyzed.sum()),
+        episodes=len(present - left_out),
+        episodes_missing=len(kept.episodes - present),
+        episodes_left_out=len(left_out),
+        inference_time=float(times[0]) if len(times) == 1 else math.nan,
+    )
+    if not analyzed.any():
+        return Transfer(math.nan, None, math.nan, math.nan, **counts)
+    task_id, episode, own = test.task_id[analyzed], test.episode[analyzed], own[analyzed]
+    features, scoring = test.features[0][analyzed], dataclasses.replace(design, sample_class=own)
+    folds = folds_given.of(task_id, episode)
+    repeats = [
+        scores_of(features, kept.fitted, scoring, kept.temperatures, kept.fold_copy[repeat][folds[repeat]])
+        for repeat in range(len(kept.fold_copy))
+    ]
+    correct = np.mean([scores.correct for scores in repeats], axis=0)
+    bits = information(np.mean([scores.bits for scores in repeats], axis=0), len(design.descriptions))
+    per_class = np.array([correct[own == c].mean() for c in np.unique(own)])
+    interval = None
+    if training.bootstrap:
+        unit, stratum = resampling_units(task_id, episode, training.split)
+        interval = unit_intervals({"accuracy": correct}, unit, stratum, training.bootstrap, training.seed)["accuracy"]
+        per_repeat = np.array([scores.correct.mean() for scores in repeats])
+        interval = widened(interval, float(correct.mean()), per_repeat, True)
+    return Transfer(float(correct.mean()), interval, float(per_class.mean()), float(bits.mean()), **counts)
+
+
+@dataclasses.dataclass
+class Generalization:
+    """The matrix being filled: each trained cell's Transfer at every cell of the sweep it is tested at, by axis."""
+
+    cells: list[Item]  # the whole sweep's (before --shard and --skip_existing): where probes are tested
+    dataset: Dataset
+    folds_given: SweepFolds
+    training: TrainingConfig
+    found: dict[Item, dict[str, dict[int, Transfer]]] = dataclasses.field(default_factory=dict)
+
+    def test_at(self, probes: list[KeptProbe], samples: Samples, layers: list) -> None:
+        """Test the given kept probes at every cell of this step's samples they are tested at."""
+        step = int(samples.step[0])
+        for probe in probes:
+            done: dict[Item, Transfer] = {}  # the diagonal is on both axes: computed once
+            for axis, targets in generalization_targets(probe.item, self.cells).items():
+                for target in (target for target in targets if target.rollout_step == step):
+                    if target not in done:
+                        position = layers.index(target.layer)
+                        test = samples.select(test_rows(samples, position, target.inference_step), position)
+                        done[target] = transfer(probe, test, self.dataset.descriptions, self.folds_given, self.training)
+                    key = getattr(target, axis)
+                    self.found.setdefault(probe.item, {}).setdefault(axis, {})[key] = done[target]
+
+    def record(self, item: Item) -> dict:
+        """results['generalization'] of one cell: {axis: {step: its Transfer's fields}}, steps in order."""
+        found = self.found.get(item, {})
+        return {axis: {key: found[axis][key]._asdict() for key in sorted(found[axis])} for axis in found}
+
+
+def tested_later(probes: list[KeptProbe], step: int, cells: list[Item]) -> list[KeptProbe]:
+    """The kept probes, trained after `step` was read, that are tested at it."""
+    return [
+        probe
+        for probe in probes
+        if probe.item.rollout_step > step
+        and any(
+            target.rollout_step == step for target in generalization_targets(probe.item, cells).get("rollout_step", [])
+        )
+    ]
+
+
+def generalized_sweep(
+    items: list[Item],
+    cells: list[Item],
+    dataset: Dataset,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    destination: Destination,
+) -> Iterator[tuple[dict, Path, Path]]:
+    """--generalize: train the items (of the sweep's `cells`) one rollout step at a time, keep their fold probes and
+    test them at every step as it is read; then read each earlier step once more for the probes trained after it.
+    Memory stays one step's features plus the kept probes: a written record waits in an unnamed temporary file (gone
+    with the process) until its row of the matrix is whole, then its pair is written."""
+    steps = sorted({cell.rollout_step for cell in cells})
+    layers = sorted({cell.layer for cell in cells}, key=lambda layer: -1 if layer is None else layer)
+    folds_given = generalize_folds(dataset, steps, training)
+    matrix, kept, waiting = Generalization(cells, dataset, folds_given, training), {}, {}
+    destination.output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=destination.output_dir) as spill:
+        for step in steps:  # each step read once: its items trained, every probe so far tested at it
+            samples = step_samples(dataset, layers, step)
+            warn_about_fold_gaps(folds_given, dataset, step, training.split)
+            step_items = [item for item in items if item.rollout_step == step]
+            for cell in probed_cells(step_items, dataset, samples, layers, labels, training, destination, folds_given):
+                kept[cell.item] = kept_probe(cell, training.repeats)
+                if destination.plot:
+                    stem = result_stem(dataset.source, cell.item, dataset.report.inference_times)
+                    write_run_plots(cell.results, cell.samples.features[0], destination.output_dir, stem)
+                waiting[cell.item] = spill.tell()
+                pickle.dump(cell.results, spill, protocol=4)
+            cell = None  # its samples are views of the step's features
+            matrix.test_at(list(kept.values()), samples, layers)
+            del samples
+            release_freed_memory()
+        for step in steps:  # each earlier step read again, for the probes trained after it
+            later = tested_later(list(kept.values()), step, cells)
+            if later:
+                samples = step_samples(dataset, layers, step)
+                matrix.test_at(later, samples, layers)
+                del samples
+                release_freed_memory()
+            for file in dataset.files:  # the step's array views are not needed again
+                file.steps.pop(step, None)
+        for item in items:
+            spill.seek(waiting[item])
+            results = {**pickle.load(spill), "generalization": matrix.record(item)}  # this process's own bytes
+            yield write_item(results, item, None, dataset, labels, destination._replace(plot=False))
 
 
 # -----------------------------------------------------------------------------
@@ -5145,7 +5496,7 @@ OPTION_GROUPS = {
         "loss",
         "standardize",
     ),
-    "evaluation": ("cv_folds", "split", "control", "permutations", "repeats", "mdl", "bootstrap"),
+    "evaluation": ("cv_folds", "split", "control", "permutations", "repeats", "mdl", "bootstrap", "generalize"),
     "output": ("output_dir", "skip_existing", "overwrite", "shard", "plot", "report", "demo", ("verbose", "quiet")),
 }
 
@@ -5222,6 +5573,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
     if args.baseline and args.target == "concepts":
         parser.error("--baseline applies to --target t5")
+    if args.generalize and args.target == "concepts":
+        parser.error(
+            "--generalize applies to --target t5: it scores each cell's probe by task retrieval at other steps"
+        )
     if args.baseline and args.baseline[0] == "action" and args.expert != "action":
         parser.error("--baseline action:L needs --expert action: its denoising entries pair with the probed ones")
     args.split = args.split or ("task" if args.target == "concepts" else "episode")
@@ -5305,6 +5660,12 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         return []
     destination = Destination(Path(args.output_dir), args.plot, started, command, made_with, args.overwrite)
     written = []
+    if training.generalize:  # every step read before a result is written: see generalized_sweep
+        cells = sweep_items(source, args.layer, args.rollout_step, args.inference_step, dataset.report)
+        for results, *paths in generalized_sweep(items, cells, dataset, labels, training, destination):
+            written.append((without_per_sample_parts(results, len(items)), *paths))
+            progress.written += 1
+        return written
     for step in sorted({item.rollout_step for item in items}):
         # One rollout step at a time: memory follows one step's features, not the sweep's. Its slices are cut from
         # the arrays the walk kept (a file that cannot be mapped is read again).
@@ -5316,9 +5677,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         tasks, width = len(np.unique(samples.task_id)), samples.features.shape[2]
         log.info("step %d: %d combination(s), %d tasks, width %d", step, len(step_items), tasks, width)
         for results, *paths in run_sweep(step_items, dataset, samples, layers, labels, training, destination):
-            if len(items) > 1:
-                results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
-            written.append((results, *paths))
+            written.append((without_per_sample_parts(results, len(items)), *paths))
             progress.written += 1
         del samples
         release_freed_memory()  # before the next step is read
