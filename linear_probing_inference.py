@@ -6366,18 +6366,49 @@ DEMO_CAMERA_SIGNAL = {
     "right_wrist_0_rgb": 0.0,
 }  # SigLIP output (vision_latents)
 DEMO_TIMES = [round(1.0 - 0.1 * k, 1) for k in range(10)]  # denoising order: 1.0 ... 0.1
+# How a layer's task direction changes over rollout steps and denoising steps (write_demo_dataset's `codes`): "stable",
+# one direction per task throughout; "redrawn", a new random one at every rollout step and denoising step; "turning",
+# rotating by a quarter turn over the rollout steps and another over the denoising steps.
+DEMO_CODE_KINDS = ("stable", "redrawn", "turning")
+# --demo --generalize: three rollout steps, a strong action-expert signal, and two layers whose code changes (every
+# other layer is stable; DEMO_SILENT_LAYER has none).
+DEMO_CODES = {6: "redrawn", 7: "turning"}
+DEMO_CODES_DIR = DEMO_DIR.parent / "demo_codes"
+DEMO_CODES_STEPS = (10, 20, 30)
+DEMO_CODES_ACTION_SIGNAL = 3.0
+
+
+def demo_code_directions(
+    base: np.ndarray, codes: dict[int, str], num_layers: int, where: tuple[int, ...], turn: float
+) -> np.ndarray:
+    """(layers, width) a task's direction in each layer at one rollout step (and denoising step): `base` but in the
+    layers `codes` names (see DEMO_CODE_KINDS). `where` seeds a re-drawn direction (seed, expert, task, step,
+    denoising step) and, less its last two, a turning one's second axis; `turn`: the angle so far, in quarter turns."""
+    directions = np.repeat(base[None], num_layers, axis=0)
+    for layer, kind in codes.items():
+        if kind == "redrawn":
+            directions[layer] = np.random.default_rng([*where, layer, 7]).standard_normal(len(base), dtype=np.float32)
+        elif kind == "turning":  # base rotated towards an orthogonal direction of the same length
+            other = np.random.default_rng([*where[:-2], layer, 8]).standard_normal(len(base))
+            other -= other @ base / (base @ base) * base
+            other *= np.linalg.norm(base) / np.linalg.norm(other)
+            angle = turn * np.pi / 2
+            directions[layer] = np.cos(angle) * base + np.sin(angle) * other
+    return directions
 
 
 def demo_expert_entry(
     rng: np.random.Generator, signature: np.ndarray, signal_by_token: np.ndarray, num_layers: int
 ) -> dict:
-    """One expert entry: (layer, 1, token, width) hidden states = episode noise + token noise + signal."""
-    width, token_count = signature.shape[0], signal_by_token.shape[0]
+    """One expert entry: (layer, 1, token, width) hidden states = episode noise + token noise + signal. `signature`:
+    the task's direction, (width,) in every layer or (layers, width)."""
+    width, token_count = signature.shape[-1], signal_by_token.shape[0]
+    signature = np.broadcast_to(signature, (num_layers, width))
     layer_gain = np.ones(num_layers, dtype=np.float32)
     layer_gain[DEMO_SILENT_LAYER] = 0.0
     hidden = rng.standard_normal((num_layers, 1, token_count, width), dtype=np.float32)
     hidden += rng.standard_normal((num_layers, 1, 1, width), dtype=np.float32)
-    hidden += layer_gain[:, None, None, None] * signal_by_token[None, None, :, None] * signature[None, None, None, :]
+    hidden += layer_gain[:, None, None, None] * signal_by_token[None, None, :, None] * signature[:, None, None, :]
     return {
         "hidden_states": hidden,
         "pre_attn_norm_scales": rng.standard_normal((num_layers, width), dtype=np.float32),
@@ -6395,12 +6426,16 @@ def demo_step(
     action_key_format: str,
 ) -> dict:
     """One rollout step's dict: the denoising entries of the action expert, the VLM's layers, SigLIP's output per
-    camera and the observation. `vlm` and `action`: (the task's direction, the signal strength per token)."""
-    vlm_signature, vlm_width = vlm[0], vlm[0].shape[0]
+    camera and the observation. `vlm` and `action`: (the task's direction, the signal strength per token); the
+    direction (width,), or per layer (layers, width), and the action expert's per denoising step too (times, layers,
+    width)."""
+    vlm_signature, vlm_width = vlm[0], vlm[0].shape[-1]
     step_data = {"timestep": step, "action": rng.standard_normal(7).tolist(), "prompt": description}
-    for time_value in DEMO_TIMES:
-        step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, *action, num_layers)
+    for k, time_value in enumerate(DEMO_TIMES):
+        signature = action[0][k] if action[0].ndim == 3 else action[0]
+        step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, signature, action[1], num_layers)
     step_data["vlm_layer_output"] = demo_expert_entry(rng, *vlm, num_layers)
+    vlm_signature = vlm_signature if vlm_signature.ndim == 1 else vlm_signature[0]  # SigLIP: layer 0's direction
     step_data["vision_latents"] = {  # SigLIP output per camera; LIBERO's right wrist image is all zeros
         camera: {
             "pre_logits": (
@@ -6434,14 +6469,17 @@ def write_demo_dataset(
     seed: int = 0,
     vlm_signatures: np.ndarray | None = None,
     descriptions: list[str] | None = None,
+    codes: dict[int, str] | None = None,
+    action_signal: float = DEMO_SIGNAL["action"],
 ) -> list[str]:
     """Write task_{id}_{name}.pkl files in the Pi0 layout; return the task descriptions.
 
     Planted: text tokens carry the task strongly, image tokens and the action expert
-    weakly (DEMO_SIGNAL), layer DEMO_SILENT_LAYER not at all. Each task's signal is a random
-    direction unless `vlm_signatures` (tasks x vlm_width) gives them, e.g. a linear image of the
-    tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. The last episode of task 1 ends before the
-    last step, as short episodes do.
+    weakly (DEMO_SIGNAL; `action_signal` sets the action expert's), layer DEMO_SILENT_LAYER not at all. Each task's
+    signal is a random direction unless `vlm_signatures` (tasks x vlm_width) gives them, e.g. a linear image of the
+    tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. `codes` (layer -> a DEMO_CODE_KINDS kind)
+    makes a layer's direction change over the rollout steps and the denoising steps, in both experts. The last episode
+    of task 1 ends before the last step, as short episodes do.
     """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -6449,22 +6487,33 @@ def write_demo_dataset(
     vlm_signal = np.zeros(PREFIX_TOKEN_COUNT, dtype=np.float32)
     vlm_signal[EXPERT_TOKENS["image"]] = DEMO_SIGNAL["image"]
     vlm_signal[EXPERT_TOKENS["text_only"]] = DEMO_SIGNAL["text"]
-    action_signal = np.full(51, DEMO_SIGNAL["action"], dtype=np.float32)
+    action_signal = np.full(51, action_signal, dtype=np.float32)
     for task_id, description in enumerate(descriptions):
         vlm_signature = rng.standard_normal(vlm_width, dtype=np.float32)
         if vlm_signatures is not None:
             vlm_signature = np.asarray(vlm_signatures[task_id], dtype=np.float32)
         action_signature = rng.standard_normal(action_width, dtype=np.float32)
+        directions = {}  # step -> the (vlm, action) directions of every layer (and denoising step), with `codes`
+        for index, step in enumerate(steps if codes else []):
+            turn = index / max(len(steps) - 1, 1)  # a quarter turn from the first step to the last
+            vlm_directions = demo_code_directions(vlm_signature, codes, num_layers, (seed, 0, task_id, index, 0), turn)
+            action_directions = [
+                demo_code_directions(
+                    action_signature, codes, num_layers, (seed, 1, task_id, index, k), turn + k / (len(DEMO_TIMES) - 1)
+                )
+                for k in range(len(DEMO_TIMES))
+            ]
+            directions[step] = (vlm_directions, np.stack(action_directions))
         episodes = {}
         for episode in range(num_episodes):
             episode_steps = steps[:-1] if (task_id == 1 and episode == num_episodes - 1 and len(steps) > 1) else steps
-            vlm, action = (vlm_signature, vlm_signal), (action_signature, action_signal)
-            rollout_steps = {
-                f"step_{step}": demo_step(
+            rollout_steps = {}
+            for step in episode_steps:
+                vlm_direction, action_direction = directions.get(step, (vlm_signature, action_signature))
+                vlm, action = (vlm_direction, vlm_signal), (action_direction, action_signal)
+                rollout_steps[f"step_{step}"] = demo_step(
                     rng, step, description, vlm, action, num_layers, image_size, action_key_format
                 )
-                for step in episode_steps
-            }
             metadata = {"success": bool(episode % 2), "total_steps": episode_steps[-1] + 5, "episode_idx": episode}
             episodes[f"episode_{episode}"] = {"rollout_steps": rollout_steps, "metadata": metadata}
         name = description.replace(" ", "_")
