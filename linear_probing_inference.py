@@ -3668,6 +3668,39 @@ def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
     return lines
 
 
+AXIS_NAMES = {"rollout_step": "rollout step", "inference_step": "denoising step"}  # results['generalization'] keys
+
+
+def code_stability(diagonal: list[float], off_diagonal: list[float]) -> float:
+    """Mean off-diagonal accuracy over the mean diagonal of a train x test matrix: 1 when a probe trained at one step
+    reads every other as well as its own (one code, kept); near chance / diagonal when each step has its own code."""
+    diagonal, off_diagonal = np.asarray(diagonal, dtype=float), np.asarray(off_diagonal, dtype=float)
+    if not np.isfinite(diagonal).any() or not np.isfinite(off_diagonal).any():
+        return math.nan
+    return float(np.nanmean(off_diagonal) / np.nanmean(diagonal))
+
+
+def generalization_lines(results: dict, setup: ResultConfig) -> list[str]:
+    """--generalize: this cell's probe at every step of the sweep on that axis, and its row's code stability."""
+    found = results.get("generalization")
+    if not found:
+        return []
+    lines = [
+        "Generalization (this cell's probe tested at the sweep's other steps, on episodes it never saw)",
+        "----------------------------------------------------------------------------------------------",
+    ]
+    for axis, entries in found.items():
+        own, texts, off_diagonal = getattr(setup.item, axis), [], []
+        for key, entry in entries.items():
+            where = f"{key} (t {entry['inference_time']:g})" if axis == "inference_step" else str(key)
+            texts.append(f"{where} {entry['accuracy']:.4f}" + (" (own)" if key == own else ""))
+            if key != own:
+                off_diagonal.append(entry["accuracy"])
+        stability = code_stability([entries[own]["accuracy"]], off_diagonal)
+        lines.append(f"Accuracy by test {AXIS_NAMES[axis]}: {', '.join(texts)}; other steps / own {stability:.3f}")
+    return [*lines, ""]
+
+
 def measured_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> list[str]:
     """What was measured and how: positions, labels, probe, ranges, what was missing or skipped, the training run."""
     source, item, training = setup.source, setup.item, setup.training
@@ -3763,6 +3796,7 @@ def format_summary(results: dict) -> str:
                 "",
                 *evidence_lines(results, setup, held_out),
                 "",
+                *generalization_lines(results, setup),
                 *measured_lines(results, setup, held_out),
                 "",
             ]
@@ -4667,12 +4701,15 @@ ITEM_COLUMNS = ["expert", "layer", "rollout_step", "inference_step", "inference_
 SETTING_COLUMNS = ["token_positions", "probe", "loss", "split"]
 # Sweep-level: the cell's permutation p-value corrected over its family (see family_corrections), and the family.
 FAMILY_COLUMNS = ["permutation_p_value_fwer", "permutation_q_value", "correction_family"]
+# --generalize: the code_stability of the cell's layer across rollout steps and across denoising steps.
+STABILITY_COLUMNS = ["code_stability_rollout_step", "code_stability_inference_step"]
 REPORT_COLUMNS = [
     *ITEM_COLUMNS,
     *SETTING_COLUMNS,
     *(column.name for column in METRIC_COLUMNS),
     "top_3_accuracy",
     *FAMILY_COLUMNS,
+    *STABILITY_COLUMNS,
     "file",
 ]
 
@@ -4694,6 +4731,7 @@ def report_row(results: dict, path: Path) -> dict:
         "split": setup.training.split,
         "top_3_accuracy": held_out.retrieval.top_k_accuracy.get(3, ""),
         **dict.fromkeys(FAMILY_COLUMNS, ""),  # filled by family_corrections
+        **dict.fromkeys(STABILITY_COLUMNS, ""),  # filled by add_code_stability
         "file": path.name,
     }
     for column in METRIC_COLUMNS:
@@ -5189,6 +5227,237 @@ def write_heatmaps(rows: list[dict], directory: Path) -> list[Path]:
     return written
 
 
+# Generalization (--generalize): each cell's probe tested at the sweep's other steps, one row per (cell, test step).
+GENERALIZATION_COLUMNS = [
+    "expert",
+    "layer",
+    "feature_type",
+    *SETTING_COLUMNS,
+    "axis",
+    "rollout_step",  # the training cell's
+    "inference_step",
+    "inference_time",
+    "test_rollout_step",
+    "test_inference_step",
+    "test_inference_time",
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "balanced_accuracy",
+    "information_bits",
+    "chance_accuracy",
+    "samples",
+    "episodes",
+    "episodes_missing",
+    "episodes_left_out",
+    "file",
+]
+MATRIX_KEYS = ("expert", "feature_type", *SETTING_COLUMNS, "axis", "layer")  # one code_stability each
+
+
+class GeneralizationFigure(NamedTuple):
+    axis: str  # of results['generalization']
+    stem: str  # {stem}.png
+    fixed: str  # the report column a panel holds fixed, besides the layer
+    train: str  # the column along a matrix's rows (train) ...
+    test: str  # ... and columns (test)
+    label: str
+
+
+GENERALIZATION_FIGURES = (
+    GeneralizationFigure(
+        "rollout_step",
+        "generalization_by_rollout_step",
+        "inference_step",
+        "rollout_step",
+        "test_rollout_step",
+        "rollout step",
+    ),
+    GeneralizationFigure(
+        "inference_step",
+        "generalization_by_inference_time",
+        "rollout_step",
+        "inference_step",
+        "test_inference_step",
+        "denoising time t (1.0: pure noise)",
+    ),
+)
+MOST_GENERALIZATION_PANELS = 18  # one per layer of Pi0; more are in generalization.csv only
+
+
+def generalization_report_rows(results: dict, row: dict) -> list[dict]:
+    """generalization.csv's rows of one results file (none without --generalize); `row` is its sweep.csv row."""
+    rows = []
+    for axis, entries in results.get("generalization", {}).items():
+        for key, entry in entries.items():
+            interval = entry["accuracy_interval"] or ("", "")
+            test = {"test_rollout_step": row["rollout_step"], "test_inference_step": row["inference_step"]}
+            test[f"test_{axis}"] = key
+            time = entry["inference_time"]
+            rows.append(
+                {
+                    **{name: row[name] for name in GENERALIZATION_COLUMNS if name in row},
+                    **test,
+                    "axis": axis,
+                    "test_inference_time": "" if math.isnan(time) else time,
+                    "accuracy": entry["accuracy"],
+                    "accuracy_ci_low": interval[0],
+                    "accuracy_ci_high": interval[1],
+                    **{name: entry[name] for name in ("balanced_accuracy", "information_bits", "samples", "episodes")},
+                    **{name: entry[name] for name in ("episodes_missing", "episodes_left_out")},
+                }
+            )
+    return rows
+
+
+def on_diagonal(row: dict) -> bool:
+    """Whether a generalization.csv row tests a cell's probe at its own step."""
+    return str(row[f"test_{row['axis']}"]) == str(row[row["axis"]])
+
+
+class Stability(NamedTuple):
+    """One layer's train x test matrix (or matrices) in a number: see code_stability."""
+
+    diagonal: float  # mean accuracy of each probe at its own step
+    off_diagonal: float  # mean accuracy at the other steps
+    chance: float
+    code_stability: float
+
+
+def code_stabilities(rows: list[dict]) -> dict[tuple, Stability]:
+    """The code stability of each layer's matrix (MATRIX_KEYS: per expert, settings, axis and layer; over every
+    denoising step or rollout step that the axis holds fixed)."""
+    matrices: dict[tuple, tuple[list, list, list]] = {}
+    for row in rows:
+        diagonal, off, chance = matrices.setdefault(tuple(str(row[key]) for key in MATRIX_KEYS), ([], [], []))
+        (diagonal if on_diagonal(row) else off).append(row["accuracy"])
+        chance.append(row["chance_accuracy"])
+    return {
+        key: Stability(np.nanmean(diagonal), np.nanmean(off), np.mean(chance), code_stability(diagonal, off))
+        for key, (diagonal, off, chance) in matrices.items()
+    }
+
+
+def stability_order(item: tuple[tuple, Stability]) -> tuple:
+    """Printed order: by expert, settings and axis, then layer."""
+    key = item[0]
+    return key[:-1], -1 if key[-1] == "None" else int(key[-1])
+
+
+def stability_lines(stabilities: dict[tuple, Stability]) -> list[str]:
+    """The printed report's code stability, one line per layer and axis, with the means it divides. It is a code's
+    stability only where the diagonal is well above chance: a layer that carries nothing divides noise by noise."""
+    lines = ["code_stability (--generalize): mean off-diagonal accuracy / mean diagonal; 1: one code at every step"]
+    for key, one in sorted(stabilities.items(), key=stability_order):
+        named = dict(zip(MATRIX_KEYS, key))
+        layer = "-" if named["layer"] == "None" else named["layer"]
+        lines.append(
+            f"  {named['expert']:9} layer {layer:>2} across {AXIS_NAMES[named['axis']]}s: {one.code_stability:.3f} "
+            f"(off-diagonal {one.off_diagonal:.3f} / diagonal {one.diagonal:.3f}; chance {one.chance:.3f})"
+        )
+    return lines
+
+
+def matrix_order(figure: GeneralizationFigure, value) -> tuple:
+    """Rows and columns of a matrix: rollout steps ascending; denoising steps in Pi0's order (t 1.0 first)."""
+    return (0, int(value)) if has_value(value) and value != "all" else (1, 0)
+
+
+def generalization_panels(rows: list[dict], figure: GeneralizationFigure) -> list[list[dict]]:
+    """The rows of each panel of a figure (one layer, one fixed step, one setting), in the order drawn."""
+    panels: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["axis"] == figure.axis:
+            key = (row["expert"], *(str(row[name]) for name in SETTING_COLUMNS), str(row[figure.fixed]))
+            layer = -1 if row["layer"] is None else row["layer"]
+            panels.setdefault((*key, layer), []).append(row)
+    return [panels[key] for key in sorted(panels, key=lambda key: (key[:-2], matrix_order(figure, key[-2]), key[-1]))]
+
+
+def draw_generalization(axis, members: list[dict], figure: GeneralizationFigure, stability: float):
+    """One train x test matrix of accuracy: train on y, test on x, in the order the steps run."""
+    order = functools.partial(matrix_order, figure)
+    steps = sorted({row[figure.train] for row in members} | {row[figure.test] for row in members}, key=order)
+    values = np.full((len(steps), len(steps)), np.nan)
+    names = {}
+    for row in members:
+        values[steps.index(row[figure.train]), steps.index(row[figure.test])] = row["accuracy"]
+        if figure.axis == "inference_step" and has_value(row["test_inference_time"]):
+            names[row[figure.test]] = f"{row['test_inference_time']:g}"
+    image = axis.imshow(
+        np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap=pyplot().get_cmap("viridis").with_extremes(bad="0.85")
+    )
+    if len(steps) <= 6:
+        annotate_cells(axis, image, values, np.vectorize("{:.2f}".format, otypes=[object])(values))
+    ticks = [names.get(step, str(step)) for step in steps]
+    axis.set_xticks(range(len(steps)), ticks, fontsize=6, rotation=90 if len(steps) > 6 else 0)
+    axis.set_yticks(range(len(steps)), ticks, fontsize=6)
+    first = members[0]
+    layer = "-" if first["layer"] is None else first["layer"]
+    fixed = f", {figure.fixed.replace('_', ' ')} {first[figure.fixed]}" if figure.axis == "inference_step" else ""
+    if figure.axis == "rollout_step" and first["expert"] == "action":
+        fixed = f", t {first['inference_time']:g}" if has_value(first["inference_time"]) else ", every entry"
+    axis.set_title(f"{first['expert']} layer {layer}{fixed}\ncode_stability {stability:.2f}", fontsize=7)
+    return image
+
+
+def plot_generalization(rows: list[dict], figure: GeneralizationFigure, stabilities: dict, path: Path) -> int:
+    """A grid of train x test accuracy matrices, one per layer (at most MOST_GENERALIZATION_PANELS), one colour scale
+    with chance on its bar; return how many panels were left out."""
+    plt = pyplot()
+    panels = generalization_panels(rows, figure)
+    shown = panels[:MOST_GENERALIZATION_PANELS]
+    columns = min(6, len(shown))
+    lines = math.ceil(len(shown) / columns)
+    size = (2.3 * columns + 1.2, 2.4 * lines + 1.0)
+    drawing, axes = plt.subplots(lines, columns, figsize=size, squeeze=False, layout="constrained")
+    for position, axis in enumerate(axes.flat):
+        if position >= len(shown):
+            axis.set_axis_off()
+            continue
+        members = shown[position]
+        stability = stabilities[tuple(str(members[0][key]) for key in MATRIX_KEYS)].code_stability
+        image = draw_generalization(axis, members, figure, stability)
+        if position % columns == 0:
+            axis.set_ylabel(f"trained at {figure.label}", fontsize=7)
+        if position >= len(shown) - columns:
+            axis.set_xlabel(f"tested at {figure.label}", fontsize=7)
+    bar = drawing.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    for chance in sorted({float(row["chance_accuracy"]) for row in rows}):
+        bar.ax.axhline(chance, color="red", linewidth=2)
+    bar.set_label("held-out accuracy (red line: chance)", fontsize=8)
+    drawing.suptitle(
+        f"Is it the same code? Trained at one {figure.label.split(' (')[0]}, tested at every other (held-out episodes)",
+        fontsize=9,
+    )
+    save_figure(drawing, path)
+    return len(panels) - len(shown)
+
+
+def write_generalization(rows: list[dict], directory: Path) -> tuple[list[Path], list[str]]:
+    """generalization.csv and each axis's figure; the paths written, and the printed report's lines."""
+    rows.sort(key=lambda row: tuple(str(row[name]) for name in GENERALIZATION_COLUMNS))
+    write_atomically(directory / "generalization.csv", csv_bytes(GENERALIZATION_COLUMNS, rows))
+    written, stabilities = [directory / "generalization.csv"], code_stabilities(rows)
+    lines = stability_lines(stabilities)
+    for figure in GENERALIZATION_FIGURES:
+        if any(row["axis"] == figure.axis for row in rows):
+            left_out = plot_generalization(rows, figure, stabilities, directory / f"{figure.stem}.png")
+            written.append(directory / f"{figure.stem}.png")
+            if left_out:
+                lines.append(f"  {figure.stem}.png: {left_out} more panel(s) in generalization.csv only")
+    return written, lines
+
+
+def add_code_stability(rows: list[dict], stabilities: dict[tuple, Stability]) -> None:
+    """Each sweep.csv row's code_stability of its layer along each axis (blank where the sweep did not vary it)."""
+    for row in rows:
+        for axis in AXIS_NAMES:
+            key = tuple(str(value) for value in (*(row[name] for name in MATRIX_KEYS[:-2]), axis, row["layer"]))
+            if key in stabilities:
+                row[f"code_stability_{axis}"] = stabilities[key].code_stability
+
+
 def report_table(rows: list[dict]) -> list[str]:
     """The printed table of a report: one line per results file."""
     header = (
@@ -5217,7 +5486,7 @@ def write_report(directory: Path, strict: bool = False) -> str:
     paths = sorted(directory.glob(RESULTS_NAME.format("*"))) if directory.is_dir() else []
     if not paths:
         raise ProbeError(f"--report {directory}: no {RESULTS_NAME.format('*')} files there")
-    rows, concept_rows, cells = [], [], []
+    rows, concept_rows, cells, generalization_rows = [], [], [], []
     for path in paths:
         try:
             with open_regular(path) as file:
@@ -5232,6 +5501,7 @@ def write_report(directory: Path, strict: bool = False) -> str:
             else:
                 rows.append(report_row(results, path))
                 cells.append(null_cell(results))
+                generalization_rows += generalization_report_rows(results, rows[-1])
         except (BadFileError, *UNREADABLE) as error:
             reason = str(error)
             if not isinstance(error, BadFileError):
@@ -5251,14 +5521,18 @@ def write_report(directory: Path, strict: bool = False) -> str:
 
     family_lines = family_corrections(rows, cells)
     rows.sort(key=order)
+    generalized, stability = [], []
+    if generalization_rows:
+        generalized, stability = write_generalization(generalization_rows, directory)
+        add_code_stability(rows, code_stabilities(generalization_rows))
     write_atomically(directory / "sweep.csv", csv_bytes(REPORT_COLUMNS, rows))
-    written = [directory / "sweep.csv"]
+    written = [directory / "sweep.csv", *generalized]
     layered = [row for row in rows if row["layer"] is not None]
     if layered:
         plot_by_layer(layered, directory)
         written += [directory / "accuracy_by_layer.png", directory / "cosine_by_layer.png"]
         written += write_heatmaps(layered, directory)
-    lines = report_table(rows) + family_lines + ["wrote " + ", ".join(str(path) for path in written)]
+    lines = report_table(rows) + family_lines + stability + ["wrote " + ", ".join(str(path) for path in written)]
     return "\n".join(lines + concept_lines)
 
 
