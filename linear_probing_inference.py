@@ -5828,10 +5828,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if args.expert == "visual" and args.layer is None:
         args.layer = [None]  # SigLIP's output has no layers
     if args.demo:
-        for name, value in DEMO_DEFAULTS.items():
+        for name, value in {**DEMO_DEFAULTS, **(DEMO_CODES_DEFAULTS if args.generalize else {})}.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-        args.data_path = args.data_path or str(DEMO_DIR)
+        args.data_path = args.data_path or str(DEMO_CODES_DIR if args.generalize else DEMO_DIR)
         if args.t5_model == parser.get_default("t5_model"):
             args.t5_model = str(Path(args.data_path) / "t5_tiny")
     missing = [
@@ -5916,7 +5916,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
     """Walk the task files once and resolve the sweep, then read, train, evaluate and write one rollout step at a
     time; return what was written (a sweep's results without their per-sample parts)."""
     if args.demo:
-        prepare_demo(Path(args.data_path))
+        prepare_demo(Path(args.data_path), codes=args.generalize)
     source, labels, training = configs_from_arguments(args)
     made_with = run_made_with(source, labels, training)  # checks --data_path, though nothing may be read
     named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
@@ -5981,7 +5981,13 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
     else:
         for results, results_path, _ in written:
             print(f"{results_path.name}: {outcome_line(results)}")
-    if args.demo:
+    if args.demo and args.generalize:
+        codes = ", ".join(f"layer {layer} {kind}" for layer, kind in DEMO_CODES.items())
+        print(
+            f"Demo: task directions planted {codes} over the rollout steps and denoising steps; one direction per task "
+            f"in every other layer (none in layer {DEMO_SILENT_LAYER}). Then --report {args.output_dir}."
+        )
+    elif args.demo:
         print(
             f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
             f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
@@ -6650,6 +6656,8 @@ DEMO_CODES = {6: "redrawn", 7: "turning"}
 DEMO_CODES_DIR = DEMO_DIR.parent / "demo_codes"
 DEMO_CODES_STEPS = (10, 20, 30)
 DEMO_CODES_ACTION_SIGNAL = 3.0
+# --demo --generalize's options (see DEMO_DEFAULTS): every rollout step, a stable layer beside the two that change.
+DEMO_CODES_DEFAULTS = {"rollout_step": "all", "layer": [5, *DEMO_CODES]}
 
 
 def demo_code_directions(
@@ -6841,14 +6849,18 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0, d_mod
     tokenizer.save_pretrained(directory)
 
 
-def prepare_demo(directory: Path) -> None:
-    """Write the demo dataset and tiny T5 once; later runs reuse them."""
+def prepare_demo(directory: Path, codes: bool = False) -> None:
+    """Write the demo dataset and tiny T5 once; later runs reuse them. `codes` (--demo --generalize): three rollout
+    steps, a strong action-expert signal and the layers of DEMO_CODES, whose task directions change over the steps."""
     marker = directory / "demo.json"
     settings = {"version": 5, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
+    planted = {"steps": DEMO_CODES_STEPS, "codes": DEMO_CODES, "action_signal": DEMO_CODES_ACTION_SIGNAL}
+    if codes:
+        settings["codes"] = json.loads(json.dumps(planted))
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return
     log.warning("writing the demo dataset and a tiny random-weight T5 to %s", directory)
-    descriptions = write_demo_dataset(directory)
+    descriptions = write_demo_dataset(directory, **(planted if codes else {}))
     build_tiny_t5(directory / "t5_tiny", descriptions)
     write_atomically(marker, json.dumps(settings).encode())
 
