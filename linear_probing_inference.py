@@ -3675,7 +3675,7 @@ def code_stability(diagonal: list[float], off_diagonal: list[float]) -> float:
     """Mean off-diagonal accuracy over the mean diagonal of a train x test matrix: 1 when a probe trained at one step
     reads every other as well as its own (one code, kept); near chance / diagonal when each step has its own code."""
     diagonal, off_diagonal = np.asarray(diagonal, dtype=float), np.asarray(off_diagonal, dtype=float)
-    if not np.isfinite(diagonal).any() or not np.isfinite(off_diagonal).any():
+    if not np.isfinite(off_diagonal).any() or not np.nansum(diagonal) > 0:  # no matrix, or nothing read anywhere
         return math.nan
     return float(np.nanmean(off_diagonal) / np.nanmean(diagonal))
 
