@@ -17,6 +17,7 @@ Sections, in the order the data flows (each section's entry function in parenthe
   Output               the results file, the summary and what made them, written atomically (results_record,
                        format_summary, write_results)
   Sweep                layers, denoising and rollout steps, shards and resume (run_sweep)
+  Generalization       --generalize: each cell's probe tested at the sweep's other steps (generalized_sweep)
   Report and figures   a results directory as sweep.csv, curves and heatmaps (write_report)
   Command line, main   options from the configs' fields, one line for every fault (main)
 Appendix A is the restricted, memory-mapped pickle reader the features come through (read_task_file); appendix B the
@@ -2994,6 +2995,8 @@ def probe_features(
     each sample's episode within its task and its task's description; `task`, each sample's task id (default: tasks
     numbered by description, in the order they first appear). The command line runs the same probe_group."""
     check_configs(labels, training)
+    if training.generalize:
+        raise OptionError("probe_features: generalize applies to a command-line sweep over several steps")
     features, episode, description = np.asarray(features), np.asarray(episode), list(description)
     if task is None:
         first_seen = {text: number for number, text in enumerate(dict.fromkeys(description))}
@@ -3688,6 +3691,7 @@ def generalization_lines(results: dict, setup: ResultConfig) -> list[str]:
     lines = [
         "Generalization (this cell's probe tested at the sweep's other steps, on episodes it never saw)",
         "----------------------------------------------------------------------------------------------",
+        "Folds: dealt over the episodes of all the sweep's rollout steps, so an episode has one fold in every cell",
     ]
     for axis, entries in found.items():
         own, texts, off_diagonal = getattr(setup.item, axis), [], []
