@@ -3691,7 +3691,8 @@ def generalization_lines(results: dict, setup: ResultConfig) -> list[str]:
     lines = [
         "Generalization (this cell's probe tested at the sweep's other steps, on episodes it never saw)",
         "----------------------------------------------------------------------------------------------",
-        "Folds: dealt over the episodes of all the sweep's rollout steps, so an episode has one fold in every cell",
+        "Folds: dealt over the episodes (tasks, under --split task) of all the sweep's rollout steps: one fold each in "
+        "every cell",
     ]
     for axis, entries in found.items():
         own, texts, off_diagonal = getattr(setup.item, axis), [], []
@@ -4574,13 +4575,20 @@ class Generalization:
     folds_given: SweepFolds
     training: TrainingConfig
     found: dict[Item, dict[str, dict[int, Transfer]]] = dataclasses.field(default_factory=dict)
+    targets_of: dict[Item, dict[str, list[Item]]] = dataclasses.field(default_factory=dict)  # generalization_targets
+
+    def targets(self, item: Item) -> dict[str, list[Item]]:
+        """generalization_targets of a cell, found once (a sweep asks for them at every step)."""
+        if item not in self.targets_of:
+            self.targets_of[item] = generalization_targets(item, self.cells)
+        return self.targets_of[item]
 
     def test_at(self, probes: list[KeptProbe], samples: Samples, layers: list) -> None:
         """Test the given kept probes at every cell of this step's samples they are tested at."""
         step = int(samples.step[0])
         for probe in probes:
             done: dict[Item, Transfer] = {}  # the diagonal is on both axes: computed once
-            for axis, targets in generalization_targets(probe.item, self.cells).items():
+            for axis, targets in self.targets(probe.item).items():
                 for target in (target for target in targets if target.rollout_step == step):
                     if target not in done:
                         position = layers.index(target.layer)
@@ -4595,16 +4603,10 @@ class Generalization:
         return {axis: {key: found[axis][key]._asdict() for key in sorted(found[axis])} for axis in found}
 
 
-def tested_later(probes: list[KeptProbe], step: int, cells: list[Item]) -> list[KeptProbe]:
+def tested_later(probes: list[KeptProbe], step: int, matrix: Generalization) -> list[KeptProbe]:
     """The kept probes, trained after `step` was read, that are tested at it."""
-    return [
-        probe
-        for probe in probes
-        if probe.item.rollout_step > step
-        and any(
-            target.rollout_step == step for target in generalization_targets(probe.item, cells).get("rollout_step", [])
-        )
-    ]
+    later = [probe for probe in probes if probe.item.rollout_step > step]
+    return [probe for probe in later if any(t.rollout_step == step for t in matrix.targets(probe.item)["rollout_step"])]
 
 
 def generalized_sweep(
@@ -4641,7 +4643,7 @@ def generalized_sweep(
             del samples
             release_freed_memory()
         for step in steps:  # each earlier step read again, for the probes trained after it
-            later = tested_later(list(kept.values()), step, cells)
+            later = tested_later(list(kept.values()), step, matrix)
             if later:
                 samples = step_samples(dataset, layers, step)
                 matrix.test_at(later, samples, layers)
