@@ -4464,7 +4464,12 @@ class KeptProbe(NamedTuple):
     fitted: ProbeFit  # these copies
     temperatures: np.ndarray  # (copies,) fitted on each copy's validation samples at the cell's step
     fold_copy: np.ndarray  # (repeats, folds) which of these copies is each repeat's probe of each fold
-    episodes: frozenset  # (task, episode) of the cell's samples
+    episodes: np.ndarray  # the cell's episodes, as episode_ids
+
+
+def episode_ids(task_id: np.ndarray, episode: np.ndarray) -> np.ndarray:
+    """Each distinct (task, episode) of some samples as one integer, sorted (episode indices are below MOST_IDS)."""
+    return np.unique(task_id.astype(np.int64) * MOST_IDS + episode)
 
 
 def copies_subset(copies: Copies, chosen: np.ndarray) -> Copies:
@@ -4496,7 +4501,7 @@ def kept_probe(cell: Cell, repeats: int) -> KeptProbe:
         fit,
         cell.probed.predictions.temperatures[chosen],
         np.arange(len(chosen)).reshape(repeats, -1),
-        frozenset(zip(cell.samples.task_id.tolist(), cell.samples.episode.tolist())),
+        episode_ids(cell.samples.task_id, cell.samples.episode),
     )
 
 
@@ -4532,17 +4537,17 @@ def transfer(
     """A kept probe on one cell's samples: each sample predicted, in every repeat, by the fold probe that never saw its
     episode (its task, under --split task), and scored as evaluate_item scores the cell's own: retrieval among the
     cell's analyzed tasks, bits with the temperatures fitted at the cell's step, the interval over the same units."""
-    design, pairs = kept.design, list(zip(test.task_id.tolist(), test.episode.tolist()))
+    design = kept.design
     class_of = {text: number for number, text in enumerate(design.descriptions)}
-    own = np.array([class_of.get(descriptions[task], -1) for task, _ in pairs], dtype=np.int64)
-    analyzed, present = own >= 0, set(pairs)
-    left_out = {pair for pair, known in zip(pairs, own >= 0) if not known}
+    own = np.array([class_of.get(descriptions[task], -1) for task in test.task_id.tolist()], dtype=np.int64)
+    analyzed = own >= 0
+    present = episode_ids(test.task_id[analyzed], test.episode[analyzed])
     times = np.unique(test.inference_time)
     counts = dict(
         samples=int(analyzed.sum()),
-        episodes=len(present - left_out),
-        episodes_missing=len(kept.episodes - present),
-        episodes_left_out=len(left_out),
+        episodes=len(present),
+        episodes_missing=len(np.setdiff1d(kept.episodes, episode_ids(test.task_id, test.episode))),
+        episodes_left_out=len(episode_ids(test.task_id[~analyzed], test.episode[~analyzed])),
         inference_time=float(times[0]) if len(times) == 1 else math.nan,
     )
     if not analyzed.any():

@@ -209,3 +209,31 @@ def test_generalize_needs_another_step_and_a_t5_target(code_data, tiny_t5, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         sweep(code_data, tiny_t5, tmp_path / "results", *one_step[:-2], "all", "--generalize", "--target", "concepts")
     assert exit_info.value.code == 2
+
+
+def test_episodes_and_tasks_a_step_lacks_are_left_out_and_counted(tmp_path, tiny_t5):
+    """Task 9 ends before step 30: a step-10 probe tested there misses its 5 episodes (and task 1's early-ending one);
+    a step-30 probe (9 tasks) tested at step 10 leaves task 9's episodes out, since it never had task 9 to retrieve."""
+    data, short = tmp_path / "data", tmp_path / "short"
+    lpi.write_demo_dataset(data, num_episodes=5, steps=STEPS, num_layers=4)
+    lpi.write_demo_dataset(short, num_episodes=5, steps=STEPS[:2], num_layers=4)
+    for path in data.glob("task_9_*.pkl"):
+        path.unlink()
+    for path in short.glob("task_9_*.pkl"):
+        path.rename(data / path.name)
+    output = tmp_path / "results"
+    options = ("--expert", "text_only", "--layer", "0", "--rollout_step", "10,30", "--generalize")
+    assert sweep(data, tiny_t5, output, *options) == 0
+    results = results_of(output)
+    early = results["results_text_only_layer0_step10.pkl"]["generalization"]["rollout_step"][30]
+    assert (early["samples"], early["episodes_missing"], early["episodes_left_out"]) == (44, 6, 0)
+    late = results["results_text_only_layer0_step30.pkl"]
+    entry = late["generalization"]["rollout_step"][10]
+    assert late["metrics"]["chance_accuracy"] == pytest.approx(1 / 9)
+    assert (entry["samples"], entry["episodes"], entry["episodes_missing"], entry["episodes_left_out"]) == (
+        45,
+        45,
+        0,
+        5,
+    )
+    assert entry["accuracy"] >= 0.9  # the stable demo layer, retrieved among the 9 tasks the probe knows
