@@ -4520,7 +4520,7 @@ class Transfer(NamedTuple):
     inference_time: float  # of the test samples; NaN: the VLM, or every denoising entry pooled
 
 
-def test_rows(samples: Samples, layer_position: int, inference_step: int | None) -> np.ndarray:
+def cell_sample_rows(samples: Samples, layer_position: int, inference_step: int | None) -> np.ndarray:
     """The rows of a step's samples that a cell holds (as sweep_groups selects them, non-finite ones dropped)."""
     rows = np.ones(len(samples.task_id), bool)
     if inference_step is not None:
@@ -4597,7 +4597,7 @@ class Generalization:
                 for target in (target for target in targets if target.rollout_step == step):
                     if target not in done:
                         position = layers.index(target.layer)
-                        test = samples.select(test_rows(samples, position, target.inference_step), position)
+                        test = samples.select(cell_sample_rows(samples, position, target.inference_step), position)
                         done[target] = transfer(probe, test, self.dataset.descriptions, self.folds_given, self.training)
                     key = getattr(target, axis)
                     self.found.setdefault(probe.item, {}).setdefault(axis, {})[key] = done[target]

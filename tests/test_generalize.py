@@ -82,7 +82,7 @@ def check_planted_codes(results: dict[str, dict], axis: str, positions: dict[int
 
 @pytest.fixture(scope="module")
 def rollout_sweep(code_data, tiny_t5, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("rollout") / "results"
+    output = tmp_path_factory.mktemp("rollout") / "results"  # two repeats: the diagonal is their mean, as the cell's
     assert (
         sweep(
             code_data,
@@ -95,6 +95,8 @@ def rollout_sweep(code_data, tiny_t5, tmp_path_factory) -> Path:
             "--rollout_step",
             "all",
             "--generalize",
+            "--repeats",
+            "2",
         )
         == 0
     )
@@ -120,14 +122,14 @@ def test_a_sample_keeps_its_fold_in_every_cell(rollout_sweep):
     folds: dict[tuple[int, int], set[int]] = {}
     for results in results_of(rollout_sweep).values():
         samples = results["samples"]
-        for task, episode, fold in zip(samples["task_id"], samples["episode"], samples["fold"]):
-            folds.setdefault((int(task), int(episode)), set()).add(int(fold))
+        for task, episode, fold in zip(samples["task_id"], samples["episode"], samples["repeat_folds"].T):
+            folds.setdefault((int(task), int(episode)), set()).add(tuple(fold.tolist()))
     assert len(folds) == 50 and all(len(held) == 1 for held in folds.values())
     # Dealt over step 30's episodes alone (task 1's last one ends before it), some episode would change fold: the
     # leak this guards against is present in these data.
     late = results_of(rollout_sweep)["results_text_only_layer0_step30.pkl"]["samples"]
     alone, _ = lpi.assign_folds(late["task_id"], late["episode"], lpi.TrainingConfig())
-    assert any(folds[(int(t), int(e))] != {int(f)} for t, e, f in zip(late["task_id"], late["episode"], alone))
+    assert any(next(iter(folds[(int(t), int(e))]))[0] != f for t, e, f in zip(late["task_id"], late["episode"], alone))
     # A probe of step 10 tested at step 30: the missing episode is left out and counted.
     entry = results_of(rollout_sweep)["results_text_only_layer0_step10.pkl"]["generalization"]["rollout_step"][30]
     assert (entry["samples"], entry["episodes"], entry["episodes_missing"]) == (49, 49, 1)
@@ -167,7 +169,18 @@ def test_a_resumed_sweep_fills_the_rows_it_makes_again(rollout_sweep, code_data,
     before = results_of(rollout_sweep)["results_text_only_layer2_step20.pkl"]["generalization"]
     for path in lpi.result_paths(rollout_sweep, "text_only_layer2_step20"):
         path.unlink()
-    options = ("--expert", "text_only", "--layer", "0-2", "--rollout_step", "all", "--generalize", "--skip_existing")
+    options = (
+        "--expert",
+        "text_only",
+        "--layer",
+        "0-2",
+        "--rollout_step",
+        "all",
+        "--generalize",
+        "--repeats",
+        "2",
+        "--skip_existing",
+    )
     assert sweep(code_data, tiny_t5, rollout_sweep, *options) == 0
     after = results_of(rollout_sweep)["results_text_only_layer2_step20.pkl"]["generalization"]
     assert pickle.dumps(after) == pickle.dumps(before)  # NaN (no denoising time) equals itself here
