@@ -250,3 +250,15 @@ def test_episodes_and_tasks_a_step_lacks_are_left_out_and_counted(tmp_path, tiny
         5,
     )
     assert entry["accuracy"] >= 0.9  # the stable demo layer, retrieved among the 9 tasks the probe knows
+
+
+def test_shards_test_their_cells_at_every_step_of_the_sweep(rollout_sweep, code_data, tiny_t5, tmp_path):
+    """Each job of a --shard trains its own cells and tests them at every cell of the whole sweep: together they write
+    what one job writes."""
+    options = ("--expert", "text_only", "--layer", "0-2", "--rollout_step", "all", "--generalize", "--repeats", "2")
+    for shard in ("0/2", "1/2"):
+        assert sweep(code_data, tiny_t5, tmp_path / "results", *options, "--shard", shard) == 0
+    sharded, whole = results_of(tmp_path / "results"), results_of(rollout_sweep)
+    assert sharded.keys() == whole.keys()
+    for name, results in sharded.items():
+        assert pickle.dumps(results["generalization"]) == pickle.dumps(whole[name]["generalization"]), name
