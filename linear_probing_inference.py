@@ -17,6 +17,7 @@ Sections, in the order the data flows (each section's entry function in parenthe
   Output               the results file, the summary and what made them, written atomically (results_record,
                        format_summary, write_results)
   Sweep                layers, denoising and rollout steps, shards and resume (run_sweep)
+  Generalization       --generalize: each cell's probe tested at the sweep's other steps (generalized_sweep)
   Report and figures   a results directory as sweep.csv, curves and heatmaps (write_report)
   Command line, main   options from the configs' fields, one line for every fault (main)
 Appendix A is the restricted, memory-mapped pickle reader the features come through (read_task_file); appendix B the
@@ -411,6 +412,13 @@ class TrainingConfig:
         "%(default)s)",
         default="cosine",
         choices=("cosine", "mse", "contrastive"),
+    )
+    generalize: bool = option(
+        "a sweep over several rollout steps, or denoising steps (--inference_step each), or both: also test each "
+        "cell's probe on the same layer's samples at every other step (train at one step, test at another); folds "
+        "are then dealt over the episodes of all the sweep's steps, so an episode is held out by the same fold in "
+        "every cell",
+        default=False,
     )
 
     @property
@@ -1475,6 +1483,40 @@ def dealt_units(task_id: np.ndarray, sample_class: np.ndarray, split: str) -> np
     return sample_class if split == "task" else task_id
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepFolds:
+    """--generalize: the test fold of every (task, episode) of a sweep in each repeat, dealt once over the episodes of
+    all its rollout steps as assign_folds deals one step's. An episode is then held out by the same fold in every cell
+    whichever steps it has, so a probe tested at another step is tested only on episodes it never saw."""
+
+    position: dict[tuple[int, int], int]  # (task, episode) -> its column in `fold`
+    fold: np.ndarray  # (repeats, episodes)
+    folds: int
+
+    def of(self, task_id: np.ndarray, episode: np.ndarray) -> np.ndarray:
+        """(repeats, n) the test fold of each sample in each repeat."""
+        columns = [self.position[pair] for pair in zip(task_id.tolist(), episode.tolist())]
+        return self.fold[:, np.array(columns, dtype=np.int64)]
+
+
+def sweep_folds(
+    pairs: list[tuple[int, int]], descriptions_by_task: dict[int, str], training: TrainingConfig
+) -> SweepFolds:
+    """Folds of every repeat dealt over a sweep's (task, episode) pairs, under split "task" over their classes (tasks
+    numbered by description as design_for numbers them): on one step's episodes, the folds assign_folds gives."""
+    pairs = sorted(set(pairs))
+    task_id = np.array([task for task, _ in pairs], dtype=np.int64)
+    episode = np.array([one for _, one in pairs], dtype=np.int64)
+    descriptions = list(dict.fromkeys(descriptions_by_task[t] for t in sorted(set(task_id.tolist()))))
+    sample_class = np.array([descriptions.index(descriptions_by_task[t]) for t in task_id.tolist()], dtype=np.int64)
+    dealt = dealt_units(task_id, sample_class, training.split)
+    fold_sets = [
+        assign_folds(dealt, episode, dataclasses.replace(training, seed=training.seed + r))
+        for r in range(training.repeat_count)
+    ]
+    return SweepFolds({pair: i for i, pair in enumerate(pairs)}, np.stack([f for f, _ in fold_sets]), fold_sets[0][1])
+
+
 def validation_count(units: int, fraction: float, fewest: int) -> int:
     """How many of `units` whole units validate: the fraction, at least one, none when fewer than `fewest` remain."""
     return max(1, round(units * fraction)) if units >= fewest else 0
@@ -1737,9 +1779,14 @@ def class_texts(
 
 
 def design_for(
-    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+    samples: Samples,
+    descriptions_by_task: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+    folds_given: SweepFolds | None = None,
 ) -> Design:
-    """Classes, folds of every repeat, permuted assignments, MDL blocks and the copies they imply."""
+    """Classes, folds of every repeat (`folds_given`: a --generalize sweep's), permuted assignments, MDL blocks and the
+    copies they imply."""
     task_ids = sorted(set(samples.task_id.tolist()))
     descriptions, sample_class = class_texts(samples, descriptions_by_task, labels)
     if len(descriptions) < 2:
@@ -1750,7 +1797,10 @@ def design_for(
         samples.task_id if labels.label_by != "prompt" else dealt, samples.episode, training.split
     )
     repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeat_count)]
-    fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
+    if folds_given is None:
+        fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
+    else:
+        fold_sets = [(fold, folds_given.folds) for fold in folds_given.of(samples.task_id, samples.episode)]
     folds = fold_sets[0][1]
     validation = [validation_masks(dealt, samples.episode, f, folds, r) for (f, _), r in zip(fold_sets, repeats)]
     assignments = np.stack(
@@ -1837,12 +1887,16 @@ def concept_values(design: Design, copy: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_design(
-    samples: Samples, descriptions_by_task: dict[int, str], labels: LabelConfig, training: TrainingConfig
+    samples: Samples,
+    descriptions_by_task: dict[int, str],
+    labels: LabelConfig,
+    training: TrainingConfig,
+    folds_given: SweepFolds | None = None,
 ) -> Design:
-    """The design of the target asked for: T5 embeddings or concepts."""
+    """The design of the target asked for: T5 embeddings or concepts (`folds_given`: a --generalize sweep's folds)."""
     if labels.target == "concepts":
         return concept_design(samples, descriptions_by_task, labels, training)
-    return design_for(samples, descriptions_by_task, labels, training)
+    return design_for(samples, descriptions_by_task, labels, training, folds_given)
 
 
 # -----------------------------------------------------------------------------
@@ -1916,7 +1970,7 @@ class ClassFit(NamedTuple):
 class ProbeFit(NamedTuple):
     """Fitted probes, one per copy (from the trainers, one set per item first): a Dense kernel and bias on features
     standardized with the copy's training statistics, whether it failed, and how its training went. Ridge keeps the
-    weights of the copies a results file keeps only (`mapped`); its predictions come from `class_fit`."""
+    weights of the probe's fold copies and the control's only (`mapped`); its predictions come from `class_fit`."""
 
     kernel: np.ndarray  # ([items,] copies, width, outputs)
     bias: np.ndarray  # ([items,] copies, outputs)
@@ -2270,7 +2324,8 @@ def train_ridge_probes(
     decomposition per (training side, inner fold) serves every penalty and every copy that trains on those samples
     (the probe, the control, each permuted assignment), and a copy's predictions are the indicators' times its table."""
     count, width, (classes, outputs) = len(copies.train), features.shape[1], copies.classes.shape[1:]
-    kept = copies.kept()
+    # weights for the results file (copies.kept) and for --generalize (every repeat's fold probes)
+    kept = np.union1d(copies.kept(), np.flatnonzero((copies.assignment == 0) & (copies.fold >= 0)))
     kernel, bias = np.zeros((len(kept), width, outputs), np.float32), np.zeros((len(kept), outputs), np.float32)
     mean, std = np.zeros((len(kept), width), np.float32), np.ones((len(kept), width), np.float32)
     indicator = np.eye(classes)[sample_class]  # (n, C): targets = indicator @ class table
@@ -3399,6 +3454,8 @@ def probe_features(
     each sample's episode within its task and its task's description; `task`, each sample's task id (default: tasks
     numbered by description, in the order they first appear). The command line runs the same probe_group."""
     check_configs(labels, training)
+    if training.generalize:
+        raise OptionError("probe_features: generalize applies to a command-line sweep over several steps")
     features, episode, description = np.asarray(features), np.asarray(episode), list(description)
     if task is None:
         first_seen = {text: number for number, text in enumerate(dict.fromkeys(description))}
@@ -4127,6 +4184,41 @@ def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
     return lines
 
 
+AXIS_NAMES = {"rollout_step": "rollout step", "inference_step": "denoising step"}  # results['generalization'] keys
+
+
+def code_stability(diagonal: list[float], off_diagonal: list[float]) -> float:
+    """Mean off-diagonal accuracy over the mean diagonal of a train x test matrix: 1 when a probe trained at one step
+    reads every other as well as its own (one code, kept); near chance / diagonal when each step has its own code."""
+    diagonal, off_diagonal = np.asarray(diagonal, dtype=float), np.asarray(off_diagonal, dtype=float)
+    if not np.isfinite(off_diagonal).any() or not np.nansum(diagonal) > 0:  # no matrix, or nothing read anywhere
+        return math.nan
+    return float(np.nanmean(off_diagonal) / np.nanmean(diagonal))
+
+
+def generalization_lines(results: dict, setup: ResultConfig) -> list[str]:
+    """--generalize: this cell's probe at every step of the sweep on that axis, and its row's code stability."""
+    found = results.get("generalization")
+    if not found:
+        return []
+    lines = [
+        "Generalization (this cell's probe tested at the sweep's other steps, on episodes it never saw)",
+        "----------------------------------------------------------------------------------------------",
+        "Folds: dealt over the episodes (tasks, under --split task) of all the sweep's rollout steps: one fold each in "
+        "every cell",
+    ]
+    for axis, entries in found.items():
+        own, texts, off_diagonal = getattr(setup.item, axis), [], []
+        for key, entry in entries.items():
+            where = f"{key} (t {entry['inference_time']:g})" if axis == "inference_step" else str(key)
+            texts.append(f"{where} {entry['accuracy']:.4f}" + (" (own)" if key == own else ""))
+            if key != own:
+                off_diagonal.append(entry["accuracy"])
+        stability = code_stability([entries[own]["accuracy"]], off_diagonal)
+        lines.append(f"Accuracy by test {AXIS_NAMES[axis]}: {', '.join(texts)}; other steps / own {stability:.3f}")
+    return [*lines, ""]
+
+
 def measured_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> list[str]:
     """What was measured and how: positions, labels, probe, ranges, what was missing or skipped, the training run."""
     source, item, training = setup.source, setup.item, setup.training
@@ -4271,6 +4363,7 @@ def format_summary(results: dict) -> str:
                 "",
                 *evidence_lines(results, setup, held_out),
                 "",
+                *generalization_lines(results, setup),
                 *measured_lines(results, setup, held_out),
                 *prompt_lines(results, setup, held_out),
                 "",
@@ -4678,7 +4771,16 @@ def write_item(
     return (results, *paths)
 
 
-def run_sweep(
+class Cell(NamedTuple):
+    """One item of a rollout step, trained and evaluated: its samples, probes and results record (not yet written)."""
+
+    item: Item
+    samples: Samples  # the item's own, one layer
+    probed: Probed
+    results: dict
+
+
+def probed_cells(
     items: list[Item],
     dataset: Dataset,
     samples: Samples,
@@ -4686,13 +4788,15 @@ def run_sweep(
     labels: LabelConfig,
     training: TrainingConfig,
     destination: Destination,
-) -> Iterator[tuple[dict, Path, Path]]:
-    """Train, evaluate and write every item of one rollout step (samples: its layers, in the order of `layers`),
-    yielding each as it is written; items that share their samples are trained together in one program."""
+    folds_given: SweepFolds | None = None,
+) -> Iterator[Cell]:
+    """Train and evaluate every item of one rollout step (samples: its layers, in the order of `layers`), yielding each
+    with its results record; items that share their samples are trained together in one program. `folds_given`: a
+    --generalize sweep's folds."""
     groups, nonfinite = sweep_groups(items, dataset, samples, layers)
     # Every design before any training: a combination left without enough samples stops the run before a file is
     # written.
-    designs = [make_design(members[0][1], dataset.descriptions, labels, training) for members in groups]
+    designs = [make_design(members[0][1], dataset.descriptions, labels, training, folds_given) for members in groups]
     spec = baseline_spec_text(dataset.source.baseline) if dataset.source.baseline else ""
     with tqdm(total=len(items), desc="probes", unit="result", disable=progress_disabled(), leave=False) as progress:
         for design, members in zip(designs, groups):
@@ -4705,9 +4809,22 @@ def run_sweep(
                         one.held_out.failures, result_stem(dataset.source, item, dataset.report.inference_times)
                     )
                 context = item_context(item, dataset, nonfinite[item], destination)
-                results = results_record(one, selected, dataset, item, labels, training, context)
-                yield write_item(results, item, selected, dataset, labels, destination)
+                yield Cell(item, selected, one, results_record(one, selected, dataset, item, labels, training, context))
                 progress.update()
+
+
+def run_sweep(
+    items: list[Item],
+    dataset: Dataset,
+    samples: Samples,
+    layers: list,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    destination: Destination,
+) -> Iterator[tuple[dict, Path, Path]]:
+    """Train, evaluate and write every item of one rollout step (see probed_cells), yielding each as it is written."""
+    for cell in probed_cells(items, dataset, samples, layers, labels, training, destination):
+        yield write_item(cell.results, cell.item, cell.samples, dataset, labels, destination)
 
 
 class MadeOtherwise(NamedTuple):
@@ -4817,6 +4934,7 @@ def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, trainin
     """Before a sweep trains anything: each step exists, and its episodes (with the --baseline's entry) make a design
     (folds, validation, label space), so that no late step stops the sweep halfway. No feature is read here."""
     report = dataset.report
+    folds_given = generalize_folds(dataset, steps, training)
     for step in steps:
         lacking = {(task, episode) for task, episode, at in report.without_baseline if at == step}
         pairs = [pair for pair in report.step_episodes.get(step, []) if pair not in lacking]
@@ -4834,7 +4952,7 @@ def check_steps(steps: list[int], dataset: Dataset, labels: LabelConfig, trainin
             prompt=step_prompts(report, step, pairs.tolist()),
         )  # one sample per episode: no features
         try:
-            make_design(episodes, dataset.descriptions, labels, training)
+            make_design(episodes, dataset.descriptions, labels, training, folds_given)
         except ProbeError as error:
             raise type(error)(f"step_{step}: {error} (checked before anything was trained)") from None
 
@@ -4845,6 +4963,11 @@ def resolve_sweep(
     """The combinations this run writes, resolved against the walked files ("all" layers or steps, "each" denoising
     step), less --shard and --skip_existing; with several steps, each is checked before the first is trained."""
     items = sweep_items(dataset.source, args.layer, args.rollout_step, args.inference_step, dataset.report)
+    if training.generalize and not generalization_axes(items):
+        raise OptionError(
+            "--generalize needs a sweep over several rollout steps (e.g. --rollout_step all) or denoising steps "
+            "(--inference_step each), or both: there is no other step to test a probe at"
+        )
     steps = sorted({item.rollout_step for item in items})
     if len(steps) > 1:
         check_steps(steps, dataset, labels, training)
@@ -4865,6 +4988,14 @@ def named_by_options(args: argparse.Namespace) -> bool:
 PER_SAMPLE_PARTS = ("samples", "heldout", "probe")  # of a written result: not kept once on disk (a sweep's memory)
 
 
+def without_per_sample_parts(results: dict, items: int) -> dict:
+    """What a run keeps of a written result: all of it for a single result (its summary is printed), else the small
+    parts."""
+    if items == 1:
+        return results
+    return {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
+
+
 def release_freed_memory() -> None:
     """Hand freed memory back to the system: glibc keeps it for reuse, and each step of a sweep then adds to the peak.
     Without glibc: nothing."""
@@ -4872,6 +5003,271 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# -----------------------------------------------------------------------------
+# Generalization across steps (--generalize): each cell's probe tested at every other step of the sweep
+# -----------------------------------------------------------------------------
+
+
+def generalization_axes(cells: list[Item]) -> list[str]:
+    """The axes a sweep's cells vary along (results['generalization'] keys): rollout steps, denoising steps."""
+    axes = []
+    if len({cell.rollout_step for cell in cells}) > 1:
+        axes.append("rollout_step")
+    if len({cell.inference_step for cell in cells} - {None}) > 1:
+        axes.append("inference_step")
+    return axes
+
+
+def generalization_targets(item: Item, cells: list[Item]) -> dict[str, list[Item]]:
+    """The sweep's cells a cell's probe is tested at, by axis: its layer and denoising step at every rollout step, and
+    its layer and rollout step at every denoising step. Its own cell is on each axis (the diagonal)."""
+    targets = {}
+    for axis in generalization_axes(cells):
+        fixed = "inference_step" if axis == "rollout_step" else "rollout_step"
+        targets[axis] = [
+            cell for cell in cells if cell.layer == item.layer and getattr(cell, fixed) == getattr(item, fixed)
+        ]
+    return targets
+
+
+def generalize_folds(dataset: Dataset, steps: list[int], training: TrainingConfig) -> SweepFolds | None:
+    """--generalize: folds dealt over the episodes of every rollout step of the sweep (see SweepFolds); else None."""
+    if not training.generalize:
+        return None
+    pairs = [pair for step in steps for pair in dataset.report.step_episodes.get(step, [])]
+    return sweep_folds(pairs, dataset.descriptions, training)
+
+
+def warn_about_fold_gaps(folds_given: SweepFolds, dataset: Dataset, step: int, split: str) -> None:
+    """Folds dealt over the whole sweep can leave a step, which lacks some episodes, with a fold that holds out nothing
+    or whose training side lacks a task (that fold's probe then meets the task as an unseen one): say so."""
+    pairs = dataset.report.step_episodes.get(step, [])
+    task_id = np.array([task for task, _ in pairs], dtype=np.int64)
+    folds = folds_given.of(task_id, np.array([episode for _, episode in pairs], dtype=np.int64))
+    for repeat, fold in enumerate(folds):
+        empty = sorted(set(range(folds_given.folds)) - set(fold.tolist()))
+        if empty:
+            log.warning("step_%d: fold(s) %s of repeat %d hold out no episode at this step", step, empty, repeat)
+        for task in np.unique(task_id) if split == "episode" else []:
+            held = np.unique(fold[task_id == task])
+            if len(held) == 1:
+                log.warning(
+                    "step_%d: every episode of task %d at this step is in fold %d of repeat %d (--generalize deals "
+                    "folds over the whole sweep's episodes): that fold's probe never trains on the task here",
+                    step,
+                    task,
+                    held[0],
+                    repeat,
+                )
+
+
+class KeptProbe(NamedTuple):
+    """A cell's probe as --generalize applies it at other steps: the fold probes of the true assignment (every repeat;
+    the permuted assignments' are not kept), their label spaces and their softmax temperatures, fitted at the cell's
+    own step. Memory: repeats x folds x width x outputs floats (and the label bases) per cell."""
+
+    item: Item
+    design: Design  # the cell's classes, with only these copies (its per-sample arrays dropped)
+    fitted: ProbeFit  # these copies
+    temperatures: np.ndarray  # (copies,) fitted on each copy's validation samples at the cell's step
+    fold_copy: np.ndarray  # (repeats, folds) which of these copies is each repeat's probe of each fold
+    episodes: np.ndarray  # the cell's episodes, as episode_ids
+
+
+def episode_ids(task_id: np.ndarray, episode: np.ndarray) -> np.ndarray:
+    """Each distinct (task, episode) of some samples as one integer, sorted (episode indices are below MOST_IDS)."""
+    return np.unique(task_id.astype(np.int64) * MOST_IDS + episode)
+
+
+def copies_subset(copies: Copies, chosen: np.ndarray) -> Copies:
+    """The chosen copies: those rows of every per-copy array."""
+    fields = {field.name: getattr(copies, field.name) for field in dataclasses.fields(Copies)}
+    return Copies(**{name: None if value is None else value[chosen] for name, value in fields.items()})
+
+
+def kept_probe(cell: Cell, repeats: int) -> KeptProbe:
+    """What of a trained cell --generalize keeps until every step has been tested (see KeptProbe)."""
+    design, fitted = cell.probed.design, cell.probed.fitted
+    chosen = np.concatenate([design.copies.fold_copies(repeat, 0) for repeat in range(repeats)])
+    nothing = np.zeros(0, dtype=np.int64)
+    slim = dataclasses.replace(
+        design,
+        sample_class=nothing,
+        unit=nothing,
+        stratum=None,
+        fold=np.zeros((repeats, 0), dtype=np.int64),
+        assignments=design.assignments[:1],
+        mdl_block=None,
+        copies=copies_subset(design.copies, chosen),
+    )
+    fit = ProbeFit(*fitted.weights(chosen), np.asarray(fitted.failed)[chosen], {})
+    return KeptProbe(
+        cell.item,
+        slim,
+        fit,
+        cell.probed.predictions.temperatures[chosen],
+        np.arange(len(chosen)).reshape(repeats, -1),
+        episode_ids(cell.samples.task_id, cell.samples.episode),
+    )
+
+
+class Transfer(NamedTuple):
+    """A cell's probe on the same layer's samples at one step of the sweep: results['generalization'][axis][step]. At
+    the cell's own step (the diagonal) these are the cell's own numbers."""
+
+    accuracy: float  # retrieval among the cell's analyzed tasks, mean over repeats
+    accuracy_interval: tuple[float, float] | None  # 95%, over the test samples' resampling units; None: --bootstrap 0
+    balanced_accuracy: float  # mean of the per-task accuracies of the tasks present
+    information_bits: float  # log2(tasks) - cross-entropy, with the temperatures fitted at the cell's step
+    samples: int
+    episodes: int
+    episodes_missing: int  # of the cell's episodes, those this step lacks (left out)
+    episodes_left_out: int  # this step's episodes of tasks the cell did not analyze
+    inference_time: float  # of the test samples; NaN: the VLM, or every denoising entry pooled
+
+
+def cell_sample_rows(samples: Samples, layer_position: int, inference_step: int | None) -> np.ndarray:
+    """The rows of a step's samples that a cell holds (as sweep_groups selects them, non-finite ones dropped)."""
+    rows = np.ones(len(samples.task_id), bool)
+    if inference_step is not None:
+        rows = samples.inference_index == inference_step
+    rows &= np.isfinite(samples.features[layer_position]).all(axis=1)
+    if samples.baseline is not None:
+        rows &= np.isfinite(samples.baseline).all(axis=1)
+    return np.flatnonzero(rows)
+
+
+def transfer(
+    kept: KeptProbe, test: Samples, descriptions: dict[int, str], folds_given: SweepFolds, training: TrainingConfig
+) -> Transfer:
+    """A kept probe on one cell's samples: each sample predicted, in every repeat, by the fold probe that never saw its
+    episode (its task, under --split task), and scored as evaluate_item scores the cell's own: retrieval among the
+    cell's analyzed tasks, bits with the temperatures fitted at the cell's step, the interval over the same units."""
+    design = kept.design
+    class_of = {text: number for number, text in enumerate(design.descriptions)}
+    own = np.array([class_of.get(descriptions[task], -1) for task in test.task_id.tolist()], dtype=np.int64)
+    analyzed = own >= 0
+    present = episode_ids(test.task_id[analyzed], test.episode[analyzed])
+    times = np.unique(test.inference_time)
+    counts = dict(
+        samples=int(analyzed.sum()),
+        episodes=len(present),
+        episodes_missing=len(np.setdiff1d(kept.episodes, episode_ids(test.task_id, test.episode))),
+        episodes_left_out=len(episode_ids(test.task_id[~analyzed], test.episode[~analyzed])),
+        inference_time=float(times[0]) if len(times) == 1 else math.nan,
+    )
+    if not analyzed.any():
+        return Transfer(math.nan, None, math.nan, math.nan, **counts)
+    task_id, episode, own = test.task_id[analyzed], test.episode[analyzed], own[analyzed]
+    features, scoring = test.features[0][analyzed], dataclasses.replace(design, sample_class=own)
+    folds = folds_given.of(task_id, episode)
+    repeats = [
+        scores_of(features, kept.fitted, scoring, kept.temperatures, kept.fold_copy[repeat][folds[repeat]])
+        for repeat in range(len(kept.fold_copy))
+    ]
+    correct = np.mean([scores.correct for scores in repeats], axis=0)
+    bits = information(np.mean([scores.bits for scores in repeats], axis=0), len(design.descriptions))
+    per_class = np.array([correct[own == c].mean() for c in np.unique(own)])
+    interval = None
+    if training.bootstrap:
+        unit, stratum = resampling_units(task_id, episode, training.split)
+        interval = unit_intervals({"accuracy": correct}, unit, stratum, training.bootstrap, training.seed)["accuracy"]
+        per_repeat = np.array([scores.correct.mean() for scores in repeats])
+        interval = widened(interval, float(correct.mean()), per_repeat, True)
+    return Transfer(float(correct.mean()), interval, float(per_class.mean()), float(bits.mean()), **counts)
+
+
+@dataclasses.dataclass
+class Generalization:
+    """The matrix being filled: each trained cell's Transfer at every cell of the sweep it is tested at, by axis."""
+
+    cells: list[Item]  # the whole sweep's (before --shard and --skip_existing): where probes are tested
+    dataset: Dataset
+    folds_given: SweepFolds
+    training: TrainingConfig
+    found: dict[Item, dict[str, dict[int, Transfer]]] = dataclasses.field(default_factory=dict)
+    targets_of: dict[Item, dict[str, list[Item]]] = dataclasses.field(default_factory=dict)  # generalization_targets
+
+    def targets(self, item: Item) -> dict[str, list[Item]]:
+        """generalization_targets of a cell, found once (a sweep asks for them at every step)."""
+        if item not in self.targets_of:
+            self.targets_of[item] = generalization_targets(item, self.cells)
+        return self.targets_of[item]
+
+    def test_at(self, probes: list[KeptProbe], samples: Samples, layers: list) -> None:
+        """Test the given kept probes at every cell of this step's samples they are tested at."""
+        step = int(samples.step[0])
+        for probe in probes:
+            done: dict[Item, Transfer] = {}  # the diagonal is on both axes: computed once
+            for axis, targets in self.targets(probe.item).items():
+                for target in (target for target in targets if target.rollout_step == step):
+                    if target not in done:
+                        position = layers.index(target.layer)
+                        test = samples.select(cell_sample_rows(samples, position, target.inference_step), position)
+                        done[target] = transfer(probe, test, self.dataset.descriptions, self.folds_given, self.training)
+                    key = getattr(target, axis)
+                    self.found.setdefault(probe.item, {}).setdefault(axis, {})[key] = done[target]
+
+    def record(self, item: Item) -> dict:
+        """results['generalization'] of one cell: {axis: {step: its Transfer's fields}}, steps in order."""
+        found = self.found.get(item, {})
+        return {axis: {key: found[axis][key]._asdict() for key in sorted(found[axis])} for axis in found}
+
+
+def tested_later(probes: list[KeptProbe], step: int, matrix: Generalization) -> list[KeptProbe]:
+    """The kept probes, trained after `step` was read, that are tested at it."""
+    later = [probe for probe in probes if probe.item.rollout_step > step]
+    return [probe for probe in later if any(t.rollout_step == step for t in matrix.targets(probe.item)["rollout_step"])]
+
+
+def generalized_sweep(
+    items: list[Item],
+    cells: list[Item],
+    dataset: Dataset,
+    labels: LabelConfig,
+    training: TrainingConfig,
+    destination: Destination,
+) -> Iterator[tuple[dict, Path, Path]]:
+    """--generalize: train the items (of the sweep's `cells`) one rollout step at a time, keep their fold probes and
+    test them at every step as it is read; then read each earlier step once more for the probes trained after it.
+    Memory stays one step's features plus the kept probes: a written record waits in an unnamed temporary file (gone
+    with the process) until its row of the matrix is whole, then its pair is written."""
+    steps = sorted({cell.rollout_step for cell in cells})
+    layers = sorted({cell.layer for cell in cells}, key=lambda layer: -1 if layer is None else layer)
+    folds_given = generalize_folds(dataset, steps, training)
+    matrix, kept, waiting = Generalization(cells, dataset, folds_given, training), {}, {}
+    destination.output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=destination.output_dir) as spill:
+        for step in steps:  # each step read once: its items trained, every probe so far tested at it
+            samples = step_samples(dataset, layers, step)
+            warn_about_fold_gaps(folds_given, dataset, step, training.split)
+            step_items = [item for item in items if item.rollout_step == step]
+            for cell in probed_cells(step_items, dataset, samples, layers, labels, training, destination, folds_given):
+                kept[cell.item] = kept_probe(cell, training.repeat_count)
+                if destination.plot:
+                    stem = result_stem(dataset.source, cell.item, dataset.report.inference_times)
+                    write_run_plots(cell.results, cell.samples.features[0], destination.output_dir, stem)
+                waiting[cell.item] = spill.tell()
+                pickle.dump(cell.results, spill, protocol=4)
+            cell = None  # its samples are views of the step's features
+            matrix.test_at(list(kept.values()), samples, layers)
+            del samples
+            release_freed_memory()
+        for step in steps:  # each earlier step read again, for the probes trained after it
+            later = tested_later(list(kept.values()), step, matrix)
+            if later:
+                samples = step_samples(dataset, layers, step)
+                matrix.test_at(later, samples, layers)
+                del samples
+                release_freed_memory()
+            for file in dataset.files:  # the step's array views are not needed again
+                file.steps.pop(step, None)
+        for item in items:
+            spill.seek(waiting[item])
+            results = {**pickle.load(spill), "generalization": matrix.record(item)}  # this process's own bytes
+            yield write_item(results, item, None, dataset, labels, destination._replace(plot=False))
 
 
 # -----------------------------------------------------------------------------
@@ -4924,12 +5320,15 @@ ITEM_COLUMNS = ["expert", "layer", "rollout_step", "inference_step", "inference_
 SETTING_COLUMNS = ["token_positions", "labels", "probe", "loss", "split"]
 # Sweep-level: the cell's permutation p-value corrected over its family (see family_corrections), and the family.
 FAMILY_COLUMNS = ["permutation_p_value_fwer", "permutation_q_value", "correction_family"]
+# --generalize: the code_stability of the cell's layer across rollout steps and across denoising steps.
+STABILITY_COLUMNS = ["code_stability_rollout_step", "code_stability_inference_step"]
 REPORT_COLUMNS = [
     *ITEM_COLUMNS,
     *SETTING_COLUMNS,
     *(column.name for column in METRIC_COLUMNS),
     "top_3_accuracy",
     *FAMILY_COLUMNS,
+    *STABILITY_COLUMNS,
     "file",
 ]
 
@@ -4952,6 +5351,7 @@ def report_row(results: dict, path: Path) -> dict:
         "split": setup.training.split,
         "top_3_accuracy": held_out.retrieval.top_k_accuracy.get(3, ""),
         **dict.fromkeys(FAMILY_COLUMNS, ""),  # filled by family_corrections
+        **dict.fromkeys(STABILITY_COLUMNS, ""),  # filled by add_code_stability
         "file": path.name,
     }
     for column in METRIC_COLUMNS:
@@ -5453,6 +5853,237 @@ def write_heatmaps(rows: list[dict], directory: Path) -> list[Path]:
     return written
 
 
+# Generalization (--generalize): each cell's probe tested at the sweep's other steps, one row per (cell, test step).
+GENERALIZATION_COLUMNS = [
+    "expert",
+    "layer",
+    "feature_type",
+    *SETTING_COLUMNS,
+    "axis",
+    "rollout_step",  # the training cell's
+    "inference_step",
+    "inference_time",
+    "test_rollout_step",
+    "test_inference_step",
+    "test_inference_time",
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "balanced_accuracy",
+    "information_bits",
+    "chance_accuracy",
+    "samples",
+    "episodes",
+    "episodes_missing",
+    "episodes_left_out",
+    "file",
+]
+MATRIX_KEYS = ("expert", "feature_type", *SETTING_COLUMNS, "axis", "layer")  # one code_stability each
+
+
+class GeneralizationFigure(NamedTuple):
+    axis: str  # of results['generalization']
+    stem: str  # {stem}.png
+    fixed: str  # the report column a panel holds fixed, besides the layer
+    train: str  # the column along a matrix's rows (train) ...
+    test: str  # ... and columns (test)
+    label: str
+
+
+GENERALIZATION_FIGURES = (
+    GeneralizationFigure(
+        "rollout_step",
+        "generalization_by_rollout_step",
+        "inference_step",
+        "rollout_step",
+        "test_rollout_step",
+        "rollout step",
+    ),
+    GeneralizationFigure(
+        "inference_step",
+        "generalization_by_inference_time",
+        "rollout_step",
+        "inference_step",
+        "test_inference_step",
+        "denoising time t (1.0: pure noise)",
+    ),
+)
+MOST_GENERALIZATION_PANELS = 18  # one per layer of Pi0; more are in generalization.csv only
+
+
+def generalization_report_rows(results: dict, row: dict) -> list[dict]:
+    """generalization.csv's rows of one results file (none without --generalize); `row` is its sweep.csv row."""
+    rows = []
+    for axis, entries in results.get("generalization", {}).items():
+        for key, entry in entries.items():
+            interval = entry["accuracy_interval"] or ("", "")
+            test = {"test_rollout_step": row["rollout_step"], "test_inference_step": row["inference_step"]}
+            test[f"test_{axis}"] = key
+            time = entry["inference_time"]
+            rows.append(
+                {
+                    **{name: row[name] for name in GENERALIZATION_COLUMNS if name in row},
+                    **test,
+                    "axis": axis,
+                    "test_inference_time": "" if math.isnan(time) else time,
+                    "accuracy": entry["accuracy"],
+                    "accuracy_ci_low": interval[0],
+                    "accuracy_ci_high": interval[1],
+                    **{name: entry[name] for name in ("balanced_accuracy", "information_bits", "samples", "episodes")},
+                    **{name: entry[name] for name in ("episodes_missing", "episodes_left_out")},
+                }
+            )
+    return rows
+
+
+def on_diagonal(row: dict) -> bool:
+    """Whether a generalization.csv row tests a cell's probe at its own step."""
+    return str(row[f"test_{row['axis']}"]) == str(row[row["axis"]])
+
+
+class Stability(NamedTuple):
+    """One layer's train x test matrix (or matrices) in a number: see code_stability."""
+
+    diagonal: float  # mean accuracy of each probe at its own step
+    off_diagonal: float  # mean accuracy at the other steps
+    chance: float
+    code_stability: float
+
+
+def code_stabilities(rows: list[dict]) -> dict[tuple, Stability]:
+    """The code stability of each layer's matrix (MATRIX_KEYS: per expert, settings, axis and layer; over every
+    denoising step or rollout step that the axis holds fixed)."""
+    matrices: dict[tuple, tuple[list, list, list]] = {}
+    for row in rows:
+        diagonal, off, chance = matrices.setdefault(tuple(str(row[key]) for key in MATRIX_KEYS), ([], [], []))
+        (diagonal if on_diagonal(row) else off).append(row["accuracy"])
+        chance.append(row["chance_accuracy"])
+    return {
+        key: Stability(np.nanmean(diagonal), np.nanmean(off), np.mean(chance), code_stability(diagonal, off))
+        for key, (diagonal, off, chance) in matrices.items()
+    }
+
+
+def stability_order(item: tuple[tuple, Stability]) -> tuple:
+    """Printed order: by expert, settings and axis, then layer."""
+    key = item[0]
+    return key[:-1], -1 if key[-1] == "None" else int(key[-1])
+
+
+def stability_lines(stabilities: dict[tuple, Stability]) -> list[str]:
+    """The printed report's code stability, one line per layer and axis, with the means it divides. It is a code's
+    stability only where the diagonal is well above chance: a layer that carries nothing divides noise by noise."""
+    lines = ["code_stability (--generalize): mean off-diagonal accuracy / mean diagonal; 1: one code at every step"]
+    for key, one in sorted(stabilities.items(), key=stability_order):
+        named = dict(zip(MATRIX_KEYS, key))
+        layer = "-" if named["layer"] == "None" else named["layer"]
+        lines.append(
+            f"  {named['expert']:9} layer {layer:>2} across {AXIS_NAMES[named['axis']]}s: {one.code_stability:.3f} "
+            f"(off-diagonal {one.off_diagonal:.3f} / diagonal {one.diagonal:.3f}; chance {one.chance:.3f})"
+        )
+    return lines
+
+
+def matrix_order(figure: GeneralizationFigure, value) -> tuple:
+    """Rows and columns of a matrix: rollout steps ascending; denoising steps in Pi0's order (t 1.0 first)."""
+    return (0, int(value)) if has_value(value) and value != "all" else (1, 0)
+
+
+def generalization_panels(rows: list[dict], figure: GeneralizationFigure) -> list[list[dict]]:
+    """The rows of each panel of a figure (one layer, one fixed step, one setting), in the order drawn."""
+    panels: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["axis"] == figure.axis:
+            key = (row["expert"], *(str(row[name]) for name in SETTING_COLUMNS), str(row[figure.fixed]))
+            layer = -1 if row["layer"] is None else row["layer"]
+            panels.setdefault((*key, layer), []).append(row)
+    return [panels[key] for key in sorted(panels, key=lambda key: (key[:-2], matrix_order(figure, key[-2]), key[-1]))]
+
+
+def draw_generalization(axis, members: list[dict], figure: GeneralizationFigure, stability: float):
+    """One train x test matrix of accuracy: train on y, test on x, in the order the steps run."""
+    order = functools.partial(matrix_order, figure)
+    steps = sorted({row[figure.train] for row in members} | {row[figure.test] for row in members}, key=order)
+    values = np.full((len(steps), len(steps)), np.nan)
+    names = {}
+    for row in members:
+        values[steps.index(row[figure.train]), steps.index(row[figure.test])] = row["accuracy"]
+        if figure.axis == "inference_step" and has_value(row["test_inference_time"]):
+            names[row[figure.test]] = f"{row['test_inference_time']:g}"
+    image = axis.imshow(
+        np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap=pyplot().get_cmap("viridis").with_extremes(bad="0.85")
+    )
+    if len(steps) <= 6:
+        annotate_cells(axis, image, values, np.vectorize("{:.2f}".format, otypes=[object])(values))
+    ticks = [names.get(step, str(step)) for step in steps]
+    axis.set_xticks(range(len(steps)), ticks, fontsize=6, rotation=90 if len(steps) > 6 else 0)
+    axis.set_yticks(range(len(steps)), ticks, fontsize=6)
+    first = members[0]
+    layer = "-" if first["layer"] is None else first["layer"]
+    fixed = f", {figure.fixed.replace('_', ' ')} {first[figure.fixed]}" if figure.axis == "inference_step" else ""
+    if figure.axis == "rollout_step" and first["expert"] == "action":
+        fixed = f", t {first['inference_time']:g}" if has_value(first["inference_time"]) else ", every entry"
+    axis.set_title(f"{first['expert']} layer {layer}{fixed}\ncode_stability {stability:.2f}", fontsize=7)
+    return image
+
+
+def plot_generalization(rows: list[dict], figure: GeneralizationFigure, stabilities: dict, path: Path) -> int:
+    """A grid of train x test accuracy matrices, one per layer (at most MOST_GENERALIZATION_PANELS), one colour scale
+    with chance on its bar; return how many panels were left out."""
+    plt = pyplot()
+    panels = generalization_panels(rows, figure)
+    shown = panels[:MOST_GENERALIZATION_PANELS]
+    columns = min(6, len(shown))
+    lines = math.ceil(len(shown) / columns)
+    size = (2.3 * columns + 1.2, 2.4 * lines + 1.0)
+    drawing, axes = plt.subplots(lines, columns, figsize=size, squeeze=False, layout="constrained")
+    for position, axis in enumerate(axes.flat):
+        if position >= len(shown):
+            axis.set_axis_off()
+            continue
+        members = shown[position]
+        stability = stabilities[tuple(str(members[0][key]) for key in MATRIX_KEYS)].code_stability
+        image = draw_generalization(axis, members, figure, stability)
+        if position % columns == 0:
+            axis.set_ylabel(f"trained at {figure.label}", fontsize=7)
+        if position >= len(shown) - columns:
+            axis.set_xlabel(f"tested at {figure.label}", fontsize=7)
+    bar = drawing.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    for chance in sorted({float(row["chance_accuracy"]) for row in rows}):
+        bar.ax.axhline(chance, color="red", linewidth=2)
+    bar.set_label("held-out accuracy (red line: chance)", fontsize=8)
+    drawing.suptitle(
+        f"Is it the same code? Trained at one {figure.label.split(' (')[0]}, tested at every other (held-out episodes)",
+        fontsize=9,
+    )
+    save_figure(drawing, path)
+    return len(panels) - len(shown)
+
+
+def write_generalization(rows: list[dict], directory: Path) -> tuple[list[Path], list[str]]:
+    """generalization.csv and each axis's figure; the paths written, and the printed report's lines."""
+    rows.sort(key=lambda row: tuple(str(row[name]) for name in GENERALIZATION_COLUMNS))
+    write_atomically(directory / "generalization.csv", csv_bytes(GENERALIZATION_COLUMNS, rows))
+    written, stabilities = [directory / "generalization.csv"], code_stabilities(rows)
+    lines = stability_lines(stabilities)
+    for figure in GENERALIZATION_FIGURES:
+        if any(row["axis"] == figure.axis for row in rows):
+            left_out = plot_generalization(rows, figure, stabilities, directory / f"{figure.stem}.png")
+            written.append(directory / f"{figure.stem}.png")
+            if left_out:
+                lines.append(f"  {figure.stem}.png: {left_out} more panel(s) in generalization.csv only")
+    return written, lines
+
+
+def add_code_stability(rows: list[dict], stabilities: dict[tuple, Stability]) -> None:
+    """Each sweep.csv row's code_stability of its layer along each axis (blank where the sweep did not vary it)."""
+    for row in rows:
+        for axis in AXIS_NAMES:
+            key = tuple(str(value) for value in (*(row[name] for name in MATRIX_KEYS[:-2]), axis, row["layer"]))
+            if key in stabilities:
+                row[f"code_stability_{axis}"] = stabilities[key].code_stability
+
+
 def report_table(rows: list[dict]) -> list[str]:
     """The printed table of a report: one line per results file."""
     header = (
@@ -5481,7 +6112,7 @@ def write_report(directory: Path, strict: bool = False) -> str:
     paths = sorted(directory.glob(RESULTS_NAME.format("*"))) if directory.is_dir() else []
     if not paths:
         raise ProbeError(f"--report {directory}: no {RESULTS_NAME.format('*')} files there")
-    rows, concept_rows, cells = [], [], []
+    rows, concept_rows, cells, generalization_rows = [], [], [], []
     for path in paths:
         try:
             with open_regular(path) as file:
@@ -5496,6 +6127,7 @@ def write_report(directory: Path, strict: bool = False) -> str:
             else:
                 rows.append(report_row(results, path))
                 cells.append(null_cell(results))
+                generalization_rows += generalization_report_rows(results, rows[-1])
         except (BadFileError, *UNREADABLE) as error:
             reason = str(error)
             if not isinstance(error, BadFileError):
@@ -5515,14 +6147,18 @@ def write_report(directory: Path, strict: bool = False) -> str:
 
     family_lines = family_corrections(rows, cells)
     rows.sort(key=order)
+    generalized, stability = [], []
+    if generalization_rows:
+        generalized, stability = write_generalization(generalization_rows, directory)
+        add_code_stability(rows, code_stabilities(generalization_rows))
     write_atomically(directory / "sweep.csv", csv_bytes(REPORT_COLUMNS, rows))
-    written = [directory / "sweep.csv"]
+    written = [directory / "sweep.csv", *generalized]
     layered = [row for row in rows if row["layer"] is not None]
     if layered:
         plot_by_layer(layered, directory)
         written += [directory / "accuracy_by_layer.png", directory / "cosine_by_layer.png"]
         written += write_heatmaps(layered, directory)
-    lines = report_table(rows) + family_lines + ["wrote " + ", ".join(str(path) for path in written)]
+    lines = report_table(rows) + family_lines + stability + ["wrote " + ", ".join(str(path) for path in written)]
     return "\n".join(lines + concept_lines)
 
 
@@ -5778,7 +6414,7 @@ OPTION_GROUPS = {
         "loss",
         "standardize",
     ),
-    "evaluation": ("cv_folds", "split", "control", "permutations", "repeats", "mdl", "bootstrap"),
+    "evaluation": ("cv_folds", "split", "control", "permutations", "repeats", "mdl", "bootstrap", "generalize"),
     "output": ("output_dir", "skip_existing", "overwrite", "shard", "plot", "report", "demo", ("verbose", "quiet")),
 }
 
@@ -5836,10 +6472,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if args.expert == "visual" and args.layer is None:
         args.layer = [None]  # SigLIP's output has no layers
     if args.demo:
-        for name, value in DEMO_DEFAULTS.items():
+        for name, value in {**DEMO_DEFAULTS, **(DEMO_CODES_DEFAULTS if args.generalize else {})}.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-        args.data_path = args.data_path or str(DEMO_DIR)
+        args.data_path = args.data_path or str(DEMO_CODES_DIR if args.generalize else DEMO_DIR)
         if args.t5_model == parser.get_default("t5_model"):
             args.t5_model = str(Path(args.data_path) / "t5_tiny")
     missing = [
@@ -5855,6 +6491,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} {start} {end}: END must be greater than START (the range is end-exclusive)")
     if args.baseline and args.target == "concepts":
         parser.error("--baseline applies to --target t5")
+    if args.generalize and args.target == "concepts":
+        parser.error(
+            "--generalize applies to --target t5: it scores each cell's probe by task retrieval at other steps"
+        )
     if args.baseline and args.baseline[0] == "action" and args.expert != "action":
         parser.error("--baseline action:L needs --expert action: its denoising entries pair with the probed ones")
     args.split = args.split or ("task" if args.target == "concepts" else "episode")
@@ -5925,7 +6565,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
     """Walk the task files once and resolve the sweep, then read, train, evaluate and write one rollout step at a
     time; return what was written (a sweep's results without their per-sample parts)."""
     if args.demo:
-        prepare_demo(Path(args.data_path))
+        prepare_demo(Path(args.data_path), codes=args.generalize)
     source, labels, training = configs_from_arguments(args)
     made_with = run_made_with(source, labels, training)  # checks --data_path, though nothing may be read
     named = sweep_items(source, args.layer, args.rollout_step, "all", ReadReport()) if named_by_options(args) else []
@@ -5945,6 +6585,12 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         return []
     destination = Destination(Path(args.output_dir), args.plot, started, command, made_with, args.overwrite)
     written = []
+    if training.generalize:  # every step read before a result is written: see generalized_sweep
+        cells = sweep_items(source, args.layer, args.rollout_step, args.inference_step, dataset.report)
+        for results, *paths in generalized_sweep(items, cells, dataset, labels, training, destination):
+            written.append((without_per_sample_parts(results, len(items)), *paths))
+            progress.written += 1
+        return written
     for step in sorted({item.rollout_step for item in items}):
         # One rollout step at a time: memory follows one step's features, not the sweep's. Its slices are cut from
         # the arrays the walk kept (a file that cannot be mapped is read again).
@@ -5957,9 +6603,7 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         tasks, width = len(np.unique(samples.task_id)), samples.features.shape[2]
         log.info("step %d: %d combination(s), %d tasks, width %d", step, len(step_items), tasks, width)
         for results, *paths in run_sweep(step_items, dataset, samples, layers, labels, training, destination):
-            if len(items) > 1:
-                results = {key: value for key, value in results.items() if key not in PER_SAMPLE_PARTS}
-            written.append((results, *paths))
+            written.append((without_per_sample_parts(results, len(items)), *paths))
             progress.written += 1
         del samples
         release_freed_memory()  # before the next step is read
@@ -5989,7 +6633,13 @@ def print_outcome(written: list[tuple[dict, Path, Path]], args: argparse.Namespa
     else:
         for results, results_path, _ in written:
             print(f"{results_path.name}: {outcome_line(results)}")
-    if args.demo:
+    if args.demo and args.generalize:
+        codes = ", ".join(f"layer {layer} {kind}" for layer, kind in DEMO_CODES.items())
+        print(
+            f"Demo: task directions planted {codes} over the rollout steps and denoising steps; one direction per task "
+            f"in every other layer (none in layer {DEMO_SILENT_LAYER}). Then --report {args.output_dir}."
+        )
+    elif args.demo:
         print(
             f"Demo: planted task signal (in units of episode noise) text tokens {DEMO_SIGNAL['text']}, image tokens "
             f"{DEMO_SIGNAL['image']}, action expert {DEMO_SIGNAL['action']}; none in layer {DEMO_SILENT_LAYER}. "
@@ -6685,16 +7335,51 @@ def demo_prompt_entry(
     return {"hidden_states": hidden, "pre_attn_norm_scales": rng.standard_normal((num_layers, width), dtype=np.float32)}
 
 
+# How a layer's task direction changes over rollout steps and denoising steps (write_demo_dataset's `codes`): "stable",
+# one direction per task throughout; "redrawn", a new random one at every rollout step and denoising step; "turning",
+# rotating by a quarter turn over the rollout steps and another over the denoising steps.
+DEMO_CODE_KINDS = ("stable", "redrawn", "turning")
+# --demo --generalize: three rollout steps, a strong action-expert signal, and two layers whose code changes (every
+# other layer is stable; DEMO_SILENT_LAYER has none).
+DEMO_CODES = {6: "redrawn", 7: "turning"}
+DEMO_CODES_DIR = DEMO_DIR.parent / "demo_codes"
+DEMO_CODES_STEPS = (10, 20, 30)
+DEMO_CODES_ACTION_SIGNAL = 3.0
+# --demo --generalize's options (see DEMO_DEFAULTS): every rollout step, a stable layer beside the two that change.
+DEMO_CODES_DEFAULTS = {"rollout_step": "all", "layer": [5, *DEMO_CODES]}
+
+
+def demo_code_directions(
+    base: np.ndarray, codes: dict[int, str], num_layers: int, where: tuple[int, ...], turn: float
+) -> np.ndarray:
+    """(layers, width) a task's direction in each layer at one rollout step (and denoising step): `base` but in the
+    layers `codes` names (see DEMO_CODE_KINDS). `where` seeds a re-drawn direction (seed, expert, task, step,
+    denoising step) and, less its last two, a turning one's second axis; `turn`: the angle so far, in quarter turns."""
+    directions = np.repeat(base[None], num_layers, axis=0)
+    for layer, kind in codes.items():
+        if kind == "redrawn":
+            directions[layer] = np.random.default_rng([*where, layer, 7]).standard_normal(len(base), dtype=np.float32)
+        elif kind == "turning":  # base rotated towards an orthogonal direction of the same length
+            other = np.random.default_rng([*where[:-2], layer, 8]).standard_normal(len(base))
+            other -= other @ base / (base @ base) * base
+            other *= np.linalg.norm(base) / np.linalg.norm(other)
+            angle = turn * np.pi / 2
+            directions[layer] = np.cos(angle) * base + np.sin(angle) * other
+    return directions
+
+
 def demo_expert_entry(
     rng: np.random.Generator, signature: np.ndarray, signal_by_token: np.ndarray, num_layers: int
 ) -> dict:
-    """One expert entry: (layer, 1, token, width) hidden states = episode noise + token noise + signal."""
-    width, token_count = signature.shape[0], signal_by_token.shape[0]
+    """One expert entry: (layer, 1, token, width) hidden states = episode noise + token noise + signal. `signature`:
+    the task's direction, (width,) in every layer or (layers, width)."""
+    width, token_count = signature.shape[-1], signal_by_token.shape[0]
+    signature = np.broadcast_to(signature, (num_layers, width))
     layer_gain = np.ones(num_layers, dtype=np.float32)
     layer_gain[DEMO_SILENT_LAYER] = 0.0
     hidden = rng.standard_normal((num_layers, 1, token_count, width), dtype=np.float32)
     hidden += rng.standard_normal((num_layers, 1, 1, width), dtype=np.float32)
-    hidden += layer_gain[:, None, None, None] * signal_by_token[None, None, :, None] * signature[None, None, None, :]
+    hidden += layer_gain[:, None, None, None] * signal_by_token[None, None, :, None] * signature[:, None, None, :]
     return {
         "hidden_states": hidden,
         "pre_attn_norm_scales": rng.standard_normal((num_layers, width), dtype=np.float32),
@@ -6712,12 +7397,16 @@ def demo_step(
     action_key_format: str,
 ) -> dict:
     """One rollout step's dict: the denoising entries of the action expert, the VLM's layers, SigLIP's output per
-    camera and the observation. `vlm` and `action`: (the task's direction, the signal strength per token)."""
-    vlm_signature, vlm_width = vlm[0], vlm[0].shape[0]
+    camera and the observation. `vlm` and `action`: (the task's direction, the signal strength per token); the
+    direction (width,), or per layer (layers, width), and the action expert's per denoising step too (times, layers,
+    width)."""
+    vlm_signature, vlm_width = vlm[0], vlm[0].shape[-1]
     step_data = {"timestep": step, "action": rng.standard_normal(7).tolist(), "prompt": description}
-    for time_value in DEMO_TIMES:
-        step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, *action, num_layers)
+    for k, time_value in enumerate(DEMO_TIMES):
+        signature = action[0][k] if action[0].ndim == 3 else action[0]
+        step_data[action_key_format.format(time_value)] = demo_expert_entry(rng, signature, action[1], num_layers)
     step_data["vlm_layer_output"] = demo_expert_entry(rng, *vlm, num_layers)
+    vlm_signature = vlm_signature if vlm_signature.ndim == 1 else vlm_signature[0]  # SigLIP: layer 0's direction
     step_data["vision_latents"] = {  # SigLIP output per camera; LIBERO's right wrist image is all zeros
         camera: {
             "pre_logits": (
@@ -6752,14 +7441,18 @@ def write_demo_dataset(
     vlm_signatures: np.ndarray | None = None,
     descriptions: list[str] | None = None,
     prompts: DemoPrompts | None = None,
+    codes: dict[int, str] | None = None,
+    action_signal: float = DEMO_SIGNAL["action"],
 ) -> list[str]:
     """Write task_{id}_{name}.pkl files in the Pi0 layout; return the task descriptions.
 
     Planted: text tokens carry the task strongly, image tokens and the action expert
-    weakly (DEMO_SIGNAL), layer DEMO_SILENT_LAYER not at all. Each task's signal is a random
-    direction unless `vlm_signatures` (tasks x vlm_width) gives them, e.g. a linear image of the
-    tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. The last episode of task 1 ends before the
-    last step, as short episodes do. `prompts`: counterfactual prompts and planted padding (see DemoPrompts).
+    weakly (DEMO_SIGNAL; `action_signal` sets the action expert's), layer DEMO_SILENT_LAYER not at all. Each task's
+    signal is a random direction unless `vlm_signatures` (tasks x vlm_width) gives them, e.g. a linear image of the
+    tasks' T5 embeddings; `descriptions` replaces the ten LIBERO-like ones. `codes` (layer -> a DEMO_CODE_KINDS kind)
+    makes a layer's direction change over the rollout steps and the denoising steps, in both experts. The last episode
+    of task 1 ends before the last step, as short episodes do. `prompts`: counterfactual prompts and planted padding
+    (see DemoPrompts).
     """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -6767,23 +7460,34 @@ def write_demo_dataset(
     vlm_signal = np.zeros(PREFIX_TOKEN_COUNT, dtype=np.float32)
     vlm_signal[EXPERT_TOKENS["image"]] = DEMO_SIGNAL["image"]
     vlm_signal[EXPERT_TOKENS["text_only"]] = DEMO_SIGNAL["text"]
-    action_signal = np.full(51, DEMO_SIGNAL["action"], dtype=np.float32)
+    action_signal = np.full(51, action_signal, dtype=np.float32)
     text_signatures = None if prompts is None else rng.standard_normal((len(descriptions), vlm_width), np.float32)
     for task_id, description in enumerate(descriptions):
         vlm_signature = rng.standard_normal(vlm_width, dtype=np.float32)
         if vlm_signatures is not None:
             vlm_signature = np.asarray(vlm_signatures[task_id], dtype=np.float32)
         action_signature = rng.standard_normal(action_width, dtype=np.float32)
+        directions = {}  # step -> the (vlm, action) directions of every layer (and denoising step), with `codes`
+        for index, step in enumerate(steps if codes else []):
+            turn = index / max(len(steps) - 1, 1)  # a quarter turn from the first step to the last
+            vlm_directions = demo_code_directions(vlm_signature, codes, num_layers, (seed, 0, task_id, index, 0), turn)
+            action_directions = [
+                demo_code_directions(
+                    action_signature, codes, num_layers, (seed, 1, task_id, index, k), turn + k / (len(DEMO_TIMES) - 1)
+                )
+                for k in range(len(DEMO_TIMES))
+            ]
+            directions[step] = (vlm_directions, np.stack(action_directions))
         episodes = {}
         for episode in range(num_episodes):
             episode_steps = steps[:-1] if (task_id == 1 and episode == num_episodes - 1 and len(steps) > 1) else steps
-            vlm, action = (vlm_signature, vlm_signal), (action_signature, action_signal)
-            rollout_steps = {
-                f"step_{step}": demo_step(
+            rollout_steps = {}
+            for step in episode_steps:
+                vlm_direction, action_direction = directions.get(step, (vlm_signature, action_signature))
+                vlm, action = (vlm_direction, vlm_signal), (action_direction, action_signal)
+                rollout_steps[f"step_{step}"] = demo_step(
                     rng, step, description, vlm, action, num_layers, image_size, action_key_format
                 )
-                for step in episode_steps
-            }
             if prompts is not None:
                 shown = (task_id + 1) % len(descriptions) if prompts.swapped and episode % 2 else task_id
                 length = PROMPT_TOKENS if prompts.lengths is None else prompts.lengths[shown]
@@ -6845,14 +7549,18 @@ def build_tiny_t5(directory: Path, descriptions: list[str], seed: int = 0, d_mod
     tokenizer.save_pretrained(directory)
 
 
-def prepare_demo(directory: Path) -> None:
-    """Write the demo dataset and tiny T5 once; later runs reuse them."""
+def prepare_demo(directory: Path, codes: bool = False) -> None:
+    """Write the demo dataset and tiny T5 once; later runs reuse them. `codes` (--demo --generalize): three rollout
+    steps, a strong action-expert signal and the layers of DEMO_CODES, whose task directions change over the steps."""
     marker = directory / "demo.json"
     settings = {"version": 5, "signal": DEMO_SIGNAL, "silent_layer": DEMO_SILENT_LAYER}
+    planted = {"steps": DEMO_CODES_STEPS, "codes": DEMO_CODES, "action_signal": DEMO_CODES_ACTION_SIGNAL}
+    if codes:
+        settings["codes"] = json.loads(json.dumps(planted))
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return
     log.warning("writing the demo dataset and a tiny random-weight T5 to %s", directory)
-    descriptions = write_demo_dataset(directory)
+    descriptions = write_demo_dataset(directory, **(planted if codes else {}))
     build_tiny_t5(directory / "t5_tiny", descriptions)
     write_atomically(marker, json.dumps(settings).encode())
 
