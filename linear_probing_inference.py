@@ -488,7 +488,7 @@ def check_configs(labels: LabelConfig, training: TrainingConfig) -> None:
         raise OptionError(f"--cv_folds {training.cv_folds}: at least 2 folds are needed to hold anything out")
     if labels.concepts_file and labels.target != "concepts":
         raise OptionError("--concepts applies to --target concepts")
-    concept_misfits = training.probe != "linear" or training.mdl or training.repeats or training.permutations
+    concept_misfits = training.probe != "linear" or training.mdl or (training.repeats or 1) > 1 or training.permutations
     if labels.target == "concepts" and concept_misfits:
         raise OptionError(
             "--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations "
@@ -1963,7 +1963,9 @@ class ClassFit(NamedTuple):
     (training side, penalty) serves the probe, the control and every permuted assignment (train_ridge_probes)."""
 
     predictions: np.ndarray  # (fits, n, C) each indicator fit's prediction of every sample
-    fit: np.ndarray  # (copies,) the indicator fit each copy's predictions are (times its table)
+    # (copies,) the indicator fit each copy's predictions are (times its table); -1: the copy is scored with its kept
+    # weights instead, as --generalize applies them at other steps (the true assignment's fold probes)
+    fit: np.ndarray
     tables: np.ndarray  # (copies, C, d) = Copies.classes
 
 
@@ -2253,12 +2255,12 @@ def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[
 
 
 class RidgeSide(NamedTuple):
-    """One training side's samples, for ridge fits on any subset of them that predict any samples."""
+    """One training side: every sample standardized with its statistics, for ridge fits on subsets of its samples."""
 
     z: np.ndarray  # (n, width) every sample, standardized with the side's training statistics
     rows: np.ndarray  # (n_t,) the side's training samples
-    # (n, n_t) z @ z[rows].T when the side has fewer samples than features: every fit is then solved in the dual from
-    # blocks of it, and no width-sized work is repeated per inner fold or penalty; None otherwise (the primal)
+    # (n_t, n_t) z[rows] @ z[rows].T when the side has fewer samples than features: the inner folds' fits are then
+    # solved in the dual from blocks of it, no width-sized work repeated per inner fold or penalty; None: the primal
     gram: np.ndarray | None
 
 
@@ -2269,21 +2271,29 @@ def ridge_side(features: np.ndarray, train: np.ndarray, standardize: bool) -> tu
     std = usable_std(x_train.std(0)) if standardize else np.ones(features.shape[1])
     z = (features.astype(np.float64) - mean) / std
     rows = np.flatnonzero(train)
-    return RidgeSide(z, rows, z @ z[rows].T if len(rows) < z.shape[1] else None), mean, std
+    return RidgeSide(z, rows, z[rows] @ z[rows].T if len(rows) < z.shape[1] else None), mean, std
 
 
-def side_predictions(
-    side: RidgeSide, fit: np.ndarray, predict: np.ndarray, targets: np.ndarray, penalties: np.ndarray
+def side_fits(side: RidgeSide, fit: np.ndarray, targets: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
+    """Per penalty, the (width, C) weights of the ridge fit of `targets` on the side's samples `fit` (bool over
+    side.rows), features and targets centered by their means over `fit`."""
+    x = side.z[side.rows[fit]]
+    x, y = x - x.mean(0), targets - targets.mean(0)
+    if side.gram is None:
+        return ridge_solution(x, y, penalties)
+    return [x.T @ a for a in dual_coefficients(centered_gram(side, fit, fit)[0], y, penalties)]
+
+
+def held_predictions(
+    side: RidgeSide, fit: np.ndarray, held: np.ndarray, targets: np.ndarray, penalties: np.ndarray
 ) -> list[np.ndarray]:
-    """Per penalty, the predictions of samples `predict` by the ridge fit of `targets` on the side's samples `fit`
-    (bool over side.rows), features and targets centered by their means over `fit`."""
+    """Per penalty, the predictions of the side's samples `held` by the ridge fit of `targets` on its samples `fit`
+    (both bool over side.rows): in the dual, from the Gram matrix alone."""
     target_mean = targets.mean(0)
     if side.gram is None:
-        x = side.z[side.rows[fit]]
-        x_mean = x.mean(0)
-        maps = ridge_solution(x - x_mean, targets - target_mean, penalties)
-        return [(side.z[predict] - x_mean) @ weights + target_mean for weights in maps]
-    fitted, crossed = centered_gram(side, fit, predict)
+        x_mean = side.z[side.rows[fit]].mean(0)
+        return [(side.z[side.rows[held]] - x_mean) @ w + target_mean for w in side_fits(side, fit, targets, penalties)]
+    fitted, crossed = centered_gram(side, fit, held)
     return [crossed @ a + target_mean for a in dual_coefficients(fitted, targets - target_mean, penalties)]
 
 
@@ -2294,24 +2304,14 @@ def dual_coefficients(gram: np.ndarray, y: np.ndarray, penalties: np.ndarray) ->
     return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
 
 
-def centered_gram(side: RidgeSide, fit: np.ndarray, predict: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inner products of the side's samples `fit` (bool over side.rows) with each other and of samples `predict`
-    with them, all centered by the mean over `fit`: from the side's plain Gram matrix, z_i . mean being row i's mean
-    over the fit columns."""
-    columns = np.flatnonzero(fit)
-    block, cross = side.gram[side.rows[columns]][:, columns], side.gram[predict][:, columns]
+def centered_gram(side: RidgeSide, fit: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inner products of the side's samples `fit` with each other, and of its samples `other` with them (both bool
+    over side.rows), centered by the mean over `fit`: from the plain Gram matrix, z_i . mean being row i's mean over
+    the fit columns."""
+    block, cross = side.gram[np.ix_(fit, fit)], side.gram[np.ix_(other, fit)]
     column_mean = block.mean(0)
     fitted = block - block.mean(1)[:, None] - column_mean + column_mean.mean()
     return fitted, cross - cross.mean(1)[:, None] - column_mean + column_mean.mean()
-
-
-def side_weights(side: RidgeSide, targets: np.ndarray, penalty: float) -> np.ndarray:
-    """(width, C) ridge weights of `targets` on all the side's samples, centered (the primal map)."""
-    x = side.z[side.rows]
-    if side.gram is None:
-        return ridge_solution(x - x.mean(0), targets - targets.mean(0), np.array([penalty]))[0]
-    fitted, _ = centered_gram(side, np.ones(len(side.rows), bool), side.rows[:0])
-    return (x - x.mean(0)).T @ dual_coefficients(fitted, targets - targets.mean(0), np.array([penalty]))[0]
 
 
 def train_ridge_probes(
@@ -2324,8 +2324,8 @@ def train_ridge_probes(
     decomposition per (training side, inner fold) serves every penalty and every copy that trains on those samples
     (the probe, the control, each permuted assignment), and a copy's predictions are the indicators' times its table."""
     count, width, (classes, outputs) = len(copies.train), features.shape[1], copies.classes.shape[1:]
-    # weights for the results file (copies.kept) and for --generalize (every repeat's fold probes)
-    kept = np.union1d(copies.kept(), np.flatnonzero((copies.assignment == 0) & (copies.fold >= 0)))
+    weighted = np.flatnonzero((copies.assignment == 0) & (copies.fold >= 0))  # every repeat's fold probes
+    kept = np.union1d(copies.kept(), weighted)  # and the control's, for the results file
     kernel, bias = np.zeros((len(kept), width, outputs), np.float32), np.zeros((len(kept), outputs), np.float32)
     mean, std = np.zeros((len(kept), width), np.float32), np.ones((len(kept), width), np.float32)
     indicator = np.eye(classes)[sample_class]  # (n, C): targets = indicator @ class table
@@ -2338,22 +2338,16 @@ def train_ridge_probes(
         side, side_mean, side_std = ridge_side(features, train, config.standardize)
         targets, penalties = indicator[train], RIDGE_PENALTIES * train.sum()
         best = np.argmax(inner_scores(side, targets, copies.classes[members], units[train], penalties), axis=1)
-        used = np.unique(best)
-        every = np.ones(len(side.rows), bool)
-        for chosen, predicted in zip(
-            used, side_predictions(side, every, np.arange(len(features)), targets, penalties[used])
-        ):
-            these = members[best == chosen]
+        used, x_mean = np.unique(best), side.z[side.rows].mean(0)
+        for chosen, weights in zip(used, side_fits(side, np.ones(len(side.rows), bool), targets, penalties[used])):
+            these, offset = members[best == chosen], targets.mean(0) - x_mean @ weights
             fit_of_copy[these], penalty[these] = len(predictions), penalties[chosen]
-            failed[these] = not np.isfinite(predicted).all()
-            predictions.append(predicted.astype(np.float32))
-            rows = np.flatnonzero(np.isin(kept, these))
-            if len(rows):  # the weights a results file keeps
-                weights, x_mean = side_weights(side, targets, penalties[chosen]), side.z[side.rows].mean(0)
-                for row in rows:
-                    table = copies.classes[kept[row]].astype(np.float64)
-                    kernel[row], bias[row] = weights @ table, (targets.mean(0) - x_mean @ weights) @ table
-                    mean[row], std[row] = side_mean, side_std
+            failed[these] = not np.isfinite(weights).all()
+            predictions.append((side.z @ weights + offset).astype(np.float32))
+            for row in np.flatnonzero(np.isin(kept, these)):
+                table = copies.classes[kept[row]].astype(np.float64)
+                kernel[row], bias[row], mean[row], std[row] = weights @ table, offset @ table, side_mean, side_std
+    fit_of_copy[weighted] = -1
     class_fit = ClassFit(np.stack(predictions), fit_of_copy, copies.classes)
     return ProbeFit(kernel, bias, mean, std, failed, {"penalty": penalty}, kept, class_fit)
 
@@ -2373,7 +2367,7 @@ def inner_scores(
             continue
         own, indicators = np.argmax(classes[held], axis=1), classes[held]
         own_norm = np.sqrt(np.maximum(grams[:, own, own], 0.0))  # (copies, held)
-        predictions = side_predictions(side, fit, side.rows[held], classes[fit], penalties)
+        predictions = held_predictions(side, fit, held, classes[fit], penalties)
         for index, predicted in enumerate(predictions):  # (held, C) each: in class space
             # With a copy's prediction p = predicted @ T and target T[own]: p . T[own] = (predicted (x) e_own) . vec(G)
             # and |p|^2 = (predicted (x) predicted) . vec(G), G = T T^T; every copy in one product.
@@ -2621,12 +2615,12 @@ def copy_predictions(features: np.ndarray, fitted: ProbeFit, copy_of_sample: np.
         rows = copy_of_sample == copy
         if fitted.failed[copy]:
             continue
-        if fitted.class_fit is not None:  # ridge: the class indicators' fit times the copy's table
-            class_fit = fitted.class_fit
+        class_fit = fitted.class_fit
+        if class_fit is not None and class_fit.fit[copy] >= 0:  # ridge: the class indicators' fit times the table
             prediction[rows] = class_fit.predictions[class_fit.fit[copy]][rows] @ class_fit.tables[copy]
         else:
-            x = (features[rows].astype(np.float64) - fitted.feature_mean[copy]) / fitted.feature_std[copy]
-            prediction[rows] = x @ fitted.kernel[copy] + fitted.bias[copy]
+            kernel, bias, mean, std = (part[0] for part in fitted.weights(np.array([copy])))
+            prediction[rows] = (features[rows].astype(np.float64) - mean) / std @ kernel + bias
     return prediction
 
 
@@ -2797,8 +2791,9 @@ def null_similarity_blocks(features: np.ndarray, fitted: ProbeFit, design: Desig
             )
         return
     null = (copies.repeat == 0) & (copies.assignment >= 1) & (copies.fold >= 0)
-    fold_copy = np.zeros((assignments, design.folds), np.int64)
+    fold_copy = np.full((assignments, design.folds), -1)
     fold_copy[copies.assignment[null] - 1, copies.fold[null]] = np.flatnonzero(null)
+    assert (fold_copy >= 0).all(), "every permuted assignment has a probe per fold"
     class_fit = fitted.class_fit
     for fold in range(design.folds):
         rows = design.fold[0] == fold
@@ -5374,7 +5369,7 @@ def has_value(value) -> bool:
 class NullCell(NamedTuple):
     """What the report needs of one cell to correct its permutation p-value over a family of cells."""
 
-    family: tuple[str, str]  # expert, feature type
+    family: tuple[str, ...]  # expert, feature type, token positions, labels, probe
     alike: tuple  # tasks, split and permuted assignments: a family's cells must share them
     observed: float  # the first repeat's accuracy, as the cell's own p-value takes it
     null: np.ndarray  # (N,) accuracy under each permuted assignment
@@ -5388,9 +5383,17 @@ def null_cell(results: dict) -> NullCell | None:
     if control is None or control.permutation_p_value is None:
         return None
     tasks = tuple(np.asarray(results["tasks"]["task_ids"]).tolist())
-    alike = (tasks, setup.training.split, np.asarray(results["config"]["permuted_assignments"]).tobytes())
+    classes = tuple(results["tasks"]["class_descriptions"])  # permutation k moves these classes: in this order
+    alike = (tasks, classes, setup.training.split, np.asarray(results["config"]["permuted_assignments"]).tobytes())
+    source, labels = setup.source, setup.labels
     return NullCell(
-        (setup.source.expert, setup.source.feature_type),
+        (
+            source.expert,
+            source.feature_type,
+            f"{source.tokens} tokens",
+            f"{labels.label_by} labels",
+            setup.training.probe,
+        ),
         alike,
         float(held_out.repeats.accuracy[0]),
         np.asarray(control.permutation_null.accuracy),
@@ -5399,7 +5402,8 @@ def null_cell(results: dict) -> NullCell | None:
 
 
 def family_corrections(rows: list[dict], cells: list[NullCell | None]) -> list[str]:
-    """Correct each cell's permutation p-value over its family, the cells of one expert and feature type: the
+    """Correct each cell's permutation p-value over its family, the cells of one expert, feature type, token positions,
+    labels and probe: the
     family-wise p by the max statistic (Westfall & Young 1993), (1 + #{k: max over the family's cells of permutation
     k's null accuracy >= the cell's}) / (1 + N), and Benjamini-Hochberg q-values. Into the rows; one line per family,
     saying why when it gets none. Permutation k is the same derangement in every cell (one seed, one index)."""
@@ -5408,8 +5412,8 @@ def family_corrections(rows: list[dict], cells: list[NullCell | None]) -> list[s
         if cell is not None:
             families.setdefault(cell.family, []).append((row, cell))
     lines = []
-    for (expert, feature), members in sorted(families.items()):
-        name, problem = f"{expert}/{feature}", family_problem([cell for _, cell in members])
+    for family, members in sorted(families.items()):
+        name, problem = "/".join(family), family_problem([cell for _, cell in members])
         if problem:
             lines.append(f"family {name}: no correction ({problem})")
             continue
@@ -6495,6 +6499,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error(
             "--generalize applies to --target t5: it scores each cell's probe by task retrieval at other steps"
         )
+    if args.generalize and args.label_by != "task":  # a step's prompt classes need not be another step's
+        parser.error(
+            f"--generalize scores every step's samples by their task: it does not apply to --labels {args.label_by}"
+        )
+    if args.generalize and args.baseline:  # conditional probing deals its folds per step, not over the sweep
+        parser.error("--generalize and --baseline: run the conditional probe without --generalize")
     if args.baseline and args.baseline[0] == "action" and args.expert != "action":
         parser.error("--baseline action:L needs --expert action: its denoising entries pair with the probed ones")
     args.split = args.split or ("task" if args.target == "concepts" else "episode")

@@ -222,6 +222,11 @@ def test_generalize_needs_another_step_and_a_t5_target(code_data, tiny_t5, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         sweep(code_data, tiny_t5, tmp_path / "results", *one_step[:-2], "all", "--generalize", "--target", "concepts")
     assert exit_info.value.code == 2
+    # a step's prompt classes need not be another's; conditional probing deals its folds per step
+    for other, message in ((("--labels", "prompt"), "--labels prompt"), (("--baseline", "visual"), "--baseline")):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep(code_data, tiny_t5, tmp_path / "results", *one_step[:-2], "all", "--generalize", *other)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_episodes_and_tasks_a_step_lacks_are_left_out_and_counted(tmp_path, tiny_t5):

@@ -264,6 +264,10 @@ def test_family_wise_p_values_take_the_largest_null_over_the_family():
     mixed = cells[:2] + [cells[2]._replace(alike=((0, 1, 3), "task", b"same"))]
     assert "differ in tasks" in lpi.family_corrections(other, mixed)[0] and "permutation_p_value_fwer" not in other[0]
     assert "one cell" in lpi.family_corrections(other[:1], cells[:1])[0]
+    # cells of another probe (or labels, token positions) form their own family, never one pooled correction
+    apart = [{"permutation_p_value": p} for p in per_cell]
+    split = cells[:2] + [cells[2]._replace(family=("vlm", "hidden_states", "ridge"))]
+    assert len(lpi.family_corrections(apart, split)) == 2 and "permutation_p_value_fwer" not in apart[2]
 
 
 def test_a_sweep_report_corrects_over_its_cells_with_aligned_permutations(run_cli):
@@ -276,7 +280,7 @@ def test_a_sweep_report_corrects_over_its_cells_with_aligned_permutations(run_cl
     assert lpi.main(["--report", str(output), "--quiet"]) == 0
     with open(output / "sweep.csv") as file:
         rows = list(csv.DictReader(file))
-    assert {row["correction_family"] for row in rows} == {"vlm/hidden_states"}
+    assert {row["correction_family"] for row in rows} == {"vlm/hidden_states/all tokens/task labels/ridge"}
     for row in rows:
         assert float(row["permutation_p_value"]) <= float(row["permutation_p_value_fwer"])
         assert float(row["permutation_p_value"]) <= float(row["permutation_q_value"]) <= 1
