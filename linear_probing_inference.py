@@ -2337,7 +2337,11 @@ def train_ridge_probes(
         train = copies.train[members[0]]
         side, side_mean, side_std = ridge_side(features, train, config.standardize)
         targets, penalties = indicator[train], RIDGE_PENALTIES * train.sum()
-        best = np.argmax(inner_scores(side, targets, copies.classes[members], units[train], penalties), axis=1)
+        # A class without training samples has an all-zero indicator, so zero predictions: the inner scores need only
+        # the side's classes (a third to a half of the Gram matrices' products under the task split)
+        present = targets.any(axis=0)
+        tables = copies.classes[members][:, present]
+        best = np.argmax(inner_scores(side, targets[:, present], tables, units[train], penalties), axis=1)
         used, x_mean = np.unique(best), side.z[side.rows].mean(0)
         for chosen, weights in zip(used, side_fits(side, np.ones(len(side.rows), bool), targets, penalties[used])):
             these, offset = members[best == chosen], targets.mean(0) - x_mean @ weights

@@ -118,7 +118,7 @@ def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra
             ]
         )
         base, labels, training = lpi.configs_from_arguments(args)
-        items = lpi.sweep_items(base, "all", [STEP], "all", report)
+        items = lpi.sweep_items(base, args.layer, [STEP], "all", report)
         start = time.perf_counter()
         if hasattr(lpi, "Dataset"):  # this version: the walked files carry the descriptions
             files = [lpi.TaskFile(t, Path(f"task_{t}.pkl"), None, text, [], {}) for t, text in enumerate(texts)]
