@@ -129,10 +129,8 @@ EXPERTS = ("vlm", "text_only", "image", "action", "visual")
 EPSILON = 1e-8  # as in the guide's cosine
 DEFAULT_TASK_SPLIT_PERMUTATIONS = 20  # the permutation null of --split task: trained probes
 # Ridge scores a permuted assignment for a small matrix product (the fit of the class indicators times the permuted
-# table), so under --split task its null is large enough for a family-wise correction over a sweep, and its folds are
-# dealt several times (one deal of ten tasks swings accuracy by 0.2)
+# table), so under --split task its null is large enough for a family-wise correction over a sweep
 RIDGE_TASK_SPLIT_PERMUTATIONS = 1000
-RIDGE_TASK_SPLIT_REPEATS = 5
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linear_probing"
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 MOST_IDS = 10_000  # task ids and episode indices: an id absent from the files is listed in every result
@@ -379,10 +377,10 @@ class TrainingConfig:
         at_most=100_000,
         metavar="N",
     )
-    repeats: int | None = option(
+    repeats: int = option(
         "seeds of folds and initialisation; metrics are their mean, intervals widened by their spread (default: "
-        f"{RIDGE_TASK_SPLIT_REPEATS} with --probe ridge --split task, else 1)",
-        default=None,
+        "%(default)s)",
+        default=1,
         type=int,
         at_least=1,
         at_most=1_000,
@@ -431,13 +429,6 @@ class TrainingConfig:
         if self.split != "task":
             return 1
         return RIDGE_TASK_SPLIT_PERMUTATIONS if self.probe == "ridge" else DEFAULT_TASK_SPLIT_PERMUTATIONS
-
-    @property
-    def repeat_count(self) -> int:
-        """How many seeds of folds and initialisation are run."""
-        if self.repeats is not None:
-            return self.repeats
-        return RIDGE_TASK_SPLIT_REPEATS if self.probe == "ridge" and self.split == "task" else 1
 
 
 class ProbeError(Exception):
@@ -488,7 +479,7 @@ def check_configs(labels: LabelConfig, training: TrainingConfig) -> None:
         raise OptionError(f"--cv_folds {training.cv_folds}: at least 2 folds are needed to hold anything out")
     if labels.concepts_file and labels.target != "concepts":
         raise OptionError("--concepts applies to --target concepts")
-    concept_misfits = training.probe != "linear" or training.mdl or (training.repeats or 1) > 1 or training.permutations
+    concept_misfits = training.probe != "linear" or training.mdl or training.repeats > 1 or training.permutations
     if labels.target == "concepts" and concept_misfits:
         raise OptionError(
             "--target concepts trains softmax probes on its own: --probe ridge, --mdl, --repeats and --permutations "
@@ -1512,7 +1503,7 @@ def sweep_folds(
     dealt = dealt_units(task_id, sample_class, training.split)
     fold_sets = [
         assign_folds(dealt, episode, dataclasses.replace(training, seed=training.seed + r))
-        for r in range(training.repeat_count)
+        for r in range(training.repeats)
     ]
     return SweepFolds({pair: i for i, pair in enumerate(pairs)}, np.stack([f for f, _ in fold_sets]), fold_sets[0][1])
 
@@ -1796,7 +1787,7 @@ def design_for(
     unit, stratum = resampling_units(
         samples.task_id if labels.label_by != "prompt" else dealt, samples.episode, training.split
     )
-    repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeat_count)]
+    repeats = [dataclasses.replace(training, seed=training.seed + r) for r in range(training.repeats)]
     if folds_given is None:
         fold_sets = [assign_folds(dealt, samples.episode, repeat) for repeat in repeats]
     else:
@@ -1809,9 +1800,7 @@ def design_for(
     )
     blocks = mdl_blocks(unit, stratum, training.seed) if training.mdl else None
     specs = []
-    for repeat, assignment in [(r, 0) for r in range(training.repeat_count)] + [
-        (0, a) for a in range(1, len(assignments))
-    ]:
+    for repeat, assignment in [(r, 0) for r in range(training.repeats)] + [(0, a) for a in range(1, len(assignments))]:
         fold = fold_sets[repeat][0]
         for f in range(folds):
             held = validation[repeat][f]
@@ -3149,8 +3138,7 @@ def evaluate_item(
     features = samples.features[0]
     temperatures = copy_temperatures(features, fitted, design)
     repeats = [
-        scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0))
-        for r in range(training.repeat_count)
+        scores_of(features, fitted, design, temperatures, heldout_copy(design, r, 0)) for r in range(training.repeats)
     ]
     null = null_scores(features, fitted, design, temperatures) if len(design.assignments) > 1 else None
     own, classes = design.raw[design.sample_class], len(design.descriptions)
@@ -3669,8 +3657,8 @@ def describe_intervals(training: TrainingConfig) -> str:
     text = (
         f"BCa bootstrap ({training.bootstrap} resamples of {unit}); Wilson score interval over the units when all agree"
     )
-    if training.repeat_count > 1:
-        text += f"; accuracy and information widened by the spread over {training.repeat_count} repeats"
+    if training.repeats > 1:
+        text += f"; accuracy and information widened by the spread over {training.repeats} repeats"
     return text
 
 
@@ -3862,7 +3850,7 @@ def results_record(
                 dataset,
                 item,
                 labels,
-                {**dataclasses.asdict(training), "permutations": training.null_size, "repeats": training.repeat_count},
+                {**dataclasses.asdict(training), "permutations": training.null_size},
             ),
             "first_repeat_only": "heldout, probe, samples.fold and samples.validation hold the first repeat's",
             "split": describe_split(training, design.folds),
@@ -3993,7 +3981,6 @@ def run_made_with(source: Source, labels: LabelConfig, training: TrainingConfig)
     options.update(
         results_format=RESULTS_FORMAT,
         permutations=training.null_size,
-        repeats=training.repeat_count,
         t5_model=model.name if model.is_dir() else labels.t5_model,
         concepts=labels.concepts_file and digest(concepts_text(labels.concepts_file).encode()),
     )
@@ -4243,7 +4230,7 @@ def measured_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
         f"Labels: {results['config']['label_space']}; T5 model {setup.labels.t5_model}",
         f"Features: {features}",
         f"Probe: {probe}",
-        f"Seed: {training.seed}; repeats {training.repeat_count}; bootstrap resamples: {training.bootstrap}",
+        f"Seed: {training.seed}; repeats {training.repeats}; bootstrap resamples: {training.bootstrap}",
         f"Task Range: {source.task_range[0]}-{source.task_range[1] - 1}; "
         f"Episode Range: {source.episode_range[0]}-{source.episode_range[1] - 1}",
         f"Missing Task Files: {id_runs(report['missing_tasks']) or 'none'}",
@@ -5244,7 +5231,7 @@ def generalized_sweep(
             warn_about_fold_gaps(folds_given, dataset, step, training.split)
             step_items = [item for item in items if item.rollout_step == step]
             for cell in probed_cells(step_items, dataset, samples, layers, labels, training, destination, folds_given):
-                kept[cell.item] = kept_probe(cell, training.repeat_count)
+                kept[cell.item] = kept_probe(cell, training.repeats)
                 if destination.plot:
                     stem = result_stem(dataset.source, cell.item, dataset.report.inference_times)
                     write_run_plots(cell.results, cell.samples.features[0], destination.output_dir, stem)
@@ -6093,10 +6080,12 @@ def add_code_stability(rows: list[dict], stabilities: dict[tuple, Stability]) ->
 
 
 def report_table(rows: list[dict]) -> list[str]:
-    """The printed table of a report: one line per results file."""
+    """The printed table of a report: one line per results file, and the settings that vary between the files (token
+    positions, labels, probe, loss, split) at the end of each line, so that no two lines look alike."""
+    varying = [name for name in ("feature_type", *SETTING_COLUMNS) if len({str(row[name]) for row in rows}) > 1]
     header = (
         f"{'expert':9} {'layer':>5} {'step':>5} {'infer':>5} {'accuracy':>8} {'95% CI':>15} {'bits':>6} {'control':>7} "
-        f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}"
+        f"{'p':>6} {'cosine':>7} {'chance':>6} {'samples':>7}{''.join(f'  {name}' for name in varying)}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -6109,7 +6098,7 @@ def report_table(rows: list[dict]) -> list[str]:
             f"{row['accuracy']:8.4f} "
             f"{interval:>15} {row['information_bits']:6.3f} {blank_or(row['control_accuracy'], 7)} "
             f"{blank_or(row['permutation_p_value'], 6)} {row['cosine_similarity_label_space']:7.4f} "
-            f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}"
+            f"{row['chance_accuracy']:6.3f} {row['num_samples']:7d}{''.join(f'  {row[name]}' for name in varying)}"
         )
     return lines
 

@@ -11,10 +11,10 @@ Cases, each run in its own process (its peak resident memory is that process's V
 - full: the 512-dim sweep with `--label_space full` (the guide's 512 outputs), once (minutes; not by default).
 - scale: the same at LIBERO-90 size (90 tasks x 50 episodes), 512-dim labels.
 - ridge: 10 tasks x 30 episodes, 18 layers at width 2048, 512-dim labels: the default (Adam) run, `--probe ridge`,
-  `--probe ridge --split task` with 20 permuted assignments and one repeat, and with its defaults (1000 permuted
-  assignments, 5 repeats); with `--against DIR`, each but the last also by that checkout's program, the two side by
+  `--probe ridge --split task` with 20 permuted assignments and one repeat, and with 1000 (its default) and 5
+  repeats; with `--against DIR`, each but the last also by that checkout's program, the two side by
   side in this one run.
-- ridge90: the default (Adam) run, `--probe ridge` and `--probe ridge --split task` (its defaults) at LIBERO-90
+- ridge90: the default (Adam) run, `--probe ridge` and `--probe ridge --split task --repeats 5` at LIBERO-90
   size (90 tasks x 50 episodes at width 2048, 512-dim labels), one layer each (`--layer 0`: a layer's cost, once).
 - steps: whole commands on task files (the action expert, width 1024, 18 layers, 8 rollout steps): peak memory of
   `--rollout_step all` against one step.
@@ -181,7 +181,7 @@ def measured(command: list[str]) -> tuple[float, float, str]:
         return seconds, int(Path(peak.name).read_text()) / 1024, result.stdout.decode()
 
 
-RIDGE_TASK_SPLIT = ["--probe", "ridge", "--split", "task", "--permutations", "1000", "--repeats", "5"]  # its defaults
+RIDGE_TASK_SPLIT = ["--probe", "ridge", "--split", "task", "--permutations", "1000", "--repeats", "5"]  # five deals
 RIDGE_CASES = (  # options, and whether --against measures them too (1000 permutations of per-copy ridge: not)
     ([], True),
     (["--probe", "ridge"], True),

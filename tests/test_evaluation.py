@@ -358,9 +358,7 @@ def test_the_temperature_fit_is_the_grid_search_of_code_bits(seed):
     assert lpi.fit_temperature(logits, own, 5, allowed) == reference_temperature(logits, own, 5, allowed)
 
 
-def test_ridge_under_the_task_split_defaults_to_a_null_for_a_sweep_and_five_repeats():
-    ridge = lpi.TrainingConfig(split="task", probe="ridge")
-    assert (ridge.null_size, ridge.repeat_count) == (lpi.RIDGE_TASK_SPLIT_PERMUTATIONS, 5) == (1000, 5)
-    assert (lpi.TrainingConfig(split="task").null_size, lpi.TrainingConfig(split="task").repeat_count) == (20, 1)
-    assert (lpi.TrainingConfig(probe="ridge").null_size, lpi.TrainingConfig(probe="ridge").repeat_count) == (1, 1)
-    assert lpi.TrainingConfig(split="task", probe="ridge", permutations=7, repeats=2).null_size == 7
+def test_ridge_under_the_task_split_defaults_to_a_null_for_a_sweep():
+    assert lpi.TrainingConfig(split="task", probe="ridge").null_size == lpi.RIDGE_TASK_SPLIT_PERMUTATIONS == 1000
+    assert lpi.TrainingConfig(split="task").null_size == 20 and lpi.TrainingConfig(probe="ridge").null_size == 1
+    assert lpi.TrainingConfig(split="task", probe="ridge", permutations=7).null_size == 7

@@ -349,3 +349,30 @@ def test_the_softmax_code_counts_units_not_samples(tiny_t5, tmp_path):
         )
         for rows, units in zip(design.copies.validation, design.copies.validation_units):
             assert units == len(np.unique(design.unit[rows])) and rows.sum() >= entries * units
+
+
+def test_the_printed_report_names_the_settings_that_tell_its_lines_apart():
+    row = dict(
+        expert="text_only",
+        layer=2,
+        rollout_step=10,
+        inference_step="all",
+        accuracy=0.5,
+        accuracy_ci_low="",
+        accuracy_ci_high="",
+        information_bits=1.0,
+        control_accuracy="",
+        permutation_p_value="",
+        cosine_similarity_label_space=0.5,
+        chance_accuracy=0.1,
+        num_samples=60,
+        feature_type="hidden_states",
+        token_positions="768-815",
+        labels="task",
+        probe="ridge",
+        loss="cosine",
+        split="episode",
+    )
+    lines = lpi.report_table([row, {**row, "probe": "linear"}, {**row, "labels": "prompt"}])
+    assert lines[0].endswith("labels  probe") and lines[2].endswith("task  ridge") and lines[3].endswith("task  linear")
+    assert lpi.report_table([row])[0].endswith("samples")  # nothing varies: nothing added
