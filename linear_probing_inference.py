@@ -161,6 +161,12 @@ def option(help: str, default=dataclasses.MISSING, **argparse_needs) -> dataclas
     return dataclasses.field(default=default, metadata={"option": Option(help, **argparse_needs)})
 
 
+def label_source(text: str) -> str:
+    """argparse type of --labels: the two sources in either order name one comparison, written task,prompt."""
+    names = text.split(",")
+    return "task,prompt" if sorted(names) == ["prompt", "task"] else text
+
+
 def baseline_value(text: str) -> tuple[str, int | str]:
     """argparse type: EXPERT:LAYER (vlm:0, image:5, text_only:0, action:3) or visual[:CAMERA]."""
     expert, _, where = text.partition(":")
@@ -274,6 +280,7 @@ class LabelConfig:
         "(step['prompt']; an empty prompt is a class of its own); task,prompt: both probes on the same features, "
         "folds and budget, compared on the samples whose prompt differs from their task's",
         default="task",
+        type=label_source,
         choices=LABEL_SOURCES,
         metavar="{task|prompt|task,prompt}",
         flags=("--labels",),
@@ -4065,16 +4072,21 @@ RAW_PREDICTION = {  # how a prediction is placed in raw T5 space, by whether the
 EPISODE_SPLIT_CONTROL = "not whether the layer is language-shaped: that question is answered by --split task"
 
 
-def control_lines(held_out: HeldOut, training: TrainingConfig) -> list[str]:
+def class_noun(labels: LabelConfig) -> str:
+    """What a class is, in a summary's words: a task, or under --labels prompt the prompt a step ran under."""
+    return "prompt class" if labels.label_by == "prompt" else "task"
+
+
+def control_lines(held_out: HeldOut, setup: ResultConfig) -> list[str]:
     """The control and the permutation null, read as what they are under this split."""
-    control = held_out.control
+    control, training = held_out.control, setup.training
     if control is None:
         return ["Control Task: off (--no_control)"]
     observed = "accuracy" if held_out.counts.num_repeats == 1 else "the first repeat's accuracy"
     count = len(control.permutation_null.accuracy)
     against = "control" if count == 1 else f"the {count} permuted assignments' mean accuracy"
     lines = [
-        f"Control (task -> embedding assignment permuted): accuracy "
+        f"Control ({class_noun(setup.labels)} -> embedding assignment permuted): accuracy "
         f"{with_interval(held_out, 'control_accuracy', control.control_accuracy)}, information "
         f"{control.control_information_bits:.3f} bits; selectivity ({observed} - {against}) "
         f"{with_interval(held_out, 'selectivity', control.selectivity)}"
@@ -4116,6 +4128,7 @@ def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
     """How well the probe does on what it never saw, each number labelled with what it measures."""
     config, counts, found, information = results["config"], held_out.counts, held_out.retrieval, held_out.information
     below_zero = " (information below 0: worse than knowing nothing)" if information.information_bits < 0 else ""
+    noun = class_noun(setup.labels)
     lines = [
         "Held-out Evidence",
         "-----------------",
@@ -4123,8 +4136,13 @@ def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
         f"({counts.num_episodes} episodes) predicted by a probe that never saw it",
         f"Accuracy: {with_interval(held_out, 'accuracy', found.accuracy)}; per fold {found.fold_accuracy_mean:.4f} +/- "
         f"{found.fold_accuracy_std:.4f} ({counts.num_folds} folds x {counts.num_repeats} repeat(s))",
-        f"Balanced Accuracy (mean of per-task accuracies): {found.balanced_accuracy:.4f}; majority baseline "
-        f"{found.majority_accuracy:.4f}; chance {found.chance_accuracy:.4f} (1 / {counts.num_classes})",
+        f"Balanced Accuracy (mean of per-{noun} accuracies): {found.balanced_accuracy:.4f}; majority baseline "
+        f"{found.majority_accuracy:.4f}; chance {found.chance_accuracy:.4f} (1 / {counts.num_classes})"
+        + (
+            " (accuracy below the majority baseline: worse than always answering the most frequent class)"
+            if found.accuracy < found.majority_accuracy
+            else ""
+        ),
         f"Information: {with_interval(held_out, 'information_bits', information.information_bits, 3)} bits of "
         f"log2({counts.num_classes}) = {information.max_information_bits:.3f}; held-out cross-entropy "
         f"{information.cross_entropy_bits:.3f} bits{below_zero}",
@@ -4136,7 +4154,7 @@ def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
             f"{repeats.accuracy.mean():.4f} +/- {repeats.accuracy.std(ddof=1):.4f}, information "
             f"{repeats.information_bits.mean():.3f} +/- {repeats.information_bits.std(ddof=1):.3f} bits (sd)"
         )
-    lines += control_lines(held_out, setup.training)
+    lines += control_lines(held_out, setup)
     if held_out.baseline is not None:
         base = held_out.baseline
         lines.append(
@@ -4152,7 +4170,7 @@ def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
     lines += [
         "Top-k Accuracy: " + ", ".join(f"top-{k} {v:.4f}" for k, v in found.top_k_accuracy.items()),
         f"Mean Reciprocal Rank: {found.mean_reciprocal_rank:.4f}",
-        f"Cosine Margin (own task - nearest other): {found.cosine_margin:.4f}",
+        f"Cosine Margin (own {noun} - nearest other): {found.cosine_margin:.4f}",
         f"Training Accuracy: {found.training_accuracy:.4f}",
         f"Cosine Similarity (probe's label space: {config['label_space']}): "
         f"{with_interval(held_out, 'cosine_similarity_label_space', cosines.cosine_similarity_label_space)}",
@@ -4165,7 +4183,8 @@ def evidence_lines(results: dict, setup: ResultConfig, held_out: HeldOut) -> lis
     if setup.source.expert == "text_only":
         lines.append("Positive control: text tokens are the prompt itself, so high accuracy is expected at every layer")
     lines += failure_lines(held_out.failures)
-    lines.append("Per-task Accuracy:")
+    by_file = " (of the prompt class, by the task file the samples came from; per class under Classes)"
+    lines.append("Per-task Accuracy" + (by_file if setup.labels.label_by == "prompt" else "") + ":")
     lines += [f"  {t}: {v['accuracy']:.4f} ({v['samples']} samples)" for t, v in found.per_task_accuracy.items()]
     return lines
 
@@ -5943,19 +5962,38 @@ class Stability(NamedTuple):
     off_diagonal: float  # mean accuracy at the other steps
     chance: float
     code_stability: float
+    untrained: list[str]  # steps tested with no --generalize probe trained there in the directory: rows missing
+
+
+CELL_STEPS = ("rollout_step", "inference_step")  # a matrix row's cell, and (test_...) the cell it is tested at
+
+
+def cell_name(rollout_step: str, inference_step: str) -> str:
+    """A cell of a matrix by its steps, in words."""
+    denoising = "" if inference_step in ("all", "None", "") else f" denoising step {inference_step}"
+    return f"rollout step {rollout_step}{denoising}"
 
 
 def code_stabilities(rows: list[dict]) -> dict[tuple, Stability]:
     """The code stability of each layer's matrix (MATRIX_KEYS: per expert, settings, axis and layer; over every
     denoising step or rollout step that the axis holds fixed)."""
-    matrices: dict[tuple, tuple[list, list, list]] = {}
+    matrices: dict[tuple, tuple[list, list, list, set, set]] = {}
     for row in rows:
-        diagonal, off, chance = matrices.setdefault(tuple(str(row[key]) for key in MATRIX_KEYS), ([], [], []))
+        key = tuple(str(row[name]) for name in MATRIX_KEYS)
+        diagonal, off, chance, trained, tested = matrices.setdefault(key, ([], [], [], set(), set()))
         (diagonal if on_diagonal(row) else off).append(row["accuracy"])
         chance.append(row["chance_accuracy"])
+        trained.add(tuple(str(row[name]) for name in CELL_STEPS))
+        tested.add(tuple(str(row[f"test_{name}"]) for name in CELL_STEPS))
     return {
-        key: Stability(np.nanmean(diagonal), np.nanmean(off), np.mean(chance), code_stability(diagonal, off))
-        for key, (diagonal, off, chance) in matrices.items()
+        key: Stability(
+            np.nanmean(diagonal),
+            np.nanmean(off),
+            np.mean(chance),
+            code_stability(diagonal, off),
+            [cell_name(*cell) for cell in sorted(tested - trained)],
+        )
+        for key, (diagonal, off, chance, trained, tested) in matrices.items()
     }
 
 
@@ -5976,6 +6014,12 @@ def stability_lines(stabilities: dict[tuple, Stability]) -> list[str]:
             f"  {named['expert']:9} layer {layer:>2} across {AXIS_NAMES[named['axis']]}s: {one.code_stability:.3f} "
             f"(off-diagonal {one.off_diagonal:.3f} / diagonal {one.diagonal:.3f}; chance {one.chance:.3f})"
         )
+        if one.untrained:  # a cell made again without --generalize (or not at all): its row of the matrix is missing
+            lines.append(
+                f"    INCOMPLETE: no --generalize probe trained at {', '.join(one.untrained)} in this directory; "
+                "its row of the matrix is missing and code_stability is over the rest (make the cell again with "
+                "--generalize)"
+            )
     return lines
 
 

@@ -7,6 +7,7 @@ over the rollout steps and another over the denoising steps (turning); layer 3 c
 
 import csv
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,17 @@ def test_the_report_writes_the_matrices_and_code_stability(rollout_sweep):
     summary = (rollout_sweep / "summary_text_only_layer0_step20.txt").read_text()
     own = float(sweep_rows["results_text_only_layer0_step20.pkl"]["accuracy"])
     assert "Accuracy by test rollout step: 10 " in summary and f", 20 {own:.4f} (own), 30 " in summary
+
+
+def test_the_report_names_a_matrix_row_made_again_without_generalize(rollout_sweep, code_data, tiny_t5, tmp_path):
+    output = tmp_path / "results"
+    shutil.copytree(rollout_sweep, output)
+    options = ("--expert", "text_only", "--layer", "2", "--rollout_step", "20", "--repeats", "2", "--overwrite")
+    assert sweep(code_data, tiny_t5, output, *options) == 0
+    printed = lpi.write_report(output)
+    (line,) = [line for line in printed.splitlines() if "INCOMPLETE" in line]
+    assert "20" in line and "10" not in line and "30" not in line
+    assert printed.count("INCOMPLETE") == 1  # layers 0 and 1 have every row
 
 
 def test_a_resumed_sweep_fills_the_rows_it_makes_again(rollout_sweep, code_data, tiny_t5):

@@ -175,6 +175,12 @@ def test_an_empty_prompt_is_a_class_of_its_own(run_cli, tmp_path):
     assert "" in classes and len(classes) == 4 and results["tasks"]["class_samples"][classes.index("")] == 4
     summary = next(output.glob("summary_*.txt")).read_text()
     assert f"  {classes.index('')}: (empty prompt) (accuracy" in summary
+    # the classes are prompts: the summary does not call them tasks, and names what the per-task lines are
+    assert "mean of per-prompt class accuracies" in summary and "Control (prompt class -> embedding" in summary
+    assert "Per-task Accuracy (of the prompt class, by the task file" in summary
+    assert "below the majority baseline" not in summary
+    results["metrics"]["majority_accuracy"] = results["metrics"]["accuracy"] + 0.01  # as one frequent class would
+    assert "(accuracy below the majority baseline: worse than always answering" in lpi.format_summary(results)
     assert (output / path.name.replace("results_", "confusion_").replace(".pkl", ".png")).is_file()
 
 
@@ -223,6 +229,13 @@ def test_prompt_options_that_do_not_fit_are_refused(run_cli, options):
     with pytest.raises(SystemExit) as stopped:
         run_cli("--layer", "2", *options)
     assert stopped.value.code == 2
+
+
+def test_the_two_labelings_can_be_named_in_either_order():
+    for given in ("task,prompt", "prompt,task"):
+        assert lpi.parse_arguments(["--demo", "--labels", given]).label_by == "task,prompt"
+    with pytest.raises(SystemExit):
+        lpi.parse_arguments(["--demo", "--labels", "prompt,prompt"])
 
 
 def test_one_command_compares_task_and_prompt_labels(run_cli, prompted, tmp_path):
