@@ -5969,8 +5969,8 @@ CELL_STEPS = ("rollout_step", "inference_step")  # a matrix row's cell, and (tes
 
 
 def cell_name(rollout_step: str, inference_step: str) -> str:
-    """A cell of a matrix by its steps, in words."""
-    denoising = "" if inference_step in ("all", "None", "") else f" denoising step {inference_step}"
+    """A cell of a matrix by its steps (as report text: a VLM cell's inference step is "all"), in words."""
+    denoising = "" if inference_step == "all" else f" denoising step {inference_step}"
     return f"rollout step {rollout_step}{denoising}"
 
 
