@@ -4669,6 +4669,7 @@ class Destination(NamedTuple):
     command: list[str]
     made_with: MadeWith  # the run's: each result's record of what made it
     overwrite: bool  # --overwrite: a result made meanwhile with other options may be replaced
+    progress: Progress  # counts each results file as it is renamed into place: what an interrupted run reports
 
 
 NONFINITE_WARNINGS_SHOWN = 20  # per combination; the rest are counted
@@ -4770,7 +4771,9 @@ def write_item(
                 f"{first_difference([(paths.results, wanted)])}: written meanwhile by a run with other options; "
                 "--overwrite replaces it"
             )
-        write_results(results, paths)
+        with signals_held():  # a Ctrl-C just after the rename must still find this file counted
+            write_results(results, paths)
+            destination.progress.written += 1
     if destination.plot and labels.target == "t5":
         write_run_plots(results, samples.features[0], destination.output_dir, stem)
     return (results, *paths)
@@ -6630,13 +6633,12 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
     if not items:
         log.warning("nothing to do: no combination is left for this shard, or all are already written")
         return []
-    destination = Destination(Path(args.output_dir), args.plot, started, command, made_with, args.overwrite)
+    destination = Destination(Path(args.output_dir), args.plot, started, command, made_with, args.overwrite, progress)
     written = []
     if training.generalize:  # every step read before a result is written: see generalized_sweep
         cells = sweep_items(source, args.layer, args.rollout_step, args.inference_step, dataset.report)
         for results, *paths in generalized_sweep(items, cells, dataset, labels, training, destination):
             written.append((without_per_sample_parts(results, len(items)), *paths))
-            progress.written += 1
         return written
     for step in sorted({item.rollout_step for item in items}):
         # One rollout step at a time: memory follows one step's features, not the sweep's. Its slices are cut from
@@ -6651,7 +6653,6 @@ def run(args: argparse.Namespace, command: list[str], started: float, progress: 
         log.info("step %d: %d combination(s), %d tasks, width %d", step, len(step_items), tasks, width)
         for results, *paths in run_sweep(step_items, dataset, samples, layers, labels, training, destination):
             written.append((without_per_sample_parts(results, len(items)), *paths))
-            progress.written += 1
         del samples
         release_freed_memory()  # before the next step is read
     return written

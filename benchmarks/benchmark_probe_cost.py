@@ -124,7 +124,8 @@ def in_process_sweep(lpi, work: Path, tasks: int, episodes: int, t5: Path, extra
             files = [lpi.TaskFile(t, Path(f"task_{t}.pkl"), None, text, [], {}) for t, text in enumerate(texts)]
             if "made_with" in lpi.Destination._fields:  # what made each result, recorded in it
                 made_with = lpi.run_made_with(base, labels, training)
-                destination = lpi.Destination(output, False, start, [], made_with, False)
+                counted = [lpi.Progress()] if "progress" in lpi.Destination._fields else []  # what was written
+                destination = lpi.Destination(output, False, start, [], made_with, False, *counted)
             else:
                 destination = lpi.Destination(output, False, start, [], {})
             dataset = lpi.Dataset(base, files, report)

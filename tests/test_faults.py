@@ -85,7 +85,7 @@ def test_any_write_makes_a_new_index_key_even_of_the_same_bytes(tmp_path, demo_d
     path = copy_of_task(demo_data, tmp_path / "data", 1)
     with lpi.open_regular(path) as file:
         before = lpi.index_file_for(path, file, str(tmp_path))
-    time.sleep(0.01)
+    time.sleep(0.05)  # file times come from a clock that ticks every 1-10 ms
     modified = path.stat().st_mtime_ns
     path.write_bytes(path.read_bytes())  # the same bytes, size, inode...
     os.utime(path, ns=(modified, modified))  # ... and modification time: only the change time moved, as it always does
@@ -361,6 +361,22 @@ def test_an_interruption_counts_what_was_written(run_cli, monkeypatch, capsys):
         .splitlines()[-1]
         .endswith("interrupted after 1 of 3 combination(s); rerun with --skip_existing to finish")
     )
+    assert [path.name for path in output.glob("results_*.pkl")] == ["results_vlm_layer4_step10.pkl"]
+
+
+def test_a_ctrl_c_while_a_result_is_renamed_counts_it(run_cli, monkeypatch, capsys):
+    """Ctrl-C is held back while a pair is renamed into place; when it acts, the file it let finish is counted."""
+    write_results = lpi.write_results
+
+    def interrupted_while_renaming(results, paths):
+        write_results(results, paths)
+        signal.raise_signal(signal.SIGINT)  # as a Ctrl-C that came during the renames, sent again once they are done
+
+    monkeypatch.setattr(lpi, "write_results", interrupted_while_renaming)
+    status, output = run_cli(*FAST, "--layer", "4-6")
+    assert status == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("interrupted after 1 of 3 combination(s); rerun with --skip_existing to finish"), last
     assert [path.name for path in output.glob("results_*.pkl")] == ["results_vlm_layer4_step10.pkl"]
 
 
