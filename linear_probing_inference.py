@@ -2240,11 +2240,15 @@ RIDGE_PENALTIES = 10.0 ** np.arange(-3, 4)  # times the number of training sampl
 RIDGE_INNER_FOLDS = 3
 
 
-def ridge_solution(x: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
-    """Exact ridge weights for each penalty, from one eigendecomposition (of the Gram matrix when there are fewer
-    samples than features)."""
+def ridge_solution(
+    x: np.ndarray, y: np.ndarray, penalties: np.ndarray, gram_eigen: tuple[np.ndarray, np.ndarray] | None = None
+) -> list[np.ndarray]:
+    """Exact ridge weights for each penalty, from one eigendecomposition: of the Gram matrix when there are fewer
+    samples than features (`gram_eigen`, when it is known already), else of the covariance."""
     if x.shape[0] < x.shape[1]:  # dual: W = X^T (X X^T + l I)^-1 Y
-        return [x.T @ coefficients for coefficients in dual_coefficients(x @ x.T, y, penalties)]
+        values, vectors = gram_eigen or np.linalg.eigh(x @ x.T)
+        projected = vectors.T @ y
+        return [x.T @ (vectors @ (projected / (values + penalty)[:, None])) for penalty in penalties]
     values, vectors = np.linalg.eigh(x.T @ x)
     projected = vectors.T @ (x.T @ y)
     return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
@@ -2255,59 +2259,63 @@ class RidgeSide(NamedTuple):
 
     z: np.ndarray  # (n, width) every sample, standardized with the side's training statistics
     rows: np.ndarray  # (n_t,) the side's training samples
-    # (n_t, n_t) z[rows] @ z[rows].T when the side has fewer samples than features: the inner folds' fits are then
-    # solved in the dual from blocks of it, no width-sized work repeated per inner fold or penalty; None: the primal
-    gram: np.ndarray | None
+    # When the side has fewer samples than features: the eigenvalues and eigenvectors of the lifted centered Gram
+    # matrix of its training samples (see ridge_side). Every fit on the side is then solved in the dual from it, the
+    # inner folds' too (see held_predictions): no width-sized work per inner fold or penalty. None: the primal.
+    gram_eigen: tuple[np.ndarray, np.ndarray] | None
+    lift: float  # the eigenvalue the lifted Gram matrix gives the constant direction
 
 
 def ridge_side(features: np.ndarray, train: np.ndarray, standardize: bool) -> tuple[RidgeSide, np.ndarray, np.ndarray]:
-    """The side of the training samples `train` (bool), and its feature mean and std."""
-    x_train = features[train].astype(np.float64)
+    """The side of the training samples `train` (bool), and its feature mean and std.
+
+    A centered Gram matrix K has the constant vector 1 in its null space, where K + lI is as small as the penalty l:
+    an eigenvector's rounding there reaches every leverage (I - H) held_predictions solves with. Lifted to
+    K + c 11^T / n, with c the mean eigenvalue, that direction is as well conditioned as the rest, and (K + lI)^-1
+    is unchanged on every centered vector (1 is an eigenvector of both)."""
+    z = features.astype(np.float64)  # standardized in place: a fresh array per step costs more than the arithmetic
+    x_train = z[train]
     mean = x_train.mean(0) if standardize else np.zeros(features.shape[1])
     std = usable_std(x_train.std(0)) if standardize else np.ones(features.shape[1])
-    z = (features.astype(np.float64) - mean) / std
+    z -= mean
+    z /= std
     rows = np.flatnonzero(train)
-    return RidgeSide(z, rows, z[rows] @ z[rows].T if len(rows) < z.shape[1] else None), mean, std
+    if len(rows) >= z.shape[1]:
+        return RidgeSide(z, rows, None, 0.0), mean, std
+    centered = z[rows]
+    centered -= centered.mean(0)
+    gram = centered @ centered.T
+    lift = np.trace(gram) / len(rows)
+    return RidgeSide(z, rows, np.linalg.eigh(gram + lift / len(rows)), lift), mean, std
 
 
-def side_fits(side: RidgeSide, fit: np.ndarray, targets: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
-    """Per penalty, the (width, C) weights of the ridge fit of `targets` on the side's samples `fit` (bool over
-    side.rows), features and targets centered by their means over `fit`."""
-    x = side.z[side.rows[fit]]
-    x, y = x - x.mean(0), targets - targets.mean(0)
-    if side.gram is None:
-        return ridge_solution(x, y, penalties)
-    return [x.T @ a for a in dual_coefficients(centered_gram(side, fit, fit)[0], y, penalties)]
+def side_fits(side: RidgeSide, targets: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
+    """Per penalty, the (width, C) weights of the ridge fit of `targets` on all the side's training samples, features
+    and targets centered by their means."""
+    x = side.z[side.rows]
+    return ridge_solution(x - x.mean(0), targets - targets.mean(0), penalties, side.gram_eigen)
 
 
 def held_predictions(
     side: RidgeSide, fit: np.ndarray, held: np.ndarray, targets: np.ndarray, penalties: np.ndarray
 ) -> list[np.ndarray]:
-    """Per penalty, the predictions of the side's samples `held` by the ridge fit of `targets` on its samples `fit`
-    (both bool over side.rows): in the dual, from the Gram matrix alone."""
-    target_mean = targets.mean(0)
-    if side.gram is None:
-        x_mean = side.z[side.rows[fit]].mean(0)
-        return [(side.z[side.rows[held]] - x_mean) @ w + target_mean for w in side_fits(side, fit, targets, penalties)]
-    fitted, crossed = centered_gram(side, fit, held)
-    return [crossed @ a + target_mean for a in dual_coefficients(fitted, targets - target_mean, penalties)]
+    """Per penalty, the predictions of the side's training samples `held` by the ridge fit of their `targets` on its
+    other training samples `fit` (bool over side.rows, `held` its complement).
 
-
-def dual_coefficients(gram: np.ndarray, y: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
-    """(gram + l I)^-1 y for each penalty l, from one eigendecomposition."""
-    values, vectors = np.linalg.eigh(gram)
-    projected = vectors.T @ y
-    return [vectors @ (projected / (values + penalty)[:, None]) for penalty in penalties]
-
-
-def centered_gram(side: RidgeSide, fit: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inner products of the side's samples `fit` with each other, and of its samples `other` with them (both bool
-    over side.rows), centered by the mean over `fit`: from the plain Gram matrix, z_i . mean being row i's mean over
-    the fit columns."""
-    block, cross = side.gram[np.ix_(fit, fit)], side.gram[np.ix_(other, fit)]
-    column_mean = block.mean(0)
-    fitted = block - block.mean(1)[:, None] - column_mean + column_mean.mean()
-    return fitted, cross - cross.mean(1)[:, None] - column_mean + column_mean.mean()
+    In the dual no fit on `fit` is made. The fit on every training sample has the hat matrix H, with
+    I - H = l (K + lI)^-1 - l / (c + l) 11^T / n in the lifted Gram matrix's terms (see ridge_side; the intercept is
+    unpenalized), and leaving a group g out of a penalized least-squares fit changes its predictions there exactly
+    to y_g - (I - H)_gg^-1 ((I - H) y)_g."""
+    if side.gram_eigen is None:
+        x = side.z[side.rows]
+        x_mean, target_mean = x[fit].mean(0), targets[fit].mean(0)
+        weights = ridge_solution(x[fit] - x_mean, targets[fit] - target_mean, penalties)
+        return [(x[held] - x_mean) @ w + target_mean for w in weights]
+    values, vectors = side.gram_eigen
+    basis, count = vectors[held] * (penalties[:, None] / (values[None] + penalties[:, None]))[:, None], len(side.rows)
+    complement = basis @ vectors[held].T - (penalties / (side.lift + penalties))[:, None, None] / count  # (I - H)_gg
+    residuals = basis @ (vectors.T @ (targets - targets.mean(0)))  # ((I - H) y)_g, (penalties, held, C)
+    return list(targets[held] - np.linalg.solve(complement, residuals))
 
 
 def train_ridge_probes(
@@ -2339,7 +2347,7 @@ def train_ridge_probes(
         tables = copies.classes[members][:, present]
         best = np.argmax(inner_scores(side, targets[:, present], tables, units[train], penalties), axis=1)
         used, x_mean = np.unique(best), side.z[side.rows].mean(0)
-        for chosen, weights in zip(used, side_fits(side, np.ones(len(side.rows), bool), targets, penalties[used])):
+        for chosen, weights in zip(used, side_fits(side, targets, penalties[used])):
             these, offset = members[best == chosen], targets.mean(0) - x_mean @ weights
             fit_of_copy[these], penalty[these] = len(predictions), penalties[chosen]
             failed[these] = not np.isfinite(weights).all()
@@ -2367,7 +2375,7 @@ def inner_scores(
             continue
         own, indicators = np.argmax(classes[held], axis=1), classes[held]
         own_norm = np.sqrt(np.maximum(grams[:, own, own], 0.0))  # (copies, held)
-        predictions = held_predictions(side, fit, held, classes[fit], penalties)
+        predictions = held_predictions(side, fit, held, classes, penalties)
         for index, predicted in enumerate(predictions):  # (held, C) each: in class space
             # With a copy's prediction p = predicted @ T and target T[own]: p . T[own] = (predicted (x) e_own) . vec(G)
             # and |p|^2 = (predicted (x) predicted) . vec(G), G = T T^T; every copy in one product.

@@ -250,13 +250,15 @@ def reference_ridge(x_all, sample_class, copies, units, standardize):
 
 
 @pytest.mark.parametrize(
-    "split, permutations, standardize", [("episode", 3, True), ("task", 8, True), ("task", 4, False)]
+    "split, permutations, standardize, width",
+    [("episode", 3, True, 40), ("task", 8, True, 40), ("task", 4, False, 40), ("episode", 3, True, 12)],
 )
-def test_the_shared_ridge_solver_is_the_per_copy_one(tiny_t5, tmp_path, split, permutations, standardize):
-    """One decomposition per training side and inner fold, every copy a product with its class table: the same
-    penalties, and the same predictions to float precision, as solving each copy (and permuted assignment) alone."""
+def test_the_shared_ridge_solver_is_the_per_copy_one(tiny_t5, tmp_path, split, permutations, standardize, width):
+    """One decomposition per training side, every copy a product with its class table: the same penalties, and the
+    same predictions to float precision, as solving each copy (and permuted assignment) and inner fold alone; in the
+    dual (fewer training samples than features) and the primal (width 12)."""
     rng = np.random.default_rng(3)
-    tasks, episodes, width = 8, 5, 40
+    tasks, episodes = 8, 5
     task_id, episode = np.repeat(np.arange(tasks), episodes), np.tile(np.arange(episodes), tasks)
     features = (rng.standard_normal((len(task_id), width)) + 2 * rng.standard_normal((tasks, width))[task_id]).astype(
         np.float32
@@ -287,6 +289,26 @@ def test_the_shared_ridge_solver_is_the_per_copy_one(tiny_t5, tmp_path, split, p
     # Predictions up to each copy's constant (the bias and the feature mean): centered over the samples.
     shared, alone = shared - shared.mean(1, keepdims=True), alone - alone.mean(1, keepdims=True)
     np.testing.assert_allclose(shared, alone, atol=1e-5 * np.abs(alone).max())
+
+
+@pytest.mark.parametrize("penalty_scale", [1e-3, 1.0, 1e3])
+def test_a_dual_inner_fold_prediction_is_the_fit_without_its_samples(penalty_scale):
+    """The leave-group-out identity the dual's inner cross-validation uses, against refitting without the group: to
+    1e-10 even at a penalty 1e-5 of the Gram matrix's eigenvalues, and with a sample repeated (a null direction)."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((30, 50)) + 3 * rng.standard_normal((3, 50))[np.arange(30) % 3]
+    features[1] = features[0]
+    train = np.arange(30) < 24
+    side = lpi.ridge_side(features, train, standardize=True)[0]
+    assert side.gram_eigen is not None  # 24 training samples, 50 features: the dual
+    targets, penalties = rng.standard_normal((24, 4)), np.array([0.5, 5.0, 50.0]) * penalty_scale
+    held = np.arange(24) % 3 == 1
+    x, fit = side.z[side.rows], ~held
+    for penalty, found in zip(penalties, lpi.held_predictions(side, fit, held, targets, penalties)):
+        x_mean, y_mean = x[fit].mean(0), targets[fit].mean(0)
+        centered = x[fit] - x_mean
+        dual = np.linalg.solve(centered @ centered.T + penalty * np.eye(len(centered)), targets[fit] - y_mean)
+        np.testing.assert_allclose(found, (x[held] - x_mean) @ (centered.T @ dual) + y_mean, rtol=0, atol=1e-10)
 
 
 def ridge_case(tiny_t5, tmp_path, training: lpi.TrainingConfig):
