@@ -2258,7 +2258,8 @@ class RidgeSide(NamedTuple):
     """One training side: every sample standardized with its statistics, for ridge fits on subsets of its samples."""
 
     z: np.ndarray  # (n, width) every sample, standardized with the side's training statistics
-    rows: np.ndarray  # (n_t,) the side's training samples
+    centered: np.ndarray  # (n_t, width) the side's training samples so standardized, less their mean `center`
+    center: np.ndarray  # (width,): zero up to rounding when standardized
     # When the side has fewer samples than features: the eigenvalues and eigenvectors of the lifted centered Gram
     # matrix of its training samples (see ridge_side). Every fit on the side is then solved in the dual from it, the
     # inner folds' too (see held_predictions): no width-sized work per inner fold or penalty. None: the primal.
@@ -2279,40 +2280,40 @@ def ridge_side(features: np.ndarray, train: np.ndarray, standardize: bool) -> tu
     std = usable_std(x_train.std(0)) if standardize else np.ones(features.shape[1])
     z -= mean
     z /= std
-    rows = np.flatnonzero(train)
-    if len(rows) >= z.shape[1]:
-        return RidgeSide(z, rows, None, 0.0), mean, std
-    centered = z[rows]
-    centered -= centered.mean(0)
+    centered = z[train]
+    center = centered.mean(0)
+    centered -= center
+    count = len(centered)
+    if count >= z.shape[1]:
+        return RidgeSide(z, centered, center, None, 0.0), mean, std
     gram = centered @ centered.T
-    lift = np.trace(gram) / len(rows)
-    return RidgeSide(z, rows, np.linalg.eigh(gram + lift / len(rows)), lift), mean, std
+    lift = np.trace(gram) / count
+    return RidgeSide(z, centered, center, np.linalg.eigh(gram + lift / count), lift), mean, std
 
 
 def side_fits(side: RidgeSide, targets: np.ndarray, penalties: np.ndarray) -> list[np.ndarray]:
     """Per penalty, the (width, C) weights of the ridge fit of `targets` on all the side's training samples, features
     and targets centered by their means."""
-    x = side.z[side.rows]
-    return ridge_solution(x - x.mean(0), targets - targets.mean(0), penalties, side.gram_eigen)
+    return ridge_solution(side.centered, targets - targets.mean(0), penalties, side.gram_eigen)
 
 
 def held_predictions(
     side: RidgeSide, fit: np.ndarray, held: np.ndarray, targets: np.ndarray, penalties: np.ndarray
 ) -> list[np.ndarray]:
     """Per penalty, the predictions of the side's training samples `held` by the ridge fit of their `targets` on its
-    other training samples `fit` (bool over side.rows, `held` its complement).
+    other training samples `fit` (bool over them, `held` its complement).
 
     In the dual no fit on `fit` is made. The fit on every training sample has the hat matrix H, with
     I - H = l (K + lI)^-1 - l / (c + l) 11^T / n in the lifted Gram matrix's terms (see ridge_side; the intercept is
     unpenalized), and leaving a group g out of a penalized least-squares fit changes its predictions there exactly
     to y_g - (I - H)_gg^-1 ((I - H) y)_g."""
     if side.gram_eigen is None:
-        x = side.z[side.rows]
+        x = side.centered
         x_mean, target_mean = x[fit].mean(0), targets[fit].mean(0)
         weights = ridge_solution(x[fit] - x_mean, targets[fit] - target_mean, penalties)
         return [(x[held] - x_mean) @ w + target_mean for w in weights]
     values, vectors = side.gram_eigen
-    basis, count = vectors[held] * (penalties[:, None] / (values[None] + penalties[:, None]))[:, None], len(side.rows)
+    basis, count = vectors[held] * (penalties[:, None] / (values[None] + penalties[:, None]))[:, None], len(vectors)
     complement = basis @ vectors[held].T - (penalties / (side.lift + penalties))[:, None, None] / count  # (I - H)_gg
     residuals = basis @ (vectors.T @ (targets - targets.mean(0)))  # ((I - H) y)_g, (penalties, held, C)
     return list(targets[held] - np.linalg.solve(complement, residuals))
@@ -2346,7 +2347,7 @@ def train_ridge_probes(
         present = targets.any(axis=0)
         tables = copies.classes[members][:, present]
         best = np.argmax(inner_scores(side, targets[:, present], tables, units[train], penalties), axis=1)
-        used, x_mean = np.unique(best), side.z[side.rows].mean(0)
+        used, x_mean = np.unique(best), side.center
         for chosen, weights in zip(used, side_fits(side, targets, penalties[used])):
             these, offset = members[best == chosen], targets.mean(0) - x_mean @ weights
             fit_of_copy[these], penalty[these] = len(predictions), penalties[chosen]

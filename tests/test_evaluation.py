@@ -303,7 +303,7 @@ def test_a_dual_inner_fold_prediction_is_the_fit_without_its_samples(penalty_sca
     assert side.gram_eigen is not None  # 24 training samples, 50 features: the dual
     targets, penalties = rng.standard_normal((24, 4)), np.array([0.5, 5.0, 50.0]) * penalty_scale
     held = np.arange(24) % 3 == 1
-    x, fit = side.z[side.rows], ~held
+    x, fit = side.z[train], ~held
     for penalty, found in zip(penalties, lpi.held_predictions(side, fit, held, targets, penalties)):
         x_mean, y_mean = x[fit].mean(0), targets[fit].mean(0)
         centered = x[fit] - x_mean
