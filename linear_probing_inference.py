@@ -2326,8 +2326,9 @@ def train_ridge_probes(
     resampling units (episodes, or tasks under split "task"; mean cosine).
 
     A copy's targets are rows of its class table, so its fit is the table times the fit of the class indicators: one
-    decomposition per (training side, inner fold) serves every penalty and every copy that trains on those samples
-    (the probe, the control, each permuted assignment), and a copy's predictions are the indicators' times its table."""
+    decomposition per training side (in the dual; in the primal, one per inner fold too) serves every penalty and
+    every copy that trains on those samples (the probe, the control, each permuted assignment), and a copy's
+    predictions are the indicators' times its table."""
     count, width, (classes, outputs) = len(copies.train), features.shape[1], copies.classes.shape[1:]
     weighted = np.flatnonzero((copies.assignment == 0) & (copies.fold >= 0))  # every repeat's fold probes
     kept = np.union1d(copies.kept(), weighted)  # and the control's, for the results file
