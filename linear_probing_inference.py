@@ -59,7 +59,7 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -4549,27 +4549,28 @@ def locked_temporary(path: Path, content: bytes):
         Path(temporary).unlink(missing_ok=True)
 
 
-def write_together(files: list[tuple[Path, bytes]]) -> None:
+def write_together(files: list[tuple[Path, bytes]], renamed: Callable[[], None] = lambda: None) -> None:
     """Write each file to a temporary beside it, then rename them all with Ctrl-C and SIGTERM held back: readers see
     the old files or all the new ones, never half a file nor a mix (kill -9 between two renames aside). If a rename
     fails, the files already renamed are removed: no new file stays beside an old one. An error names the file, not
-    its temporary."""
+    its temporary. `renamed` runs once all are renamed, the signals still held: a Ctrl-C then finds it done."""
     current = files[0][0]
     try:
         with contextlib.ExitStack() as stack:
             temporaries = []
             for current, content in files:
                 temporaries.append(stack.enter_context(locked_temporary(current, content)))
-            renamed = []
+            done = []
             with signals_held():
                 try:
                     for temporary, (current, _) in zip(temporaries, files):
                         os.replace(temporary, current)
-                        renamed.append(current)
+                        done.append(current)
                 except BaseException:
-                    for path in renamed:
+                    for path in done:
                         path.unlink(missing_ok=True)
                     raise
+                renamed()
     except OSError as error:
         raise OSError(error.errno, error.strerror, str(current)) from None
 
@@ -4579,13 +4580,13 @@ def write_atomically(path: Path, content: bytes) -> None:
     write_together([(path, content)])
 
 
-def write_results(results: dict, paths: ResultPaths) -> None:
+def write_results(results: dict, paths: ResultPaths, renamed: Callable[[], None] = lambda: None) -> None:
     """Write a result's pair of files together (see write_together): a results file is never left without its own
     summary."""
     # The summary may hold a path that is not UTF-8 (kept by Python as surrogates): written as \udcff escapes.
     contents = (pickle.dumps(results, protocol=4), format_summary(results).encode(errors="backslashreplace"))
     try:
-        write_together(list(zip(paths, contents)))
+        write_together(list(zip(paths, contents)), renamed)
     except OSError as error:
         raise ProbeError(
             f"{error.filename}: cannot write it ({error.strerror}); neither file of this result is left: free the "
@@ -4781,9 +4782,7 @@ def write_item(
                 f"{first_difference([(paths.results, wanted)])}: written meanwhile by a run with other options; "
                 "--overwrite replaces it"
             )
-        with signals_held():  # a Ctrl-C just after the rename must still find this file counted
-            write_results(results, paths)
-            destination.progress.written += 1
+        write_results(results, paths, destination.progress.count)  # counted as the renames end (see Progress)
     if destination.plot and labels.target == "t5":
         write_run_plots(results, samples.features[0], destination.output_dir, stem)
     return (results, *paths)
@@ -6613,6 +6612,11 @@ class Progress:
 
     total: int | None = None  # the combinations this job writes, once they are known
     written: int = 0
+
+    def count(self) -> None:
+        """One more result written: called with Ctrl-C held, as its files are renamed into place, so that an
+        interruption never reports one result fewer than it left (see write_together)."""
+        self.written += 1
 
     def interrupted(self) -> str:
         """The line an interrupted run ends with."""

@@ -365,15 +365,17 @@ def test_an_interruption_counts_what_was_written(run_cli, monkeypatch, capsys):
 
 
 def test_a_ctrl_c_while_a_result_is_renamed_counts_it(run_cli, monkeypatch, capsys):
-    """Ctrl-C is held back while a pair is renamed into place; when it acts, the file it let finish is counted."""
-    write_results = lpi.write_results
+    """Ctrl-C is held back while a pair is renamed into place; when it acts, the result it let finish is counted."""
+    replace = os.replace
 
-    def interrupted_while_renaming(results, paths):
-        write_results(results, paths)
-        signal.raise_signal(signal.SIGINT)  # as a Ctrl-C that came during the renames, sent again once they are done
+    def interrupted_rename(source, target):
+        replace(source, target)
+        if Path(target).name.startswith("summary_"):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the pair's last rename ends: acted on once it is counted
 
-    monkeypatch.setattr(lpi, "write_results", interrupted_while_renaming)
+    monkeypatch.setattr(lpi.os, "replace", interrupted_rename)
     status, output = run_cli(*FAST, "--layer", "4-6")
+    monkeypatch.undo()
     assert status == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith("interrupted after 1 of 3 combination(s); rerun with --skip_existing to finish"), last
