@@ -2244,7 +2244,8 @@ def ridge_solution(
     x: np.ndarray, y: np.ndarray, penalties: np.ndarray, gram_eigen: tuple[np.ndarray, np.ndarray] | None = None
 ) -> list[np.ndarray]:
     """Exact ridge weights for each penalty, from one eigendecomposition: of the Gram matrix when there are fewer
-    samples than features (`gram_eigen`, when it is known already), else of the covariance."""
+    samples than features, else of the covariance. `gram_eigen`: the Gram matrix's, when known already; with x and y
+    centered it may be of the Gram matrix lifted along the constant vector (see ridge_side), which acts alike on y."""
     if x.shape[0] < x.shape[1]:  # dual: W = X^T (X X^T + l I)^-1 Y
         values, vectors = gram_eigen or np.linalg.eigh(x @ x.T)
         projected = vectors.T @ y
@@ -2274,7 +2275,9 @@ def ridge_side(features: np.ndarray, train: np.ndarray, standardize: bool) -> tu
     an eigenvector's rounding there reaches every leverage (I - H) held_predictions solves with. Lifted to
     K + c 11^T / n, with c the mean eigenvalue, that direction is as well conditioned as the rest, and (K + lI)^-1
     is unchanged on every centered vector (1 is an eigenvector of both)."""
-    z = features.astype(np.float64)  # standardized in place: a fresh array per step costs more than the arithmetic
+    z = features.astype(
+        np.float64
+    )  # standardized in place: at these sizes a fresh array costs more than the arithmetic
     x_train = z[train]
     mean = x_train.mean(0) if standardize else np.zeros(features.shape[1])
     std = usable_std(x_train.std(0)) if standardize else np.ones(features.shape[1])
@@ -2313,8 +2316,10 @@ def held_predictions(
         weights = ridge_solution(x[fit] - x_mean, targets[fit] - target_mean, penalties)
         return [(x[held] - x_mean) @ w + target_mean for w in weights]
     values, vectors = side.gram_eigen
-    basis, count = vectors[held] * (penalties[:, None] / (values[None] + penalties[:, None]))[:, None], len(vectors)
-    complement = basis @ vectors[held].T - (penalties / (side.lift + penalties))[:, None, None] / count  # (I - H)_gg
+    residual_share = penalties[:, None] / (values[None] + penalties[:, None])  # (penalties, n_t): I - H per eigenvector
+    basis = vectors[held] * residual_share[:, None]  # (penalties, held, n_t)
+    constant = (penalties / (side.lift + penalties))[:, None, None] / len(vectors)  # the lifted constant vector's share
+    complement = basis @ vectors[held].T - constant  # (I - H)_gg
     residuals = basis @ (vectors.T @ (targets - targets.mean(0)))  # ((I - H) y)_g, (penalties, held, C)
     return list(targets[held] - np.linalg.solve(complement, residuals))
 
